@@ -1,0 +1,1 @@
+"""fedbiomq broker package."""

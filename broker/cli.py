@@ -1,0 +1,126 @@
+"""`fbm-broker`: create a federation, enrol its parties, run its Mosquitto broker."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from broker import process
+from broker.process import BrokerError
+from broker.workspace import Workspace
+from common.identity import ROLES
+
+console = Console(soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run a fedbiomq federation's broker.
+
+    A federation is one folder (the workspace) holding its CA, the broker's TLS config, the
+    role ACL and every identity's bundle. Typical use:
+
+    \b
+      fbm-broker init ./fed --host broker.example.org
+      fbm-broker enroll ./fed --role node --id hospital-a
+      fbm-broker start ./fed
+    """
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="fedbiomq", show_default=True, help="Federation name (goes into the CA).")
+@click.option("--port", default=8883, show_default=True, type=click.IntRange(1, 65535), help="TLS listener port.")
+@click.option("--host", "hosts", multiple=True, help="Host name or IP sites use to reach the broker (repeatable; the first goes into bundles). localhost and 127.0.0.1 are always valid.")
+@click.option("--bind", default="", help="Address to listen on (default: all interfaces).")
+@click.option("--force", is_flag=True, help="Replace an existing federation in WORKSPACE (its CA and every cert!).")
+def init(workspace: Path, name: str, port: int, hosts: tuple[str, ...], bind: str, force: bool) -> None:
+    """Create a federation in WORKSPACE: CA, broker cert, mosquitto.conf, empty ACL."""
+    try:
+        fed = Workspace(workspace).init(name, port=port, hosts=list(hosts), bind=bind, force=force)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"federation [bold]{fed.name}[/bold] created in {Path(workspace).resolve()}")
+    console.print(f"  broker address for sites: {fed.host}:{fed.port}")
+    console.print(f"  next: fbm-broker enroll {workspace} --role node --id SITE, then fbm-broker start {workspace}")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--role", required=True, type=click.Choice(ROLES), help="What the identity may do.")
+@click.option("--id", "name", required=True, help="Identity name: the site, researcher or service (letters, digits, . _ -).")
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650), help="Certificate lifetime.")
+@click.option("--force", is_flag=True, help="Re-issue an identity that already exists.")
+def enroll(workspace: Path, role: str, name: str, days: int, force: bool) -> None:
+    """Issue an identity's cert and key, grant its role's topics, reload the running broker."""
+    ws = Workspace(workspace)
+    try:
+        bundle = ws.enroll(name, role, days=days, force=force)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    reloaded = process.reload(ws)
+    console.print(f"enrolled [bold]{name}[/bold] as {role}; bundle: {bundle}")
+    console.print("  the broker " + ("reloaded its ACL" if reloaded else "is not running; the ACL applies at start"))
+    console.print("  copy the bundle folder to the site; it holds the identity's private key")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--wait", default=15.0, show_default=True, help="Seconds to wait for the listener.")
+def start(workspace: Path, wait: float) -> None:
+    """Start the federation's Mosquitto in the background (pid and log in WORKSPACE/broker)."""
+    ws = Workspace(workspace)
+    try:
+        pid = process.start(ws, wait_s=wait)
+    except (BrokerError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"broker started (pid {pid}) on port {ws.federation().port}; log: {ws.log_file}")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--kill", is_flag=True, help="SIGKILL instead of SIGTERM (loses what was not autosaved).")
+def stop(workspace: Path, kill: bool) -> None:
+    """Stop the federation's broker (SIGTERM: sessions and queued messages are saved)."""
+    ws = Workspace(workspace)
+    try:
+        stopped = process.stop(ws, hard=kill)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    console.print("broker stopped" if stopped else "broker was not running")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def status(workspace: Path) -> None:
+    """Say whether the broker runs and listens, and why not. Exit code 0 only if it does."""
+    ws = Workspace(workspace)
+    try:
+        st = process.status(ws)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    console.print(st.detail)
+    sys.exit(0 if st.running and st.listening else 3)
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def identities(workspace: Path) -> None:
+    """List the federation's identities and roles."""
+    try:
+        entries = Workspace(workspace).identities()
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    table = Table("identity", "role", "state", "fingerprint (sha256)")
+    for name, entry in sorted(entries.items()):
+        table.add_row(name, entry["role"], "revoked" if entry.get("revoked") else "active", entry["fingerprint"][:16])
+    console.print(table)

@@ -1,0 +1,246 @@
+"""A federation workspace on disk: PKI, identities, Mosquitto config, ACL, persistence.
+
+Layout (DIR is what `fbm-broker init DIR` created):
+    federation.json        name, listener address, limits
+    identities.json        name -> role, cert fingerprint, issued, revoked
+    pki/ca.crt, ca.key     the federation CA (the key never leaves this folder)
+    broker/                server cert and key, mosquitto.conf, acl, data/ (persistence), log, pid
+    bundles/NAME/          what `enroll` hands a site: ca.crt, identity.crt, identity.key, bundle.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import pki
+from broker.acl import acl_text
+from broker.mosquitto_conf import BrokerLimits, mosquitto_conf
+from common.identity import BUNDLE_FILE, CA_FILE, CERT_FILE, KEY_FILE, ROLES, validate_identity_name
+
+MOSQUITTO_USER = "mosquitto"
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The contents of federation.json."""
+
+    name: str
+    host: str
+    port: int
+    bind: str
+    hosts: list[str]
+    limits: BrokerLimits
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "port": self.port,
+            "bind": self.bind,
+            "hosts": self.hosts,
+            "limits": self.limits.model_dump(),
+        }
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+class Workspace:
+    """Paths and operations of one federation workspace."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    # paths
+    @property
+    def federation_file(self) -> Path:
+        return self.root / "federation.json"
+
+    @property
+    def identities_file(self) -> Path:
+        return self.root / "identities.json"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def conf_file(self) -> Path:
+        return self.broker_dir / "mosquitto.conf"
+
+    @property
+    def acl_file(self) -> Path:
+        return self.broker_dir / "acl"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.broker_dir / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.broker_dir / "mosquitto.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.broker_dir / "mosquitto.pid"
+
+    def bundle_dir(self, name: str) -> Path:
+        return self.root / "bundles" / name
+
+    def exists(self) -> bool:
+        return self.federation_file.is_file()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise FileNotFoundError(
+                f"{self.root} is not a federation workspace (no federation.json); "
+                "create one with `fbm-broker init DIR`"
+            )
+
+    # federation
+    def federation(self) -> Federation:
+        self.require()
+        raw = json.loads(self.federation_file.read_text())
+        return Federation(
+            name=raw["name"],
+            host=raw["host"],
+            port=int(raw["port"]),
+            bind=raw.get("bind", ""),
+            hosts=list(raw.get("hosts", [])),
+            limits=BrokerLimits.model_validate(raw.get("limits", {})),
+        )
+
+    def init(
+        self,
+        name: str,
+        *,
+        port: int = 8883,
+        hosts: list[str] | None = None,
+        bind: str = "",
+        limits: BrokerLimits | None = None,
+        force: bool = False,
+    ) -> Federation:
+        """Create the CA, the broker's cert, the config and an empty ACL."""
+        if self.exists() and not force:
+            raise FileExistsError(f"{self.root} already holds a federation (use --force to replace it)")
+        hosts = hosts or []
+        fed = Federation(
+            name=name,
+            host=hosts[0] if hosts else "localhost",
+            port=port,
+            bind=bind,
+            hosts=hosts,
+            limits=limits or BrokerLimits(),
+        )
+        for d in (self.pki_dir, self.broker_dir, self.data_dir, self.root / "bundles"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.pki_dir.chmod(0o700)
+        ca = pki.create_ca(name)
+        (self.pki_dir / "ca.crt").write_bytes(ca.cert_pem)
+        pki.write_private(self.pki_dir / "ca.key", ca.key_pem)
+        server = pki.create_server_cert(ca, hosts)
+        (self.broker_dir / "server.crt").write_bytes(server.cert_pem)
+        pki.write_private(self.broker_dir / "server.key", server.key_pem)
+        (self.broker_dir / "ca.crt").write_bytes(ca.cert_pem)
+        self.federation_file.write_text(json.dumps(fed.to_json(), indent=2))
+        self.identities_file.write_text("{}")
+        self.write_broker_config()
+        return fed
+
+    def write_broker_config(self) -> None:
+        fed = self.federation()
+        run_as = None
+        if os.geteuid() == 0:
+            run_as = MOSQUITTO_USER if _user_exists(MOSQUITTO_USER) else "root"
+        self.conf_file.write_text(
+            mosquitto_conf(
+                port=fed.port,
+                bind=fed.bind,
+                broker_dir=self.broker_dir,
+                limits=fed.limits,
+                user=run_as,
+            )
+        )
+        self.write_acl()
+
+    # identities
+    def ca(self) -> pki.KeyPair:
+        return pki.KeyPair((self.pki_dir / "ca.crt").read_bytes(), (self.pki_dir / "ca.key").read_bytes())
+
+    def identities(self) -> dict[str, dict]:
+        self.require()
+        return json.loads(self.identities_file.read_text())
+
+    def _save_identities(self, identities: dict[str, dict]) -> None:
+        tmp = self.identities_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(identities, indent=2, sort_keys=True))
+        tmp.replace(self.identities_file)
+
+    def enroll(self, name: str, role: str, *, days: int = pki.LEAF_DAYS, force: bool = False) -> Path:
+        """Issue `name` a cert for `role`, write its bundle, grant its ACL. Returns the bundle dir."""
+        validate_identity_name(name)
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        identities = self.identities()
+        if name in identities and not identities[name].get("revoked") and not force:
+            raise FileExistsError(
+                f"identity {name!r} is already enrolled as {identities[name]['role']} (use --force to re-issue)"
+            )
+        fed = self.federation()
+        pair = pki.create_identity_cert(self.ca(), name, role, days)
+        bundle = self.bundle_dir(name)
+        bundle.mkdir(parents=True, exist_ok=True)
+        bundle.chmod(0o700)
+        (bundle / CA_FILE).write_bytes((self.pki_dir / "ca.crt").read_bytes())
+        (bundle / CERT_FILE).write_bytes(pair.cert_pem)
+        pki.write_private(bundle / KEY_FILE, pair.key_pem)
+        meta = {
+            "name": name,
+            "role": role,
+            "federation": fed.name,
+            "broker_host": fed.host,
+            "broker_port": fed.port,
+            "max_packet_bytes": fed.limits.max_packet_bytes,
+        }
+        (bundle / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+        identities[name] = {
+            "role": role,
+            "fingerprint": pki.cert_fingerprint(pair.cert_pem),
+            "issued": time.time(),
+            "revoked": False,
+        }
+        self._save_identities(identities)
+        self.write_acl()
+        return bundle
+
+    def write_acl(self) -> None:
+        active = {n: i["role"] for n, i in self.identities().items() if not i.get("revoked")}
+        self.acl_file.write_text(acl_text(active))
+        self.fix_ownership()
+
+    def fix_ownership(self) -> None:
+        """When run as root, Mosquitto drops to its own user before reading keys and state."""
+        if os.geteuid() != 0:
+            return
+        try:
+            user = pwd.getpwnam(MOSQUITTO_USER)
+        except KeyError:
+            return
+        for path in [self.broker_dir, self.data_dir, *self.broker_dir.glob("*"), *self.data_dir.glob("*")]:
+            if path.name in ("mosquitto.pid",):
+                continue
+            os.chown(path, user.pw_uid, user.pw_gid)

@@ -1,0 +1,193 @@
+"""Message types: for each `type`, the pydantic model of its body and the roles that may send it.
+
+Adding a type is one decorated class here; `open_envelope` refuses any type not registered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Body(BaseModel):
+    """Base of every body: unknown fields are refused, tensors are allowed."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    type: str
+    model: type[Body]
+    roles: frozenset[str]
+
+
+_REGISTRY: dict[str, MessageSpec] = {}
+
+
+def message(type_: str, *roles: str):
+    """Register a body model under `type_`, sendable by `roles`."""
+
+    def register(model: type[Body]) -> type[Body]:
+        if type_ in _REGISTRY:
+            raise ValueError(f"message type {type_!r} registered twice")
+        _REGISTRY[type_] = MessageSpec(type_, model, frozenset(roles))
+        return model
+
+    return register
+
+
+def spec_for(type_: str) -> MessageSpec:
+    return _REGISTRY[type_]
+
+
+def registered_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# --- nodes -----------------------------------------------------------------------------------
+
+
+class DatasetInfo(Body):
+    """What a node says publicly about one dataset: never its path or rows."""
+
+    name: str
+    tags: list[str]
+    type: str
+    description: str = ""
+    n_samples: int = Field(ge=0)
+    shape: list[int] = []
+    features: list[str] = []
+    target: str | None = None
+    n_classes: int | None = None
+
+
+@message("node_status", "node")
+class NodeStatus(Body):
+    state: Literal["online", "offline"]
+    datasets: list[DatasetInfo] = []
+    version: str = ""
+    jobs: list[str] = []
+
+
+@message("request", "researcher", "aggregator", "admin")
+class Request(Body):
+    """A question to one node: `ping`, `list_datasets`, `plan_status`, ..."""
+
+    command: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = {}
+    payload: Tensors = {}
+
+
+@message("reply", "node")
+class Reply(Body):
+    """A node's answer to a request, or a notice about a job it cannot take (`in_reply_to` empty)."""
+
+    command: str
+    in_reply_to: str = ""
+    ok: bool = True
+    error: str = ""
+    data: dict[str, Any] = {}
+    payload: Tensors = {}
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+
+class PlanRef(Body):
+    """A training plan: a zoo name, or source text with its sha256 and the class to use."""
+
+    zoo: str | None = None
+    source: str | None = None
+    sha256: str | None = None
+    class_name: str | None = None
+
+
+class AggregatorRef(Body):
+    name: str = "fedavg"
+    args: dict[str, Any] = {}
+
+
+@message("job", "researcher")
+class JobSpec(Body):
+    job_id: str
+    owner: str
+    plan: PlanRef
+    model_args: dict[str, Any] = {}
+    training_args: dict[str, Any] = {}
+    initial_params: Tensors = {}
+    rounds: int = Field(ge=1, le=100_000)
+    aggregator: AggregatorRef = AggregatorRef()
+    tags: list[str] = Field(min_length=1)
+    nodes: list[str] | None = None
+    quorum: int = Field(default=1, ge=1)
+    round_deadline_s: float = Field(default=600.0, gt=0)
+    created: float = 0.0
+    description: str = ""
+
+
+@message("model", "aggregator")
+class GlobalModel(Body):
+    """The global model after `round` rounds (round 0: the initial parameters)."""
+
+    round: int = Field(ge=0)
+    params: Tensors
+    aggregator: str = ""
+
+
+@message("update", "node")
+class Update(Body):
+    round: int = Field(ge=1)
+    params: Tensors
+    n_samples: int = Field(ge=1)
+    metrics: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    dataset: str = ""
+
+
+class NodeRoundReport(Body):
+    node: str
+    n_samples: int
+    metrics: dict[str, float] = {}
+    timings: dict[str, float] = {}
+
+
+@message("round_opened", "aggregator")
+class RoundOpened(Body):
+    round: int = Field(ge=1)
+    nodes: list[str]
+    deadline: float
+    model_round: int
+
+
+@message("round_closed", "aggregator")
+class RoundClosed(Body):
+    round: int = Field(ge=1)
+    reports: list[NodeRoundReport]
+    missing: list[str] = []
+    metrics: dict[str, float] = {}
+    duration_s: float = 0.0
+
+
+@message("job_accepted", "aggregator")
+class JobAccepted(Body):
+    aggregator: str
+    nodes: list[str] = []
+
+
+@message("job_done", "aggregator")
+class JobDone(Body):
+    rounds: int
+    final_round: int
+    metrics: dict[str, float] = {}
+
+
+@message("job_failed", "aggregator")
+class JobFailed(Body):
+    reason: str
+    round: int = 0

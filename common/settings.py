@@ -1,0 +1,34 @@
+"""Transport settings shared by every role, passed explicitly (no globals).
+
+Each service's own settings embed these; environment variables `FBM_MQTT_*` override them.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.chunking import DEFAULT_CHUNK_SIZE
+
+MQTT_MAX_PACKET = 268_435_455
+
+
+class TransportSettings(BaseSettings):
+    """How to reach the broker and how to behave on the wire."""
+
+    model_config = SettingsConfigDict(env_prefix="FBM_MQTT_", extra="ignore")
+
+    host: str | None = Field(default=None, description="broker host (default: from the bundle)")
+    port: int | None = Field(default=None, description="broker TLS port (default: from the bundle)")
+    keepalive_s: int = Field(default=20, ge=5, description="MQTT keepalive; the Last Will fires after ~1.5x")
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, description="how long the broker keeps our session while we are away")
+    clean_start: bool = Field(default=False, description="False keeps the session (queued messages) across restarts")
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=1024, le=64 * 1024 * 1024)
+    max_message_bytes: int = Field(default=4 * 1024**3, description="largest payload we send or accept")
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+    publish_timeout_s: float = Field(default=120.0, gt=0)
+    reconnect_min_s: int = Field(default=1, ge=1)
+    reconnect_max_s: int = Field(default=30, ge=1)
+    max_inflight: int = Field(default=20, ge=1)
+    reassembly_max_bytes: int = Field(default=2 * 1024**3)
+    dedupe_window: int = Field(default=20_000, ge=100, description="message ids remembered to drop duplicates")

@@ -1,0 +1,79 @@
+"""The federation's topic names (DESIGN.md section 3), built in one place."""
+
+from __future__ import annotations
+
+PREFIX = "fbm/v1"
+CHUNK_LEVEL = "c"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}/jobs/{job_id}"
+
+
+def model(job_id: str) -> str:
+    return f"{PREFIX}/jobs/{job_id}/model"
+
+
+def update(job_id: str, node: str) -> str:
+    return f"{PREFIX}/jobs/{job_id}/updates/{node}"
+
+
+def events(job_id: str) -> str:
+    return f"{PREFIX}/jobs/{job_id}/events"
+
+
+def status(node: str) -> str:
+    return f"{PREFIX}/nodes/{node}/status"
+
+
+def requests(node: str) -> str:
+    return f"{PREFIX}/nodes/{node}/requests"
+
+
+def replies(node: str) -> str:
+    return f"{PREFIX}/nodes/{node}/replies"
+
+
+def chunk(topic: str, index: int) -> str:
+    """Where chunk `index` of a retained payload on `topic` lives (one retained message a topic)."""
+    return f"{topic}/{CHUNK_LEVEL}/{index}"
+
+
+def chunk_filter(topic: str) -> str:
+    return f"{topic}/{CHUNK_LEVEL}/+"
+
+
+def base_of_chunk(topic: str) -> str | None:
+    """The main topic of a retained-chunk topic, or None if `topic` is not one."""
+    head, sep, index = topic.rpartition(f"/{CHUNK_LEVEL}/")
+    return head if sep and index.isdigit() else None
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic-filter matching ('+' one level, '#' the rest, including the parent)."""
+    f_parts = topic_filter.split("/")
+    t_parts = topic.split("/")
+    for i, part in enumerate(f_parts):
+        if part == "#":
+            return True
+        if i >= len(t_parts):
+            return False
+        if part != "+" and part != t_parts[i]:
+            return False
+    return len(f_parts) == len(t_parts)
+
+
+def writer_of(topic: str) -> str | None:
+    """The one identity allowed to write `topic`, for topics that name one (DESIGN.md 3)."""
+    parts = topic.split("/")
+    if len(parts) == 5 and parts[2] == "nodes" and parts[4] in ("status", "replies"):
+        return parts[3]
+    if len(parts) == 6 and parts[2] == "jobs" and parts[4] == "updates":
+        return parts[5]
+    return None
+
+
+def job_of(topic: str) -> str | None:
+    """The job a `fbm/v1/jobs/{job}...` topic is about."""
+    parts = topic.split("/")
+    return parts[3] if len(parts) >= 4 and parts[2] == "jobs" else None

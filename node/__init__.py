@@ -1,0 +1,1 @@
+"""fedbiomq node package."""
