@@ -12,6 +12,7 @@ import hashlib
 import struct
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from common import codec
@@ -102,6 +103,7 @@ class Reassembler:
         self._max_bytes = max_bytes
         self._max_age_s = max_age_s
         self._bytes = 0
+        self._finished: OrderedDict[tuple[str, bytes], None] = OrderedDict()
 
     @property
     def pending_bytes(self) -> int:
@@ -109,6 +111,8 @@ class Reassembler:
 
     def add_chunk(self, stream: str, payload: bytes) -> bytearray | None:
         transfer, index, count, data = parse_chunk(payload)
+        if (stream, transfer) in self._finished:
+            return None  # a redelivered chunk of a transfer already handed over
         entry = self._pending.setdefault((stream, transfer), _Pending())
         if index not in entry.chunks:
             entry.chunks[index] = data
@@ -119,6 +123,8 @@ class Reassembler:
 
     def add_manifest(self, stream: str, payload: bytes) -> bytearray | None:
         manifest = parse_manifest(payload)
+        if (stream, manifest.transfer) in self._finished:
+            return None
         entry = self._pending.setdefault((stream, manifest.transfer), _Pending())
         entry.manifest = manifest
         return self._complete(stream, manifest.transfer)
@@ -129,6 +135,9 @@ class Reassembler:
         if manifest is None or len(entry.chunks) < manifest.count:
             return None
         self._drop((stream, transfer))
+        self._finished[(stream, transfer)] = None
+        if len(self._finished) > 4096:
+            self._finished.popitem(last=False)
         if any(i not in entry.chunks for i in range(manifest.count)):
             raise BadMessage(Reason.BAD_CHUNK, "chunk indices do not match the manifest")
         whole = bytearray(manifest.size)

@@ -1,7 +1,8 @@
 """msgpack with tensors: numpy arrays and torch tensors travel as one ext type.
 
-Ext payload (code 1): kind u8 (0 numpy, 1 torch), dtype u8, ndim u8, ndim x u64 dims, then the
-raw little-endian bytes, C order. Decoding takes the raw bytes msgpack hands us (its one copy)
+Ext payload (code 1): kind u8 (0 numpy, 1 torch), dtype u8, ndim u8, reserved u8, ndim x u64
+dims, zero padding to a multiple of 16 bytes, then the raw little-endian bytes, C order. The
+padding keeps the data 16-byte aligned in the received buffer (unaligned tensors are slow). Decoding takes the raw bytes msgpack hands us (its one copy)
 and wraps them with `numpy.frombuffer` and `torch.from_numpy`: no further copy. Decoded tensors
 share memory with the received message, so treat them as read-only (`.clone()` to modify).
 """
@@ -21,7 +22,8 @@ from common.errors import BadMessage, Reason
 TENSOR_EXT = 1
 _KIND_NUMPY = 0
 _KIND_TORCH = 1
-_HEAD = struct.Struct("<BBB")
+_HEAD = struct.Struct("<BBBx")
+_ALIGN = 16
 _DIM = struct.Struct("<Q")
 
 # dtype code -> (numpy dtype used for the bytes, torch dtype or None if numpy has it natively)
@@ -53,10 +55,16 @@ def _numpy_code(dtype: np.dtype) -> int:
     return code
 
 
+def _data_offset(ndim: int) -> int:
+    size = _HEAD.size + ndim * _DIM.size
+    return -(-size // _ALIGN) * _ALIGN
+
+
 def _ext_from_parts(kind: int, code: int, shape: tuple[int, ...], raw: memoryview) -> msgpack.ExtType:
     if len(shape) > 255:
         raise TypeError("tensors with more than 255 dimensions cannot be sent")
     head = _HEAD.pack(kind, code, len(shape)) + b"".join(_DIM.pack(d) for d in shape)
+    head += b"\x00" * (_data_offset(len(shape)) - len(head))
     return msgpack.ExtType(TENSOR_EXT, b"".join((head, raw)))
 
 
@@ -64,8 +72,9 @@ def _encode_numpy(arr: np.ndarray) -> msgpack.ExtType:
     code = _numpy_code(arr.dtype)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    arr = np.ascontiguousarray(arr)
-    return _ext_from_parts(_KIND_NUMPY, code, arr.shape, memoryview(arr).cast("B"))
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
+    return _ext_from_parts(_KIND_NUMPY, code, arr.shape, memoryview(arr.reshape(-1)).cast("B"))
 
 
 def _encode_torch(tensor: torch.Tensor) -> msgpack.ExtType:
@@ -100,7 +109,7 @@ def _decode_tensor(data: bytes) -> np.ndarray | torch.Tensor:
     kind, code, ndim = _HEAD.unpack_from(data)
     if code not in _CODES or kind not in (_KIND_NUMPY, _KIND_TORCH):
         raise BadMessage(Reason.BAD_TENSOR, f"unknown tensor kind {kind} or dtype code {code}")
-    offset = _HEAD.size + ndim * _DIM.size
+    offset = _data_offset(ndim)
     if len(data) < offset:
         raise BadMessage(Reason.BAD_TENSOR, "tensor shape truncated")
     shape = tuple(_DIM.unpack_from(data, _HEAD.size + i * _DIM.size)[0] for i in range(ndim))
@@ -116,7 +125,7 @@ def _decode_tensor(data: bytes) -> np.ndarray | torch.Tensor:
         )
     if len(data) - offset <= 1:
         # CPython shares 0- and 1-byte bytes objects: never alias them.
-        arr = np.frombuffer(bytes(bytearray(data[offset:])), dtype=np_dtype).reshape(shape)
+        arr = np.frombuffer(data, dtype=np_dtype, offset=offset).reshape(shape).copy()
     else:
         arr = np.frombuffer(data, dtype=np_dtype, offset=offset).reshape(shape)
     if kind == _KIND_NUMPY:

@@ -1,0 +1,46 @@
+"""Codec throughput: encode/decode GB/s of 1/10/100 MB tensors next to a plain bytes copy.
+
+All figures come from this one run, so the ratio column compares like with like.
+    python benchmarks/codec.py [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import codec
+
+
+def best_of(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    print(f"{'size':>7} {'copy GB/s':>10} {'encode GB/s':>12} {'decode GB/s':>12} {'enc/copy':>9} {'dec/copy':>9}")
+    for mb in (1, 10, 100):
+        tensor = torch.randn(mb * 1024 * 1024 // 4)
+        raw = tensor.numpy().tobytes()
+        nbytes = len(raw)
+        wire = codec.encode({"w": tensor})
+        t_copy = best_of(lambda r=raw: bytearray(r), args.repeat)
+        t_enc = best_of(lambda t=tensor: codec.encode({"w": t}), args.repeat)
+        t_dec = best_of(lambda w=wire: codec.decode(w), args.repeat)
+        assert torch.equal(codec.decode(wire)["w"], tensor)
+        gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+        print(f"{mb:>5}MB {gbs(t_copy):>10.2f} {gbs(t_enc):>12.2f} {gbs(t_dec):>12.2f} "
+              f"{t_enc / t_copy:>8.2f}x {t_dec / t_copy:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

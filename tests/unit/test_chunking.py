@@ -1,0 +1,83 @@
+"""Chunk frames and reassembly: any order, duplicates, corruption, bounded memory."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from common import chunking
+from common.errors import BadMessage, Reason
+
+
+def test_split_and_reassemble_in_any_order():
+    payload = os.urandom(100_003)
+    frames, manifest = chunking.split(payload, 10_000)
+    assert len(frames) == 11
+    order = frames + frames[:3]  # duplicates too
+    random.Random(1).shuffle(order)
+    r = chunking.Reassembler()
+    results = [r.add_chunk("t", f) for f in order[:5]]
+    results.append(r.add_manifest("t", manifest))
+    results += [r.add_chunk("t", f) for f in order[5:]]
+    done = [x for x in results if x is not None]
+    assert len(done) == 1 and bytes(done[0]) == payload
+    assert r.pending_bytes == 0
+
+
+def test_frames_are_told_apart_from_envelopes():
+    frames, manifest = chunking.split(b"x" * 10, 4)
+    assert {chunking.frame_kind(f) for f in frames} == {"chunk"}
+    assert chunking.frame_kind(manifest) == "manifest"
+    assert chunking.frame_kind(b"\x8a\xa1v") == "message"
+    assert chunking.frame_kind(b"") == "empty"
+
+
+def test_corrupted_chunk_fails_the_checksum():
+    frames, manifest = chunking.split(os.urandom(1000), 300)
+    bad = bytearray(frames[1])
+    bad[-1] ^= 0xFF
+    r = chunking.Reassembler()
+    for f in [frames[0], bytes(bad), *frames[2:]]:
+        r.add_chunk("t", f)
+    with pytest.raises(BadMessage) as err:
+        r.add_manifest("t", manifest)
+    assert err.value.reason == Reason.CHECKSUM_MISMATCH
+
+
+def test_streams_and_transfers_do_not_mix():
+    a, b = os.urandom(500), os.urandom(500)
+    fa, ma = chunking.split(a, 100)
+    fb, mb = chunking.split(b, 100)
+    r = chunking.Reassembler()
+    for x, y in zip(fa, fb, strict=True):
+        r.add_chunk("s1", x)
+        r.add_chunk("s2", y)
+    assert bytes(r.add_manifest("s2", mb)) == b
+    assert r.add_manifest("s2", ma) is None  # a's chunks went to s1
+    assert bytes(r.add_manifest("s1", ma)) == a
+
+
+def test_memory_is_bounded_by_dropping_the_oldest_transfer():
+    r = chunking.Reassembler(max_bytes=1000)
+    old, _ = chunking.split(os.urandom(900), 300)
+    new, new_manifest = chunking.split(os.urandom(900), 300)
+    for f in old[:2]:
+        r.add_chunk("t", f)
+    for f in new:
+        r.add_chunk("t", f)
+    assert r.pending_bytes <= 1000
+    assert r.add_manifest("t", new_manifest) is not None
+
+
+@pytest.mark.parametrize("payload", [b"FBMC", b"FBMC" + b"\x00" * 16 + (5).to_bytes(4, "little") + (2).to_bytes(4, "little")])
+def test_malformed_chunks_are_refused(payload):
+    with pytest.raises(BadMessage) as err:
+        chunking.Reassembler().add_chunk("t", payload)
+    assert err.value.reason == Reason.BAD_CHUNK
+
+
+def test_malformed_manifest_is_refused():
+    with pytest.raises(BadMessage):
+        chunking.Reassembler().add_manifest("t", b"FBMM" + b"\x80")

@@ -1,0 +1,108 @@
+"""Sealing and opening envelopes: every way a message can be bad has its own reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from broker import pki
+from broker.workspace import Workspace
+from common import codec
+from common.envelope import _signed_bytes, open_envelope, seal
+from common.errors import BadMessage, Reason
+from common.identity import Identity, TrustStore
+from common.messages import Request, Update
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("fed"))
+    ws.init("unit", port=1)
+    ids = {name: Identity.load(ws.enroll(name, role)) for name, role in
+           [("node-a", "node"), ("res-1", "researcher"), ("agg-1", "aggregator")]}
+    other = Workspace(tmp_path_factory.mktemp("other"))
+    other.init("other", port=1)
+    ids["rogue"] = Identity.load(other.enroll("res-1", "researcher"))
+    return ids, TrustStore(ids["node-a"].ca_pem)
+
+
+def _reason(data, trust, topic=""):
+    with pytest.raises(BadMessage) as err:
+        open_envelope(data, trust, topic)
+    return err.value.reason
+
+
+def test_round_trip_with_tensors(fed):
+    ids, trust = fed
+    params = {"w": torch.randn(4, 3), "b": torch.zeros(3)}
+    msg_id, wire = seal(ids["node-a"], "update", Update(round=2, params=params, n_samples=7), job="j", round_=2)
+    msg = open_envelope(wire, trust)
+    assert msg.id == msg_id and msg.sender == "node-a" and msg.role == "node" and msg.job == "j"
+    assert msg.round == 2 and msg.body.n_samples == 7 and torch.equal(msg.body.params["w"], params["w"])
+
+
+def _mutate(wire: bytes, **changes) -> bytes:
+    raw = codec.decode(wire)
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return codec.encode(raw)
+
+
+def _resign(identity, wire: bytes, body: bytes) -> bytes:
+    """A correctly signed envelope around a body that breaks its schema."""
+    raw = codec.decode(wire)
+    raw["body"] = body
+    raw["sig"] = identity.sign(_signed_bytes(raw, body))
+    return codec.encode(raw)
+
+
+def test_each_kind_of_bad_envelope_has_its_reason(fed):
+    ids, trust = fed
+    _, wire = seal(ids["res-1"], "request", Request(command="ping"))
+    _, rogue = seal(ids["rogue"], "request", Request(command="ping"))
+    _, node_wire = seal(ids["node-a"], "reply", {"command": "ping"})
+    cases = {
+        Reason.NOT_MSGPACK: b"\xc1",
+        Reason.BAD_ENVELOPE: codec.encode("hello"),
+        Reason.BAD_VERSION: _mutate(wire, v=2),
+        Reason.UNKNOWN_TYPE: _mutate(wire, type="launch_missiles"),
+        Reason.UNSIGNED: _mutate(wire, sig=None),
+        Reason.BAD_SIGNATURE: _mutate(wire, round=5),
+        Reason.BAD_CERT: rogue,
+        Reason.BAD_BODY: _resign(ids["res-1"], wire, codec.encode({"command": ""})),
+    }
+    for reason, data in cases.items():
+        assert _reason(data, trust) == reason, reason
+    # the body is covered by the signature: a valid-looking substitute body fails the signature
+    assert _reason(_mutate(wire, body=codec.encode({"command": "other"})), trust) == Reason.BAD_SIGNATURE
+    # a researcher's cert cannot carry another identity's name
+    assert _reason(_mutate(wire, sender="node-a"), trust) == Reason.BAD_CERT
+    assert open_envelope(node_wire, trust).type == "reply"
+
+
+def test_roles_are_enforced_on_both_sides(fed):
+    ids, trust = fed
+    with pytest.raises(PermissionError):
+        seal(ids["node-a"], "job", {"job_id": "x", "owner": "n", "plan": {"zoo": "mlp"}, "rounds": 1, "tags": ["t"]})
+    forged = Identity(**{**ids["node-a"].__dict__, "role": "researcher"})
+    _, wire = seal(forged, "job", {"job_id": "x", "owner": "n", "plan": {"zoo": "mlp"}, "rounds": 1, "tags": ["t"]})
+    assert _reason(wire, trust) == Reason.ROLE_NOT_ALLOWED
+
+
+def test_expired_certificate_is_refused(fed, monkeypatch):
+    ids, _ = fed
+    trust = TrustStore(ids["node-a"].ca_pem)
+    _, wire = seal(ids["res-1"], "request", Request(command="ping"))
+    open_envelope(wire, trust)
+    import datetime as dt
+
+    real = dt.datetime
+    class Later(real):
+        @classmethod
+        def now(cls, tz=None):
+            return real.now(tz) + dt.timedelta(days=pki.LEAF_DAYS + 1)
+    monkeypatch.setattr("common.identity.dt.datetime", Later)
+    assert _reason(wire, trust) == Reason.BAD_CERT
