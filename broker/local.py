@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -73,6 +74,47 @@ class LocalFederation:
             )
         self.procs.append((label, proc))
         return proc
+
+    def run_cli(self, *argv: str) -> str:
+        """Run a role's CLI (`python -m node ...`) to completion; raise with its output on failure."""
+        done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(argv)}` failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def add_node(self, name: str, datasets: Sequence[dict[str, str]] = (), *, start: bool = True,
+                 env: dict[str, str] | None = None) -> Path:
+        """Enrol a node, set up its folder, register `datasets` (dicts of `fbm-node dataset add`
+        options: name, type, path, tag, target), and start it."""
+        bundle = self.enroll(name, "node")
+        node_dir = self.root / "nodes" / name
+        if not (node_dir / "node.toml").exists():
+            self.run_cli("node", "init", str(node_dir), "--bundle", str(bundle))
+            for ds in datasets:
+                args = ["node", "dataset", "add", "--dir", str(node_dir)]
+                for key, value in ds.items():
+                    for v in (value if isinstance(value, list | tuple) else [value]):
+                        args += [f"--{key}", str(v)]
+                self.run_cli(*args)
+        if start:
+            self.start_node(name, env=env)
+        return node_dir
+
+    def start_node(self, name: str, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+        node_dir = self.root / "nodes" / name
+        return self.spawn(f"node-{name}", [sys.executable, "-m", "node", "start", "--dir", str(node_dir)], env=env)
+
+    def add_aggregator(self, name: str = "aggregator", *, start: bool = True) -> Path:
+        bundle = self.enroll(name, "aggregator")
+        if start:
+            self.start_aggregator(name)
+        return bundle
+
+    def start_aggregator(self, name: str = "aggregator") -> subprocess.Popen:
+        bundle = self.ws.bundle_dir(name)
+        state = self.root / "aggregators" / name
+        return self.spawn(f"agg-{name}", [sys.executable, "-m", "aggregators", "start", "--bundle", str(bundle),
+                                          "--state-dir", str(state)])
 
     def stop_processes(self, timeout_s: float = 20.0) -> None:
         for _, proc in reversed(self.procs):

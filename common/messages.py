@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 Tensors = dict[str, torch.Tensor]
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
 class Body(BaseModel):
@@ -111,11 +112,12 @@ class PlanRef(Body):
 class AggregatorRef(Body):
     name: str = "fedavg"
     args: dict[str, Any] = {}
+    identity: str | None = None  # which aggregator should run the job (None: any)
 
 
 @message("job", "researcher")
 class JobSpec(Body):
-    job_id: str
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
     owner: str
     plan: PlanRef
     model_args: dict[str, Any] = {}
@@ -129,15 +131,6 @@ class JobSpec(Body):
     round_deadline_s: float = Field(default=600.0, gt=0)
     created: float = 0.0
     description: str = ""
-
-
-@message("model", "aggregator")
-class GlobalModel(Body):
-    """The global model after `round` rounds (round 0: the initial parameters)."""
-
-    round: int = Field(ge=0)
-    params: Tensors
-    aggregator: str = ""
 
 
 @message("update", "node")
@@ -172,6 +165,26 @@ class RoundClosed(Body):
     missing: list[str] = []
     metrics: dict[str, float] = {}
     duration_s: float = 0.0
+
+
+@message("model", "aggregator")
+class GlobalModel(Body):
+    """The global model after `round` rounds (round 0: the initial parameters), retained.
+
+    It also carries the job's state, so a node or researcher that was away learns everything
+    from this one retained message: which round is open, for whom, until when, and the
+    history of the closed rounds.
+    """
+
+    round: int = Field(ge=0)
+    params: Tensors
+    aggregator: str = ""
+    status: Literal["running", "done", "failed"] = "running"
+    open_round: int | None = None
+    nodes: list[str] = []
+    deadline: float | None = None
+    history: list[RoundClosed] = []
+    reason: str = ""
 
 
 @message("job_accepted", "aggregator")

@@ -1,0 +1,3 @@
+from aggregators.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""`fbm-aggregator`: the federator service that drives jobs' rounds."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from common.errors import ConnectError
+from common.identity import Identity
+from common.logging import configure_logging
+from common.settings import TransportSettings
+
+console = Console(soft_wrap=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run a fedbiomq aggregator (federator): it claims jobs, opens and closes rounds, folds the
+    nodes' updates with the job's rule and publishes each new global model.
+
+    \b
+      fbm-aggregator start --bundle ./fedavg-1 --state-dir ./agg-state
+      fbm-aggregator rules
+    """
+
+
+@main.command()
+@click.option("--bundle", required=True, envvar="FBM_AGG_BUNDLE", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Identity bundle from `fbm-broker enroll --role aggregator` (or env FBM_AGG_BUNDLE).")
+@click.option("--state-dir", required=True, envvar="FBM_AGG_STATE", type=click.Path(file_okay=False, path_type=Path),
+              help="Where per-job, per-round checkpoints go; a restart resumes from them.")
+@click.option("--log-level", default="info", show_default=True)
+@click.option("--connect-timeout", default=0.0, help="Give up if the broker is unreachable this long (0: keep trying).")
+def start(bundle: Path, state_dir: Path, log_level: str, connect_timeout: float) -> None:
+    """Run until SIGTERM/Ctrl-C. Broker settings can be overridden with FBM_MQTT_* variables."""
+    from aggregators.service import AggregatorService
+
+    configure_logging(log_level)
+    try:
+        identity = Identity.load(bundle)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+    if identity.role != "aggregator":
+        console.print(f"[red]error:[/red] {bundle} is a {identity.role} bundle, not an aggregator's")
+        sys.exit(1)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    service = AggregatorService(identity, state_dir, TransportSettings())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        service.start(connect_timeout_s=connect_timeout or 10 * 365 * 24 * 3600)
+    except ConnectError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    stop.wait()
+    service.stop()
+
+
+@main.command()
+def rules() -> None:
+    """List the installed aggregation rules."""
+    from aggregators.rules import get_rule, rule_names
+
+    for name in rule_names():
+        doc = (type(get_rule(name)).__doc__ or "").strip().splitlines()[0]
+        console.print(f"[bold]{name}[/bold]  {doc}")

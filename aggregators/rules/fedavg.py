@@ -1,0 +1,28 @@
+"""FedAvg: the sample-weighted mean of the nodes' parameters.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017.
+"""
+
+from __future__ import annotations
+
+from aggregators.rules.base import AggregationRule
+from aggregators.rules.functions import Params, add_weighted_, divide, zeros_like
+
+
+class FedAvg(AggregationRule):
+    name = "fedavg"
+
+    def begin_round(self, global_params: Params) -> None:
+        self._like = global_params
+        self._acc = zeros_like(global_params)
+        self._total = 0.0
+
+    def add(self, params: Params, n_samples: int, node: str) -> None:
+        add_weighted_(self._acc, params, float(n_samples))
+        self._total += n_samples
+
+    def end_round(self) -> Params:
+        if self._total <= 0:
+            raise ValueError("no update was added this round")
+        return divide(self._acc, self._total, self._like)

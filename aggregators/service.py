@@ -1,0 +1,332 @@
+"""The aggregator service: claims jobs and drives their rounds, one thread per job.
+
+A round: publish the global model (retained; it names the open round, the selected nodes and
+the deadline), fold updates in as they arrive, close when every selected node has answered
+or dropped out (at least the quorum), or at the deadline with at least the quorum; then
+checkpoint, publish `round_closed`, and open the next. A restarted aggregator resumes from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from aggregators.rules import AggregationRule, get_rule
+from common import topics
+from common.envelope import Message
+from common.identity import Identity
+from common.messages import GlobalModel, JobSpec, NodeRoundReport, NodeStatus, RoundClosed, RoundOpened
+from common.messenger import Messenger
+from common.settings import TransportSettings
+
+
+class JobFailure(RuntimeError):
+    """The job cannot go on; the message is the reason published in `job_failed`."""
+
+
+@dataclass(frozen=True)
+class _Event:
+    kind: str  # "update", "dropout", "withdrawn"
+    node: str = ""
+    message: Message | None = None
+    reason: str = ""
+
+
+def check_update(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
+    """Why an update cannot be folded into a model shaped like `reference` (None if it can)."""
+    if params.keys() != reference.keys():
+        missing, extra = reference.keys() - params.keys(), params.keys() - reference.keys()
+        return f"parameter names differ (missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})"
+    for key, ref in reference.items():
+        value = params[key]
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            return f"{key}: got {value.dtype}{list(value.shape)}, expected {ref.dtype}{list(ref.shape)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+class Checkpoints:
+    """One checkpoint per job and round, plus the job's final state, under `root/JOB/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, job: str) -> Path:
+        return self.root / job
+
+    def save(self, job: str, round_: int, params: dict[str, torch.Tensor], history: list[dict[str, Any]]) -> None:
+        folder = self._dir(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"round-{round_}.pt.tmp"
+        torch.save({"round": round_, "params": {k: v.clone() for k, v in params.items()}, "history": history}, tmp)
+        tmp.replace(folder / f"round-{round_}.pt")
+
+    def latest(self, job: str) -> dict[str, Any] | None:
+        folder = self._dir(job)
+        rounds = sorted((int(p.stem.split("-")[1].split(".")[0]) for p in folder.glob("round-*.pt")), reverse=True)
+        return torch.load(folder / f"round-{rounds[0]}.pt", weights_only=True) if rounds else None
+
+    def finish(self, job: str, status: str, reason: str = "") -> None:
+        folder = self._dir(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "state.json").write_text(json.dumps({"status": status, "reason": reason, "ts": time.time()}))
+
+    def finished(self, job: str) -> bool:
+        return (self._dir(job) / "state.json").exists()
+
+
+class JobRunner(threading.Thread):
+    """Runs one job's rounds to the end."""
+
+    def __init__(self, spec: JobSpec, service: AggregatorService) -> None:
+        super().__init__(name=f"job-{spec.job_id}", daemon=True)
+        self.spec = spec
+        self.service = service
+        self.events: queue.Queue[_Event] = queue.Queue()
+        self.declined: set[str] = set()
+        self.current_round = 0
+        self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
+
+    # helpers
+    def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None) -> None:
+        self.service.messenger.send(topic or topics.events(self.spec.job_id), type_, body,
+                                    job=self.spec.job_id, round_=round_, retain=retain)
+
+    def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
+                       nodes: list[str] | None = None, deadline: float | None = None, reason: str = "") -> None:
+        model = GlobalModel(round=round_, params=params, aggregator=self.service.name, status=status,
+                            open_round=open_round, nodes=nodes or [], deadline=deadline,
+                            history=[RoundClosed.model_validate(h) for h in history], reason=reason)
+        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
+
+    def run(self) -> None:
+        spec = self.spec
+        params: dict[str, torch.Tensor] = dict(spec.initial_params)
+        history: list[dict[str, Any]] = []
+        try:
+            rule = get_rule(spec.aggregator.name, spec.aggregator.args)
+            start = 0
+            checkpoint = self.service.checkpoints.latest(spec.job_id)
+            if checkpoint is not None:
+                start, params, history = checkpoint["round"], checkpoint["params"], checkpoint["history"]
+                self.log.info("job_resumed", round=start)
+            if not params:
+                raise JobFailure("the job has no initial parameters")
+            self._send("job_accepted", {"aggregator": self.service.name, "nodes": self.service.eligible(spec)})
+            for r in range(start + 1, spec.rounds + 1):
+                params, summary = self._round(r, rule, params, history)
+                history.append(summary.model_dump())
+                self.service.checkpoints.save(spec.job_id, r, params, history)
+                self._send("round_closed", summary, round_=r)
+            self._publish_model(spec.rounds, params, history, status="done")
+            final = history[-1]["metrics"] if history else {}
+            self._send("job_done", {"rounds": spec.rounds, "final_round": spec.rounds, "metrics": final})
+            self.service.checkpoints.finish(spec.job_id, "done")
+            self.log.info("job_done", rounds=spec.rounds)
+        except JobFailure as exc:
+            self._fail(str(exc), params, history)
+        except Exception as exc:  # noqa: BLE001 - a bug fails the job loudly, not the service
+            self.log.exception("job_crashed")
+            self._fail(f"aggregator error: {type(exc).__name__}: {exc}", params, history)
+        finally:
+            self.service.forget(spec.job_id)
+
+    def _fail(self, reason: str, params, history) -> None:
+        self.log.warning("job_failed", reason=reason)
+        try:
+            if params:
+                self._publish_model(len(history), params, history, status="failed", reason=reason)
+            self._send("job_failed", {"reason": reason, "round": self.current_round})
+        except Exception:  # noqa: BLE001
+            self.log.exception("job_failed_not_published")
+        self.service.checkpoints.finish(self.spec.job_id, "failed", reason)
+
+    def _wait_for_nodes(self, deadline: float) -> list[str]:
+        while True:
+            expected = [n for n in self.service.eligible(self.spec) if n not in self.declined]
+            if len(expected) >= self.spec.quorum or time.time() > deadline:
+                return expected
+            self._drain(timeout_s=0.2)
+
+    def _drain(self, timeout_s: float) -> None:
+        """Handle non-update events while waiting for nodes (updates cannot exist yet)."""
+        try:
+            event = self.events.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        if event.kind == "withdrawn":
+            raise JobFailure("the researcher withdrew the job")
+        if event.kind == "dropout" and event.reason.startswith("declined"):
+            self.declined.add(event.node)
+
+    def _round(self, r: int, rule: AggregationRule, params, history) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+        spec = self.spec
+        self.current_round = r
+        log = self.log.bind(round=r)
+        opened = time.time()
+        deadline = opened + spec.round_deadline_s
+        expected = self._wait_for_nodes(deadline)
+        if len(expected) < spec.quorum:
+            raise JobFailure(f"round {r}: only {len(expected)} eligible node(s) online, quorum is {spec.quorum}")
+        self._publish_model(r - 1, params, history, open_round=r, nodes=expected, deadline=deadline)
+        self._send("round_opened", RoundOpened(round=r, nodes=expected, deadline=deadline, model_round=r - 1), round_=r)
+        log.info("round_opened", nodes=expected)
+        rule.begin_round(params)
+        reports: list[NodeRoundReport] = []
+        answered: set[str] = set()
+        gone: set[str] = set()
+        while True:
+            waiting = set(expected) - answered - gone
+            if not waiting and len(answered) >= spec.quorum:
+                break
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                break
+            try:
+                event = self.events.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if event.kind == "withdrawn":
+                raise JobFailure("the researcher withdrew the job")
+            if event.kind == "dropout":
+                if event.node in expected and event.node not in answered:
+                    gone.add(event.node)
+                    log.info("node_dropped_out", node=event.node, reason=event.reason)
+                if event.reason.startswith("declined"):
+                    self.declined.add(event.node)
+                continue
+            msg = event.message
+            assert msg is not None
+            update = msg.body
+            if msg.round != r or update.round != r:
+                log.info("late_update_dropped", node=msg.sender, update_round=update.round)
+                continue
+            if msg.sender in answered:
+                log.info("duplicate_update_dropped", node=msg.sender)
+                continue
+            problem = check_update(update.params, params)
+            if problem is not None:
+                log.warning("update_rejected", node=msg.sender, reason=problem)
+                gone.add(msg.sender)
+                continue
+            rule.add(update.params, update.n_samples, msg.sender)
+            answered.add(msg.sender)
+            reports.append(NodeRoundReport(node=msg.sender, n_samples=update.n_samples,
+                                           metrics=update.metrics, timings=update.timings))
+            log.info("update_folded", node=msg.sender, n_samples=update.n_samples)
+        if len(answered) < spec.quorum:
+            raise JobFailure(f"round {r}: {len(answered)} update(s) by the deadline, quorum is {spec.quorum}")
+        new_params = rule.end_round()
+        total = sum(rep.n_samples for rep in reports)
+        metric_names = set().union(*(rep.metrics for rep in reports))
+        metrics = {m: sum(rep.metrics.get(m, 0.0) * rep.n_samples for rep in reports) / total for m in metric_names}
+        summary = RoundClosed(round=r, reports=reports, missing=sorted(set(expected) - answered),
+                              metrics=metrics, duration_s=time.time() - opened)
+        log.info("round_closed", nodes=sorted(answered), missing=summary.missing, **{k: round(v, 4) for k, v in metrics.items()})
+        return new_params, summary
+
+
+class AggregatorService:
+    """Subscribes to jobs, node statuses, replies and updates; runs a JobRunner per claimed job."""
+
+    def __init__(self, identity: Identity, state_dir: Path, mqtt: TransportSettings | None = None) -> None:
+        self.identity = identity
+        self.name = identity.name
+        self.checkpoints = Checkpoints(Path(state_dir) / "jobs")
+        self.messenger = Messenger(identity, mqtt)
+        self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
+        self.nodes: dict[str, NodeStatus] = {}
+        self.runners: dict[str, JobRunner] = {}
+        self._lock = threading.Lock()
+
+    def start(self, connect_timeout_s: float | None = None) -> None:
+        m = self.messenger
+        m.subscribe("fbm/v1/nodes/+/status", self._on_status, types={"node_status"})
+        m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
+        m.subscribe("fbm/v1/jobs/+/updates/+", self._on_update, types={"update"})
+        m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+        m.connect(connect_timeout_s)
+        self.log.info("aggregator_started")
+
+    def stop(self) -> None:
+        self.messenger.close()
+
+    # node directory
+    def eligible(self, spec: JobSpec) -> list[str]:
+        wanted = set(spec.tags)
+        with self._lock:
+            statuses = dict(self.nodes)
+        return sorted(
+            name for name, st in statuses.items()
+            if st.state == "online"
+            and (spec.nodes is None or name in spec.nodes)
+            and any(wanted <= set(d.tags) for d in st.datasets)
+        )
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            self.runners.pop(job, None)
+
+    def _runner(self, job: str | None) -> JobRunner | None:
+        with self._lock:
+            return self.runners.get(job or "")
+
+    # handlers
+    def _on_status(self, msg: Message) -> None:
+        status: NodeStatus = msg.body  # type: ignore[assignment]
+        with self._lock:
+            self.nodes[msg.sender] = status
+            runners = list(self.runners.values())
+        if status.state == "offline":
+            for runner in runners:
+                runner.events.put(_Event("dropout", node=msg.sender, reason="offline"))
+
+    def _on_reply(self, msg: Message) -> None:
+        reply = msg.body
+        job = reply.data.get("job") if isinstance(reply.data, dict) else None
+        runner = self._runner(job or msg.job)
+        if runner is None or reply.ok:
+            return
+        kind = "declined" if reply.command == "job" else "failed"
+        runner.events.put(_Event("dropout", node=msg.sender, reason=f"{kind}: {reply.error}"))
+
+    def _on_update(self, msg: Message) -> None:
+        runner = self._runner(topics.job_of(msg.topic))
+        if runner is None:
+            self.log.info("update_for_unknown_job_dropped", job=msg.job, node=msg.sender)
+            return
+        runner.events.put(_Event("update", node=msg.sender, message=msg))
+
+    def _on_job(self, msg: Message) -> None:
+        spec: JobSpec = msg.body  # type: ignore[assignment]
+        if spec.job_id != topics.job_of(msg.topic):
+            self.log.warning("job_topic_mismatch", job=spec.job_id, topic=msg.topic)
+            return
+        if spec.aggregator.identity not in (None, self.name):
+            return
+        with self._lock:
+            if spec.job_id in self.runners:
+                return
+        if self.checkpoints.finished(spec.job_id):
+            self.log.info("job_already_finished", job=spec.job_id)
+            return
+        runner = JobRunner(spec, self)
+        with self._lock:
+            self.runners[spec.job_id] = runner
+        self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name)
+        runner.start()
+
+    def _on_job_cleared(self, topic: str) -> None:
+        runner = self._runner(topics.job_of(topic))
+        if runner is not None:
+            runner.events.put(_Event("withdrawn"))

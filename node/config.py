@@ -1,0 +1,68 @@
+"""The node's settings: `DIR/node.toml`, overridden by `FBM_NODE_*` environment variables."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.settings import TransportSettings
+
+CONFIG_FILE = "node.toml"
+
+
+class NodeSettings(BaseSettings):
+    """Everything a node process needs to know, explicit and validated."""
+
+    model_config = SettingsConfigDict(env_prefix="FBM_NODE_", env_nested_delimiter="__", extra="forbid")
+
+    node_dir: Path = Field(description="the node's folder (config, database, bundle)")
+    bundle: Path = Field(description="identity bundle folder from `fbm-broker enroll`")
+    mqtt: TransportSettings = Field(default_factory=TransportSettings)
+    train_threads: int = Field(default=1, ge=1, description="torch threads of the training process")
+    round_timeout_s: float = Field(default=3600.0, gt=0, description="a round's local training is stopped after this")
+    accept_custom_plans: bool = Field(default=False, description="run plans sent as source text (zoo plans always run)")
+    log_level: str = "info"
+
+    @property
+    def database(self) -> Path:
+        return self.node_dir / "node.db"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (env_settings, init_settings)  # environment beats the file
+
+    @classmethod
+    def load(cls, node_dir: str | Path) -> NodeSettings:
+        node_dir = Path(node_dir).expanduser().resolve()
+        path = node_dir / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{node_dir} is not a node folder (no {CONFIG_FILE}); create it with `fbm-node init`")
+        data = tomllib.loads(path.read_text())
+        data.setdefault("node_dir", str(node_dir))
+        bundle = Path(data.get("bundle", "bundle"))
+        data["bundle"] = str(bundle if bundle.is_absolute() else node_dir / bundle)
+        return cls(**data)
+
+
+def write_default_config(node_dir: Path, bundle: str = "bundle") -> Path:
+    path = node_dir / CONFIG_FILE
+    path.write_text(
+        f'''# fedbiomq node configuration. Environment variables FBM_NODE_<NAME> override these
+# (nested: FBM_NODE_MQTT__HOST, FBM_NODE_MQTT__PORT, ...).
+bundle = "{bundle}"          # identity bundle (cert, key, CA, broker address)
+train_threads = 1            # torch threads for local training
+round_timeout_s = 3600       # stop a round's training after this many seconds
+accept_custom_plans = false  # zoo plans only, until plan approval is in place
+log_level = "info"
+
+[mqtt]
+# host = "broker.example.org"   # default: from the bundle
+# port = 8883
+keepalive_s = 20
+session_expiry_s = 604800       # the broker keeps our queued requests for a week
+'''
+    )
+    return path

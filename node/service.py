@@ -1,0 +1,264 @@
+"""The long-running site process: takes jobs it can serve, trains each open round, publishes updates.
+
+It learns everything from retained messages (the job spec, and the latest global model, which
+also says which round is open and for whom), so a node that was offline simply joins the
+current round when it comes back. Training runs in a warm child process on a thread of its
+own, so message handling never waits for it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from common import topics
+from common.envelope import Message
+from common.errors import BadMessage
+from common.identity import Identity
+from common.messages import JobSpec, NodeStatus, Reply
+from common.messenger import Messenger
+from common.training.loader import PlanError, check_ref
+from node.audit import AuditTrail
+from node.config import NodeSettings
+from node.registry import Dataset, Registry
+from node.trainer import Trainer, TrainingFailed
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    dataset: Dataset
+    trained: set[int] = field(default_factory=set)
+    last_send_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Task:
+    job: str
+    round: int
+    params: dict[str, Any]
+    received_at: float
+
+
+class NodeService:
+    """One site: its datasets, its jobs, its training process, its connection."""
+
+    def __init__(self, settings: NodeSettings, identity: Identity, registry: Registry, audit: AuditTrail,
+                 trainer: Trainer | None = None) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.name = identity.name
+        self.registry = registry
+        self.audit = audit
+        self.trainer = trainer or Trainer(settings.train_threads)
+        self.log = structlog.get_logger("node").bind(node=self.name)
+        self.messenger = Messenger(
+            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
+        )
+        self.jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._tasks: queue.Queue[_Task | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._train_thread = threading.Thread(target=self._train_loop, name="fbm-node-train", daemon=True)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, connect_timeout_s: float | None = None) -> None:
+        self.trainer.start()
+        self._train_thread.start()
+        m = self.messenger
+        m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+        m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True)
+        m.subscribe("fbm/v1/jobs/+/events", self._on_event, types={"job_done", "job_failed"})
+        m.subscribe(topics.requests(self.name), self._on_request, types={"request"})
+        m.on_reject(self._on_rejected)
+        m.on_connected(lambda _session_present: self.publish_status())
+        m.connect(connect_timeout_s)
+        self.audit.record("node_started", actor=self.name)
+        self.log.info("node_started", datasets=[d.name for d in self.registry.list()])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._tasks.put(None)
+        try:
+            self.messenger.send(topics.status(self.name), "node_status", NodeStatus(state="offline"), retain=True, timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - best effort on the way out
+            self.log.warning("offline_status_not_sent", error=str(exc))
+        self.messenger.close()
+        self._train_thread.join(timeout=10)
+        self.trainer.stop()
+        self.audit.record("node_stopped", actor=self.name)
+
+    def publish_status(self) -> None:
+        status = NodeStatus(
+            state="online",
+            datasets=[d.public() for d in self.registry.list()],
+            version=VERSION,
+            jobs=sorted(self.jobs),
+        )
+        self.messenger.set_will(topics.status(self.name), "node_status", NodeStatus(state="offline"))
+        self.messenger.send(topics.status(self.name), "node_status", status, retain=True)
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def _reply(self, command: str, *, job: str | None = None, ok: bool = True, error: str = "",
+               in_reply_to: str = "", data: dict[str, Any] | None = None) -> None:
+        self.messenger.send(
+            topics.replies(self.name), "reply",
+            Reply(command=command, in_reply_to=in_reply_to, ok=ok, error=error, data=data or {}),
+            job=job,
+        )
+
+    def _decline(self, msg: Message, job_id: str, reason: str) -> None:
+        self.log.info("job_declined", job=job_id, reason=reason)
+        self.audit.record("job_refused", job=job_id, actor=msg.sender, reason=reason)
+        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id, data={"job": job_id})
+
+    def _on_job(self, msg: Message) -> None:
+        spec: JobSpec = msg.body  # type: ignore[assignment]
+        if spec.job_id != topics.job_of(msg.topic):
+            self._decline(msg, spec.job_id, "job id does not match its topic")
+            return
+        with self._lock:
+            if spec.job_id in self.jobs:
+                return
+        if spec.nodes is not None and self.name not in spec.nodes:
+            self.audit.record("job_not_selected", job=spec.job_id, actor=msg.sender)
+            return
+        try:
+            check_ref(spec.plan)
+        except PlanError as exc:
+            self._decline(msg, spec.job_id, f"plan refused: {exc}")
+            return
+        if spec.plan.source is not None and not self.settings.accept_custom_plans:
+            self._decline(msg, spec.job_id, "this node runs zoo plans only (custom plan approval is not enabled)")
+            return
+        matches = self.registry.matching(spec.tags)
+        if not matches:
+            self._decline(msg, spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}")
+            return
+        dataset = matches[0]
+        with self._lock:
+            self.jobs[spec.job_id] = _Job(spec, dataset)
+        plan_id = spec.plan.sha256 or f"zoo:{spec.plan.zoo}"
+        self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id, actor=msg.sender)
+        self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
+        self._reply("job", job=spec.job_id, in_reply_to=msg.id,
+                    data={"job": spec.job_id, "dataset": dataset.name, "n_samples": dataset.public().n_samples})
+        self.publish_status()
+
+    def _on_job_cleared(self, topic: str) -> None:
+        job = topics.job_of(topic)
+        with self._lock:
+            removed = self.jobs.pop(job, None) if job else None
+        if removed:
+            self.audit.record("job_withdrawn", job=job)
+            self.log.info("job_withdrawn", job=job)
+
+    def _on_event(self, msg: Message) -> None:
+        with self._lock:
+            job = self.jobs.pop(msg.job or "", None)
+        if job is not None:
+            self.audit.record(msg.type, job=msg.job, actor=msg.sender)
+            self.log.info(msg.type, job=msg.job)
+
+    def _on_model(self, msg: Message) -> None:
+        model = msg.body
+        job_id = topics.job_of(msg.topic)
+        with self._lock:
+            job = self.jobs.get(job_id or "")
+            if job is None or model.status != "running" or model.open_round is None:
+                return
+            r = model.open_round
+            if self.name not in model.nodes or r in job.trained:
+                return
+            job.trained.add(r)
+        self._tasks.put(_Task(job_id, r, model.params, time.monotonic()))  # type: ignore[arg-type]
+
+    # --- training -----------------------------------------------------------------------------
+
+    def _train_loop(self) -> None:
+        while not self._stop.is_set():
+            task = self._tasks.get()
+            if task is None:
+                return
+            with self._lock:
+                job = self.jobs.get(task.job)
+            if job is None:
+                continue
+            try:
+                self._train_round(job, task)
+            except Exception as exc:  # noqa: BLE001 - the node stays up, the researcher is told
+                self.log.exception("round_failed", job=task.job, round=task.round)
+                self.audit.record("round_failed", job=task.job, round_=task.round, error=str(exc))
+                try:
+                    self._reply("train", job=task.job, ok=False, error=str(exc), data={"job": task.job, "round": task.round})
+                except Exception:  # noqa: BLE001
+                    self.log.exception("reply_failed")
+
+    def _train_round(self, job: _Job, task: _Task) -> None:
+        spec = job.spec
+        log = self.log.bind(job=spec.job_id, round=task.round)
+        wait_s = time.monotonic() - task.received_at
+        work = {
+            "job": spec.job_id,
+            "round": task.round,
+            "plan": spec.plan.model_dump(),
+            "model_args": spec.model_args,
+            "training_args": spec.training_args,
+            "dataset": {"type": job.dataset.type, "path": job.dataset.path, "target": job.dataset.target,
+                        "labels": job.dataset.labels, "name": job.dataset.name},
+            "params": task.params,
+        }
+        try:
+            result = self.trainer.run(work, timeout_s=self.settings.round_timeout_s)
+        except TrainingFailed as exc:
+            log.warning("training_failed", error=str(exc))
+            self.audit.record("round_failed", job=spec.job_id, round_=task.round, dataset=job.dataset.name, error=str(exc))
+            self._reply("train", job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
+            return
+        timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
+        sent = time.monotonic()
+        self.messenger.send(
+            topics.update(spec.job_id, self.name), "update",
+            {"round": task.round, "params": result["params"], "n_samples": result["n_samples"],
+             "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name},
+            job=spec.job_id, round_=task.round,
+        )
+        job.last_send_s = time.monotonic() - sent
+        self.audit.record("round_trained", job=spec.job_id, round_=task.round, dataset=job.dataset.name,
+                          plan_sha256=spec.plan.sha256 or f"zoo:{spec.plan.zoo}", n_samples=result["n_samples"],
+                          train_s=round(result["timings"]["train_s"], 3))
+        log.info("update_sent", n_samples=result["n_samples"], train_s=round(result["timings"]["train_s"], 3),
+                 train_loss=round(result["metrics"]["train_loss"], 4))
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _on_request(self, msg: Message) -> None:
+        command = msg.body.command
+        self.audit.record("request", actor=msg.sender, command=command)
+        if command == "ping":
+            self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
+        elif command == "list_datasets":
+            self._reply(command, in_reply_to=msg.id,
+                        data={"datasets": [d.public().model_dump() for d in self.registry.list()]})
+        else:
+            self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
+
+    def _on_rejected(self, topic: str, exc: BadMessage) -> None:
+        """A malformed job is refused out loud, so its researcher learns why."""
+        job = topics.job_of(topic)
+        if job is None or topic != topics.job(job):
+            return
+        self.audit.record("job_refused", job=job, reason=str(exc))
+        try:
+            self._reply("job", job=job, ok=False, error=f"job refused: {exc}", data={"job": job})
+        except Exception:  # noqa: BLE001
+            self.log.exception("reply_failed")

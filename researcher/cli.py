@@ -1,0 +1,190 @@
+"""`fbm-researcher`: see the federation's nodes, submit jobs, follow them, fetch results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import ConnectError
+from common.identity import Identity
+from common.logging import configure_logging
+from common.messenger import Messenger
+from common.training.loader import PlanError
+from researcher.experiment import Experiment, JobError, researcher_settings
+
+console = Console(soft_wrap=True)
+BUNDLE = click.option("--bundle", required=True, envvar="FBM_RESEARCHER_BUNDLE",
+                      type=click.Path(exists=True, file_okay=False, path_type=Path),
+                      help="Researcher identity bundle (or env FBM_RESEARCHER_BUNDLE).")
+
+JOB_KEYS = {"plan", "plan_class", "tags", "rounds", "quorum", "round_deadline_s", "aggregator", "aggregator_args",
+            "aggregator_identity", "nodes", "model_args", "training_args", "seed", "description", "job_id"}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="warning", show_default=True)
+def main(log_level: str) -> None:
+    """Work with a fedbiomq federation as a researcher.
+
+    \b
+      fbm-researcher nodes --bundle ./alice
+      fbm-researcher submit job.toml --bundle ./alice --watch
+      fbm-researcher status JOB --bundle ./alice
+      fbm-researcher results JOB --bundle ./alice --out results/
+    """
+    configure_logging(log_level)
+
+
+@main.command()
+@BUNDLE
+@click.option("--wait", default=2.0, show_default=True, help="Seconds to collect node statuses.")
+def nodes(bundle: Path, wait: float) -> None:
+    """List the federation's nodes (online or offline) and their datasets."""
+    identity = Identity.load(bundle)
+    got: queue.Queue = queue.Queue()
+    m = Messenger(identity, researcher_settings(), client_id=f"{identity.name}-{uuid.uuid4().hex[:8]}")
+    m.subscribe("fbm/v1/nodes/+/status", got.put, types={"node_status"})
+    try:
+        m.connect()
+    except ConnectError as exc:
+        _fail(str(exc), 2)
+    statuses: dict[str, Any] = {}
+    try:
+        while True:
+            msg = got.get(timeout=wait)
+            statuses[msg.sender] = msg
+    except queue.Empty:
+        pass
+    m.close()
+    table = Table("node", "state", "since", "datasets (name: tags, samples)")
+    for name, msg in sorted(statuses.items()):
+        st = msg.body
+        since = dt.datetime.fromtimestamp(msg.ts).strftime("%Y-%m-%d %H:%M:%S")
+        sets = "; ".join(f"{d.name}: {','.join(d.tags)}, {d.n_samples}" for d in st.datasets)
+        table.add_row(name, st.state, since, sets)
+    console.print(table if statuses else "no node has ever connected to this federation")
+
+
+def _load_job_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+    unknown = set(data) - JOB_KEYS
+    if unknown:
+        _fail(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(JOB_KEYS)}")
+    if "tags" not in data:
+        _fail(f"{path}: `tags` is required (the dataset tags nodes must hold)")
+    plan = data.get("plan", "mlp")
+    if str(plan).endswith(".py"):
+        plan_path = Path(plan)
+        data["plan"] = plan_path if plan_path.is_absolute() else path.parent / plan_path
+    return data
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@BUNDLE
+@click.option("--watch", is_flag=True, help="Follow the job until it ends.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="With --watch: write results here.")
+def submit(job_file: Path, bundle: Path, watch: bool, out: Path | None) -> None:
+    """Submit the job described in JOB_FILE (TOML: plan, tags, rounds, model_args, training_args, ...)."""
+    try:
+        exp = Experiment(bundle, **_load_job_file(job_file))
+        job = exp.submit()
+    except (PlanError, ValidationError, ValueError, TypeError) as exc:
+        _fail(f"job not submitted: {exc}")
+    except ConnectError as exc:
+        _fail(str(exc), 2)
+    console.print(f"submitted job [bold]{job}[/bold]")
+    if watch:
+        _watch(exp, out)
+    exp.close()
+
+
+def _watch(exp: Experiment, out: Path | None) -> None:
+    state = exp.watch()
+    if out:
+        exp.results(out)
+        console.print(f"results written to {out}")
+    if state.status == "failed":
+        _fail(f"job {exp.job_id} failed: {state.reason}", 4)
+    console.print(f"job {exp.job_id} done after {state.round} rounds")
+
+
+def _attach(bundle: Path, job: str) -> Experiment:
+    try:
+        return Experiment.attach(bundle, job)
+    except JobError as exc:
+        _fail(str(exc), 3)
+    except ConnectError as exc:
+        _fail(str(exc), 2)
+    raise AssertionError
+
+
+@main.command()
+@click.argument("job")
+@BUNDLE
+def status(job: str, bundle: Path) -> None:
+    """Show a job's state: status, rounds done, open round, per-round metrics."""
+    exp = _attach(bundle, job)
+    s = exp.state
+    console.print(f"job [bold]{job}[/bold]: {s.status}, {len(s.history)}/{s.rounds} rounds"
+                  + (f", round {s.open_round} open for {', '.join(s.nodes)}" if s.open_round else "")
+                  + (f" ({s.reason})" if s.reason else ""))
+    table = Table("round", "nodes", "missing", "duration s", "train loss")
+    for h in s.history:
+        table.add_row(str(h["round"]), str(len(h["reports"])), ",".join(h["missing"]), f"{h['duration_s']:.1f}",
+                      f"{h['metrics'].get('train_loss', float('nan')):.4f}")
+    console.print(table)
+    exp.close()
+
+
+@main.command()
+@click.argument("job")
+@BUNDLE
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write results here at the end.")
+def watch(job: str, bundle: Path, out: Path | None) -> None:
+    """Follow a running job with a progress bar until it ends."""
+    exp = _attach(bundle, job)
+    _watch(exp, out)
+    exp.close()
+
+
+@main.command()
+@click.argument("job")
+@BUNDLE
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Experiment folder (default: results/JOB).")
+def results(job: str, bundle: Path, out: Path | None) -> None:
+    """Write the experiment folder: job.json, metrics (JSON/CSV), model.pt, loss and timing plots."""
+    exp = _attach(bundle, job)
+    folder = exp.results(out or Path("results") / job)
+    console.print(f"{exp.state.status}: results of {job} written to {folder}")
+    exp.close()
+
+
+@main.command()
+@click.argument("job")
+@BUNDLE
+def withdraw(job: str, bundle: Path) -> None:
+    """Withdraw a job: its retained spec is removed and the aggregator stops it."""
+    exp = _attach(bundle, job)
+    exp.withdraw()
+    exp.close()
+    console.print(f"job {job} withdrawn")

@@ -1,0 +1,282 @@
+"""The researcher's Python API: describe a job, submit it, watch it, fetch its results.
+
+    exp = Experiment("alice-bundle", plan="mlp", model_args={"hidden": 128},
+                     training_args={"epochs": 1, "lr": 0.01}, tags=["fmnist"], rounds=5, quorum=3)
+    job = exp.submit()
+    state = exp.watch()          # rich progress; returns when the job is done or failed
+    exp.results("results/")      # job spec, metrics CSV/JSON, final model, PNG plots
+
+The researcher need not stay online: the latest global model is retained on the broker with the
+job's whole history, so `Experiment.attach(bundle, job_id)` reads the state at any time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common import topics
+from common.envelope import Message
+from common.identity import Identity
+from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef
+from common.messenger import Messenger
+from common.settings import TransportSettings
+from common.training.loader import PlanError, check_ref, load_plan_class, source_sha256
+from common.training.plan import TrainingPlan
+
+
+class JobError(RuntimeError):
+    """The job failed, or its state could not be read; the message says why."""
+
+
+@dataclass
+class JobState:
+    """What is known of a job: from the retained model (history included) and live events."""
+
+    job_id: str
+    status: str = "unknown"  # submitted, running, done, failed
+    round: int = 0
+    rounds: int = 0
+    open_round: int | None = None
+    nodes: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    reason: str = ""
+    notices: list[dict[str, Any]] = field(default_factory=list)  # node replies (declines, failures)
+
+    def apply_model(self, model: GlobalModel) -> None:
+        self.status = model.status
+        self.round = model.round
+        self.open_round = model.open_round
+        self.nodes = list(model.nodes)
+        self.history = [h.model_dump() for h in model.history]
+        self.params = dict(model.params)
+        self.reason = model.reason
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+
+def plan_ref(plan: str | Path | type[TrainingPlan] | PlanRef, plan_class: str | None = None) -> PlanRef:
+    """A PlanRef from a zoo name, a .py file (+ class name), or a TrainingPlan subclass."""
+    if isinstance(plan, PlanRef):
+        ref = plan
+    elif isinstance(plan, type) and issubclass(plan, TrainingPlan):
+        source = inspect.getsource(sys.modules[plan.__module__])
+        ref = PlanRef(source=source, sha256=source_sha256(source), class_name=plan.__name__)
+    elif isinstance(plan, Path) or str(plan).endswith(".py"):
+        source = Path(plan).read_text()
+        if not plan_class:
+            raise PlanError(f"name the TrainingPlan class defined in {plan} (plan_class)")
+        ref = PlanRef(source=source, sha256=source_sha256(source), class_name=plan_class)
+    else:
+        ref = PlanRef(zoo=str(plan))
+    check_ref(ref)
+    return ref
+
+
+def new_job_id(owner: str) -> str:
+    return f"{owner}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def researcher_settings(base: TransportSettings | None = None) -> TransportSettings:
+    """Researcher tools keep no session: everything they need is retained on the broker."""
+    base = base or TransportSettings()
+    return base.model_copy(update={"clean_start": True, "session_expiry_s": 0})
+
+
+class Experiment:
+    """One federated training job, from the researcher's side."""
+
+    def __init__(
+        self,
+        bundle: str | Path | Identity,
+        *,
+        tags: list[str],
+        plan: str | Path | type[TrainingPlan] | PlanRef = "mlp",
+        plan_class: str | None = None,
+        model_args: dict[str, Any] | None = None,
+        training_args: dict[str, Any] | None = None,
+        rounds: int = 1,
+        aggregator: str = "fedavg",
+        aggregator_args: dict[str, Any] | None = None,
+        aggregator_identity: str | None = None,
+        quorum: int = 1,
+        round_deadline_s: float = 600.0,
+        nodes: list[str] | None = None,
+        job_id: str | None = None,
+        seed: int = 0,
+        description: str = "",
+        mqtt: TransportSettings | None = None,
+    ) -> None:
+        self.identity = bundle if isinstance(bundle, Identity) else Identity.load(bundle)
+        self.plan = plan_ref(plan, plan_class)
+        self.model_args = dict(model_args or {})
+        self.training_args = {"seed": seed, **(training_args or {})}
+        self.job_id = job_id or new_job_id(self.identity.name)
+        self.spec_fields = dict(
+            rounds=rounds, tags=list(tags), quorum=quorum, round_deadline_s=round_deadline_s, nodes=nodes,
+            aggregator=AggregatorRef(name=aggregator, args=aggregator_args or {}, identity=aggregator_identity),
+            description=description,
+        )
+        self.seed = seed
+        self.mqtt = researcher_settings(mqtt)
+        self._messenger: Messenger | None = None
+        self.state = JobState(self.job_id, rounds=rounds)
+
+    # --- the job ------------------------------------------------------------------------------
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """The round-0 model, built locally from the plan with the experiment's seed."""
+        plan_cls = load_plan_class(self.plan)
+        torch.manual_seed(self.seed)
+        model = plan_cls(self.model_args, self.training_args).build_model()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def spec(self) -> JobSpec:
+        return JobSpec(
+            job_id=self.job_id, owner=self.identity.name, plan=self.plan, model_args=self.model_args,
+            training_args=self.training_args, initial_params=self.initial_params(), created=time.time(),
+            **self.spec_fields,
+        )
+
+    @property
+    def messenger(self) -> Messenger:
+        if self._messenger is None:
+            client_id = f"{self.identity.name}-{uuid.uuid4().hex[:8]}"
+            self._messenger = Messenger(self.identity, self.mqtt, client_id=client_id)
+            self._events: queue.Queue[Message] = queue.Queue()
+            m = self._messenger
+            m.subscribe(topics.model(self.job_id), self._events.put, types={"model"}, retained_chunks=True)
+            m.subscribe(topics.events(self.job_id), self._events.put)
+            m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
+            m.connect()
+        return self._messenger
+
+    def _on_reply(self, msg: Message) -> None:
+        data = msg.body.data if isinstance(msg.body.data, dict) else {}
+        if msg.job == self.job_id or data.get("job") == self.job_id:
+            self._events.put(msg)
+
+    def submit(self) -> str:
+        """Publish the job (retained): nodes and aggregators pick it up, now or when they connect."""
+        spec = self.spec()
+        self.messenger.send(topics.job(self.job_id), "job", spec, job=self.job_id, retain=True)
+        self.state.status = "submitted"
+        return self.job_id
+
+    def withdraw(self) -> None:
+        """Remove the job from the broker; the aggregator stops it."""
+        self.messenger.clear(topics.job(self.job_id))
+
+    def _apply(self, msg: Message) -> None:
+        if msg.type == "model":
+            self.state.apply_model(msg.body)  # type: ignore[arg-type]
+        elif msg.type == "reply":
+            notice = {"node": msg.sender, "ok": msg.body.ok, "command": msg.body.command, "error": msg.body.error,
+                      "data": msg.body.data}
+            self.state.notices.append(notice)
+        elif msg.type == "job_failed":
+            self.state.status, self.state.reason = "failed", msg.body.reason
+
+    def poll(self, timeout_s: float = 0.0) -> JobState:
+        """Apply whatever arrived (waiting up to `timeout_s` for the first message)."""
+        _ = self.messenger
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._apply(self._events.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return self.state
+
+    def watch(self, timeout_s: float | None = None, *, progress: bool = True, console: Console | None = None) -> JobState:
+        """Follow the job until it is done or failed; rich progress on the console."""
+        _ = self.messenger
+        console = console or Console(stderr=True)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not progress)
+        seen_notices = 0
+        with bar:
+            task = bar.add_task(f"job {self.job_id}", total=self.state.rounds or None, info="waiting for an aggregator")
+            while not self.state.finished:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.job_id} not finished after {timeout_s:.0f}s (status {self.state.status})")
+                self.poll(0.5)
+                for notice in self.state.notices[seen_notices:]:
+                    if not notice["ok"]:
+                        console.print(f"[yellow]{notice['node']}[/yellow]: {notice['error']}")
+                seen_notices = len(self.state.notices)
+                last = self.state.history[-1] if self.state.history else None
+                info = f"round {self.state.open_round} open, {len(self.state.nodes)} node(s)" if self.state.open_round else ""
+                if last:
+                    loss = last["metrics"].get("train_loss")
+                    info += f" | last loss {loss:.4f}" if loss is not None else ""
+                bar.update(task, completed=len(self.state.history), info=info)
+        return self.state
+
+    @classmethod
+    def attach(cls, bundle: str | Path | Identity, job_id: str, mqtt: TransportSettings | None = None,
+               timeout_s: float = 10.0) -> Experiment:
+        """An Experiment for a job submitted earlier (maybe by another process), read from the broker."""
+        identity = bundle if isinstance(bundle, Identity) else Identity.load(bundle)
+        got: queue.Queue[Message] = queue.Queue()
+        m = Messenger(identity, researcher_settings(mqtt), client_id=f"{identity.name}-{uuid.uuid4().hex[:8]}")
+        m.subscribe(topics.job(job_id), got.put, types={"job"}, retained_chunks=True)
+        m.connect()
+        try:
+            spec: JobSpec = got.get(timeout=timeout_s).body  # type: ignore[assignment]
+        except queue.Empty:
+            raise JobError(f"no job {job_id!r} on the broker (withdrawn, or never submitted)") from None
+        finally:
+            m.close()
+        exp = cls.__new__(cls)
+        exp.identity, exp.plan, exp.job_id = identity, spec.plan, spec.job_id
+        exp.model_args, exp.training_args = spec.model_args, spec.training_args
+        exp.spec_fields = dict(rounds=spec.rounds, tags=spec.tags, quorum=spec.quorum,
+                               round_deadline_s=spec.round_deadline_s, nodes=spec.nodes,
+                               aggregator=spec.aggregator, description=spec.description)
+        exp.seed = int(spec.training_args.get("seed", 0))
+        exp.mqtt = researcher_settings(mqtt)
+        exp._messenger = None
+        exp.state = JobState(spec.job_id, rounds=spec.rounds)
+        exp._spec = spec
+        exp.poll(2.0)
+        return exp
+
+    def model(self) -> torch.nn.Module:
+        """The current global model as a torch module (eval mode)."""
+        if not self.state.params:
+            raise JobError(f"no global model for job {self.job_id} yet")
+        plan_cls = load_plan_class(self.plan)
+        module = plan_cls(self.model_args, self.training_args).build_model()
+        module.load_state_dict(self.state.params)
+        return module.eval()
+
+    def results(self, folder: str | Path) -> Path:
+        """Write the experiment folder: job spec, metrics, final model, plots."""
+        from researcher.results import write_results
+
+        return write_results(Path(folder), self)
+
+    def close(self) -> None:
+        if self._messenger is not None:
+            self._messenger.close()
+            self._messenger = None
+
+    def __enter__(self) -> Experiment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
