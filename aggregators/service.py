@@ -24,7 +24,14 @@ from aggregators.rules import AggregationRule, get_rule
 from common import topics
 from common.envelope import Message
 from common.identity import Identity
-from common.messages import GlobalModel, JobSpec, NodeRoundReport, NodeStatus, RoundClosed, RoundOpened
+from common.messages import (
+    GlobalModel,
+    JobSpec,
+    NodeRoundReport,
+    NodeStatus,
+    RoundClosed,
+    RoundOpened,
+)
 from common.messenger import Messenger
 from common.settings import TransportSettings
 

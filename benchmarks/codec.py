@@ -37,8 +37,8 @@ def main() -> None:
         t_enc = best_of(lambda t=tensor: codec.encode({"w": t}), args.repeat)
         t_dec = best_of(lambda w=wire: codec.decode(w), args.repeat)
         assert torch.equal(codec.decode(wire)["w"], tensor)
-        gbs = lambda t: nbytes / t / 1e9  # noqa: E731
-        print(f"{mb:>5}MB {gbs(t_copy):>10.2f} {gbs(t_enc):>12.2f} {gbs(t_dec):>12.2f} "
+        gb = nbytes / 1e9
+        print(f"{mb:>5}MB {gb / t_copy:>10.2f} {gb / t_enc:>12.2f} {gb / t_dec:>12.2f} "
               f"{t_enc / t_copy:>8.2f}x {t_dec / t_copy:>8.2f}x")
 
 

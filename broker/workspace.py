@@ -10,10 +10,13 @@ Layout (DIR is what `fbm-broker init DIR` created):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,8 +193,22 @@ class Workspace:
         tmp.write_text(json.dumps(identities, indent=2, sort_keys=True))
         tmp.replace(self.identities_file)
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise changes to identities.json and the ACL (two admins, or threads, at once)."""
+        with open(self.root / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def enroll(self, name: str, role: str, *, days: int = pki.LEAF_DAYS, force: bool = False) -> Path:
         """Issue `name` a cert for `role`, write its bundle, grant its ACL. Returns the bundle dir."""
+        with self._locked():
+            return self._enroll(name, role, days=days, force=force)
+
+    def _enroll(self, name: str, role: str, *, days: int, force: bool) -> Path:
         validate_identity_name(name)
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")

@@ -163,4 +163,7 @@ class Messenger:
     def _rejected(self, topic: str, exc: BadMessage) -> None:
         self.log.warning("message_dropped", topic=topic, reason=str(exc.reason), detail=exc.detail)
         for hook in self._reject_hooks:
-            self._call(lambda args: hook(*args), (topic, exc))
+            try:
+                hook(topic, exc)
+            except Exception:
+                self.log.exception("reject_hook_failed")

@@ -11,6 +11,7 @@ What it adds over paho (see shared/MQTT-FACTS.md for why each matters):
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import ssl
@@ -396,10 +397,8 @@ class Transport:
     def close(self) -> None:
         """Disconnect normally (no Last Will) and stop the threads. The session stays."""
         self._closing = True
-        try:
+        with contextlib.suppress(Exception):  # already gone is fine
             self._client.disconnect()
-        except Exception:  # noqa: BLE001 - already gone is fine
-            pass
         self._client.loop_stop()
         self._connected.clear()
         if self._worker is not None:

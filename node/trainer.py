@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import time
 from typing import Any
@@ -73,10 +74,8 @@ class Trainer:
 
     def stop(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
         if self._proc is not None:
             self._proc.join(timeout=5)
             if self._proc.is_alive():

@@ -61,6 +61,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [h["round"] for h in history]
@@ -72,6 +73,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts, strict=True), color="0.75", linewidth=0.8)
     ax.plot(rounds, [h["metrics"].get("train_loss", float("nan")) for h in history], "o-", color="C0",
             linewidth=2, label="weighted mean over nodes")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("local training loss")
     ax.set_title("Training loss per round (grey: each node)")
@@ -86,6 +88,7 @@ def plot_node_times(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     nodes = sorted({r["node"] for h in history for r in h["reports"]})
@@ -94,6 +97,7 @@ def plot_node_times(history: list[dict], path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i % 10}", label=node, linewidth=1)
     ax.plot([h["round"] for h in history], [h["duration_s"] for h in history], "k--", linewidth=2, label="round wall time")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.set_title("Local training time per node and round")

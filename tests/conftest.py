@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+
 import pytest
 
 from broker.local import LocalFederation

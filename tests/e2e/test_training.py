@@ -1,0 +1,155 @@
+"""Federated training through the real TLS broker, with real node and aggregator processes."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+
+import pytest
+import torch
+
+from broker.local import LocalFederation
+from common import codec, topics
+from common.envelope import seal
+from common.identity import Identity
+from common.messages import PlanRef
+from common.messenger import Messenger
+from common.training.loader import PlanError
+from researcher.experiment import Experiment, researcher_settings
+from scripts import fmnist
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.e2e
+
+NODES = ["site-1", "site-2", "site-3"]
+
+
+@pytest.fixture(scope="module")
+def fed():
+    fed = LocalFederation().start()
+    try:
+        # unequal shards so that the sample weighting matters
+        shards = fmnist.write_shards(fed.root / "data", 6, limit=3600)
+        sizes = {"site-1": shards[:1], "site-2": shards[1:3], "site-3": shards[3:6]}
+        for name, parts in sizes.items():
+            import numpy as np
+            merged = fed.root / "data" / f"{name}.npz"
+            arrays = [np.load(p) for p in parts]
+            np.savez(merged, x=np.concatenate([a["x"] for a in arrays]), y=np.concatenate([a["y"] for a in arrays]))
+            fed.add_node(name, [{"name": "fmnist-train", "type": "npz", "path": str(merged), "tag": ["fmnist", "images"]}])
+        fed.add_node("site-other", [{"name": "other", "type": "npz", "path": str(shards[0]), "tag": "something-else"}])
+        fed.add_aggregator("fedavg-1")
+        fed.enroll("alice", "researcher")
+        fed.enroll("auditor", "admin")
+        yield fed
+    finally:
+        fed.stop()
+        shutil.rmtree(fed.root, ignore_errors=True)
+
+
+def _bundle(fed, name):
+    return Identity.load(fed.ws.bundle_dir(name))
+
+
+def test_fedavg_three_nodes_two_rounds(fed):
+    auditor = Messenger(_bundle(fed, "auditor"), researcher_settings(), client_id="auditor-e2e")
+    seen: queue.Queue = queue.Queue()
+    auditor.subscribe("fbm/v1/jobs/+/updates/+", seen.put, types={"update"})
+    auditor.subscribe("fbm/v1/jobs/+/model", seen.put, types={"model"}, retained_chunks=True)
+    auditor.connect()
+    exp = Experiment(_bundle(fed, "alice"), plan="mlp", tags=["fmnist"], rounds=2, quorum=3,
+                     model_args={"hidden": [64]}, training_args={"epochs": 1, "lr": 0.05, "batch_size": 32},
+                     round_deadline_s=120)
+    try:
+        job = exp.submit()
+        initial = exp.spec().initial_params
+        state = exp.watch(timeout_s=240, progress=False)
+        assert state.status == "done", state.reason
+        assert [h["round"] for h in state.history] == [1, 2]
+        assert all(sorted(r["node"] for r in h["reports"]) == NODES for h in state.history)
+
+        updates, models = {}, {}
+        while not seen.empty():
+            msg = seen.get()
+            if msg.job != job:
+                continue
+            if msg.type == "update":
+                updates[(msg.round, msg.sender)] = msg.body
+            else:
+                models[msg.body.round] = msg.body
+        round1 = [updates[(1, n)] for n in NODES]
+        assert len({u.n_samples for u in round1}) == 3  # unequal shards
+        total = sum(u.n_samples for u in round1)
+        for key in initial:
+            expected = sum(u.params[key].double() * u.n_samples for u in round1) / total
+            torch.testing.assert_close(models[1].params[key].double(), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(models[1].params["net.0.weight"], initial["net.0.weight"])
+
+        x, y = fmnist.test_tensors(2000)
+        model = exp.model()
+        after = fmnist.accuracy(model, x, y)
+        model.load_state_dict(initial)
+        before = fmnist.accuracy(model, x, y)
+        assert after > before + 0.2, (before, after)
+
+        folder = exp.results(fed.root / "results" / job)
+        for name in ("job.json", "metrics.json", "rounds.csv", "nodes.csv", "model.pt", "loss.png", "node_times.png"):
+            assert (folder / name).stat().st_size > 0, name
+        # the node that lacks the tags said why, and the researcher saw it
+        declines = [n for n in state.notices if not n["ok"]]
+        assert any(n["node"] == "site-other" and "no dataset with tags" in n["error"] for n in declines)
+    finally:
+        exp.close()
+        auditor.close()
+
+
+def test_unknown_zoo_plan_is_refused_at_submit(fed):
+    with pytest.raises(PlanError, match="unknown zoo plan 'resnet9000'.*mlp"):
+        Experiment(_bundle(fed, "alice"), plan="resnet9000", tags=["fmnist"])
+
+
+def _raw_job_replies(fed, job_id: str, wire: bytes) -> list:
+    """Publish a hand-made job and collect the nodes' replies about it."""
+    replies: queue.Queue = queue.Queue()
+    m = Messenger(_bundle(fed, "alice"), researcher_settings(), client_id="alice-raw")
+    m.subscribe("fbm/v1/nodes/+/replies", replies.put, types={"reply"})
+    m.connect()
+    try:
+        m.transport.publish(topics.job(job_id), wire, retain=True)
+        got: list = []
+        wait_until(lambda: (got.extend(_drain(replies)) or len({r.sender for r in got if r.body.data.get("job") == job_id}) >= 3), 30)
+        m.clear(topics.job(job_id))
+        return [r for r in got if r.body.data.get("job") == job_id]
+    finally:
+        m.close()
+
+
+def _drain(q: queue.Queue) -> list:
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out
+
+
+def test_job_with_unknown_plan_sent_anyway_is_declined_by_nodes(fed):
+    spec = {"job_id": "bad-plan-1", "owner": "alice", "plan": PlanRef(zoo="nope").model_dump(), "rounds": 1,
+            "tags": ["fmnist"], "initial_params": {}}
+    _, wire = seal(_bundle(fed, "alice"), "job", spec, job="bad-plan-1")
+    replies = _raw_job_replies(fed, "bad-plan-1", wire)
+    assert replies and all(not r.body.ok for r in replies)
+    assert any("unknown zoo plan 'nope'" in r.body.error for r in replies)
+
+
+def test_malformed_job_spec_is_refused_with_the_reason(fed):
+    identity = _bundle(fed, "alice")
+    _, wire = seal(identity, "job", {"job_id": "bad-spec-1", "owner": "alice", "plan": {"zoo": "mlp"},
+                                     "rounds": 1, "tags": ["fmnist"]}, job="bad-spec-1")
+    raw = codec.decode(wire)
+    body = codec.decode(raw["body"])
+    body["rounds"] = 0  # below the minimum: the schema refuses it
+    raw["body"] = codec.encode(body)
+    from common.envelope import _signed_bytes
+    raw["sig"] = identity.sign(_signed_bytes(raw, raw["body"]))
+    replies = _raw_job_replies(fed, "bad-spec-1", codec.encode(raw))
+    assert replies and all(not r.body.ok for r in replies)
+    assert all("bad_body" in r.body.error and "rounds" in r.body.error for r in replies)
