@@ -8,17 +8,22 @@ processes that it stops, in reverse order, on exit.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from broker import process
 from broker.workspace import Workspace
+from common.identity import Identity
+from common.messenger import Messenger
+from common.settings import TransportSettings
 
 
 def free_port() -> int:
@@ -115,6 +120,28 @@ class LocalFederation:
         state = self.root / "aggregators" / name
         return self.spawn(f"agg-{name}", [sys.executable, "-m", "aggregators", "start", "--bundle", str(bundle),
                                           "--state-dir", str(state)])
+
+    def wait_online(self, names: set[str], timeout_s: float = 120.0, *, observer: str = "fbm-observer") -> None:
+        """Block until every node in `names` has published an online status (admin observer)."""
+        got: queue.Queue = queue.Queue()
+        identity = Identity.load(self.enroll(observer, "admin"))
+        settings = TransportSettings(clean_start=True, session_expiry_s=0)
+        m = Messenger(identity, settings, client_id=f"{observer}-{uuid.uuid4().hex[:6]}")
+        m.subscribe("fbm/v1/nodes/+/status", got.put, types={"node_status"})
+        m.connect()
+        online: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not names <= online and time.monotonic() < deadline:
+                try:
+                    msg = got.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                (online.add if msg.body.state == "online" else online.discard)(msg.sender)
+        finally:
+            m.close()
+        if not names <= online:
+            raise TimeoutError(f"nodes not online after {timeout_s:.0f}s: {sorted(names - online)}")
 
     def stop_processes(self, timeout_s: float = 20.0) -> None:
         for _, proc in reversed(self.procs):

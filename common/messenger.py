@@ -124,6 +124,10 @@ class Messenger:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         routes = [r for r in self._routes if topics.matches(r.topic_filter, delivery.topic)]
+        if not routes:
+            # e.g. a resumed session delivering before subscribe() was called: say so, loudly
+            self.log.warning("no_handler_dropped", topic=delivery.topic)
+            return
         if not delivery.payload:
             for route in routes:
                 if route.on_clear is not None:

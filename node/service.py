@@ -246,9 +246,10 @@ class NodeService:
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":
             self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
-        elif command == "list_datasets":
-            self._reply(command, in_reply_to=msg.id,
-                        data={"datasets": [d.public().model_dump() for d in self.registry.list()]})
+        elif command in ("list_datasets", "search"):
+            tags = msg.body.args.get("tags") or []
+            found = self.registry.matching(list(tags)) if tags else self.registry.list()
+            self._reply(command, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
         else:
             self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
 

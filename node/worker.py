@@ -70,7 +70,7 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
 class _Cache:
     def __init__(self) -> None:
         self.data: dict[tuple, datasets.LoadedData] = {}
-        self.plans: dict[str, type] = {}
+        self.plans: dict[tuple, type] = {}
 
     def dataset(self, spec: dict[str, Any]) -> tuple[datasets.LoadedData, float]:
         key = (spec["type"], spec["path"], spec.get("target"), spec.get("labels"))
@@ -84,15 +84,29 @@ class _Cache:
         return loaded, time.perf_counter() - start
 
     def plan(self, ref: dict[str, Any]) -> type:
-        key = ref.get("sha256") or ref.get("zoo") or ""
+        key = (ref.get("zoo"), ref.get("sha256"), ref.get("class_name"))
         if key not in self.plans:
             self.plans[key] = load_plan_class(PlanRef(**ref))
         return self.plans[key]
 
 
+def warm_up() -> None:
+    """Pay torch's one-time costs now, at start-up, not in the first round.
+
+    The first optimizer step of a process imports torch._dynamo and initialises kernels
+    (~1 s; with many nodes starting on a few cores, several seconds of round 1).
+    """
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for opt in (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.Adam(model.parameters())):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+        opt.step()
+
+
 def serve(conn: Connection, threads: int) -> None:
     """Child main loop: one task in, one answer out, until told to stop or the pipe closes."""
     torch.set_num_threads(max(1, threads))
+    warm_up()
     cache = _Cache()
     conn.send({"ready": True})
     while True:

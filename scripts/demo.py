@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                                                          "tag": ["fmnist", "images"]}]), zip(names, shards, strict=True)))
         fed.add_aggregator("fedavg-1")
         bundle = fed.enroll("alice", "researcher")
+        fed.wait_online(set(names))
         console.print(f"[bold]2.[/bold] {args.nodes} nodes started, each with its own shard "
                       f"(~{len(fmnist.load()[0]) if args.samples is None else args.samples} images in all); "
                       "aggregator fedavg-1 started")

@@ -40,6 +40,7 @@ def fed():
         fed.add_node("site-other", [{"name": "other", "type": "npz", "path": str(shards[0]), "tag": "something-else"}])
         fed.add_aggregator("fedavg-1")
         fed.enroll("alice", "researcher")
+        fed.wait_online({*NODES, "site-other"})
         fed.enroll("auditor", "admin")
         yield fed
     finally:

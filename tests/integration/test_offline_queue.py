@@ -7,7 +7,8 @@ import pytest
 from broker import process
 from common import topics
 from common.messages import Request
-from tests.conftest import Inbox, fast_settings, open_messenger
+from common.messenger import Messenger
+from tests.conftest import Inbox, bundle, fast_settings, open_messenger
 
 pytestmark = pytest.mark.integration
 
@@ -15,8 +16,11 @@ SESSION = fast_settings(clean_start=False, session_expiry_s=3600)
 
 
 def _node_session(fed, clients, inbox):
-    node = open_messenger(fed, "node-a", clients, settings=SESSION)
+    """Routes first, then connect: a resumed session delivers its queue right after CONNACK."""
+    node = Messenger(bundle(fed, "node-a"), SESSION)
     node.subscribe(topics.requests("node-a"), inbox)
+    node.connect()
+    clients.append(node)
     return node
 
 
@@ -36,8 +40,9 @@ def test_request_queued_while_node_offline(own_federation, clients, restart_brok
         process.start(fed.ws)
 
     inbox = Inbox()
-    node = open_messenger(fed, "node-a", clients, settings=SESSION)
-    node.subscribe(topics.requests("node-a"), inbox)
-    assert inbox.wait_for(lambda items: any(m.id == msg_id for m in items), timeout_s=15)
+    _node_session(fed, clients, inbox)
+    assert inbox.wait_for(lambda items: any(m.id == msg_id for m in items), timeout_s=15), (
+        f"queued request never arrived; broker log:\n{fed.ws.log_file.read_text()}"
+    )
     (msg,) = [m for m in inbox.items if m.id == msg_id]
     assert msg.sender == "res-1" and msg.body.command == "ping" and msg.body.args == {"n": 1}

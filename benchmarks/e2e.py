@@ -1,0 +1,116 @@
+"""End-to-end overhead: a real federation vs the same local epochs in one plain torch loop.
+
+Workload (the issue's): N nodes (10 and 25), R rounds, MLP 784-128-10, batch 64, SGD lr 0.01,
+1 local epoch per round, IID Fashion-MNIST shards. Printed per N, all from this one run:
+node start-up time, job wall time (submit -> done), pure compute (the same N x R local epochs,
+sequential, 1 thread, no federation), their ratio, per-round overhead, peak RSS of every
+process of the federation (broker, nodes and their training children, aggregator), and the
+final model's test accuracy.
+
+    python -m benchmarks.e2e [--nodes 10 25] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.procs import PeakRSS
+from broker import process
+from broker.local import LocalFederation
+from common.logging import configure_logging
+from common.training.zoo import MLP
+from researcher.experiment import Experiment
+from scripts import fmnist
+
+MODEL_ARGS = {"in_features": 784, "hidden": [128], "n_classes": 10}
+TRAINING_ARGS = {"epochs": 1, "lr": 0.01, "batch_size": 64}
+
+
+def pure_compute(shards, rounds: int) -> float:
+    """Seconds for the same local epochs in one plain torch loop (what the nodes compute)."""
+    torch.set_num_threads(1)
+    data = []
+    for path in shards:
+        with np.load(path) as z:
+            data.append((torch.from_numpy(z["x"][:, None].astype(np.float32) / 255.0), torch.from_numpy(z["y"])))
+    torch.manual_seed(0)
+    model = MLP(**MODEL_ARGS)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for x, y in data:
+            model.load_state_dict(init)
+            opt = torch.optim.SGD(model.parameters(), lr=TRAINING_ARGS["lr"])
+            for idx in torch.randperm(len(x)).split(TRAINING_ARGS["batch_size"]):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+    return time.perf_counter() - start
+
+
+def run(n: int, rounds: int) -> dict[str, float]:
+    fed = LocalFederation().start()
+    try:
+        shards = fmnist.write_shards(fed.root / "data", n)
+        names = [f"site-{i:03d}" for i in range(n)]
+        with ThreadPoolExecutor(4) as pool:  # folders and datasets, not timed
+            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fm", "type": "npz", "path": str(p[1]), "tag": "fmnist"}],
+                                                 start=False), zip(names, shards, strict=True)))
+        bundle = fed.enroll("bench", "researcher")
+        broker_pid = process.read_pid(fed.ws)
+        with PeakRSS(lambda: [broker_pid, *(p.pid for _, p in fed.procs)]) as rss:
+            t0 = time.perf_counter()
+            for name in names:
+                fed.start_node(name)
+            fed.add_aggregator("fedavg-1")
+            fed.wait_online(set(names), timeout_s=600)
+            startup = time.perf_counter() - t0
+            exp = Experiment(bundle, plan="mlp", tags=["fmnist"], rounds=rounds, quorum=n, model_args=MODEL_ARGS,
+                             training_args=TRAINING_ARGS, round_deadline_s=600)
+            with exp:
+                t1 = time.perf_counter()
+                exp.submit()
+                state = exp.watch(timeout_s=3600, progress=False)
+                wall = time.perf_counter() - t1
+                if state.status != "done":
+                    raise RuntimeError(state.reason)
+                x, y = fmnist.test_tensors()
+                acc = fmnist.accuracy(exp.model(), x, y)
+        node_train = sum(r["timings"]["train_s"] for h in state.history for r in h["reports"])
+        fed.stop()
+        compute = pure_compute(shards, rounds)
+    finally:
+        fed.stop()
+        shutil.rmtree(fed.root, ignore_errors=True)
+    return {"n": n, "startup_s": startup, "wall_s": wall, "compute_s": compute, "ratio": wall / compute,
+            "overhead_per_round_s": (wall - compute) / rounds, "node_train_sum_s": node_train,
+            "peak_rss_gb": rss.peak / 1e9, "accuracy": acc}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[10, 25])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    configure_logging("warning")
+    rows = []
+    for n in args.nodes:
+        rows.append(run(n, args.rounds))
+        print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
+    print(f"\nMLP 784-128-10, batch 64, SGD lr 0.01, 1 epoch/round, {args.rounds} rounds, IID Fashion-MNIST shards")
+    print(f"{'N':>4} {'start s':>8} {'wall s':>8} {'compute s':>10} {'wall/compute':>13} {'overhead/round s':>17} "
+          f"{'sum node train s':>17} {'peak RSS GB':>12} {'accuracy':>9}")
+    for r in rows:
+        print(f"{r['n']:>4} {r['startup_s']:>8.1f} {r['wall_s']:>8.1f} {r['compute_s']:>10.1f} {r['ratio']:>12.2f}x "
+              f"{r['overhead_per_round_s']:>17.2f} {r['node_train_sum_s']:>17.1f} {r['peak_rss_gb']:>12.2f} {r['accuracy']:>9.4f}")
+
+
+if __name__ == "__main__":
+    main()

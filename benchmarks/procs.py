@@ -1,0 +1,67 @@
+"""Process-tree memory sampling from /proc (no psutil needed), for the benchmarks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return children
+
+
+def tree(pids: list[int]) -> set[int]:
+    """`pids` and all their descendants."""
+    children = _children_map()
+    out, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS:
+    """Samples the summed RSS of a set of process trees in the background; keeps the peak."""
+
+    def __init__(self, roots: callable, interval_s: float = 0.5) -> None:  # type: ignore[valid-type]
+        self.roots = roots
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> int:
+        total = sum(rss_bytes(p) for p in tree(self.roots()))
+        self.peak = max(self.peak, total)
+        return total
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

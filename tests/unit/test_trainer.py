@@ -1,0 +1,70 @@
+"""The warm training child: trains, survives a plan that raises or kills it, stays warm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.messages import PlanRef
+from common.training.loader import source_sha256
+from common.training.zoo import MLP
+from node.trainer import Trainer, TrainingFailed
+
+CRASHING_PLAN = '''
+import os
+from common.training.zoo import MLPPlan
+
+class Crash(MLPPlan):
+    def training_step(self, model, x, y):
+        os._exit(3)
+
+class Raise(MLPPlan):
+    def training_step(self, model, x, y):
+        raise RuntimeError("bug in the plan")
+'''
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    t = Trainer(threads=1)
+    t.start()
+    yield t
+    t.stop()
+
+
+def _task(tmp_path, plan: PlanRef, **targs):
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.normal(size=(64, 4)).astype(np.float32), y=rng.integers(0, 3, 64))
+    torch.manual_seed(0)
+    params = MLP(in_features=4, hidden=[8], n_classes=3).state_dict()
+    return {"job": "j", "round": 1, "plan": plan.model_dump(), "model_args": {"in_features": 4, "hidden": [8], "n_classes": 3},
+            "training_args": {"epochs": 2, "lr": 0.1, "batch_size": 16, **targs},
+            "dataset": {"type": "npz", "path": str(path)}, "params": params}
+
+
+def test_trains_and_is_deterministic(trainer, tmp_path):
+    task = _task(tmp_path, PlanRef(zoo="mlp"))
+    a = trainer.run(task, timeout_s=60)
+    b = trainer.run(task, timeout_s=60)
+    assert a["n_samples"] == 64 and a["steps"] == 8
+    assert not torch.equal(a["params"]["net.0.weight"], task["params"]["net.0.weight"])
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert b["timings"]["load_s"] == 0.0  # the dataset stayed loaded in the warm child
+
+
+def _plan(name):
+    return PlanRef(source=CRASHING_PLAN, sha256=source_sha256(CRASHING_PLAN), class_name=name)
+
+
+def test_a_plan_that_raises_fails_the_round_only(trainer, tmp_path):
+    with pytest.raises(TrainingFailed, match="bug in the plan"):
+        trainer.run(_task(tmp_path, _plan("Raise")), timeout_s=60)
+    assert trainer.run(_task(tmp_path, PlanRef(zoo="mlp")), timeout_s=60)["n_samples"] == 64
+
+
+def test_a_plan_that_kills_the_child_is_reported_and_the_child_restarted(trainer, tmp_path):
+    with pytest.raises(TrainingFailed, match="died"):
+        trainer.run(_task(tmp_path, _plan("Crash")), timeout_s=60)
+    assert trainer.run(_task(tmp_path, PlanRef(zoo="mlp")), timeout_s=60)["n_samples"] == 64
