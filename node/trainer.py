@@ -56,21 +56,25 @@ class Trainer:
         deadline = time.monotonic() + timeout_s
         while not self._conn.poll(0.2):
             if not self._proc.is_alive():
-                code = self._proc.exitcode
-                self._restart()
-                raise TrainingFailed(f"the training process died (exit code {code}); it was restarted")
+                self._died()
             if time.monotonic() > deadline:
                 self._restart()
                 raise TrainingFailed(f"training took longer than {timeout_s:.0f}s and was stopped")
         try:
             answer = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            self._restart()
-            raise TrainingFailed(f"lost the training process: {exc}") from exc
+        except (EOFError, OSError):
+            self._died()
         if not answer.get("ok"):
             self.log.warning("plan_failed", traceback=answer.get("traceback"))
             raise TrainingFailed(answer.get("error", "unknown error"))
         return answer
+
+    def _died(self) -> None:
+        assert self._proc is not None
+        self._proc.join(timeout=5)
+        code = self._proc.exitcode
+        self._restart()
+        raise TrainingFailed(f"the training process died (exit code {code}); it was restarted")
 
     def stop(self) -> None:
         if self._conn is not None:
