@@ -133,7 +133,9 @@ class JobRunner(threading.Thread):
             for r in range(start + 1, spec.rounds + 1):
                 params, summary = self._round(r, rule, params, history)
                 history.append(summary.model_dump())
+                t_save = time.perf_counter()
                 self.service.checkpoints.save(spec.job_id, r, params, history)
+                self.log.debug("checkpoint_saved", round=r, save_s=round(time.perf_counter() - t_save, 4))
                 self._send("round_closed", summary, round_=r)
             self._publish_model(spec.rounds, params, history, status="done")
             final = history[-1]["metrics"] if history else {}
@@ -185,9 +187,11 @@ class JobRunner(threading.Thread):
         expected = self._wait_for_nodes(deadline)
         if len(expected) < spec.quorum:
             raise JobFailure(f"round {r}: only {len(expected)} eligible node(s) online, quorum is {spec.quorum}")
+        t_publish = time.perf_counter()
         self._publish_model(r - 1, params, history, open_round=r, nodes=expected, deadline=deadline)
+        publish_s = time.perf_counter() - t_publish
         self._send("round_opened", RoundOpened(round=r, nodes=expected, deadline=deadline, model_round=r - 1), round_=r)
-        log.info("round_opened", nodes=expected)
+        log.info("round_opened", nodes=expected, model_publish_s=round(publish_s, 4))
         rule.begin_round(params)
         reports: list[NodeRoundReport] = []
         answered: set[str] = set()

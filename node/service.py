@@ -31,6 +31,11 @@ from node.trainer import Trainer, TrainingFailed
 VERSION = "0.1.0"
 
 
+def _dataset_spec(ds: Dataset) -> dict[str, Any]:
+    """What the training child needs to load a dataset (its path stays on this machine)."""
+    return {"type": ds.type, "path": ds.path, "target": ds.target, "labels": ds.labels, "name": ds.name}
+
+
 @dataclass
 class _Job:
     spec: JobSpec
@@ -72,6 +77,11 @@ class NodeService:
 
     def start(self, connect_timeout_s: float | None = None) -> None:
         self.trainer.start()
+        for ds in self.registry.list()[:2]:  # the child caches two datasets
+            try:
+                self.trainer.preload(_dataset_spec(ds))
+            except TrainingFailed as exc:
+                self.log.warning("dataset_not_preloaded", dataset=ds.name, error=str(exc))
         self._train_thread.start()
         m = self.messenger
         m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
@@ -213,8 +223,7 @@ class NodeService:
             "plan": spec.plan.model_dump(),
             "model_args": spec.model_args,
             "training_args": spec.training_args,
-            "dataset": {"type": job.dataset.type, "path": job.dataset.path, "target": job.dataset.target,
-                        "labels": job.dataset.labels, "name": job.dataset.name},
+            "dataset": _dataset_spec(job.dataset),
             "params": task.params,
         }
         try:

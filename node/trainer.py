@@ -43,6 +43,10 @@ class Trainer:
         self.stop()
         self.start()
 
+    def preload(self, dataset: dict[str, Any], timeout_s: float = 600.0) -> None:
+        """Load a dataset into the child's cache now, so the first round does not pay for it."""
+        self.run({"op": "preload", "dataset": dataset}, timeout_s)
+
     def run(self, task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Train one round in the child; TrainingFailed on a plan error, crash or timeout."""
         if self._proc is None or not self._proc.is_alive():

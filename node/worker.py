@@ -116,6 +116,13 @@ def serve(conn: Connection, threads: int) -> None:
             return
         if task is None:
             return
+        if task.get("op") == "preload":
+            try:
+                cache.dataset(task["dataset"])
+                conn.send({"ok": True})
+            except Exception as exc:  # a dataset that no longer loads is reported, not fatal
+                conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         try:
             data, load_s = cache.dataset(task["dataset"])
             result = train(task, data, cache.plan(task["plan"]))
