@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from node.worker import serve
+from node.worker import serve, to_arrays, to_tensors
 
 
 class TrainingFailed(RuntimeError):
@@ -52,6 +52,8 @@ class Trainer:
         if self._proc is None or not self._proc.is_alive():
             self._restart()
         assert self._conn is not None and self._proc is not None
+        if "params" in task:
+            task = {**task, "params": to_arrays(task["params"])}
         try:
             self._conn.send(task)
         except (BrokenPipeError, OSError):
@@ -71,6 +73,8 @@ class Trainer:
         if not answer.get("ok"):
             self.log.warning("plan_failed", traceback=answer.get("traceback"))
             raise TrainingFailed(answer.get("error", "unknown error"))
+        if "params" in answer:
+            answer["params"] = to_tensors(answer["params"])
         return answer
 
     def _died(self) -> None:

@@ -12,11 +12,27 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.messages import PlanRef
 from common.training.loader import load_plan_class
 from node import datasets
+
+
+def to_arrays(params: dict[str, Any]) -> dict[str, Any]:
+    """Tensors as numpy arrays for the pipe between node and child.
+
+    torch's own pickling moves every storage into shared memory (a file and an fd handover
+    per tensor), which costs more than training a small model; numpy arrays pickle as plain
+    bytes. dtypes numpy lacks (bfloat16) travel as tensors.
+    """
+    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v
+            for k, v in params.items()}
+
+
+def to_tensors(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -32,7 +48,7 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     seed = int(targs.get("seed", 0)) * 1_000_003 + int(task["round"])
     torch.manual_seed(seed)
     model = plan.build_model()
-    model.load_state_dict(task["params"])
+    model.load_state_dict(to_tensors(task["params"]))
     optimizer = plan.optimizer(model)
     epochs = int(targs.get("epochs", 1))
     batch_size = int(targs.get("batch_size", 64))
@@ -57,7 +73,7 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
             if max_batches is not None and steps >= int(max_batches):
                 break
     train_s = time.perf_counter() - start
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = to_arrays({k: v.detach().clone() for k, v in model.state_dict().items()})
     return {
         "params": params,
         "n_samples": n,
