@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
@@ -13,6 +11,7 @@ from rich.console import Console
 from common.errors import ConnectError
 from common.identity import Identity
 from common.logging import configure_logging
+from common.service import run_until_terminated
 from common.settings import TransportSettings
 
 console = Console(soft_wrap=True)
@@ -51,16 +50,11 @@ def start(bundle: Path, state_dir: Path, log_level: str, connect_timeout: float)
         sys.exit(1)
     state_dir.mkdir(parents=True, exist_ok=True)
     service = AggregatorService(identity, state_dir, TransportSettings())
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        service.start(connect_timeout_s=connect_timeout or 10 * 365 * 24 * 3600)
+        run_until_terminated(service.start, service.stop, connect_timeout)
     except ConnectError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
-    stop.wait()
-    service.stop()
 
 
 @main.command()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
@@ -16,6 +14,7 @@ from rich.table import Table
 from common.errors import ConnectError
 from common.identity import Identity
 from common.logging import configure_logging
+from common.service import run_until_terminated
 from node.audit import AuditTrail
 from node.config import NodeSettings, write_default_config
 from node.datasets import TYPES, DatasetError
@@ -185,13 +184,8 @@ def start(node_dir: Path, connect_timeout: float) -> None:
         _fail(str(exc))
     db = Database(settings.database)
     service = NodeService(settings, identity, Registry(db), AuditTrail(db))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        service.start(connect_timeout_s=connect_timeout or 10 * 365 * 24 * 3600)
+        run_until_terminated(service.start, service.stop, connect_timeout)
     except ConnectError as exc:
         service.trainer.stop()
         _fail(str(exc), code=2)
-    stop.wait()
-    service.stop()
