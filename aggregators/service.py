@@ -9,6 +9,7 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -31,6 +32,7 @@ from common.messages import (
     NodeStatus,
     RoundClosed,
     RoundOpened,
+    UpdateReceived,
 )
 from common.messenger import Messenger
 from common.settings import TransportSettings
@@ -42,7 +44,7 @@ class JobFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class _Event:
-    kind: str  # "update", "dropout", "withdrawn"
+    kind: str  # "update", "dropout", "joined", "withdrawn"
     node: str = ""
     message: Message | None = None
     reason: str = ""
@@ -83,6 +85,21 @@ class Checkpoints:
         rounds = sorted((int(p.stem.split("-")[1].split(".")[0]) for p in folder.glob("round-*.pt")), reverse=True)
         return torch.load(folder / f"round-{rounds[0]}.pt", weights_only=True) if rounds else None
 
+    def save_open(self, job: str, state: dict[str, Any]) -> None:
+        """The open round's partial state (rule sums, who was folded), rewritten after each fold."""
+        folder = self._dir(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "open.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(folder / "open.pt")
+
+    def load_open(self, job: str) -> dict[str, Any] | None:
+        path = self._dir(job) / "open.pt"
+        return torch.load(path, weights_only=False) if path.exists() else None
+
+    def clear_open(self, job: str) -> None:
+        (self._dir(job) / "open.pt").unlink(missing_ok=True)
+
     def finish(self, job: str, status: str, reason: str = "") -> None:
         folder = self._dir(job)
         folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +119,7 @@ class JobRunner(threading.Thread):
         self.events: queue.Queue[_Event] = queue.Queue()
         self.declined: set[str] = set()
         self.current_round = 0
+        self._last_model: GlobalModel | None = None
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
     # helpers
@@ -114,6 +132,7 @@ class JobRunner(threading.Thread):
         model = GlobalModel(round=round_, params=params, aggregator=self.service.name, status=status,
                             open_round=open_round, nodes=nodes or [], deadline=deadline,
                             history=[RoundClosed.model_validate(h) for h in history], reason=reason)
+        self._last_model = model
         self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
 
     def run(self) -> None:
@@ -130,11 +149,15 @@ class JobRunner(threading.Thread):
             if not params:
                 raise JobFailure("the job has no initial parameters")
             self._send("job_accepted", {"aggregator": self.service.name, "nodes": self.service.eligible(spec)})
+            resume = self.service.checkpoints.load_open(spec.job_id)
             for r in range(start + 1, spec.rounds + 1):
-                params, summary = self._round(r, rule, params, history)
+                params, summary = self._round(r, rule, params, history,
+                                              resume=resume if resume and resume["round"] == r else None)
+                resume = None
                 history.append(summary.model_dump())
                 t_save = time.perf_counter()
                 self.service.checkpoints.save(spec.job_id, r, params, history)
+                self.service.checkpoints.clear_open(spec.job_id)
                 self.log.debug("checkpoint_saved", round=r, save_s=round(time.perf_counter() - t_save, 4))
                 self._send("round_closed", summary, round_=r)
             self._publish_model(spec.rounds, params, history, status="done")
@@ -178,27 +201,43 @@ class JobRunner(threading.Thread):
         if event.kind == "dropout" and event.reason.startswith("declined"):
             self.declined.add(event.node)
 
-    def _round(self, r: int, rule: AggregationRule, params, history) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+    def _round(self, r: int, rule: AggregationRule, params, history,
+               resume: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
         spec = self.spec
         self.current_round = r
         log = self.log.bind(round=r)
-        opened = time.time()
-        deadline = opened + spec.round_deadline_s
-        expected = self._wait_for_nodes(deadline)
-        if len(expected) < spec.quorum:
-            raise JobFailure(f"round {r}: only {len(expected)} eligible node(s) online, quorum is {spec.quorum}")
+        if resume is None:
+            opened = time.time()
+            deadline = opened + spec.round_deadline_s
+            expected = self._wait_for_nodes(deadline)
+            if len(expected) < spec.quorum:
+                raise JobFailure(f"round {r}: only {len(expected)} eligible node(s) online, quorum is {spec.quorum}")
+            rule.begin_round(params)
+            answered: set[str] = set()
+            gone: set[str] = set()
+            reports: list[NodeRoundReport] = []
+        else:  # a restarted aggregator picks the round up where the checkpoint left it
+            opened, deadline = resume["opened"], resume["deadline"]
+            expected = list(resume["expected"])
+            answered, gone = set(resume["answered"]), set(resume["gone"])
+            reports = [NodeRoundReport.model_validate(x) for x in resume["reports"]]
+            rule.load_state_dict(resume["rule"])
+            log.info("round_resumed", answered=sorted(answered))
         t_publish = time.perf_counter()
         self._publish_model(r - 1, params, history, open_round=r, nodes=expected, deadline=deadline)
         publish_s = time.perf_counter() - t_publish
         self._send("round_opened", RoundOpened(round=r, nodes=expected, deadline=deadline, model_round=r - 1), round_=r)
         log.info("round_opened", nodes=expected, model_publish_s=round(publish_s, 4))
-        rule.begin_round(params)
-        reports: list[NodeRoundReport] = []
-        answered: set[str] = set()
-        gone: set[str] = set()
+
+        def open_state() -> dict[str, Any]:
+            return {"round": r, "opened": opened, "deadline": deadline, "expected": expected,
+                    "answered": sorted(answered), "gone": sorted(gone),
+                    "reports": [x.model_dump() for x in reports], "rule": rule.state_dict()}
+
         while True:
             waiting = set(expected) - answered - gone
-            if not waiting and len(answered) >= spec.quorum:
+            enough = len(answered) >= spec.quorum
+            if enough and (not waiting or spec.stragglers == "quorum"):
                 break
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -209,6 +248,13 @@ class JobRunner(threading.Thread):
                 continue
             if event.kind == "withdrawn":
                 raise JobFailure("the researcher withdrew the job")
+            if event.kind == "joined":  # back online, or new: it takes part in the open round
+                if event.node not in answered and event.node not in self.declined:
+                    gone.discard(event.node)
+                    if event.node not in expected:
+                        expected.append(event.node)
+                        log.info("node_joined", node=event.node)
+                continue
             if event.kind == "dropout":
                 if event.node in expected and event.node not in answered:
                     gone.add(event.node)
@@ -224,6 +270,7 @@ class JobRunner(threading.Thread):
                 continue
             if msg.sender in answered:
                 log.info("duplicate_update_dropped", node=msg.sender)
+                self._ack(r, msg.sender)  # its first acknowledgement may have been lost
                 continue
             problem = check_update(update.params, params)
             if problem is not None:
@@ -232,8 +279,13 @@ class JobRunner(threading.Thread):
                 continue
             rule.add(update.params, update.n_samples, msg.sender)
             answered.add(msg.sender)
+            gone.discard(msg.sender)
+            if msg.sender not in expected:
+                expected.append(msg.sender)
             reports.append(NodeRoundReport(node=msg.sender, n_samples=update.n_samples,
                                            metrics=update.metrics, timings=update.timings))
+            self._checkpoint_open(open_state)
+            self._ack(r, msg.sender)
             log.info("update_folded", node=msg.sender, n_samples=update.n_samples)
         if len(answered) < spec.quorum:
             raise JobFailure(f"round {r}: {len(answered)} update(s) by the deadline, quorum is {spec.quorum}")
@@ -245,6 +297,22 @@ class JobRunner(threading.Thread):
                               metrics=metrics, duration_s=time.time() - opened)
         log.info("round_closed", nodes=sorted(answered), missing=summary.missing, **{k: round(v, 4) for k, v in metrics.items()})
         return new_params, summary
+
+    def _ack(self, r: int, node: str) -> None:
+        try:
+            self._send("update_received", UpdateReceived(round=r, node=node), round_=r)
+        except Exception as exc:  # noqa: BLE001 - the node re-sends, and we ack the duplicate
+            self.log.warning("ack_not_sent", node=node, round=r, error=str(exc))
+
+    def _checkpoint_open(self, open_state) -> None:
+        with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
+            self.service.checkpoints.save_open(self.spec.job_id, open_state())
+
+    def republish(self) -> None:
+        """Publish the current model again (after a reconnect: a hard-killed broker may have lost it)."""
+        if self._last_model is not None:
+            self._send("model", self._last_model, retain=True, round_=self._last_model.round,
+                       topic=topics.model(self.spec.job_id))
 
 
 class AggregatorService:
@@ -266,6 +334,7 @@ class AggregatorService:
         m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
         m.subscribe("fbm/v1/jobs/+/updates/+", self._on_update, types={"update"})
         m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+        m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
         self.log.info("aggregator_started")
 
@@ -292,15 +361,28 @@ class AggregatorService:
         with self._lock:
             return self.runners.get(job or "")
 
+    def _on_connected(self, session_present: bool) -> None:
+        """After any reconnect, re-publish each running job's model: a hard-killed broker loses
+        retained messages newer than its last autosave."""
+        with self._lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            try:
+                runner.republish()
+            except Exception:  # noqa: BLE001
+                self.log.exception("republish_failed", job=runner.spec.job_id)
+
     # handlers
     def _on_status(self, msg: Message) -> None:
         status: NodeStatus = msg.body  # type: ignore[assignment]
         with self._lock:
             self.nodes[msg.sender] = status
             runners = list(self.runners.values())
-        if status.state == "offline":
-            for runner in runners:
+        for runner in runners:
+            if status.state == "offline":
                 runner.events.put(_Event("dropout", node=msg.sender, reason="offline"))
+            elif msg.sender in self.eligible(runner.spec):
+                runner.events.put(_Event("joined", node=msg.sender))
 
     def _on_reply(self, msg: Message) -> None:
         reply = msg.body

@@ -129,6 +129,9 @@ class JobSpec(Body):
     nodes: list[str] | None = None
     quorum: int = Field(default=1, ge=1)
     round_deadline_s: float = Field(default=600.0, gt=0)
+    # stragglers: "wait" for every selected node until the deadline; "quorum": close the round
+    # as soon as `quorum` updates are in (the others are recorded as missing that round)
+    stragglers: Literal["wait", "quorum"] = "wait"
     created: float = 0.0
     description: str = ""
 
@@ -185,6 +188,14 @@ class GlobalModel(Body):
     deadline: float | None = None
     history: list[RoundClosed] = []
     reason: str = ""
+
+
+@message("update_received", "aggregator")
+class UpdateReceived(Body):
+    """The application-level acknowledgement: the node's update for `round` is folded in."""
+
+    round: int = Field(ge=1)
+    node: str
 
 
 @message("job_accepted", "aggregator")

@@ -96,9 +96,13 @@ class Messenger:
         round_: int | None = None,
         retain: bool = False,
         timeout_s: float | None = None,
+        msg_id: str | None = None,
     ) -> str:
-        """Seal and publish; returns the message id once the broker acknowledged it."""
-        msg_id, wire = seal(self.identity, type_, body, job=job, round_=round_)
+        """Seal and publish; returns the message id once the broker acknowledged it.
+
+        Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
+        """
+        msg_id, wire = seal(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id)
         self.transport.publish(topic, wire, retain=retain, timeout_s=timeout_s)
         return msg_id
 

@@ -23,6 +23,7 @@ class NodeSettings(BaseSettings):
     mqtt: TransportSettings = Field(default_factory=TransportSettings)
     train_threads: int = Field(default=1, ge=1, description="torch threads of the training process")
     round_timeout_s: float = Field(default=3600.0, gt=0, description="a round's local training is stopped after this")
+    resend_after_s: float = Field(default=30.0, gt=0, description="re-send an unacknowledged update after this long")
     accept_custom_plans: bool = Field(default=False, description="run plans sent as source text (zoo plans always run)")
     log_level: str = "info"
 

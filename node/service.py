@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import structlog
 
 from common import topics
 from common.envelope import Message
-from common.errors import BadMessage
+from common.errors import BadMessage, TransportError
 from common.identity import Identity
 from common.messages import JobSpec, NodeStatus, Reply
 from common.messenger import Messenger
@@ -45,6 +46,17 @@ class _Job:
 
 
 @dataclass(frozen=True)
+class _Pending:
+    """An update sent but not yet acknowledged by the aggregator: re-sent until it is."""
+
+    job: str
+    round: int
+    body: dict[str, Any]
+    msg_id: str
+    sent_at: float
+
+
+@dataclass(frozen=True)
 class _Task:
     job: str
     round: int
@@ -68,10 +80,12 @@ class NodeService:
             identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
         )
         self.jobs: dict[str, _Job] = {}
+        self.pending: dict[tuple[str, int], _Pending] = {}
         self._lock = threading.Lock()
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._stop = threading.Event()
         self._train_thread = threading.Thread(target=self._train_loop, name="fbm-node-train", daemon=True)
+        self._resend_thread = threading.Thread(target=self._resend_loop, name="fbm-node-resend", daemon=True)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -86,11 +100,12 @@ class NodeService:
         m = self.messenger
         m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
         m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True)
-        m.subscribe("fbm/v1/jobs/+/events", self._on_event, types={"job_done", "job_failed"})
+        m.subscribe("fbm/v1/jobs/+/events", self._on_event, types={"job_done", "job_failed", "update_received"})
         m.subscribe(topics.requests(self.name), self._on_request, types={"request"})
         m.on_reject(self._on_rejected)
-        m.on_connected(lambda _session_present: self.publish_status())
+        m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
+        self._resend_thread.start()
         self.audit.record("node_started", actor=self.name)
         self.log.info("node_started", datasets=[d.name for d in self.registry.list()])
 
@@ -105,6 +120,10 @@ class NodeService:
         self._train_thread.join(timeout=10)
         self.trainer.stop()
         self.audit.record("node_stopped", actor=self.name)
+
+    def _on_connected(self, session_present: bool) -> None:
+        self.publish_status()
+        self.resend_pending(force=True)  # what was in flight when the link or the broker went down
 
     def publish_status(self) -> None:
         status = NodeStatus(
@@ -164,16 +183,31 @@ class NodeService:
                     data={"job": spec.job_id, "dataset": dataset.name, "n_samples": dataset.public().n_samples})
         self.publish_status()
 
+    def _drop_pending(self, job: str, before_round: int | None = None) -> None:
+        """Forget unacknowledged updates of `job` (of rounds before `before_round`, if given)."""
+        for key in [k for k in self.pending if k[0] == job and (before_round is None or k[1] < before_round)]:
+            del self.pending[key]
+
     def _on_job_cleared(self, topic: str) -> None:
         job = topics.job_of(topic)
         with self._lock:
+            if job:
+                self._drop_pending(job)
             removed = self.jobs.pop(job, None) if job else None
         if removed:
             self.audit.record("job_withdrawn", job=job)
             self.log.info("job_withdrawn", job=job)
 
     def _on_event(self, msg: Message) -> None:
+        if msg.type == "update_received":
+            if msg.body.node == self.name:
+                with self._lock:
+                    acked = self.pending.pop((msg.job or "", msg.body.round), None)
+                if acked is not None:
+                    self.log.debug("update_acknowledged", job=msg.job, round=msg.body.round)
+            return
         with self._lock:
+            self._drop_pending(msg.job or "")
             job = self.jobs.pop(msg.job or "", None)
         if job is not None:
             self.audit.record(msg.type, job=msg.job, actor=msg.sender)
@@ -184,10 +218,15 @@ class NodeService:
         job_id = topics.job_of(msg.topic)
         with self._lock:
             job = self.jobs.get(job_id or "")
-            if job is None or model.status != "running" or model.open_round is None:
+            if job is None:
+                return
+            if model.status != "running" or model.open_round is None:
+                self._drop_pending(job_id)  # type: ignore[arg-type]
                 return
             r = model.open_round
-            if self.name not in model.nodes or r in job.trained:
+            self._drop_pending(job_id, before_round=r)  # type: ignore[arg-type]  # closed rounds
+            # A node that was away (or started late) joins the round that is open now.
+            if r in job.trained:
                 return
             job.trained.add(r)
         self._tasks.put(_Task(job_id, r, model.params, time.monotonic()))  # type: ignore[arg-type]
@@ -234,19 +273,45 @@ class NodeService:
             self._reply("train", job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
+        body = {"round": task.round, "params": result["params"], "n_samples": result["n_samples"],
+                "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name}
+        pending = _Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic())
+        with self._lock:
+            self.pending[(spec.job_id, task.round)] = pending
         sent = time.monotonic()
-        self.messenger.send(
-            topics.update(spec.job_id, self.name), "update",
-            {"round": task.round, "params": result["params"], "n_samples": result["n_samples"],
-             "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name},
-            job=spec.job_id, round_=task.round,
-        )
+        try:
+            self._send_update(pending)
+        except TransportError as exc:  # the broker is away: kept, re-sent on reconnect
+            log.warning("update_send_deferred", error=str(exc))
         job.last_send_s = time.monotonic() - sent
         self.audit.record("round_trained", job=spec.job_id, round_=task.round, dataset=job.dataset.name,
                           plan_sha256=spec.plan.sha256 or f"zoo:{spec.plan.zoo}", n_samples=result["n_samples"],
                           train_s=round(result["timings"]["train_s"], 3))
         log.info("update_sent", n_samples=result["n_samples"], train_s=round(result["timings"]["train_s"], 3),
                  train_loss=round(result["metrics"]["train_loss"], 4))
+
+    def _send_update(self, pending: _Pending) -> None:
+        self.messenger.send(topics.update(pending.job, self.name), "update", pending.body,
+                            job=pending.job, round_=pending.round, msg_id=pending.msg_id)
+
+    def resend_pending(self, force: bool = False) -> None:
+        """Re-send updates the aggregator has not acknowledged (same message id: no double count)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [p for p in self.pending.values() if force or now - p.sent_at >= self.settings.resend_after_s]
+            for p in due:
+                self.pending[(p.job, p.round)] = _Pending(p.job, p.round, p.body, p.msg_id, now)
+        for p in due:
+            try:
+                self._send_update(p)
+                self.log.info("update_resent", job=p.job, round=p.round)
+            except Exception as exc:  # noqa: BLE001 - next tick tries again
+                self.log.warning("update_resend_failed", job=p.job, round=p.round, error=str(exc))
+
+    def _resend_loop(self) -> None:
+        while not self._stop.wait(max(1.0, self.settings.resend_after_s / 4)):
+            if self.messenger.transport.connected:
+                self.resend_pending()
 
     # --- requests -----------------------------------------------------------------------------
 

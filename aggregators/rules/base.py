@@ -38,6 +38,13 @@ class AggregationRule(ABC):
     @abstractmethod
     def end_round(self) -> Params: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """The round's partial state, so a restarted aggregator resumes mid-round."""
+        raise NotImplementedError(f"{self.name} cannot checkpoint a round in progress")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{self.name} cannot resume a round in progress")
+
 
 def get_rule(name: str, args: dict[str, Any] | None = None) -> AggregationRule:
     if name not in _RULES:

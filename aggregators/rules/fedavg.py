@@ -22,6 +22,12 @@ class FedAvg(AggregationRule):
         add_weighted_(self._acc, params, float(n_samples))
         self._total += n_samples
 
+    def state_dict(self) -> dict:
+        return {"like": self._like, "acc": self._acc, "total": self._total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._like, self._acc, self._total = state["like"], state["acc"], float(state["total"])
+
     def end_round(self) -> Params:
         if self._total <= 0:
             raise ValueError("no update was added this round")
