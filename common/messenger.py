@@ -120,11 +120,17 @@ class Messenger:
         types: Collection[str] | None = None,
         retained_chunks: bool = False,
         on_clear: ClearHandler | None = None,
+        qos: int = 1,
     ) -> None:
-        """Route messages on `topic_filter` (of `types`, if given) to `handler`."""
+        """Route messages on `topic_filter` (of `types`, if given) to `handler`.
+
+        QoS 1 (the default) queues messages in our session while we are away. Use QoS 0 for
+        retained bulk (jobs, models): nothing is queued per offline client, and the latest
+        retained copy is delivered when we subscribe again on reconnect.
+        """
         route = _Route(topic_filter, handler, frozenset(types) if types else None, on_clear)
         self._routes.append(route)
-        self.transport.subscribe(topic_filter, retained_chunks=retained_chunks)
+        self.transport.subscribe(topic_filter, retained_chunks=retained_chunks, qos=qos)
 
     def _on_delivery(self, delivery: Delivery) -> None:
         routes = [r for r in self._routes if topics.matches(r.topic_filter, delivery.topic)]

@@ -98,8 +98,10 @@ class NodeService:
                 self.log.warning("dataset_not_preloaded", dataset=ds.name, error=str(exc))
         self._train_thread.start()
         m = self.messenger
-        m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
-        m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True)
+        # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
+        # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
+        m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
+        m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True, qos=0)
         m.subscribe("fbm/v1/jobs/+/events", self._on_event, types={"job_done", "job_failed", "update_received"})
         m.subscribe(topics.requests(self.name), self._on_request, types={"request"})
         m.on_reject(self._on_rejected)
@@ -111,6 +113,7 @@ class NodeService:
 
     def stop(self) -> None:
         self._stop.set()
+        self.trainer.begin_close()
         self._tasks.put(None)
         try:
             self.messenger.send(topics.status(self.name), "node_status", NodeStatus(state="offline"), retain=True, timeout_s=5)

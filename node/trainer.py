@@ -26,6 +26,7 @@ class Trainer:
         self._ctx = mp.get_context("spawn")
         self._proc: mp.process.BaseProcess | None = None
         self._conn = None
+        self._closing = False
 
     def start(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -39,7 +40,13 @@ class Trainer:
         self._proc, self._conn = proc, parent
         self.log.info("training_process_ready", pid=proc.pid)
 
+    def begin_close(self) -> None:
+        """The node is stopping: a child that dies now is not restarted."""
+        self._closing = True
+
     def _restart(self) -> None:
+        if self._closing:
+            raise TrainingFailed("the node is stopping")
         self.stop()
         self.start()
 

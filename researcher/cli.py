@@ -179,6 +179,14 @@ def results(job: str, bundle: Path, out: Path | None) -> None:
     exp.close()
 
 
+@main.command(name="cancel")
+@click.argument("job")
+@BUNDLE
+def cancel(job: str, bundle: Path) -> None:
+    """Cancel (withdraw) a job: its retained spec is removed; nodes drop it, the aggregator stops it."""
+    withdraw.callback(job, bundle)  # type: ignore[misc]
+
+
 @main.command()
 @click.argument("job")
 @BUNDLE

@@ -154,3 +154,17 @@ def test_malformed_job_spec_is_refused_with_the_reason(fed):
     replies = _raw_job_replies(fed, "bad-spec-1", codec.encode(raw))
     assert replies and all(not r.body.ok for r in replies)
     assert all("bad_body" in r.body.error and "rounds" in r.body.error for r in replies)
+
+
+def test_cancelled_job_stops_everywhere(fed):
+    exp = Experiment(_bundle(fed, "alice"), plan="mlp", tags=["fmnist"], rounds=500, quorum=3,
+                     model_args={"hidden": [8]}, training_args={"epochs": 1, "max_batches": 2}, round_deadline_s=60)
+    try:
+        exp.submit()
+        assert wait_until(lambda: len(exp.poll(0.2).history) >= 1, 60)
+        exp.withdraw()
+        state = exp.watch(timeout_s=60, progress=False)
+        assert state.status == "failed" and "withdrew" in state.reason
+        assert len(state.history) < 500
+    finally:
+        exp.close()
