@@ -94,6 +94,8 @@ class Transport:
         self._closing = False
         self._connect_failure: str | None = None
         self._connect_sub: tuple[int, int | None] | None = None
+        self._reconnecting = False
+        self._ignored_mids: set[int | None] = set()
         self._worker: threading.Thread | None = None
         self._client = self._make_client(will)
 
@@ -157,6 +159,7 @@ class Transport:
                 if self._wait_connack(deadline):
                     if self._connect_sub is not None:
                         self._await_subscribe(self._connect_sub)
+                    self._reconnecting = True  # from now on paho reconnects by itself
                     self.log.info("connected", host=self.host, port=self.port)
                     return
                 last_error = self._connect_failure or "no CONNACK from the broker"
@@ -201,6 +204,9 @@ class Transport:
         with self._lock:
             subs = [(f, SubscribeOptions(qos=q)) for f, q in self._subscriptions.items()]
         self._connect_sub = client.subscribe(subs) if subs else None
+        if self._connect_sub is not None and self._reconnecting:
+            with self._lock:  # nobody waits for the SUBACK of a background reconnect
+                self._ignored_mids.add(self._connect_sub[1])
         self._connected.set()
         self._inbox.put(("connected", bool(flags.session_present)))
 
@@ -325,6 +331,9 @@ class Transport:
 
     def _handle_ack(self, mid: int, code: int, name: str) -> None:
         with self._lock:
+            if mid in self._ignored_mids:
+                self._ignored_mids.discard(mid)
+                return
             waiter = self._waiters.pop(mid, None)
             if waiter is None:
                 self._early_acks[mid] = (code, name)

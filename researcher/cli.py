@@ -27,7 +27,7 @@ BUNDLE = click.option("--bundle", required=True, envvar="FBM_RESEARCHER_BUNDLE",
                       type=click.Path(exists=True, file_okay=False, path_type=Path),
                       help="Researcher identity bundle (or env FBM_RESEARCHER_BUNDLE).")
 
-JOB_KEYS = {"plan", "plan_class", "tags", "rounds", "quorum", "round_deadline_s", "aggregator", "aggregator_args",
+JOB_KEYS = {"plan", "plan_class", "tags", "rounds", "quorum", "round_deadline_s", "stragglers", "aggregator", "aggregator_args",
             "aggregator_identity", "nodes", "model_args", "training_args", "seed", "description", "job_id"}
 
 

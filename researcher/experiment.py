@@ -114,6 +114,7 @@ class Experiment:
         aggregator_identity: str | None = None,
         quorum: int = 1,
         round_deadline_s: float = 600.0,
+        stragglers: str = "wait",
         nodes: list[str] | None = None,
         job_id: str | None = None,
         seed: int = 0,
@@ -127,6 +128,7 @@ class Experiment:
         self.job_id = job_id or new_job_id(self.identity.name)
         self.spec_fields = dict(
             rounds=rounds, tags=list(tags), quorum=quorum, round_deadline_s=round_deadline_s, nodes=nodes,
+            stragglers=stragglers,
             aggregator=AggregatorRef(name=aggregator, args=aggregator_args or {}, identity=aggregator_identity),
             description=description,
         )
@@ -245,7 +247,7 @@ class Experiment:
         exp.identity, exp.plan, exp.job_id = identity, spec.plan, spec.job_id
         exp.model_args, exp.training_args = spec.model_args, spec.training_args
         exp.spec_fields = dict(rounds=spec.rounds, tags=spec.tags, quorum=spec.quorum,
-                               round_deadline_s=spec.round_deadline_s, nodes=spec.nodes,
+                               round_deadline_s=spec.round_deadline_s, nodes=spec.nodes, stragglers=spec.stragglers,
                                aggregator=spec.aggregator, description=spec.description)
         exp.seed = int(spec.training_args.get("seed", 0))
         exp.mqtt = researcher_settings(mqtt)
