@@ -376,12 +376,16 @@ class AggregatorService:
     def _on_status(self, msg: Message) -> None:
         status: NodeStatus = msg.body  # type: ignore[assignment]
         with self._lock:
+            previous = self.nodes.get(msg.sender)
             self.nodes[msg.sender] = status
             runners = list(self.runners.values())
+        came_online = status.state == "online" and (previous is None or previous.state != "online")
         for runner in runners:
             if status.state == "offline":
                 runner.events.put(_Event("dropout", node=msg.sender, reason="offline"))
-            elif msg.sender in self.eligible(runner.spec):
+            elif came_online and msg.sender in self.eligible(runner.spec):
+                # back (or new): it joins the open round. A status refresh of a node that never
+                # left is not a join, so a node whose training failed is not waited for again.
                 runner.events.put(_Event("joined", node=msg.sender))
 
     def _on_reply(self, msg: Message) -> None:

@@ -39,6 +39,7 @@ def chaos(fed: LocalFederation, names: list[str], stop: threading.Event, rng: ra
     busy: set[str] = set()
     lock = threading.Lock()
     faults = 0
+    cycles: list[threading.Thread] = []
 
     def cycle(name: str, proc, sig: int) -> None:
         os.killpg(proc.pid, sig)
@@ -56,8 +57,12 @@ def chaos(fed: LocalFederation, names: list[str], stop: threading.Event, rng: ra
         if name is None:
             continue
         proc = next(p for label, p in reversed(fed.procs) if label == f"node-{name}")
-        threading.Thread(target=cycle, args=(name, proc, rng.choice([signal.SIGKILL, signal.SIGTERM])), daemon=True).start()
+        worker = threading.Thread(target=cycle, args=(name, proc, rng.choice([signal.SIGKILL, signal.SIGTERM])))
+        worker.start()
+        cycles.append(worker)
         faults += 1
+    for worker in cycles:  # every restarted node is registered before the federation stops
+        worker.join()
     return faults
 
 

@@ -62,3 +62,24 @@ def test_broker_lifecycle_and_live_enrolment():
     finally:
         assert cli("stop", str(root)).returncode == 0
     assert cli("status", str(root)).returncode == 3
+
+
+def test_node_waiting_for_a_dead_broker_still_stops_on_sigterm(tmp_path):
+    """A site started while the broker is down keeps trying, and SIGTERM ends it promptly."""
+    import signal as sig
+    import time
+
+    root = reachable_tempdir() / "fed"
+    assert cli("init", str(root), "--port", str(free_port()), "--bind", "127.0.0.1").returncode == 0
+    assert cli("enroll", str(root), "--role", "node", "--id", "lonely").returncode == 0
+    node_dir = tmp_path / "site"
+    init = subprocess.run([sys.executable, "-m", "node", "init", str(node_dir), "--bundle", str(root / "bundles" / "lonely")],
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stdout + init.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "node", "start", "--dir", str(node_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(8)  # started, now retrying the connection
+    assert proc.poll() is None
+    proc.send_signal(sig.SIGTERM)
+    proc.wait(timeout=30)  # before the fix it kept retrying the broker and ignored SIGTERM
+    assert proc.returncode == 0, proc.stdout.read()
