@@ -95,7 +95,7 @@ class Checkpoints:
 
     def load_open(self, job: str) -> dict[str, Any] | None:
         path = self._dir(job) / "open.pt"
-        return torch.load(path, weights_only=False) if path.exists() else None
+        return torch.load(path, weights_only=True) if path.exists() else None
 
     def clear_open(self, job: str) -> None:
         (self._dir(job) / "open.pt").unlink(missing_ok=True)
