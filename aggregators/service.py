@@ -37,6 +37,8 @@ from common.messages import (
 from common.messenger import Messenger
 from common.settings import TransportSettings
 
+CHECKPOINT_EVERY_S = 0.5  # with updates queued, at most this long between open-round checkpoints
+
 
 class JobFailure(RuntimeError):
     """The job cannot go on; the message is the reason published in `job_failed`."""
@@ -234,6 +236,8 @@ class JobRunner(threading.Thread):
                     "answered": sorted(answered), "gone": sorted(gone),
                     "reports": [x.model_dump() for x in reports], "rule": rule.state_dict()}
 
+        unsaved: list[str] = []  # folded, not yet checkpointed, so not yet acknowledged
+        last_save = time.monotonic()
         while True:
             waiting = set(expected) - answered - gone
             enough = len(answered) >= spec.quorum
@@ -284,9 +288,11 @@ class JobRunner(threading.Thread):
                 expected.append(msg.sender)
             reports.append(NodeRoundReport(node=msg.sender, n_samples=update.n_samples,
                                            metrics=update.metrics, timings=update.timings))
-            self._checkpoint_open(open_state)
-            self._ack(r, msg.sender)
+            unsaved.append(msg.sender)
             log.info("update_folded", node=msg.sender, n_samples=update.n_samples)
+            if self.events.empty() or time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
+                last_save = self._checkpoint_and_ack(r, open_state, unsaved)
+        self._checkpoint_and_ack(r, open_state, unsaved)
         if len(answered) < spec.quorum:
             raise JobFailure(f"round {r}: {len(answered)} update(s) by the deadline, quorum is {spec.quorum}")
         new_params = rule.end_round()
@@ -304,9 +310,20 @@ class JobRunner(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - the node re-sends, and we ack the duplicate
             self.log.warning("ack_not_sent", node=node, round=r, error=str(exc))
 
-    def _checkpoint_open(self, open_state) -> None:
-        with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
-            self.service.checkpoints.save_open(self.spec.job_id, open_state())
+    def _checkpoint_and_ack(self, r: int, open_state, unsaved: list[str]) -> float:
+        """Checkpoint the open round, then acknowledge the updates it now holds.
+
+        An update is acknowledged only once a checkpoint holds it: if the aggregator dies
+        before, the node re-sends and the resumed round folds it (exactly once). Under load
+        the updates waiting in the queue are folded first and covered by one checkpoint.
+        """
+        if unsaved:
+            with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
+                self.service.checkpoints.save_open(self.spec.job_id, open_state())
+            for node in unsaved:
+                self._ack(r, node)
+            unsaved.clear()
+        return time.monotonic()
 
     def republish(self) -> None:
         """Publish the current model again (after a reconnect: a hard-killed broker may have lost it)."""

@@ -168,3 +168,22 @@ def test_cancelled_job_stops_everywhere(fed):
         assert len(state.history) < 500
     finally:
         exp.close()
+
+
+def test_researcher_cli_submits_the_example_job_file_and_writes_results(fed, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "docs" / "examples" / "job.toml"
+    bundle = str(fed.ws.bundle_dir("alice"))
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "researcher", "submit", str(example), "--bundle", bundle,
+                           "--watch", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done after 5 rounds" in done.stdout
+    assert (out / "loss.png").exists() and (out / "rounds.csv").read_text().count("\n") == 6
+    job = done.stdout.split("submitted job ")[1].split()[0]
+    status = subprocess.run([sys.executable, "-m", "researcher", "status", job, "--bundle", bundle],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "done, 5/5 rounds" in status.stdout
