@@ -248,12 +248,7 @@ class Transport:
         rc, mid = result
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             return  # not connected: on_connect subscribes
-        with self._lock:
-            early = self._early_acks.pop(mid, None)
-            waiter = _AckWaiter()
-            if early is None:
-                self._waiters[mid] = waiter
-        if early is None and not waiter.event.wait(self.settings.publish_timeout_s):
+        if not self._waiter_for(mid).event.wait(self.settings.publish_timeout_s):
             raise TransportError(f"no SUBACK within {self.settings.publish_timeout_s:.0f}s")
 
     def unsubscribe(self, topic_filter: str) -> None:
@@ -314,11 +309,16 @@ class Transport:
             raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
         if qos == 0:
             return None
+        return self._waiter_for(info.mid)
+
+    def _waiter_for(self, mid: int) -> _AckWaiter:
+        """The waiter of packet `mid`, already set if its ack beat us here (paho may call
+        on_publish/on_subscribe before publish()/subscribe() return)."""
+        waiter = _AckWaiter()
         with self._lock:
-            early = self._early_acks.pop(info.mid, None)
-            waiter = _AckWaiter()
+            early = self._early_acks.pop(mid, None)
             if early is None:
-                self._waiters[info.mid] = waiter
+                self._waiters[mid] = waiter
         if early is not None:
             waiter.set(*early)
         return waiter
