@@ -120,6 +120,7 @@ class JobRunner(threading.Thread):
         self.service = service
         self.events: queue.Queue[_Event] = queue.Queue()
         self.declined: set[str] = set()
+        self.pending: set[str] = set()  # nodes whose admin has not approved the plan yet
         self.current_round = 0
         self._last_model: GlobalModel | None = None
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
@@ -187,7 +188,7 @@ class JobRunner(threading.Thread):
 
     def _wait_for_nodes(self, deadline: float) -> list[str]:
         while True:
-            expected = [n for n in self.service.eligible(self.spec) if n not in self.declined]
+            expected = [n for n in self.service.eligible(self.spec) if n not in self.declined | self.pending]
             if len(expected) >= self.spec.quorum or time.time() > deadline:
                 return expected
             self._drain(timeout_s=0.2)
@@ -200,8 +201,17 @@ class JobRunner(threading.Thread):
             return
         if event.kind == "withdrawn":
             raise JobFailure("the researcher withdrew the job")
+        self._note_standing(event)
+
+    def _note_standing(self, event: _Event) -> None:
+        """Declines are for the whole job; a pending plan approval lasts until the node accepts."""
         if event.kind == "dropout" and event.reason.startswith("declined"):
             self.declined.add(event.node)
+        elif event.kind == "dropout" and event.reason.startswith("pending"):
+            self.pending.add(event.node)
+        elif event.kind == "joined" and event.reason == "accepted":
+            self.pending.discard(event.node)
+            self.declined.discard(event.node)
 
     def _round(self, r: int, rule: AggregationRule, params, history,
                resume: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
@@ -252,7 +262,10 @@ class JobRunner(threading.Thread):
                 continue
             if event.kind == "withdrawn":
                 raise JobFailure("the researcher withdrew the job")
-            if event.kind == "joined":  # back online, or new: it takes part in the open round
+            self._note_standing(event)
+            if event.kind == "joined":  # back online, new, or its plan approved: it joins the open round
+                if event.node in self.pending:
+                    continue
                 if event.node not in answered and event.node not in self.declined:
                     gone.discard(event.node)
                     if event.node not in expected:
@@ -263,8 +276,6 @@ class JobRunner(threading.Thread):
                 if event.node in expected and event.node not in answered:
                     gone.add(event.node)
                     log.info("node_dropped_out", node=event.node, reason=event.reason)
-                if event.reason.startswith("declined"):
-                    self.declined.add(event.node)
                 continue
             msg = event.message
             assert msg is not None
@@ -407,9 +418,17 @@ class AggregatorService:
 
     def _on_reply(self, msg: Message) -> None:
         reply = msg.body
-        job = reply.data.get("job") if isinstance(reply.data, dict) else None
-        runner = self._runner(job or msg.job)
-        if runner is None or reply.ok:
+        data = reply.data if isinstance(reply.data, dict) else {}
+        runner = self._runner(data.get("job") or msg.job)
+        if runner is None or reply.command not in ("job", "train"):
+            return
+        status = data.get("status")
+        if reply.ok:
+            if reply.command == "job" and status == "accepted":  # e.g. its plan was approved late
+                runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
+            return
+        if reply.command == "job" and status == "pending":  # not now; maybe after approval
+            runner.events.put(_Event("dropout", node=msg.sender, reason=f"pending: {reply.error}"))
             return
         kind = "declined" if reply.command == "job" else "failed"
         runner.events.put(_Event("dropout", node=msg.sender, reason=f"{kind}: {reply.error}"))

@@ -88,9 +88,10 @@ class LocalFederation:
         return done.stdout
 
     def add_node(self, name: str, datasets: Sequence[dict[str, str]] = (), *, start: bool = True,
-                 env: dict[str, str] | None = None) -> Path:
+                 env: dict[str, str] | None = None, approve: Sequence[tuple[Path, str]] = ()) -> Path:
         """Enrol a node, set up its folder, register `datasets` (dicts of `fbm-node dataset add`
-        options: name, type, path, tag, target), and start it."""
+        options: name, type, path, tag, target), approve custom plans given as (file, class),
+        and start it."""
         bundle = self.enroll(name, "node")
         node_dir = self.root / "nodes" / name
         if not (node_dir / "node.toml").exists():
@@ -101,6 +102,8 @@ class LocalFederation:
                     for v in (value if isinstance(value, list | tuple) else [value]):
                         args += [f"--{key}", str(v)]
                 self.run_cli(*args)
+            for source, class_name in approve:
+                self.run_cli("node", "plan", "approve", "--dir", str(node_dir), "--file", str(source), "--class", class_name)
         if start:
             self.start_node(name, env=env)
         return node_dir

@@ -19,6 +19,7 @@ from node.audit import AuditTrail
 from node.config import NodeSettings, write_default_config
 from node.datasets import TYPES, DatasetError
 from node.db import Database
+from node.plans import PlanStatus, PlanStore
 from node.registry import Registry
 
 console = Console(soft_wrap=True)
@@ -53,6 +54,7 @@ def main() -> None:
       fbm-node init ./site --bundle ./hospital-a        # bundle from `fbm-broker enroll`
       fbm-node --help dataset
       fbm-node dataset add --dir ./site --name fmnist --type idx --path train-images-idx3-ubyte.gz --tag fmnist
+      fbm-node plan list --dir ./site               # plans waiting for your approval
       fbm-node start --dir ./site
     """
 
@@ -80,7 +82,9 @@ def init(node_dir: Path, bundle: Path, force: bool) -> None:
         shutil.copytree(bundle, target)
         target.chmod(0o700)
     write_default_config(node_dir)
-    Database(node_dir / "node.db").close()
+    db = Database(node_dir / "node.db")
+    AuditTrail(db).record("node_initialised", actor=_admin(), identity=identity.name)
+    db.close()
     console.print(f"node [bold]{identity.name}[/bold] set up in {node_dir.resolve()}")
     console.print(f"  broker: {identity.broker_host}:{identity.broker_port}; config: {node_dir / 'node.toml'}")
 
@@ -108,7 +112,7 @@ def dataset_add(node_dir: Path, name: str, kind: str, path: Path, tags: tuple[st
         ds = registry.add(name, kind, path, list(tags), description=description, target=target, labels=labels)
     except DatasetError as exc:
         _fail(f"dataset not added: {exc}")
-    AuditTrail(registry.db).record("dataset_added", dataset=name, actor="admin", path=ds.path, type=kind)
+    AuditTrail(registry.db).record("dataset_added", dataset=name, actor=_admin(), path=ds.path, type=kind)
     info = ds.public()
     console.print(f"added [bold]{name}[/bold]: {info.n_samples} samples, shape {info.shape}, tags {ds.tags}"
                   + (f", {info.n_classes} classes" if info.n_classes else ""))
@@ -148,8 +152,140 @@ def dataset_remove(node_dir: Path, name: str) -> None:
     registry = _registry(node_dir)
     if not registry.remove(name):
         _fail(f"no dataset named {name!r}")
-    AuditTrail(registry.db).record("dataset_removed", dataset=name, actor="admin")
+    AuditTrail(registry.db).record("dataset_removed", dataset=name, actor=_admin())
     console.print(f"removed {name}")
+
+
+def _admin() -> str:
+    """Who ran an admin command, for the audit trail (the OS account)."""
+    import getpass
+
+    try:
+        return f"admin:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "admin"
+
+
+@main.group()
+def plan() -> None:
+    """Review and decide on training plans: a plan runs here only once approved.
+
+    \b
+    A job whose plan this node has not approved waits as *pending*; the researcher is told.
+      fbm-node plan list --dir ./site --status pending
+      fbm-node plan show 3fa2c1 --dir ./site          # read the code before deciding
+      fbm-node plan approve 3fa2c1 --dir ./site       # the waiting job starts within seconds
+      fbm-node plan approve --file plan.py --class MyPlan --dir ./site   # ahead of any job
+      fbm-node plan reject 3fa2c1 --dir ./site --note "reads files outside its dataset"
+      fbm-node plan revoke 3fa2c1 --dir ./site        # running jobs with it stop
+    """
+
+
+def _plans(node_dir: Path) -> PlanStore:
+    return PlanStore(Database(_settings(node_dir).database))
+
+
+@plan.command("list")
+@NODE_DIR
+@click.option("--status", type=click.Choice([s.value for s in PlanStatus]), default=None, help="Only plans with this status.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_list(node_dir: Path, status: str | None, as_json: bool) -> None:
+    """List the plans jobs asked for (and the ones approved ahead), with their status."""
+    import datetime as dt
+
+    items = _plans(node_dir).list(PlanStatus(status) if status else None)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in p.__dict__.items() if k != "source"} for p in items], indent=2, default=str))
+        return
+    table = Table("plan", "class", "status", "first job", "from", "seen", "decided by", "note")
+    for p in items:
+        seen = dt.datetime.fromtimestamp(p.seen_at).strftime("%Y-%m-%d %H:%M")
+        table.add_row(p.plan_id[:16], p.class_name, str(p.status), p.first_job, p.first_sender, seen, p.decided_by, p.note)
+    console.print(table)
+
+
+@plan.command("show")
+@NODE_DIR
+@click.argument("plan_id")
+def plan_show(node_dir: Path, plan_id: str) -> None:
+    """Show a plan's status and its whole source code."""
+    try:
+        p = _plans(node_dir).find(plan_id)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    console.print(f"plan [bold]{p.plan_id}[/bold]  class {p.class_name}  status [bold]{p.status}[/bold]")
+    console.print(f"first asked for by job {p.first_job or '-'} from {p.first_sender}; decided by {p.decided_by or '-'} {p.note}")
+    if p.source:
+        from rich.syntax import Syntax
+
+        console.print(Syntax(p.source, "python", line_numbers=True))
+
+
+def _decide(node_dir: Path, plan_id: str, status: PlanStatus, note: str) -> None:
+    store = _plans(node_dir)
+    try:
+        p = store.decide(store.find(plan_id).plan_id if not plan_id.startswith("zoo:") else _zoo(plan_id), status, _admin(), note)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    AuditTrail(store.db).record(f"plan_{status}", plan_sha256=p.plan_id, actor=_admin(), note=note)
+    console.print(f"plan {p.plan_id[:16]} ({p.class_name}) is now [bold]{p.status}[/bold]; a running node acts on it within seconds")
+
+
+def _zoo(plan_id: str) -> str:
+    from common.training.zoo import ZOO
+
+    if plan_id.removeprefix("zoo:") not in ZOO:
+        _fail(f"unknown zoo plan {plan_id!r}; the zoo has: {', '.join('zoo:' + z for z in sorted(ZOO))}")
+    return plan_id
+
+
+@plan.command("approve")
+@NODE_DIR
+@click.argument("plan_id", required=False)
+@click.option("--file", "source_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Approve this source file ahead of any job (its sha256 is what gets approved).")
+@click.option("--class", "class_name", default=None, help="With --file: the TrainingPlan class in it.")
+@click.option("--note", default="", help="Why (kept in the audit trail).")
+def plan_approve(node_dir: Path, plan_id: str | None, source_file: Path | None, class_name: str | None, note: str) -> None:
+    """Approve a plan (by id prefix, `zoo:NAME`, or --file): jobs with it may run here."""
+    if source_file is not None:
+        if plan_id or not class_name:
+            _fail("give either a PLAN_ID, or --file with --class")
+        source = source_file.read_text()
+        try:
+            import ast
+
+            tree = ast.parse(source)
+        except SyntaxError as exc:
+            _fail(f"{source_file} is not valid Python: {exc}")
+        if not any(isinstance(n, ast.ClassDef) and n.name == class_name for n in tree.body):
+            _fail(f"{source_file} defines no class {class_name!r}")
+        store = _plans(node_dir)
+        p = store.add_source(source, class_name, _admin(), note)
+        AuditTrail(store.db).record("plan_approved", plan_sha256=p.plan_id, actor=_admin(), note=note, file=str(source_file))
+        console.print(f"plan {p.plan_id} ({class_name}, from {source_file}) is now [bold]approved[/bold]")
+        return
+    if not plan_id:
+        _fail("which plan? give a PLAN_ID (see `fbm-node plan list`) or --file")
+    _decide(node_dir, plan_id, PlanStatus.APPROVED, note)
+
+
+@plan.command("reject")
+@NODE_DIR
+@click.argument("plan_id")
+@click.option("--note", default="", help="Why (sent to nobody; kept in the audit trail).")
+def plan_reject(node_dir: Path, plan_id: str, note: str) -> None:
+    """Reject a plan: jobs waiting for it are declined, and it will not run here."""
+    _decide(node_dir, plan_id, PlanStatus.REJECTED, note)
+
+
+@plan.command("revoke")
+@NODE_DIR
+@click.argument("plan_id")
+@click.option("--note", default="", help="Why (kept in the audit trail).")
+def plan_revoke(node_dir: Path, plan_id: str, note: str) -> None:
+    """Withdraw an approval: running jobs with this plan stop taking part."""
+    _decide(node_dir, plan_id, PlanStatus.REVOKED, note)
 
 
 @main.command()

@@ -24,7 +24,11 @@ class NodeSettings(BaseSettings):
     train_threads: int = Field(default=1, ge=1, description="torch threads of the training process")
     round_timeout_s: float = Field(default=3600.0, gt=0, description="a round's local training is stopped after this")
     resend_after_s: float = Field(default=30.0, gt=0, description="re-send an unacknowledged update after this long")
-    accept_custom_plans: bool = Field(default=False, description="run plans sent as source text (zoo plans always run)")
+    trust_zoo_plans: bool = Field(default=True, description="run the built-in zoo plans without approval")
+    plan_poll_s: float = Field(default=2.0, gt=0, description="how often the running node re-reads plan decisions")
+    sandbox: bool = Field(default=True, description="confine training with Landlock (files, network) where the kernel has it")
+    train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
+    train_file_size_mb: int = Field(default=1024, ge=0, description="largest file the training process may write (0: no limit)")
     log_level: str = "info"
 
     @property
@@ -56,7 +60,10 @@ def write_default_config(node_dir: Path, bundle: str = "bundle") -> Path:
 bundle = "{bundle}"          # identity bundle (cert, key, CA, broker address)
 train_threads = 1            # torch threads for local training
 round_timeout_s = 3600       # stop a round's training after this many seconds
-accept_custom_plans = false  # zoo plans only, until plan approval is in place
+trust_zoo_plans = true       # built-in zoo plans run without approval; other plans need
+                             # `fbm-node plan approve` (jobs wait as pending until then)
+train_memory_mb = 8192       # address-space limit of the training process (0: none)
+sandbox = true               # Landlock: training reads only Python, system libs and its dataset
 log_level = "info"
 
 [mqtt]

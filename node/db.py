@@ -1,4 +1,4 @@
-"""The node's SQLite database: one file for the dataset registry and the audit trail."""
+"""The node's SQLite database: one file for the dataset registry, plan decisions and the audit trail."""
 
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS audit_job ON audit(job);
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id TEXT PRIMARY KEY,
+    class_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    first_job TEXT NOT NULL,
+    first_sender TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    decided_at REAL,
+    decided_by TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT ''
+);
 """
 
 

@@ -26,15 +26,23 @@ from common.messenger import Messenger
 from common.training.loader import PlanError, check_ref
 from node.audit import AuditTrail
 from node.config import NodeSettings
+from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
+from node.sandbox import SandboxPolicy
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
 
 
+def sandbox_policy(settings: NodeSettings) -> SandboxPolicy:
+    return SandboxPolicy(memory_mb=settings.train_memory_mb, file_size_mb=settings.train_file_size_mb,
+                         landlock=settings.sandbox)
+
+
 def _dataset_spec(ds: Dataset) -> dict[str, Any]:
     """What the training child needs to load a dataset (its path stays on this machine)."""
-    return {"type": ds.type, "path": ds.path, "target": ds.target, "labels": ds.labels, "name": ds.name}
+    return {"type": ds.type, "path": ds.path, "target": ds.target, "labels": ds.labels, "name": ds.name,
+            "labels_found": ds.meta.get("labels")}
 
 
 @dataclass
@@ -43,6 +51,17 @@ class _Job:
     dataset: Dataset
     trained: set[int] = field(default_factory=set)
     last_send_s: float = 0.0
+
+
+@dataclass
+class _Parked:
+    """A job waiting for its plan's approval; the latest model is kept so it can join at once."""
+
+    spec: JobSpec
+    dataset: Dataset
+    sender: str
+    msg_id: str
+    model: Any = None
 
 
 @dataclass(frozen=True)
@@ -74,18 +93,22 @@ class NodeService:
         self.name = identity.name
         self.registry = registry
         self.audit = audit
-        self.trainer = trainer or Trainer(settings.train_threads)
+        self.plans = PlanStore(registry.db)
+        self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
+                                          secret_dirs=[settings.node_dir, settings.bundle])
         self.log = structlog.get_logger("node").bind(node=self.name)
         self.messenger = Messenger(
             identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
         )
         self.jobs: dict[str, _Job] = {}
+        self.parked: dict[str, _Parked] = {}
         self.pending: dict[tuple[str, int], _Pending] = {}
         self._lock = threading.Lock()
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._stop = threading.Event()
         self._train_thread = threading.Thread(target=self._train_loop, name="fbm-node-train", daemon=True)
         self._resend_thread = threading.Thread(target=self._resend_loop, name="fbm-node-resend", daemon=True)
+        self._plans_thread = threading.Thread(target=self._plans_loop, name="fbm-node-plans", daemon=True)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -108,7 +131,8 @@ class NodeService:
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
         self._resend_thread.start()
-        self.audit.record("node_started", actor=self.name)
+        self._plans_thread.start()
+        self.audit.record("node_started", actor=self.name, sandbox=self.trainer.sandbox)
         self.log.info("node_started", datasets=[d.name for d in self.registry.list()])
 
     def stop(self) -> None:
@@ -151,7 +175,7 @@ class NodeService:
     def _decline(self, msg: Message, job_id: str, reason: str) -> None:
         self.log.info("job_declined", job=job_id, reason=reason)
         self.audit.record("job_refused", job=job_id, actor=msg.sender, reason=reason)
-        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id, data={"job": job_id})
+        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id, data={"job": job_id, "status": "declined"})
 
     def _on_job(self, msg: Message) -> None:
         spec: JobSpec = msg.body  # type: ignore[assignment]
@@ -159,7 +183,7 @@ class NodeService:
             self._decline(msg, spec.job_id, "job id does not match its topic")
             return
         with self._lock:
-            if spec.job_id in self.jobs:
+            if spec.job_id in self.jobs or spec.job_id in self.parked:
                 return
         if spec.nodes is not None and self.name not in spec.nodes:
             self.audit.record("job_not_selected", job=spec.job_id, actor=msg.sender)
@@ -169,22 +193,91 @@ class NodeService:
         except PlanError as exc:
             self._decline(msg, spec.job_id, f"plan refused: {exc}")
             return
-        if spec.plan.source is not None and not self.settings.accept_custom_plans:
-            self._decline(msg, spec.job_id, "this node runs zoo plans only (custom plan approval is not enabled)")
-            return
         matches = self.registry.matching(spec.tags)
         if not matches:
             self._decline(msg, spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}")
             return
-        dataset = matches[0]
+        status = self.plan_status(spec)
+        pid = plan_id(spec.plan)
+        if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
+            self._decline(msg, spec.job_id, f"plan {pid[:16]} was {status} by the admin of node {self.name}")
+        elif status != PlanStatus.APPROVED:
+            self._park(_Parked(spec, matches[0], msg.sender, msg.id))
+        else:
+            self._accept(spec, matches[0], msg.sender, msg.id)
+
+    def plan_status(self, spec: JobSpec) -> PlanStatus | None:
+        """This node's decision on the job's plan (zoo plans may be trusted by config)."""
+        if spec.plan.zoo is not None and self.settings.trust_zoo_plans:
+            return PlanStatus.APPROVED
+        return self.plans.status(plan_id(spec.plan))
+
+    def _accept(self, spec: JobSpec, dataset: Dataset, sender: str, msg_id: str) -> None:
         with self._lock:
+            if spec.job_id in self.jobs:
+                return
             self.jobs[spec.job_id] = _Job(spec, dataset)
-        plan_id = spec.plan.sha256 or f"zoo:{spec.plan.zoo}"
-        self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id, actor=msg.sender)
+        self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id(spec.plan), actor=sender)
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
-        self._reply("job", job=spec.job_id, in_reply_to=msg.id,
-                    data={"job": spec.job_id, "dataset": dataset.name, "n_samples": dataset.public().n_samples})
+        self._reply("job", job=spec.job_id, in_reply_to=msg_id,
+                    data={"job": spec.job_id, "status": "accepted", "dataset": dataset.name,
+                          "n_samples": dataset.public().n_samples})
         self.publish_status()
+
+    def _park(self, parked: _Parked) -> None:
+        """Keep the job until the admin decides on its plan; the researcher is told it waits."""
+        spec = parked.spec
+        stored = self.plans.record_seen(spec.plan, spec.job_id, parked.sender)
+        with self._lock:
+            if spec.job_id in self.parked:
+                return
+            self.parked[spec.job_id] = parked
+        pid = stored.plan_id
+        self.audit.record("job_pending", job=spec.job_id, plan_sha256=pid, actor=parked.sender, dataset=parked.dataset.name)
+        self.log.info("job_pending_plan_approval", job=spec.job_id, plan=pid)
+        self._reply("job", job=spec.job_id, ok=False, in_reply_to=parked.msg_id,
+                    error=f"pending: plan {pid[:16]} awaits approval by the admin of node {self.name} "
+                          f"(`fbm-node plan approve {pid[:16]}`)",
+                    data={"job": spec.job_id, "status": "pending", "plan": pid})
+
+    def review_plans(self) -> None:
+        """Act on the admin's decisions: start parked jobs whose plan was approved, drop the
+        parked or running jobs whose plan was rejected or revoked."""
+        with self._lock:
+            parked = list(self.parked.values())
+            running = [j.spec for j in self.jobs.values()]
+        for p in parked:
+            status = self.plan_status(p.spec)
+            if status == PlanStatus.PENDING or status is None:
+                continue
+            with self._lock:
+                self.parked.pop(p.spec.job_id, None)
+            if status == PlanStatus.APPROVED:
+                self._accept(p.spec, p.dataset, p.sender, p.msg_id)
+                if p.model is not None:
+                    self._on_model(p.model)
+            else:
+                self._refuse(p.spec.job_id, f"plan {plan_id(p.spec.plan)[:16]} was {status} by the admin of node {self.name}")
+        for spec in running:
+            status = self.plan_status(spec)
+            if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
+                with self._lock:
+                    self.jobs.pop(spec.job_id, None)
+                    self._drop_pending(spec.job_id)
+                self._refuse(spec.job_id, f"plan {plan_id(spec.plan)[:16]} was {status} by the admin of node {self.name}")
+                self.publish_status()
+
+    def _refuse(self, job: str, reason: str) -> None:
+        self.log.info("job_declined", job=job, reason=reason)
+        self.audit.record("job_refused", job=job, reason=reason)
+        self._reply("job", job=job, ok=False, error=f"declined: {reason}", data={"job": job, "status": "declined"})
+
+    def _plans_loop(self) -> None:
+        while not self._stop.wait(self.settings.plan_poll_s):
+            try:
+                self.review_plans()
+            except Exception:  # noqa: BLE001 - the next tick tries again
+                self.log.exception("plan_review_failed")
 
     def _drop_pending(self, job: str, before_round: int | None = None) -> None:
         """Forget unacknowledged updates of `job` (of rounds before `before_round`, if given)."""
@@ -196,7 +289,7 @@ class NodeService:
         with self._lock:
             if job:
                 self._drop_pending(job)
-            removed = self.jobs.pop(job, None) if job else None
+            removed = (self.jobs.pop(job, None) or self.parked.pop(job, None)) if job else None
         if removed:
             self.audit.record("job_withdrawn", job=job)
             self.log.info("job_withdrawn", job=job)
@@ -211,6 +304,7 @@ class NodeService:
             return
         with self._lock:
             self._drop_pending(msg.job or "")
+            self.parked.pop(msg.job or "", None)
             job = self.jobs.pop(msg.job or "", None)
         if job is not None:
             self.audit.record(msg.type, job=msg.job, actor=msg.sender)
@@ -222,6 +316,8 @@ class NodeService:
         with self._lock:
             job = self.jobs.get(job_id or "")
             if job is None:
+                if job_id in self.parked:
+                    self.parked[job_id].model = msg  # joins this round if approved in time
                 return
             if model.status != "running" or model.open_round is None:
                 self._drop_pending(job_id)  # type: ignore[arg-type]
@@ -323,12 +419,24 @@ class NodeService:
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":
             self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
+        elif command == "plan_status":
+            self._reply(command, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
         elif command in ("list_datasets", "search"):
             tags = msg.body.args.get("tags") or []
             found = self.registry.matching(list(tags)) if tags else self.registry.list()
             self._reply(command, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
         else:
             self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
+
+    def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A researcher asks whether a plan (sha256 or `zoo:NAME`) would run here."""
+        pid = str(args.get("plan", ""))
+        if pid.startswith("zoo:") and self.settings.trust_zoo_plans:
+            return {"plan": pid, "status": "approved", "note": "zoo plans are trusted by this node's config"}
+        stored = self.plans.get(pid)
+        if stored is None:
+            return {"plan": pid, "status": "unknown", "note": "never seen: a job with it would wait for approval"}
+        return {"plan": pid, "status": str(stored.status), "note": stored.note}
 
     def _on_rejected(self, topic: str, exc: BadMessage) -> None:
         """A malformed job is refused out loud, so its researcher learns why."""

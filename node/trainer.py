@@ -1,48 +1,91 @@
-"""The parent side of the warm training child: start it, hand it tasks, survive its crashes."""
+"""The parent side of the warm training child: start it confined, hand it tasks, survive its crashes."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from node.worker import serve, to_arrays, to_tensors
+from node.sandbox import SandboxPolicy, child_environment, python_read_paths
+from node.worker import to_arrays, to_tensors
 
 
 class TrainingFailed(RuntimeError):
-    """A round could not be trained; the message says why (plan error, crash, timeout)."""
+    """A round could not be trained; the message says why (plan error, crash, timeout, memory)."""
+
+
+def dataset_read_paths(spec: dict[str, Any]) -> list[str]:
+    """The files a dataset spec needs to be readable in the sandbox."""
+    paths = [spec["path"]]
+    for extra in (spec.get("labels"), spec.get("labels_found")):
+        if extra:
+            paths.append(extra)
+    return [str(Path(p).resolve()) for p in paths]
 
 
 class Trainer:
-    """One warm child process (spawned, torch imported once) reused across rounds and jobs."""
+    """One warm child process (torch imported once) reused across rounds and jobs.
 
-    def __init__(self, threads: int = 1, start_timeout_s: float = 120.0) -> None:
+    The child is a fresh interpreter (`python -m node.worker`) with an allow-listed
+    environment, confined by `node.sandbox` before any plan runs; it can read only the
+    datasets it was started for, so a task on another dataset restarts it with that one added.
+    """
+
+    def __init__(self, threads: int = 1, policy: SandboxPolicy | None = None,
+                 secret_dirs: list[Path] | None = None, start_timeout_s: float = 120.0) -> None:
         self.threads = threads
         self.start_timeout_s = start_timeout_s
+        base = policy or SandboxPolicy()
+        self.policy = base.with_read_paths(python_read_paths(list(secret_dirs or [])))
         self.log = structlog.get_logger("trainer")
-        self._ctx = mp.get_context("spawn")
-        self._proc: mp.process.BaseProcess | None = None
+        self.sandbox: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
         self._conn = None
+        self._scratch: str | None = None
         self._closing = False
 
     def start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=serve, args=(child, self.threads), name="fbm-train", daemon=True)
-        proc.start()
+        self._scratch = tempfile.mkdtemp(prefix="fbm-train-")
+        policy = dataclasses.replace(self.policy, scratch=self._scratch)
+        parent, child = mp.Pipe()
+        fd = child.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.worker", "--fd", str(fd)],
+            pass_fds=(fd,), env=child_environment(self.threads, self._scratch), cwd=self._scratch,
+            stdin=subprocess.DEVNULL,
+        )
         child.close()
+        parent.send({"threads": self.threads, "policy": dataclasses.asdict(policy)})
         if not parent.poll(self.start_timeout_s):
             proc.kill()
             raise TrainingFailed("the training process did not start in time")
-        parent.recv()
+        try:
+            hello = parent.recv()
+        except (EOFError, OSError) as exc:
+            proc.wait(timeout=5)
+            raise TrainingFailed(f"the training process failed to start (exit code {proc.returncode})") from exc
         self._proc, self._conn = proc, parent
-        self.log.info("training_process_ready", pid=proc.pid)
+        self.sandbox = hello.get("sandbox", {})
+        for problem in self.sandbox.get("problems", []):
+            self.log.warning("sandbox_degraded", problem=problem)
+        self.log.info("training_process_ready", pid=proc.pid, landlock_abi=self.sandbox.get("landlock_abi"),
+                      limits=self.sandbox.get("limits"))
 
     def begin_close(self) -> None:
         """The node is stopping: a child that dies now is not restarted."""
         self._closing = True
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def _restart(self) -> None:
         if self._closing:
@@ -50,13 +93,25 @@ class Trainer:
         self.stop()
         self.start()
 
+    def _allow(self, dataset: dict[str, Any] | None) -> None:
+        """Restart the child with read access to a dataset it was not started for."""
+        if dataset is None:
+            return
+        missing = [p for p in dataset_read_paths(dataset) if not self.policy.allows_reading(p)]
+        if missing:
+            self.policy = self.policy.with_read_paths(missing)
+            if self._proc is not None:
+                self.log.info("training_process_widened", datasets=missing)
+                self._restart()
+
     def preload(self, dataset: dict[str, Any], timeout_s: float = 600.0) -> None:
         """Load a dataset into the child's cache now, so the first round does not pay for it."""
         self.run({"op": "preload", "dataset": dataset}, timeout_s)
 
     def run(self, task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Train one round in the child; TrainingFailed on a plan error, crash or timeout."""
-        if self._proc is None or not self._proc.is_alive():
+        """Train one round in the child; TrainingFailed on a plan error, crash, timeout or memory."""
+        self._allow(task.get("dataset"))
+        if not self._alive():
             self._restart()
         assert self._conn is not None and self._proc is not None
         if "params" in task:
@@ -68,7 +123,7 @@ class Trainer:
             self._conn.send(task)
         deadline = time.monotonic() + timeout_s
         while not self._conn.poll(0.2):
-            if not self._proc.is_alive():
+            if not self._alive():
                 self._died()
             if time.monotonic() > deadline:
                 self._restart()
@@ -86,18 +141,25 @@ class Trainer:
 
     def _died(self) -> None:
         assert self._proc is not None
-        self._proc.join(timeout=5)
-        code = self._proc.exitcode
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
+        code = self._proc.returncode
         self._restart()
-        raise TrainingFailed(f"the training process died (exit code {code}); it was restarted")
+        why = " (killed: out of memory?)" if code == -9 else ""
+        raise TrainingFailed(f"the training process died (exit code {code}){why}; it was restarted")
 
     def stop(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send(None)
+            with contextlib.suppress(OSError):
+                self._conn.close()
         if self._proc is not None:
-            self._proc.join(timeout=5)
-            if self._proc.is_alive():
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
-                self._proc.join(timeout=5)
-        self._proc, self._conn = None, None
+                self._proc.wait(timeout=5)
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self._proc, self._conn, self._scratch = None, None, None

@@ -7,6 +7,8 @@ Loaded datasets and plan classes are cached across rounds, so a round costs only
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -18,6 +20,7 @@ import torch
 from common.messages import PlanRef
 from common.training.loader import load_plan_class
 from node import datasets
+from node.sandbox import SandboxPolicy, confine
 
 
 def to_arrays(params: dict[str, Any]) -> dict[str, Any]:
@@ -119,12 +122,14 @@ def warm_up() -> None:
         opt.step()
 
 
-def serve(conn: Connection, threads: int) -> None:
-    """Child main loop: one task in, one answer out, until told to stop or the pipe closes."""
-    torch.set_num_threads(max(1, threads))
+def serve(conn: Connection) -> None:
+    """Child main loop: confine, warm up, then one task in, one answer out, until told to stop."""
+    hello = conn.recv()
+    torch.set_num_threads(max(1, int(hello["threads"])))
+    applied = confine(SandboxPolicy(**hello["policy"]))
     warm_up()
     cache = _Cache()
-    conn.send({"ready": True})
+    conn.send({"ready": True, "sandbox": dataclasses.asdict(applied)})
     while True:
         try:
             task = conn.recv()
@@ -146,3 +151,19 @@ def serve(conn: Connection, threads: int) -> None:
             conn.send({"ok": True, **result})
         except Exception as exc:  # the plan's bug is reported, not fatal
             conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+
+def main() -> None:
+    """`python -m node.worker --fd N`: started by the node's Trainer, never by hand."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--fd", type=int, required=True, help="the pipe to the node")
+    args = parser.parse_args()
+    conn = Connection(args.fd)
+    try:
+        serve(conn)
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from scripts import fmnist
 
 NODES = ["site-1", "site-2", "site-3"]
 PLAN = Path(__file__).with_name("slow_plan.py")
-NODE_ENV = {"FBM_NODE_ACCEPT_CUSTOM_PLANS": "true", "FBM_NODE_RESEND_AFTER_S": "2", "FBM_MQTT_RECONNECT_MAX_S": "2"}
+NODE_ENV = {"FBM_NODE_RESEND_AFTER_S": "2", "FBM_MQTT_RECONNECT_MAX_S": "2"}
 
 
 @dataclass
@@ -86,7 +86,7 @@ def federation(start_nodes: list[str] = NODES) -> Run:
     shards = fmnist.write_shards(fed.root / "data", len(NODES), limit=900, seed=1)
     for name, shard in zip(NODES, shards, strict=True):
         fed.add_node(name, [{"name": "fm", "type": "npz", "path": str(shard), "tag": "fmnist"}],
-                     start=name in start_nodes, env=NODE_ENV)
+                     start=name in start_nodes, env=NODE_ENV, approve=[(PLAN, "SlowMLP")])
     fed.add_aggregator("fedavg-1")
     fed.enroll("alice", "researcher")
     fed.wait_online(set(start_nodes))
