@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from common.errors import ConnectError
 from common.identity import Identity
@@ -197,7 +197,8 @@ def plan_list(node_dir: Path, status: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{k: v for k, v in p.__dict__.items() if k != "source"} for p in items], indent=2, default=str))
         return
-    table = Table("plan", "class", "status", "first job", "from", "seen", "decided by", "note")
+    table = Table("class", "status", "first job", "from", "seen", "decided by", "note")
+    table.columns.insert(0, Column("plan", no_wrap=True, min_width=16))
     for p in items:
         seen = dt.datetime.fromtimestamp(p.seen_at).strftime("%Y-%m-%d %H:%M")
         table.add_row(p.plan_id[:16], p.class_name, str(p.status), p.first_job, p.first_sender, seen, p.decided_by, p.note)

@@ -80,6 +80,35 @@ def nodes(bundle: Path, wait: float) -> None:
     console.print(table if statuses else "no node has ever connected to this federation")
 
 
+@main.command("plan-status")
+@click.argument("plan")
+@BUNDLE
+@click.option("--node", "nodes", multiple=True, required=True, help="Node to ask (repeatable).")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each node's answer.")
+def plan_status(plan: str, bundle: Path, nodes: tuple[str, ...], timeout: float) -> None:
+    """Ask nodes whether they would run PLAN (a .py file, its sha256, or zoo:NAME).
+
+    A node runs a plan only once its admin approved that exact source; until then a job with
+    it waits there as pending.
+    """
+    from common.training.loader import source_sha256
+    from researcher.ask import ask
+
+    path = Path(plan)
+    pid = source_sha256(path.read_text()) if plan.endswith(".py") and path.is_file() else plan
+    identity = Identity.load(bundle)
+    table = Table("node", "plan", "status", "note")
+    for node in nodes:
+        try:
+            reply = ask(identity, node, "plan_status", {"plan": pid}, timeout_s=timeout)
+            table.add_row(node, pid[:16], str(reply.data.get("status")), str(reply.data.get("note", "")))
+        except TimeoutError as exc:
+            table.add_row(node, pid[:16], "no answer", str(exc))
+        except ConnectError as exc:
+            _fail(str(exc), 2)
+    console.print(table)
+
+
 def _load_job_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
