@@ -5,7 +5,8 @@ PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.fedbiomq-installed
-APT_PKGS := mosquitto mosquitto-clients dataset-fashion-mnist
+# gcc + headers build the broker plugin (broker/plugin/fbm_auth.c) into each federation workspace
+APT_PKGS := mosquitto mosquitto-clients dataset-fashion-mnist gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

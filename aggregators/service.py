@@ -66,6 +66,19 @@ def check_update(params: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return None
 
 
+def check_sample_count(n_samples: int, declared: int | None) -> str | None:
+    """Why a sample count cannot be a weight (None if it can).
+
+    FedAvg weights by it, so an inflated count lets one node outweigh all others; it may not
+    exceed what the node declared for its dataset in its status (when known).
+    """
+    if n_samples < 1:
+        return f"sample count {n_samples} is not positive"
+    if declared is not None and n_samples > declared:
+        return f"sample count {n_samples} exceeds the {declared} samples the node declared"
+    return None
+
+
 class Checkpoints:
     """One checkpoint per job and round, plus the job's final state, under `root/JOB/`."""
 
@@ -287,7 +300,8 @@ class JobRunner(threading.Thread):
                 log.info("duplicate_update_dropped", node=msg.sender)
                 self._ack(r, msg.sender)  # its first acknowledgement may have been lost
                 continue
-            problem = check_update(update.params, params)
+            problem = check_update(update.params, params) or check_sample_count(
+                update.n_samples, self.service.declared_samples(msg.sender, spec))
             if problem is not None:
                 log.warning("update_rejected", node=msg.sender, reason=problem)
                 gone.add(msg.sender)
@@ -380,6 +394,15 @@ class AggregatorService:
             and (spec.nodes is None or name in spec.nodes)
             and any(wanted <= set(d.tags) for d in st.datasets)
         )
+
+    def declared_samples(self, node: str, spec: JobSpec) -> int | None:
+        """The size of the node's largest dataset matching the job's tags, per its last status."""
+        with self._lock:
+            status = self.nodes.get(node)
+        if status is None:
+            return None
+        sizes = [d.n_samples for d in status.datasets if set(spec.tags) <= set(d.tags)]
+        return max(sizes) if sizes else None
 
     def forget(self, job: str) -> None:
         with self._lock:

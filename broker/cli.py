@@ -33,6 +33,7 @@ def main() -> None:
       fbm-broker init ./fed --host broker.example.org
       fbm-broker enroll ./fed --role node --id hospital-a
       fbm-broker start ./fed
+      fbm-broker revoke ./fed --id hospital-a      # cut a site off, broker keeps running
     """
 
 
@@ -115,12 +116,57 @@ def status(workspace: Path) -> None:
 @main.command()
 @click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def identities(workspace: Path) -> None:
-    """List the federation's identities and roles."""
+    """List the federation's identities, roles, state and certificate expiry."""
+    import datetime as dt
+
     try:
         entries = Workspace(workspace).identities()
     except FileNotFoundError as exc:
         _fail(str(exc))
-    table = Table("identity", "role", "state", "fingerprint (sha256)")
+    table = Table("identity", "role", "state", "expires", "fingerprint (sha256)")
+    now = dt.datetime.now().timestamp()
     for name, entry in sorted(entries.items()):
-        table.add_row(name, entry["role"], "revoked" if entry.get("revoked") else "active", entry["fingerprint"][:16])
+        not_after = entry.get("not_after")
+        expires = dt.datetime.fromtimestamp(not_after).strftime("%Y-%m-%d") if not_after else "?"
+        state = "revoked" if entry.get("revoked") else ("expired" if not_after and not_after < now else "active")
+        table.add_row(name, entry["role"], state, expires, entry["fingerprint"][:16])
     console.print(table)
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--id", "name", required=True, help="The identity to cut off.")
+def revoke(workspace: Path, name: str) -> None:
+    """Cut an identity off now: its connection is closed and its certificates refused.
+
+    The broker keeps running: the ACL loses the identity's entry, its certificates'
+    fingerprints go on the broker's refused list, and a reload (SIGHUP) re-checks every
+    connected client. Enrol the name again (--force) to give the site a new key.
+    """
+    ws = Workspace(workspace)
+    try:
+        entry = ws.revoke(name)
+    except (KeyError, FileNotFoundError) as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    reloaded = process.reload(ws)
+    console.print(f"revoked [bold]{name}[/bold] ({entry['role']}, {len(entry.get('certs', [1]))} certificate(s))")
+    console.print("  the broker " + ("disconnected it and refuses it from now on" if reloaded
+                                     else "is not running; it will refuse the identity at start"))
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--id", "name", required=True, help="The identity whose certificate to renew.")
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650), help="New certificate lifetime.")
+def renew(workspace: Path, name: str, days: int) -> None:
+    """Issue a new certificate for an identity's existing key (before the old one expires).
+
+    Only identity.crt in the bundle changes: copy it to the site, which picks it up at its
+    next restart. The old certificate stays valid until it expires.
+    """
+    ws = Workspace(workspace)
+    try:
+        bundle = ws.renew(name, days=days)
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    console.print(f"renewed [bold]{name}[/bold] for {days} days: copy {bundle / 'identity.crt'} to the site")

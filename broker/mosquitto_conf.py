@@ -27,9 +27,13 @@ def mosquitto_conf(*, port: int, bind: str, broker_dir: Path, limits: BrokerLimi
 per_listener_settings false
 {user_line}
 
-# Nobody gets in without a client certificate from the federation CA.
+# Nobody gets in without a client certificate from the federation CA, AND the fbm_auth
+# plugin admits a client only if its username is its certificate's name, its client id is
+# that name (or NAME:suffix), and the name is not revoked (re-checked on SIGHUP).
 allow_anonymous false
 acl_file {d / "acl"}
+plugin {d / "fbm_auth.so"}
+plugin_opt_revoked_file {d / "revoked"}
 
 # Persistence: sessions, queued QoS-1 messages and retained jobs/models survive a restart.
 # A hard kill loses what changed since the last autosave, so the protocol re-sends
@@ -66,5 +70,7 @@ certfile {d / "server.crt"}
 keyfile {d / "server.key"}
 tls_version tlsv1.2
 require_certificate true
-use_identity_as_username true
+# The username is checked against the certificate by fbm_auth (use_identity_as_username
+# would bypass every plugin, and with it client-id binding and revocation).
+use_identity_as_username false
 """

@@ -131,12 +131,22 @@ def create_server_cert(ca: KeyPair, hosts: list[str], days: int = LEAF_DAYS) -> 
     return KeyPair(cert, _key_pem(key))
 
 
-def create_identity_cert(ca: KeyPair, name: str, role: str, days: int = LEAF_DAYS) -> KeyPair:
-    """A client cert whose CN is the identity (the MQTT username) and OU its role."""
+def create_identity_cert(ca: KeyPair, name: str, role: str, days: int = LEAF_DAYS,
+                         key_pem: bytes | None = None) -> KeyPair:
+    """A client cert whose CN is the identity (the MQTT username) and OU its role.
+
+    With `key_pem`, the cert is for that existing key (a renewal: the site keeps its key).
+    """
     validate_identity_name(name)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    key = ed25519.Ed25519PrivateKey.generate()
+    if key_pem is None:
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        loaded = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+            raise ValueError("the identity key is not an Ed25519 key")
+        key = loaded
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
@@ -158,3 +168,7 @@ def write_private(path: Path, data: bytes) -> None:
 def cert_fingerprint(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def cert_not_after(cert_pem: bytes) -> float:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import pki
+from broker.auth_plugin import ensure_built
 from broker.acl import acl_text
 from broker.mosquitto_conf import BrokerLimits, mosquitto_conf
 from common.identity import BUNDLE_FILE, CA_FILE, CERT_FILE, KEY_FILE, ROLES, validate_identity_name
@@ -178,6 +179,7 @@ class Workspace:
                 user=run_as,
             )
         )
+        ensure_built(self.broker_dir)
         self.write_acl()
 
     # identities
@@ -234,20 +236,81 @@ class Workspace:
             "max_packet_bytes": fed.limits.max_packet_bytes,
         }
         (bundle / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+        old = identities.get(name, {})
+        # a re-issued identity gets a new key: certificates of a revoked one stay refused
+        refused = list(old.get("revoked_certs", []))
+        if old.get("revoked"):
+            refused += [fp for fp in old.get("certs", [old.get("fingerprint")]) if fp and fp not in refused]
+        fingerprint = pki.cert_fingerprint(pair.cert_pem)
         identities[name] = {
             "role": role,
-            "fingerprint": pki.cert_fingerprint(pair.cert_pem),
+            "fingerprint": fingerprint,
+            "certs": [fingerprint],
+            "revoked_certs": refused,
             "issued": time.time(),
+            "not_after": pki.cert_not_after(pair.cert_pem),
             "revoked": False,
         }
         self._save_identities(identities)
         self.write_acl()
         return bundle
 
+    def renew(self, name: str, *, days: int = pki.LEAF_DAYS) -> Path:
+        """A new certificate for the same key (the site replaces identity.crt; nothing else).
+
+        The previous certificate stays valid until it expires, so a site can switch over
+        without downtime; revoke the identity to cut every certificate at once.
+        """
+        with self._locked():
+            identities = self.identities()
+            entry = identities.get(name)
+            if entry is None:
+                raise KeyError(f"no identity {name!r} in this federation")
+            if entry.get("revoked"):
+                raise ValueError(f"identity {name!r} is revoked; enrol it again (--force) to issue a new key")
+            bundle = self.bundle_dir(name)
+            pair = pki.create_identity_cert(self.ca(), name, entry["role"], days, key_pem=(bundle / KEY_FILE).read_bytes())
+            tmp = bundle / (CERT_FILE + ".tmp")
+            tmp.write_bytes(pair.cert_pem)
+            tmp.replace(bundle / CERT_FILE)
+            fingerprint = pki.cert_fingerprint(pair.cert_pem)
+            entry["certs"] = [*entry.get("certs", [entry["fingerprint"]]), fingerprint]
+            entry["fingerprint"] = fingerprint
+            entry["not_after"] = pki.cert_not_after(pair.cert_pem)
+            entry["renewed"] = time.time()
+            self._save_identities(identities)
+            return bundle
+
+    @property
+    def revoked_file(self) -> Path:
+        return self.broker_dir / "revoked"
+
     def write_acl(self) -> None:
-        active = {n: i["role"] for n, i in self.identities().items() if not i.get("revoked")}
+        """The ACL of the active identities, and the list the broker plugin refuses."""
+        identities = self.identities()
+        active = {n: i["role"] for n, i in identities.items() if not i.get("revoked")}
         self.acl_file.write_text(acl_text(active))
+        refused: list[tuple[str, str]] = []
+        for n, i in sorted(identities.items()):
+            refused += [(fp, n) for fp in i.get("revoked_certs", [])]
+            if i.get("revoked"):
+                refused += [(fp, n) for fp in i.get("certs", [i.get("fingerprint")]) if fp]
+        tmp = self.revoked_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{fp} {n}\n" for fp, n in refused))
+        tmp.replace(self.revoked_file)
         self.fix_ownership()
+
+    def revoke(self, name: str) -> dict:
+        """Mark `name` revoked (ACL entry removed, listed for the broker plugin); its entry."""
+        with self._locked():
+            identities = self.identities()
+            if name not in identities:
+                raise KeyError(f"no identity {name!r} in this federation (see `fbm-broker identities`)")
+            identities[name]["revoked"] = True
+            identities[name]["revoked_at"] = time.time()
+            self._save_identities(identities)
+            self.write_acl()
+            return identities[name]
 
     def fix_ownership(self) -> None:
         """When run as root, Mosquitto drops to its own user before reading keys and state."""

@@ -62,7 +62,10 @@ def frame_kind(payload: bytes) -> str:
 
 
 def parse_manifest(payload: bytes) -> Manifest:
-    raw = codec.decode(memoryview(payload)[4:])
+    try:
+        raw = codec.decode(memoryview(payload)[4:])
+    except BadMessage as exc:
+        raise BadMessage(Reason.BAD_CHUNK, f"undecodable manifest: {exc.detail}") from None
     try:
         manifest = Manifest(bytes(raw["t"]), int(raw["n"]), int(raw["size"]), bytes(raw["sha256"]))
     except (KeyError, TypeError, ValueError) as exc:
@@ -123,6 +126,8 @@ class Reassembler:
 
     def add_manifest(self, stream: str, payload: bytes) -> bytearray | None:
         manifest = parse_manifest(payload)
+        if manifest.size > self._max_bytes:
+            raise BadMessage(Reason.TOO_LARGE, f"manifest declares {manifest.size} bytes; the limit is {self._max_bytes}")
         if (stream, manifest.transfer) in self._finished:
             return None
         entry = self._pending.setdefault((stream, manifest.transfer), _Pending())
@@ -140,6 +145,8 @@ class Reassembler:
             self._finished.popitem(last=False)
         if any(i not in entry.chunks for i in range(manifest.count)):
             raise BadMessage(Reason.BAD_CHUNK, "chunk indices do not match the manifest")
+        if entry.nbytes != manifest.size:  # checked before allocating what the manifest claims
+            raise BadMessage(Reason.BAD_CHUNK, f"got {entry.nbytes} bytes, manifest says {manifest.size}")
         whole = bytearray(manifest.size)
         offset = 0
         for i in range(manifest.count):

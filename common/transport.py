@@ -59,6 +59,17 @@ class _AckWaiter:
         self.event.set()
 
 
+def scoped_client_id(name: str, tag: str | None = None) -> str:
+    """The MQTT client id for identity `name`: `name`, or `name:tag` for extra connections.
+
+    The broker admits only these (broker/plugin/fbm_auth.c), so no party can take over
+    another's session; identity names cannot contain ':'.
+    """
+    if not tag or tag == name or tag.startswith(f"{name}:"):
+        return tag or name
+    return f"{name}:{tag}"
+
+
 class Transport:
     """A connection to the federation broker as one identity."""
 
@@ -78,7 +89,7 @@ class Transport:
         self.settings = settings or TransportSettings()
         self.host = self.settings.host or identity.broker_host
         self.port = self.settings.port or identity.broker_port
-        self.client_id = client_id or identity.name
+        self.client_id = scoped_client_id(identity.name, client_id)
         self.log = structlog.get_logger("transport").bind(identity=identity.name)
         self._on_delivery = on_delivery
         self._on_reject = on_reject
@@ -108,6 +119,7 @@ class Transport:
             protocol=mqtt.MQTTv5,
             reconnect_on_failure=True,
         )
+        client.username_pw_set(self.identity.name)  # the broker plugin checks it is our cert's name
         client.tls_set(
             ca_certs=str(self.identity.ca_path),
             certfile=str(self.identity.cert_path) if self._present_cert else None,

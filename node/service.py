@@ -113,6 +113,7 @@ class NodeService:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, connect_timeout_s: float | None = None) -> None:
+        self.trainer.allow_datasets([_dataset_spec(ds) for ds in self.registry.list()])
         self.trainer.start()
         for ds in self.registry.list()[:2]:  # the child caches two datasets
             try:

@@ -93,6 +93,12 @@ class Trainer:
         self.stop()
         self.start()
 
+    def allow_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Grant read access to these datasets from the next (re)start of the child on."""
+        paths = [p for d in datasets for p in dataset_read_paths(d) if not self.policy.allows_reading(p)]
+        if paths:
+            self.policy = self.policy.with_read_paths(paths)
+
     def _allow(self, dataset: dict[str, Any] | None) -> None:
         """Restart the child with read access to a dataset it was not started for."""
         if dataset is None:

@@ -20,7 +20,7 @@ def ask(identity: Identity, node: str, command: str, args: dict[str, Any] | None
     from researcher.experiment import researcher_settings
 
     got: queue.Queue = queue.Queue()
-    m = Messenger(identity, researcher_settings(mqtt), client_id=f"{identity.name}-{uuid.uuid4().hex[:8]}")
+    m = Messenger(identity, researcher_settings(mqtt), client_id=uuid.uuid4().hex[:8])
     m.subscribe(topics.replies(node), got.put, types={"reply"})
     m.connect()
     try:

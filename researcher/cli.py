@@ -57,7 +57,7 @@ def nodes(bundle: Path, wait: float) -> None:
     """List the federation's nodes (online or offline) and their datasets."""
     identity = Identity.load(bundle)
     got: queue.Queue = queue.Queue()
-    m = Messenger(identity, researcher_settings(), client_id=f"{identity.name}-{uuid.uuid4().hex[:8]}")
+    m = Messenger(identity, researcher_settings(), client_id=uuid.uuid4().hex[:8])
     m.subscribe("fbm/v1/nodes/+/status", got.put, types={"node_status"})
     try:
         m.connect()

@@ -156,7 +156,7 @@ class Experiment:
     @property
     def messenger(self) -> Messenger:
         if self._messenger is None:
-            client_id = f"{self.identity.name}-{uuid.uuid4().hex[:8]}"
+            client_id = uuid.uuid4().hex[:8]
             self._messenger = Messenger(self.identity, self.mqtt, client_id=client_id)
             self._events: queue.Queue[Message] = queue.Queue()
             m = self._messenger
@@ -234,7 +234,7 @@ class Experiment:
         """An Experiment for a job submitted earlier (maybe by another process), read from the broker."""
         identity = bundle if isinstance(bundle, Identity) else Identity.load(bundle)
         got: queue.Queue[Message] = queue.Queue()
-        m = Messenger(identity, researcher_settings(mqtt), client_id=f"{identity.name}-{uuid.uuid4().hex[:8]}")
+        m = Messenger(identity, researcher_settings(mqtt), client_id=uuid.uuid4().hex[:8])
         m.subscribe(topics.job(job_id), got.put, types={"job"}, retained_chunks=True)
         m.connect()
         try:

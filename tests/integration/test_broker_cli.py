@@ -30,7 +30,7 @@ def test_broker_lifecycle_and_live_enrolment():
     assert cli("init", str(root), "--port", str(port), "--bind", "127.0.0.1", "--host", "fed.example.org").returncode == 0
     assert "already holds a federation" in cli("init", str(root)).stdout
     conf = (root / "broker" / "mosquitto.conf").read_text()
-    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username true",
+    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username false", "fbm_auth.so",
                  "persistence true", "max_queued_messages", "persistent_client_expiration"):
         assert line in conf
     assert cli("status", str(root)).returncode == 3  # stopped
