@@ -59,9 +59,16 @@ def start(bundle: Path, state_dir: Path, log_level: str, connect_timeout: float)
 
 @main.command()
 def rules() -> None:
-    """List the installed aggregation rules."""
-    from aggregators.rules import get_rule, rule_names
+    """List the installed aggregation rules (built in, and from plug-in packages)."""
+    from rich.table import Table
 
+    from aggregators.rules import broken_plugins, rule_class, rule_names
+
+    table = Table("rule", "memory", "nodes run", "what it does")
     for name in rule_names():
-        doc = (type(get_rule(name)).__doc__ or "").strip().splitlines()[0]
-        console.print(f"[bold]{name}[/bold]  {doc}")
+        cls = rule_class(name)
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        table.add_row(name, "O(model)" if cls.streaming else "N x model", cls.local_algorithm, " ".join(doc.split()))
+    console.print(table)
+    for name, error in broken_plugins().items():
+        console.print(f"[red]plug-in {name!r} failed to load:[/red] {error}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -88,11 +90,13 @@ class Checkpoints:
     def _dir(self, job: str) -> Path:
         return self.root / job
 
-    def save(self, job: str, round_: int, params: dict[str, torch.Tensor], history: list[dict[str, Any]]) -> None:
+    def save(self, job: str, round_: int, params: dict[str, torch.Tensor], history: list[dict[str, Any]],
+             rule_state: dict[str, Any] | None = None) -> None:
         folder = self._dir(job)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"round-{round_}.pt.tmp"
-        torch.save({"round": round_, "params": {k: v.clone() for k, v in params.items()}, "history": history}, tmp)
+        torch.save({"round": round_, "params": {k: v.clone() for k, v in params.items()}, "history": history,
+                    "rule": rule_state}, tmp)
         tmp.replace(folder / f"round-{round_}.pt")
 
     def latest(self, job: str) -> dict[str, Any] | None:
@@ -144,10 +148,12 @@ class JobRunner(threading.Thread):
                                     job=self.spec.job_id, round_=round_, retain=retain)
 
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
-                       nodes: list[str] | None = None, deadline: float | None = None, reason: str = "") -> None:
+                       nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",
+                       extra: dict[str, torch.Tensor] | None = None) -> None:
         model = GlobalModel(round=round_, params=params, aggregator=self.service.name, status=status,
                             open_round=open_round, nodes=nodes or [], deadline=deadline,
-                            history=[RoundClosed.model_validate(h) for h in history], reason=reason)
+                            history=[RoundClosed.model_validate(h) for h in history], reason=reason,
+                            extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
         self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
 
@@ -156,11 +162,13 @@ class JobRunner(threading.Thread):
         params: dict[str, torch.Tensor] = dict(spec.initial_params)
         history: list[dict[str, Any]] = []
         try:
-            rule = get_rule(spec.aggregator.name, spec.aggregator.args)
+            rule = self._rule()
             start = 0
             checkpoint = self.service.checkpoints.latest(spec.job_id)
             if checkpoint is not None:
                 start, params, history = checkpoint["round"], checkpoint["params"], checkpoint["history"]
+                if checkpoint.get("rule"):
+                    rule.load_state_dict(checkpoint["rule"])  # cross-round state (momentum, controls)
                 self.log.info("job_resumed", round=start)
             if not params:
                 raise JobFailure("the job has no initial parameters")
@@ -172,11 +180,11 @@ class JobRunner(threading.Thread):
                 resume = None
                 history.append(summary.model_dump())
                 t_save = time.perf_counter()
-                self.service.checkpoints.save(spec.job_id, r, params, history)
+                self.service.checkpoints.save(spec.job_id, r, params, history, rule_state=self._rule_state(rule))
                 self.service.checkpoints.clear_open(spec.job_id)
                 self.log.debug("checkpoint_saved", round=r, save_s=round(time.perf_counter() - t_save, 4))
                 self._send("round_closed", summary, round_=r)
-            self._publish_model(spec.rounds, params, history, status="done")
+            self._publish_model(spec.rounds, params, history, status="done", extra=rule.model_extra())
             final = history[-1]["metrics"] if history else {}
             self._send("job_done", {"rounds": spec.rounds, "final_round": spec.rounds, "metrics": final})
             self.service.checkpoints.finish(spec.job_id, "done")
@@ -189,6 +197,36 @@ class JobRunner(threading.Thread):
         finally:
             self.service.forget(spec.job_id)
 
+    def _rule(self) -> AggregationRule:
+        """The job's rule, refused up front if it or the nodes' half of it does not fit."""
+        spec = self.spec
+        try:
+            rule = get_rule(spec.aggregator.name, spec.aggregator.args)
+        except ValueError as exc:
+            raise JobFailure(str(exc)) from None
+        algorithm = str(spec.training_args.get("algorithm", "sgd"))
+        if rule.local_algorithm != algorithm:
+            raise JobFailure(f"rule {rule.name!r} needs the nodes to run the {rule.local_algorithm!r} local algorithm "
+                             f"(training_args.algorithm = {rule.local_algorithm!r}); the job asks for {algorithm!r}")
+        if not rule.streaming:
+            self.log.info("rule_holds_all_updates", rule=rule.name)
+        return rule
+
+    @staticmethod
+    def _rule_state(rule: AggregationRule) -> dict[str, Any] | None:
+        try:
+            return rule.state_dict()
+        except NotImplementedError:
+            return None
+
+    def _select(self, r: int, eligible: list[str]) -> list[str]:
+        """The nodes of round `r` under the job's selection policy (recorded in round_opened)."""
+        sel = self.spec.selection
+        if sel.mode != "fraction":
+            return list(eligible)
+        want = min(len(eligible), max(sel.k, self.spec.quorum, math.ceil(sel.fraction * len(eligible))))
+        return sorted(random.Random(sel.seed * 1_000_003 + r).sample(sorted(eligible), want))
+
     def _fail(self, reason: str, params, history) -> None:
         self.log.warning("job_failed", reason=reason)
         try:
@@ -200,9 +238,10 @@ class JobRunner(threading.Thread):
         self.service.checkpoints.finish(self.spec.job_id, "failed", reason)
 
     def _wait_for_nodes(self, deadline: float) -> list[str]:
+        needed = max(self.spec.quorum, self.spec.selection.k if self.spec.selection.mode == "at_least" else 1)
         while True:
             expected = [n for n in self.service.eligible(self.spec) if n not in self.declined | self.pending]
-            if len(expected) >= self.spec.quorum or time.time() > deadline:
+            if len(expected) >= needed or time.time() > deadline:
                 return expected
             self._drain(timeout_s=0.2)
 
@@ -234,9 +273,10 @@ class JobRunner(threading.Thread):
         if resume is None:
             opened = time.time()
             deadline = opened + spec.round_deadline_s
-            expected = self._wait_for_nodes(deadline)
-            if len(expected) < spec.quorum:
-                raise JobFailure(f"round {r}: only {len(expected)} eligible node(s) online, quorum is {spec.quorum}")
+            eligible = self._wait_for_nodes(deadline)
+            if len(eligible) < spec.quorum:
+                raise JobFailure(f"round {r}: only {len(eligible)} eligible node(s) online, quorum is {spec.quorum}")
+            expected = self._select(r, eligible)
             rule.begin_round(params)
             answered: set[str] = set()
             gone: set[str] = set()
@@ -244,18 +284,21 @@ class JobRunner(threading.Thread):
         else:  # a restarted aggregator picks the round up where the checkpoint left it
             opened, deadline = resume["opened"], resume["deadline"]
             expected = list(resume["expected"])
+            eligible = list(resume.get("eligible", expected))
             answered, gone = set(resume["answered"]), set(resume["gone"])
             reports = [NodeRoundReport.model_validate(x) for x in resume["reports"]]
             rule.load_state_dict(resume["rule"])
             log.info("round_resumed", answered=sorted(answered))
         t_publish = time.perf_counter()
-        self._publish_model(r - 1, params, history, open_round=r, nodes=expected, deadline=deadline)
+        self._publish_model(r - 1, params, history, open_round=r, nodes=expected, deadline=deadline, extra=rule.model_extra())
         publish_s = time.perf_counter() - t_publish
-        self._send("round_opened", RoundOpened(round=r, nodes=expected, deadline=deadline, model_round=r - 1), round_=r)
-        log.info("round_opened", nodes=expected, model_publish_s=round(publish_s, 4))
+        self._send("round_opened", RoundOpened(round=r, nodes=expected, deadline=deadline, model_round=r - 1,
+                                               selection=spec.selection.mode, eligible=eligible), round_=r)
+        log.info("round_opened", nodes=expected, selection=spec.selection.mode, model_publish_s=round(publish_s, 4))
+        selective = spec.selection.mode == "fraction"
 
         def open_state() -> dict[str, Any]:
-            return {"round": r, "opened": opened, "deadline": deadline, "expected": expected,
+            return {"round": r, "opened": opened, "deadline": deadline, "expected": expected, "eligible": eligible,
                     "answered": sorted(answered), "gone": sorted(gone),
                     "reports": [x.model_dump() for x in reports], "rule": rule.state_dict()}
 
@@ -277,7 +320,7 @@ class JobRunner(threading.Thread):
                 raise JobFailure("the researcher withdrew the job")
             self._note_standing(event)
             if event.kind == "joined":  # back online, new, or its plan approved: it joins the open round
-                if event.node in self.pending:
+                if event.node in self.pending or (selective and event.node not in expected):
                     continue
                 if event.node not in answered and event.node not in self.declined:
                     gone.discard(event.node)
@@ -296,6 +339,9 @@ class JobRunner(threading.Thread):
             if msg.round != r or update.round != r:
                 log.info("late_update_dropped", node=msg.sender, update_round=update.round)
                 continue
+            if selective and msg.sender not in expected:
+                log.info("unselected_update_dropped", node=msg.sender)
+                continue
             if msg.sender in answered:
                 log.info("duplicate_update_dropped", node=msg.sender)
                 self._ack(r, msg.sender)  # its first acknowledgement may have been lost
@@ -306,7 +352,12 @@ class JobRunner(threading.Thread):
                 log.warning("update_rejected", node=msg.sender, reason=problem)
                 gone.add(msg.sender)
                 continue
-            rule.add(update.params, update.n_samples, msg.sender)
+            try:
+                rule.add(update.params, update.n_samples, msg.sender, update.extra)
+            except ValueError as exc:  # e.g. a SCAFFOLD update without its control delta
+                log.warning("update_rejected", node=msg.sender, reason=str(exc))
+                gone.add(msg.sender)
+                continue
             answered.add(msg.sender)
             gone.discard(msg.sender)
             if msg.sender not in expected:
@@ -320,12 +371,16 @@ class JobRunner(threading.Thread):
         self._checkpoint_and_ack(r, open_state, unsaved)
         if len(answered) < spec.quorum:
             raise JobFailure(f"round {r}: {len(answered)} update(s) by the deadline, quorum is {spec.quorum}")
-        new_params = rule.end_round()
+        try:
+            new_params = rule.end_round()
+        except ValueError as exc:  # e.g. Krum with fewer updates than it needs
+            raise JobFailure(f"round {r}: {rule.name}: {exc}") from None
+        notes = {"selected": list(rule.selected)} if getattr(rule, "selected", None) else {}
         total = sum(rep.n_samples for rep in reports)
         metric_names = set().union(*(rep.metrics for rep in reports))
         metrics = {m: sum(rep.metrics.get(m, 0.0) * rep.n_samples for rep in reports) / total for m in metric_names}
         summary = RoundClosed(round=r, reports=reports, missing=sorted(set(expected) - answered),
-                              metrics=metrics, duration_s=time.time() - opened)
+                              metrics=metrics, duration_s=time.time() - opened, notes=notes)
         log.info("round_closed", nodes=sorted(answered), missing=summary.missing, **{k: round(v, 4) for k, v in metrics.items()})
         return new_params, summary
 

@@ -115,6 +115,20 @@ class AggregatorRef(Body):
     identity: str | None = None  # which aggregator should run the job (None: any)
 
 
+class Selection(Body):
+    """Which of the available nodes take part in a round.
+
+    all: every eligible node; fraction: a random `fraction` of them (at least `k`), drawn
+    with `seed` and the round number, so a rerun picks the same sets; at_least: every eligible
+    node, but the round does not open before `k` of them are online.
+    """
+
+    mode: Literal["all", "fraction", "at_least"] = "all"
+    fraction: float = Field(default=1.0, gt=0, le=1)
+    k: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
 @message("job", "researcher")
 class JobSpec(Body):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
@@ -132,6 +146,7 @@ class JobSpec(Body):
     # stragglers: "wait" for every selected node until the deadline; "quorum": close the round
     # as soon as `quorum` updates are in (the others are recorded as missing that round)
     stragglers: Literal["wait", "quorum"] = "wait"
+    selection: Selection = Selection()
     created: float = 0.0
     description: str = ""
 
@@ -144,6 +159,7 @@ class Update(Body):
     metrics: dict[str, float] = {}
     timings: dict[str, float] = {}
     dataset: str = ""
+    extra: Tensors = {}  # algorithm state for the aggregator (e.g. SCAFFOLD's control delta)
 
 
 class NodeRoundReport(Body):
@@ -159,6 +175,8 @@ class RoundOpened(Body):
     nodes: list[str]
     deadline: float
     model_round: int
+    selection: str = "all"  # how `nodes` was chosen from `eligible`
+    eligible: list[str] = []
 
 
 @message("round_closed", "aggregator")
@@ -168,6 +186,7 @@ class RoundClosed(Body):
     missing: list[str] = []
     metrics: dict[str, float] = {}
     duration_s: float = 0.0
+    notes: dict[str, Any] = {}  # what the rule decided (e.g. the updates Krum kept)
 
 
 @message("model", "aggregator")
@@ -188,6 +207,8 @@ class GlobalModel(Body):
     deadline: float | None = None
     history: list[RoundClosed] = []
     reason: str = ""
+    extra: Tensors = {}  # published with the params (e.g. SCAFFOLD's server control variate)
+    selection: str = "all"  # "all": any eligible node may join the open round; else only `nodes`
 
 
 @message("update_received", "aggregator")

@@ -150,7 +150,7 @@ class Messenger:
             self._rejected(delivery.topic, exc)
             return
         if msg.id in self._seen:
-            self.log.debug("duplicate_dropped", msg_id=msg.id, topic=msg.topic)
+            self.log.info("duplicate_dropped", msg_id=msg.id, topic=msg.topic, sender=msg.sender)
             return
         self._seen[msg.id] = None
         if len(self._seen) > self._dedupe_window:

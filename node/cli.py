@@ -296,12 +296,12 @@ def plan_revoke(node_dir: Path, plan_id: str, note: str) -> None:
 def audit(node_dir: Path, limit: int, job: str | None) -> None:
     """Show the audit trail: jobs seen, accepted or refused, rounds trained, admin actions."""
     trail = AuditTrail(Database(_settings(node_dir).database))
-    table = Table("time", "event", "job", "round", "dataset", "plan", "detail")
+    table = Table("time", "event", "actor", "job", "round", "dataset", "plan", "detail")
     import datetime as dt
 
     for e in reversed(trail.entries(job, limit)):
         when = dt.datetime.fromtimestamp(e["ts"]).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(when, e["event"], e["job"] or "", str(e["round"] or ""), e["dataset"] or "",
+        table.add_row(when, e["event"], e["actor"] or "", e["job"] or "", str(e["round"] or ""), e["dataset"] or "",
                       (e["plan_sha256"] or "")[:16], json.dumps(e["detail"])[:80])
     console.print(table)
 

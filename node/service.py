@@ -51,6 +51,9 @@ class _Job:
     dataset: Dataset
     trained: set[int] = field(default_factory=set)
     last_send_s: float = 0.0
+    # what the local algorithm keeps between rounds (SCAFFOLD's c_i, ADMM's x_i and u_i);
+    # in memory: a restarted node starts these afresh, which both algorithms tolerate
+    local_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class _Task:
     round: int
     params: dict[str, Any]
     received_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class NodeService:
@@ -325,11 +329,13 @@ class NodeService:
                 return
             r = model.open_round
             self._drop_pending(job_id, before_round=r)  # type: ignore[arg-type]  # closed rounds
+            if model.selection != "all" and self.name not in model.nodes:
+                return  # not selected for this round
             # A node that was away (or started late) joins the round that is open now.
             if r in job.trained:
                 return
             job.trained.add(r)
-        self._tasks.put(_Task(job_id, r, model.params, time.monotonic()))  # type: ignore[arg-type]
+        self._tasks.put(_Task(job_id, r, model.params, time.monotonic(), dict(model.extra)))  # type: ignore[arg-type]
 
     # --- training -----------------------------------------------------------------------------
 
@@ -364,6 +370,8 @@ class NodeService:
             "training_args": spec.training_args,
             "dataset": _dataset_spec(job.dataset),
             "params": task.params,
+            "extra": task.extra,
+            "local_state": job.local_state,
         }
         try:
             result = self.trainer.run(work, timeout_s=self.settings.round_timeout_s)
@@ -373,8 +381,10 @@ class NodeService:
             self._reply("train", job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
+        job.local_state = result.get("local_state") or {}
         body = {"round": task.round, "params": result["params"], "n_samples": result["n_samples"],
-                "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name}
+                "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name,
+                "extra": result.get("extra") or {}}
         pending = _Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic())
         with self._lock:
             self.pending[(spec.job_id, task.round)] = pending

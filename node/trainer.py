@@ -120,8 +120,9 @@ class Trainer:
         if not self._alive():
             self._restart()
         assert self._conn is not None and self._proc is not None
-        if "params" in task:
-            task = {**task, "params": to_arrays(task["params"])}
+        for key in ("params", "extra"):
+            if key in task:
+                task = {**task, key: to_arrays(task[key])}
         try:
             self._conn.send(task)
         except (BrokenPipeError, OSError):
@@ -141,8 +142,9 @@ class Trainer:
         if not answer.get("ok"):
             self.log.warning("plan_failed", traceback=answer.get("traceback"))
             raise TrainingFailed(answer.get("error", "unknown error"))
-        if "params" in answer:
-            answer["params"] = to_tensors(answer["params"])
+        for key in ("params", "extra"):
+            if key in answer:
+                answer[key] = to_tensors(answer[key])
         return answer
 
     def _died(self) -> None:

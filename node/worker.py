@@ -18,9 +18,13 @@ import numpy as np
 import torch
 
 from common.messages import PlanRef
+from common.training import local
 from common.training.loader import load_plan_class
 from node import datasets
 from node.sandbox import SandboxPolicy, confine
+
+
+Params = dict[str, torch.Tensor]
 
 
 def to_arrays(params: dict[str, Any]) -> dict[str, Any]:
@@ -44,31 +48,92 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         yield order[start : start + batch_size]
 
 
+def _evaluate(plan, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> dict[str, float]:
+    """The plan's validation metrics over (x, y), averaged per sample."""
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            yb = y[start : start + batch_size] if y is not None else None
+            for key, value in plan.validation_step(model, xb, yb).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+    model.train()
+    return {k: v / max(len(x), 1) for k, v in sums.items()}
+
+
+def _float_params(model: torch.nn.Module) -> Params:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
 def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str, Any]:
-    """Local training of one round; pure apart from torch's RNG, which is seeded from the task."""
+    """Local training of one round; pure apart from torch's RNG, which is seeded from the task.
+
+    Besides plain SGD it runs the node half of FedProx, SCAFFOLD and ADMM (`algorithm` in the
+    training args), holds out a validation split (`val_fraction`) on which it scores the
+    received global model and the local result, standardizes features with federated
+    statistics (`standardize`), and applies client-level DP (`dp`: clip, sigma).
+    """
     targs = task["training_args"]
+    algorithm = local.algorithm_of(targs)
+    supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
+    if algorithm not in supported:
+        raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
     plan = plan_cls(task["model_args"], targs)
     seed = int(targs.get("seed", 0)) * 1_000_003 + int(task["round"])
     torch.manual_seed(seed)
     model = plan.build_model()
-    model.load_state_dict(to_tensors(task["params"]))
+    received = to_tensors(task["params"])
+    model.load_state_dict(received)
+    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
+    extra = to_tensors(task.get("extra") or {})
+    x_all, y_all = data.x, data.y
+    if targs.get("standardize"):
+        x_all = local.standardize(x_all, targs["standardize"]["mean"], targs["standardize"]["std"])
+    train_idx, val_idx = local.validation_split(len(x_all), float(targs.get("val_fraction", 0.0)), int(targs.get("seed", 0)))
+    if len(val_idx):
+        x_train, y_train = x_all[train_idx], (y_all[train_idx] if y_all is not None else None)
+    else:  # no split: no copy of the dataset
+        x_train, y_train = x_all, y_all
+    batch_size = int(targs.get("batch_size", 64))
+    metrics: dict[str, float] = {}
+    if len(val_idx):
+        x_val, y_val = x_all[val_idx], (y_all[val_idx] if y_all is not None else None)
+        metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
+
+    start_params = _float_params(model)
+    anchor: Params | None = None
+    strength = 0.0
+    if algorithm == "fedprox":
+        anchor, strength = start_params, float(targs.get("mu", 0.01))
+    elif algorithm == "admm":
+        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start_params.items()}
+        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
+            u = local.admm_dual(u, state["x"], start_params)
+        anchor, strength = {k: start_params[k] - u[k] for k in start_params}, float(targs.get("rho", 0.1))
+    elif algorithm == "scaffold":
+        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start_params.items()}
+        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start_params.items()}
+
     optimizer = plan.optimizer(model)
     epochs = int(targs.get("epochs", 1))
-    batch_size = int(targs.get("batch_size", 64))
     max_batches = targs.get("max_batches")
     gen = torch.Generator().manual_seed(seed)
-    n = len(data)
+    n = len(x_train)
     start = time.perf_counter()
     model.train()
     loss_sum, seen, steps = 0.0, 0, 0
     for _ in range(epochs):
         loss_sum, seen = 0.0, 0
         for index in _batches(n, batch_size, gen):
-            x = data.x[index]
-            y = data.y[index] if data.y is not None else None
+            x = x_train[index]
+            y = y_train[index] if y_train is not None else None
             optimizer.zero_grad(set_to_none=True)
             loss = plan.training_step(model, x, y)
-            loss.backward()
+            objective = loss + local.proximal_penalty(model, anchor, strength) if anchor is not None else loss
+            objective.backward()
+            if algorithm == "scaffold":
+                local.scaffold_correct_(model, c_global, c_local)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
@@ -76,13 +141,35 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
             if max_batches is not None and steps >= int(max_batches):
                 break
     train_s = time.perf_counter() - start
-    params = to_arrays({k: v.detach().clone() for k, v in model.state_dict().items()})
+    if len(val_idx):
+        metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    end_params = _float_params(model)
+    extra_out: Params = {}
+    new_state: dict[str, Params] = {}
+    if algorithm == "scaffold":
+        c_new = local.scaffold_new_control(c_global, c_local, start_params, end_params, steps, float(targs.get("lr", 0.01)))
+        extra_out = {local.SCAFFOLD_PREFIX + k: c_new[k] - c_local[k] for k in c_new}
+        new_state = {"c": c_new}
+    elif algorithm == "admm":
+        new_state = {"x": end_params, "u": u}
+        params = {k: (v + u[k] if k in u else v) for k, v in params.items()}  # the server averages x_i + u_i
+    dp = targs.get("dp")
+    if dp:
+        delta = {k: params[k] - received[k] for k in params}
+        noised, norm = local.clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]),
+                                            torch.Generator().manual_seed(seed + 7))
+        params = {k: received[k] + noised[k] for k in params}
+        metrics["dp_update_norm"] = norm
+    metrics["train_loss"] = loss_sum / max(seen, 1)
     return {
-        "params": params,
+        "params": to_arrays(params),
         "n_samples": n,
-        "metrics": {"train_loss": loss_sum / max(seen, 1)},
+        "metrics": metrics,
         "timings": {"train_s": train_s},
         "steps": steps,
+        "extra": to_arrays(extra_out),
+        "local_state": {k: to_arrays(v) for k, v in new_state.items()},
     }
 
 

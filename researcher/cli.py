@@ -28,7 +28,7 @@ BUNDLE = click.option("--bundle", required=True, envvar="FBM_RESEARCHER_BUNDLE",
                       help="Researcher identity bundle (or env FBM_RESEARCHER_BUNDLE).")
 
 JOB_KEYS = {"plan", "plan_class", "tags", "rounds", "quorum", "round_deadline_s", "stragglers", "aggregator", "aggregator_args",
-            "aggregator_identity", "nodes", "model_args", "training_args", "seed", "description", "job_id"}
+            "aggregator_identity", "nodes", "selection", "model_args", "training_args", "seed", "description", "job_id"}
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -28,10 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common import topics
 from common.envelope import Message
 from common.identity import Identity
-from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef
+from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef, Selection
 from common.messenger import Messenger
 from common.settings import TransportSettings
 from common.training.loader import PlanError, check_ref, load_plan_class, source_sha256
+from common.training.local import ALGORITHM_OF_RULE
 from common.training.plan import TrainingPlan
 
 
@@ -51,6 +52,7 @@ class JobState:
     nodes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
     reason: str = ""
     notices: list[dict[str, Any]] = field(default_factory=list)  # node replies (declines, failures)
 
@@ -61,6 +63,7 @@ class JobState:
         self.nodes = list(model.nodes)
         self.history = [h.model_dump() for h in model.history]
         self.params = dict(model.params)
+        self.extra = dict(model.extra)
         self.reason = model.reason
 
     @property
@@ -116,6 +119,7 @@ class Experiment:
         round_deadline_s: float = 600.0,
         stragglers: str = "wait",
         nodes: list[str] | None = None,
+        selection: Selection | dict[str, Any] | None = None,
         job_id: str | None = None,
         seed: int = 0,
         description: str = "",
@@ -125,10 +129,13 @@ class Experiment:
         self.plan = plan_ref(plan, plan_class)
         self.model_args = dict(model_args or {})
         self.training_args = {"seed": seed, **(training_args or {})}
+        if aggregator in ALGORITHM_OF_RULE:  # the nodes' half of FedProx, SCAFFOLD, ADMM
+            self.training_args.setdefault("algorithm", ALGORITHM_OF_RULE[aggregator])
         self.job_id = job_id or new_job_id(self.identity.name)
         self.spec_fields = dict(
             rounds=rounds, tags=list(tags), quorum=quorum, round_deadline_s=round_deadline_s, nodes=nodes,
             stragglers=stragglers,
+            selection=selection if isinstance(selection, Selection) else Selection(**(selection or {})),
             aggregator=AggregatorRef(name=aggregator, args=aggregator_args or {}, identity=aggregator_identity),
             description=description,
         )

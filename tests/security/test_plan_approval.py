@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from broker.local import LocalFederation
 from common.identity import Identity
 from common.training.loader import source_sha256
 from node.audit import AuditTrail
 from node.db import Database
 from researcher.ask import ask
 from researcher.experiment import Experiment
-from scripts import fmnist
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -27,21 +23,9 @@ class TinyMLP(MLPPlan):
 '''
 
 
-@pytest.fixture(scope="module")
-def fed():
-    fed = LocalFederation().start()
-    try:
-        shards = fmnist.write_shards(fed.root / "data", len(NODES), limit=400, seed=4)
-        for name, shard in zip(NODES, shards, strict=True):
-            fed.add_node(name, [{"name": "fm", "type": "npz", "path": str(shard), "tag": "fmnist"}],
-                         env={"FBM_NODE_PLAN_POLL_S": "0.5"})
-        fed.add_aggregator("agg-1")
-        fed.enroll("alice", "researcher")
-        fed.wait_online(set(NODES))
-        yield fed
-    finally:
-        fed.stop()
-        shutil.rmtree(fed.root, ignore_errors=True)
+@pytest.fixture
+def fed(sites):
+    return sites
 
 
 def _audit(fed, node: str, job: str) -> list[str]:

@@ -1,0 +1,96 @@
+"""What a node does locally besides plain SGD: the node half of FedProx, SCAFFOLD and ADMM,
+client-level differential privacy, federated standardization, and the validation split.
+
+Pure functions over tensors; `node.worker` calls them around its training loop. The
+aggregator half of each algorithm is in `aggregators/rules/`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+LOCAL_ALGORITHMS = ("sgd", "fedprox", "scaffold", "admm")
+# The local algorithm each built-in rule needs (third-party rules declare theirs; a job names
+# it in training_args["algorithm"]).
+ALGORITHM_OF_RULE = {"fedprox": "fedprox", "scaffold": "scaffold", "admm": "admm"}
+SCAFFOLD_PREFIX = "c/"
+
+
+class LocalError(ValueError):
+    """The training args ask for something the node cannot do; the message says why."""
+
+
+def algorithm_of(training_args: dict[str, Any]) -> str:
+    algorithm = str(training_args.get("algorithm", "sgd"))
+    if algorithm not in LOCAL_ALGORITHMS:
+        raise LocalError(f"unknown local algorithm {algorithm!r}; known: {', '.join(LOCAL_ALGORITHMS)}")
+    return algorithm
+
+
+def proximal_penalty(model: torch.nn.Module, anchor: Params, strength: float) -> torch.Tensor:
+    """strength/2 * ||w - anchor||^2 over the trainable parameters (FedProx's mu, ADMM's rho)."""
+    total = torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            total = total + (p - anchor[name]).pow(2).sum()
+    return 0.5 * strength * total
+
+
+def scaffold_correct_(model: torch.nn.Module, c_global: Params, c_local: Params) -> None:
+    """g <- g + c - c_i on every gradient, in place (SCAFFOLD's drift correction)."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and name in c_global:
+            p.grad.add_(c_global[name] - c_local[name])
+
+
+def scaffold_new_control(c_global: Params, c_local: Params, start: Params, end: Params, steps: int,
+                         lr: float) -> Params:
+    """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr)."""
+    scale = 1.0 / max(1, steps) / lr
+    return {k: c_local[k] - c_global[k] + (start[k] - end[k]) * scale for k in c_global}
+
+
+def admm_dual(u: Params, x_prev: Params, z: Params) -> Params:
+    """u_i <- u_i + x_i - z (scaled-form dual ascent, run when the new consensus arrives)."""
+    return {k: u[k] + x_prev[k] - z[k] for k in u}
+
+
+def clip_and_noise(delta: Params, clip: float, sigma: float, generator: torch.Generator) -> tuple[Params, float]:
+    """Client-level DP: scale the whole update to L2 norm <= clip, add N(0, (sigma*clip)^2).
+
+    McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018.
+    Returns the noised update and its norm before clipping.
+    """
+    floats = {k: v for k, v in delta.items() if v.is_floating_point()}
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in floats.values()))
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    out = dict(delta)
+    for k, v in floats.items():
+        noise = torch.randn(v.shape, generator=generator, dtype=torch.float64) * (sigma * clip)
+        out[k] = (v.double() * factor + noise).to(v.dtype)
+    return out, norm
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): a fixed split per dataset and seed, not per round."""
+    if not 0 <= fraction < 1:
+        raise LocalError("val_fraction must be in [0, 1)")
+    n_val = int(round(n * fraction))
+    if fraction > 0 and (n_val < 1 or n - n_val < 1):
+        raise LocalError(f"val_fraction {fraction} leaves no training or no validation sample out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def standardize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """(x - mean) / std per feature, with the federation's global statistics."""
+    m = torch.as_tensor(mean, dtype=x.dtype)
+    s = torch.as_tensor(std, dtype=x.dtype).clamp_min(1e-12)
+    if x.dim() < 2 or x.shape[1] != m.numel():
+        raise LocalError(f"standardize: {m.numel()} feature statistics for data of shape {list(x.shape)}")
+    return (x - m) / s
