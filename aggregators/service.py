@@ -304,11 +304,14 @@ class JobRunner(threading.Thread):
 
         unsaved: list[str] = []  # folded, not yet checkpointed, so not yet acknowledged
         last_save = time.monotonic()
+        failed: set[str] = set()  # gone because their training failed (not merely offline)
         while True:
             waiting = set(expected) - answered - gone
             enough = len(answered) >= spec.quorum
             if enough and (not waiting or spec.stragglers == "quorum"):
                 break
+            if not waiting and expected and set(expected) - answered <= failed:
+                break  # every node that could answer failed: waiting for the deadline changes nothing
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
@@ -324,6 +327,7 @@ class JobRunner(threading.Thread):
                     continue
                 if event.node not in answered and event.node not in self.declined:
                     gone.discard(event.node)
+                    failed.discard(event.node)
                     if event.node not in expected:
                         expected.append(event.node)
                         log.info("node_joined", node=event.node)
@@ -331,6 +335,8 @@ class JobRunner(threading.Thread):
             if event.kind == "dropout":
                 if event.node in expected and event.node not in answered:
                     gone.add(event.node)
+                    if event.reason.startswith(("failed", "declined")):
+                        failed.add(event.node)
                     log.info("node_dropped_out", node=event.node, reason=event.reason)
                 continue
             msg = event.message
@@ -351,12 +357,14 @@ class JobRunner(threading.Thread):
             if problem is not None:
                 log.warning("update_rejected", node=msg.sender, reason=problem)
                 gone.add(msg.sender)
+                failed.add(msg.sender)
                 continue
             try:
                 rule.add(update.params, update.n_samples, msg.sender, update.extra)
             except ValueError as exc:  # e.g. a SCAFFOLD update without its control delta
                 log.warning("update_rejected", node=msg.sender, reason=str(exc))
                 gone.add(msg.sender)
+                failed.add(msg.sender)
                 continue
             answered.add(msg.sender)
             gone.discard(msg.sender)

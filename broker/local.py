@@ -112,17 +112,17 @@ class LocalFederation:
         node_dir = self.root / "nodes" / name
         return self.spawn(f"node-{name}", [sys.executable, "-m", "node", "start", "--dir", str(node_dir)], env=env)
 
-    def add_aggregator(self, name: str = "aggregator", *, start: bool = True) -> Path:
+    def add_aggregator(self, name: str = "aggregator", *, start: bool = True, env: dict[str, str] | None = None) -> Path:
         bundle = self.enroll(name, "aggregator")
         if start:
-            self.start_aggregator(name)
+            self.start_aggregator(name, env=env)
         return bundle
 
-    def start_aggregator(self, name: str = "aggregator") -> subprocess.Popen:
+    def start_aggregator(self, name: str = "aggregator", *, env: dict[str, str] | None = None) -> subprocess.Popen:
         bundle = self.ws.bundle_dir(name)
         state = self.root / "aggregators" / name
         return self.spawn(f"agg-{name}", [sys.executable, "-m", "aggregators", "start", "--bundle", str(bundle),
-                                          "--state-dir", str(state)])
+                                          "--state-dir", str(state)], env=env)
 
     def wait_online(self, names: set[str], timeout_s: float = 120.0, *, observer: str = "fbm-observer") -> None:
         """Block until every node in `names` has published an online status (admin observer)."""

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import pki
-from broker.auth_plugin import ensure_built
 from broker.acl import acl_text
+from broker.auth_plugin import ensure_built
 from broker.mosquitto_conf import BrokerLimits, mosquitto_conf
 from common.identity import BUNDLE_FILE, CA_FILE, CERT_FILE, KEY_FILE, ROLES, validate_identity_name
 

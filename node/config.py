@@ -28,6 +28,7 @@ class NodeSettings(BaseSettings):
     plan_poll_s: float = Field(default=2.0, gt=0, description="how often the running node re-reads plan decisions")
     sandbox: bool = Field(default=True, description="confine training with Landlock (files, network) where the kernel has it")
     train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
+    min_statistics_rows: int = Field(default=10, ge=1, description="refuse federated statistics over fewer rows")
     train_file_size_mb: int = Field(default=1024, ge=0, description="largest file the training process may write (0: no limit)")
     log_level: str = "info"
 

@@ -29,6 +29,7 @@ from node.config import NodeSettings
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
+from node.statistics import StatisticsRefused, sufficient_statistics
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
@@ -430,6 +431,8 @@ class NodeService:
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":
             self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
+        elif command == "statistics":
+            threading.Thread(target=self._statistics, args=(msg,), name="fbm-node-stats", daemon=True).start()
         elif command == "plan_status":
             self._reply(command, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
         elif command in ("list_datasets", "search"):
@@ -438,6 +441,24 @@ class NodeService:
             self._reply(command, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
         else:
             self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
+
+    def _statistics(self, msg: Message) -> None:
+        """Federated analytics: sufficient statistics of the dataset with the asked tags."""
+        args = msg.body.args
+        tags = list(args.get("tags") or [])
+        matches = self.registry.matching(tags) if tags else []
+        try:
+            if not matches:
+                raise StatisticsRefused(f"no dataset with tags {sorted(tags)} on node {self.name}")
+            ds = matches[0]
+            stats = sufficient_statistics(ds.load(), min_rows=self.settings.min_statistics_rows,
+                                          bins=int(args.get("bins") or 0), ranges=args.get("ranges"))
+        except (StatisticsRefused, ValueError) as exc:
+            self.audit.record("statistics_refused", actor=msg.sender, reason=str(exc), tags=tags)
+            self._reply("statistics", in_reply_to=msg.id, ok=False, error=str(exc))
+            return
+        self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"])
+        self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})
 
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:
         """A researcher asks whether a plan (sha256 or `zoo:NAME`) would run here."""

@@ -23,7 +23,6 @@ from common.training.loader import load_plan_class
 from node import datasets
 from node.sandbox import SandboxPolicy, confine
 
-
 Params = dict[str, torch.Tensor]
 
 

@@ -91,6 +91,7 @@ def standardize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.T
     """(x - mean) / std per feature, with the federation's global statistics."""
     m = torch.as_tensor(mean, dtype=x.dtype)
     s = torch.as_tensor(std, dtype=x.dtype).clamp_min(1e-12)
-    if x.dim() < 2 or x.shape[1] != m.numel():
+    flat = x.reshape(len(x), -1)  # features as the statistics saw them (an image's pixels)
+    if flat.shape[1] != m.numel():
         raise LocalError(f"standardize: {m.numel()} feature statistics for data of shape {list(x.shape)}")
-    return (x - m) / s
+    return ((flat - m) / s).reshape(x.shape)

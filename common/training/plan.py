@@ -24,6 +24,8 @@ class TrainingPlan:
     input_kind = "features"
     #: classification plans report accuracy in `validation_step`
     task = "classification"
+    #: local algorithms this plan can run (a plan with its own training loop narrows this)
+    supported_algorithms = ("sgd", "fedprox", "scaffold", "admm")
 
     def __init__(self, model_args: dict[str, Any] | None = None, training_args: dict[str, Any] | None = None) -> None:
         self.model_args = dict(model_args or {})

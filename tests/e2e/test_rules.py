@@ -26,9 +26,12 @@ def fed():
         shards = fmnist.write_shards(fed.root / "data", len(NODES), limit=2400, seed=5)
         for name, shard in zip(NODES, shards, strict=True):
             fed.add_node(name, [{"name": "fm", "type": "npz", "path": str(shard), "tag": "fmnist"}])
+        tiny = fed.root / "data" / "tiny.csv"
+        tiny.write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(5)))
+        fed.add_node("site-tiny", [{"name": "tiny", "type": "csv", "path": str(tiny), "tag": "tiny", "target": "label"}])
         fed.add_aggregator("agg-1")
         fed.enroll("alice", "researcher")
-        fed.wait_online(set(NODES))
+        fed.wait_online({*NODES, "site-tiny"})
         yield fed
     finally:
         fed.stop()
@@ -104,3 +107,55 @@ def test_federated_evaluation_reports_global_and_local_validation_metrics(fed):
         assert 0 < h["metrics"]["val_accuracy_local"] <= 1
     # the global model of round 2 is the average of round 1's local models: better than the initial one
     assert state.history[1]["metrics"]["val_accuracy_global"] > state.history[0]["metrics"]["val_accuracy_global"]
+
+
+def test_a_third_party_rule_plugs_in_without_touching_fedbiomq(fed, tmp_path):
+    """The docs' worked example (docs/aggregators.md), installed beside a real aggregator."""
+    from tests.plugin_site import install_example_plugin
+
+    site = install_example_plugin(tmp_path / "site")
+    fed.add_aggregator("agg-plugin", env={"PYTHONPATH": str(site)})
+    state = _run(fed, rounds=2, aggregator="geomedian", aggregator_args={"iterations": 20}, aggregator_identity="agg-plugin")
+    assert _loss(state, -1) < _loss(state, 0)
+    log = (fed.root / "logs" / "agg-agg-plugin.log").read_text()
+    assert "geomedian" in log
+
+
+def test_federated_statistics_equal_the_pooled_values_and_standardize_a_job(fed):
+    import numpy as np
+
+    from node import datasets
+    from researcher.analytics import StatisticsError, federated_statistics
+
+    alice = Identity.load(fed.ws.bundle_dir("alice"))
+    stats = federated_statistics(alice, NODES, tags=["fmnist"], bins=5, ranges=[[0.0, 1.0]])
+    pooled = np.concatenate([datasets.load("npz", p).x.reshape(600, -1).double().numpy()
+                             for p in sorted((fed.root / "data").glob("shard-*.npz"))])
+    assert stats.n == len(pooled) == 2400 and stats.per_node == dict.fromkeys(NODES, 600)
+    assert np.allclose(stats.mean, pooled.mean(axis=0), rtol=1e-9, atol=1e-12)
+    assert np.allclose(stats.std, pooled.std(axis=0), rtol=1e-7, atol=1e-9)
+    assert np.array_equal(stats.min, pooled.min(axis=0)) and np.array_equal(stats.max, pooled.max(axis=0))
+    expected_hist = [np.histogram(pooled[:, j], bins=5, range=(0, 1))[0] for j in range(pooled.shape[1])]
+    assert np.array_equal(stats.hist, np.stack(expected_hist))
+    with pytest.raises(StatisticsError, match="at least 10"):  # 5 rows: refused, nothing leaves
+        federated_statistics(alice, ["site-tiny"], tags=["tiny"])
+
+    state = _run(fed, rounds=2, training_args={"standardize": stats.standardization()})
+    assert _loss(state, -1) < _loss(state, 0)
+
+
+def test_differential_privacy_clips_and_noises_on_the_nodes(fed):
+    state = _run(fed, rounds=2, training_args={"dp": {"clip": 0.5, "sigma": 0.01}})
+    for h in state.history:
+        for rep in h["reports"]:
+            assert rep["metrics"]["dp_update_norm"] > 0
+
+
+def test_a_rule_whose_node_side_does_not_match_is_refused_up_front(fed):
+    exp = Experiment(Identity.load(fed.ws.bundle_dir("alice")), plan="mlp", tags=["fmnist"], rounds=2,
+                     aggregator="scaffold", training_args={"algorithm": "sgd"}, model_args=MODEL, quorum=1)
+    exp.submit()
+    state = exp.watch(timeout_s=60, progress=False)
+    exp.close()
+    assert state.status == "failed" and "needs the nodes to run the 'scaffold'" in state.reason
+    assert state.history == []

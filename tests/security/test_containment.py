@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from common.messages import PlanRef
 from common.training.loader import source_sha256

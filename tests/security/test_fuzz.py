@@ -172,7 +172,7 @@ dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int
        st.booleans(), st.integers(-(2**40), 2**40))
 def test_aggregator_update_checks(dtype, shape, poison, rename, n_samples):
     """Wrong shapes, dtypes, names, NaN/Inf and sample counts are refused with a reason."""
-    from aggregators.service import check_update, check_sample_count
+    from aggregators.service import check_sample_count, check_update
 
     reference = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
     value = torch.zeros(shape, dtype=dtype)

@@ -18,7 +18,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from broker.local import LocalFederation
 from common import topics
 from common.envelope import seal
 from common.errors import ConnectError, PublishDenied, Reason
