@@ -1,0 +1,127 @@
+"""What both paper studies share: a local federation, a job, and the paper's figures.
+
+Figures (PNG): the weight-norm evolution of the model's input layer, one line per centre (its
+local update) and the federated model dashed (the paper's Figure 3); per-centre local training
+time per round with the average round time (Figure 5). Metrics go to CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from broker.local import LocalFederation
+from common.identity import Identity
+from researcher.experiment import Experiment, JobState
+
+
+@contextmanager
+def federation(datasets: dict[str, list[dict[str, str]]], *, node_env: dict[str, str] | None = None):
+    """A local federation (TLS broker, one node process per centre, an aggregator), torn down after."""
+    fed = LocalFederation().start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda item: fed.add_node(item[0], item[1], env=node_env), datasets.items()))
+        fed.add_aggregator("agg-1")
+        fed.enroll("study", "researcher")
+        fed.wait_online(set(datasets), timeout_s=600)
+        yield fed
+    finally:
+        fed.stop()
+        shutil.rmtree(fed.root, ignore_errors=True)
+
+
+def run_job(fed: LocalFederation, during: Callable[[Experiment], None] | None = None, **experiment: Any) -> tuple[Experiment, JobState]:
+    """Submit, optionally act while it runs (e.g. take centres offline), and watch to the end."""
+    exp = Experiment(Identity.load(fed.ws.bundle_dir("study")), **experiment)
+    exp.submit()
+    if during is not None:
+        during(exp)
+    state = exp.watch(timeout_s=24 * 3600)
+    if state.status != "done":
+        exp.close()
+        raise RuntimeError(f"the study's job failed: {state.reason}")
+    return exp, state
+
+
+def norm_series(state: JobState, layer: str) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, float]]]:
+    """Per-centre (round, local norm) and the federated model's (round, norm) of `layer`."""
+    key = f"norm:{layer}"
+    local: dict[str, list[tuple[int, float]]] = {}
+    for h in state.history:
+        for r in h["reports"]:
+            if key in r["metrics"]:
+                local.setdefault(r["node"], []).append((h["round"], r["metrics"][key]))
+    glob = [(h["round"], h["notes"]["norms"][layer]) for h in state.history if layer in h.get("notes", {}).get("norms", {})]
+    return local, glob
+
+
+def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    local, glob = norm_series(state, layer)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (node, pts) in enumerate(sorted(local.items())):
+        ax.plot(*zip(*pts, strict=True), color=f"C{i % 10}", linewidth=0.8, alpha=0.8, label=node if len(local) <= 6 else None)
+    if glob:
+        ax.plot(*zip(*glob, strict=True), "k--", linewidth=2.2, label="federated model")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"||{layer}||")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_round_times(state: JobState, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    nodes = sorted({r["node"] for h in state.history for r in h["reports"]})
+    for i, node in enumerate(nodes):
+        pts = [(h["round"], r["timings"].get("train_s", 0.0)) for h in state.history for r in h["reports"] if r["node"] == node]
+        ax.plot(*zip(*pts, strict=True), "o-", markersize=2, linewidth=0.8, color=f"C{i % 10}",
+                label=node if len(nodes) <= 6 else None)
+    rounds = [h["round"] for h in state.history]
+    durations = [h["duration_s"] for h in state.history]
+    ax.plot(rounds, durations, "k--", linewidth=2, label=f"round time (mean {sum(durations) / len(durations):.1f} s)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def round_rows(state: JobState, layer: str) -> list[dict[str, Any]]:
+    """One CSV row per round and centre: loss, local norm, training time; plus the global norm."""
+    rows = []
+    for h in state.history:
+        glob = h.get("notes", {}).get("norms", {}).get(layer)
+        for r in h["reports"]:
+            rows.append({"round": h["round"], "centre": r["node"], "n_samples": r["n_samples"],
+                         "train_loss": r["metrics"].get("train_loss"), "local_norm": r["metrics"].get(f"norm:{layer}"),
+                         "global_norm": glob, "train_s": r["timings"].get("train_s"), "round_s": h["duration_s"]})
+    return rows
