@@ -383,7 +383,11 @@ class JobRunner(threading.Thread):
             new_params = rule.end_round()
         except ValueError as exc:  # e.g. Krum with fewer updates than it needs
             raise JobFailure(f"round {r}: {rule.name}: {exc}") from None
-        notes = {"selected": list(rule.selected)} if getattr(rule, "selected", None) else {}
+        notes: dict[str, Any] = {"selected": list(rule.selected)} if getattr(rule, "selected", None) else {}
+        norms = {n: float(new_params[n].double().norm()) for n in spec.training_args.get("report_norms") or []
+                 if n in new_params}
+        if norms:
+            notes["norms"] = norms
         total = sum(rep.n_samples for rep in reports)
         metric_names = set().union(*(rep.metrics for rep in reports))
         metrics = {m: sum(rep.metrics.get(m, 0.0) * rep.n_samples for rep in reports) / total for m in metric_names}

@@ -24,6 +24,8 @@ from common.identity import Identity
 from common.messages import JobSpec, NodeStatus, Reply
 from common.messenger import Messenger
 from common.training.loader import PlanError, check_ref
+from common.training.local import LocalError, algorithm_of
+from common.training.zoo import ZOO
 from node.audit import AuditTrail
 from node.config import NodeSettings
 from node.plans import PlanStatus, PlanStore, plan_id
@@ -142,15 +144,20 @@ class NodeService:
         self.log.info("node_started", datasets=[d.name for d in self.registry.list()])
 
     def stop(self) -> None:
+        """Stop cleanly, also when start() was interrupted half-way (SIGTERM during start-up)."""
         self._stop.set()
         self.trainer.begin_close()
         self._tasks.put(None)
-        try:
-            self.messenger.send(topics.status(self.name), "node_status", NodeStatus(state="offline"), retain=True, timeout_s=5)
-        except Exception as exc:  # noqa: BLE001 - best effort on the way out
-            self.log.warning("offline_status_not_sent", error=str(exc))
+        if self.messenger.transport.connected:
+            try:
+                self.messenger.send(topics.status(self.name), "node_status", NodeStatus(state="offline"), retain=True,
+                                    timeout_s=5)
+            except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                self.log.warning("offline_status_not_sent", error=str(exc))
         self.messenger.close()
-        self._train_thread.join(timeout=10)
+        for thread in (self._train_thread, self._resend_thread, self._plans_thread):
+            if thread.is_alive():
+                thread.join(timeout=10)
         self.trainer.stop()
         self.audit.record("node_stopped", actor=self.name)
 
@@ -196,8 +203,12 @@ class NodeService:
             return
         try:
             check_ref(spec.plan)
-        except PlanError as exc:
+            algorithm = algorithm_of(spec.training_args)
+        except (PlanError, LocalError) as exc:
             self._decline(msg, spec.job_id, f"plan refused: {exc}")
+            return
+        if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
+            self._decline(msg, spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm")
             return
         matches = self.registry.matching(spec.tags)
         if not matches:

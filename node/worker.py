@@ -161,6 +161,9 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
         params = {k: received[k] + noised[k] for k in params}
         metrics["dp_update_norm"] = norm
     metrics["train_loss"] = loss_sum / max(seen, 1)
+    for name in targs.get("report_norms") or []:  # e.g. the input layer, as in the paper's Figure 3
+        if name in params:
+            metrics[f"norm:{name}"] = float(params[name].double().norm())
     return {
         "params": to_arrays(params),
         "n_samples": n,

@@ -25,7 +25,8 @@ def _spec_json(exp: Experiment) -> dict:
 
 
 def write_results(folder: Path, exp: Experiment) -> Path:
-    """Write job.json, metrics.json, rounds.csv, nodes.csv, model.pt, loss.png, node_times.png."""
+    """Write job.json, metrics.json, rounds.csv, nodes.csv, model.pt, loss.png, node_times.png
+    (and validation.png when the nodes held out a validation split)."""
     state = exp.state
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "job.json").write_text(json.dumps(_spec_json(exp), indent=2, default=str))
@@ -53,7 +54,39 @@ def write_results(folder: Path, exp: Experiment) -> Path:
     if state.history:
         plot_loss(state.history, folder / "loss.png")
         plot_node_times(state.history, folder / "node_times.png")
+        if any(m.startswith("val_") for h in state.history for m in h["metrics"]):
+            plot_validation(state.history, folder / "validation.png")
     return folder
+
+
+def plot_validation(history: list[dict], path: Path) -> None:
+    """Federated evaluation: the received global model vs each node's local update, on the
+    nodes' validation splits (sample-weighted over nodes; grey: each node's local score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metric = "accuracy" if any("val_accuracy_global" in h["metrics"] for h in history) else "loss"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = [h["round"] for h in history]
+    for node in sorted({r["node"] for h in history for r in h["reports"]}):
+        pts = [(h["round"], r["metrics"][f"val_{metric}_local"]) for h in history for r in h["reports"]
+               if r["node"] == node and f"val_{metric}_local" in r["metrics"]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color="0.8", linewidth=0.8)
+    for which, style in (("global", "o-"), ("local", "s--")):
+        ax.plot(rounds, [h["metrics"].get(f"val_{metric}_{which}", float("nan")) for h in history], style,
+                label=f"{'received global model' if which == 'global' else 'local update'} (weighted)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("Federated evaluation on the nodes' validation splits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

@@ -48,7 +48,7 @@ class VAE(nn.Module):
     def __init__(self, in_features: int = 784, hidden: list[int] | None = None, latent: int = 2,
                  linear: bool = False) -> None:
         super().__init__()
-        hidden = hidden or [512, 256]
+        hidden = [512, 256] if hidden is None else list(hidden)  # [] is a linear encoder straight to the latent
         act: type[nn.Module] = nn.Identity if linear else nn.ReLU
         enc: list[nn.Module] = []
         sizes = [in_features, *hidden]

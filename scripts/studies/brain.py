@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,14 @@ from common.identity import Identity
 from common.training.zoo import VAE
 from researcher.analytics import federated_statistics
 from scripts.studies import brain_cohort
-from scripts.studies.common import federation, plot_round_times, plot_weight_norms, round_rows, run_job, write_csv
+from scripts.studies.common import (
+    federation,
+    plot_round_times,
+    plot_weight_norms,
+    round_rows,
+    run_job,
+    write_csv,
+)
 
 LAYER = "mu.weight"  # a linear VAE's encoder is its input layer
 OFFLINE = ("centre-3", "centre-4")
@@ -40,14 +46,14 @@ class Config:
     epochs: int = 15
     lr: float = 1e-3
     latent: int = 5
-    batch_size: int = 32
+    batch_size: int = 16
     offline_from: int = 8  # rounds during which OFFLINE centres are stopped
     offline_until: int = 16
     seed: int = 0
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(rounds=6, epochs=2, offline_from=2, offline_until=4)
+        return cls(rounds=14, epochs=15, offline_from=2, offline_until=4)
 
 
 def write_centres(folder: Path, seed: int) -> tuple[dict, dict[str, Path]]:
@@ -78,6 +84,14 @@ def latent_of(model: VAE, x: np.ndarray) -> np.ndarray:
     return mu.numpy()
 
 
+def by_importance(model: VAE, z: np.ndarray) -> np.ndarray:
+    """Latent dimensions ordered by how much of the reconstruction they carry (spread of the
+    latent times the norm of its decoder column): a VAE's latents have no order of their own."""
+    decoder = model.decoder[-1].weight.detach().numpy()  # (features, latent)
+    weight = z.std(axis=0) * np.linalg.norm(decoder, axis=0)
+    return np.argsort(-weight)
+
+
 def plot_centre1(z: np.ndarray, group: np.ndarray, path: Path) -> None:
     import matplotlib
 
@@ -88,7 +102,7 @@ def plot_centre1(z: np.ndarray, group: np.ndarray, path: Path) -> None:
     for g, colour in (("CN", "C2"), ("MCI", "C1"), ("AD", "C3")):
         pts = z[group == g]
         ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, color=colour, label=f"{g} ({len(pts)})")
-    ax.set_xlabel("latent 1")
+    ax.set_xlabel("latent 1 (most reconstruction carried)")
     ax.set_ylabel("latent 2")
     ax.set_title("Centre 1 in the federated linear VAE's latent space")
     ax.legend()
@@ -98,24 +112,24 @@ def plot_centre1(z: np.ndarray, group: np.ndarray, path: Path) -> None:
 
 
 def _take_offline(fed, cfg: Config, log: list[str]):
-    """While the job runs: stop two centres' nodes at `offline_from`, start them at `offline_until`."""
-    def watch(exp) -> None:
-        def wait_round(r: int) -> None:  # the main thread's watch() keeps exp.state current
-            while (exp.state.open_round or 0) < r and not exp.state.finished:
-                time.sleep(0.2)
-        wait_round(cfg.offline_from)
+    """Once the job runs: stop two centres' nodes (SIGTERM) when round `offline_from` opens, start
+    them again when round `offline_until` opens; the job goes on with the other two meanwhile."""
+
+    def wait_round(exp, r: int) -> None:
+        while (exp.poll(0.1).open_round or 0) < r and not exp.state.finished:
+            pass
+
+    def during(exp) -> None:
+        wait_round(exp, cfg.offline_from)
         for name in OFFLINE:
             proc = next(p for label, p in reversed(fed.procs) if label == f"node-{name}")
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
         log.append(f"stopped {', '.join(OFFLINE)} when round {exp.state.open_round} was open")
-        wait_round(cfg.offline_until)
+        wait_round(exp, cfg.offline_until)
         for name in OFFLINE:
+            next(p for label, p in reversed(fed.procs) if label == f"node-{name}").wait(timeout=60)
             fed.start_node(name)
         log.append(f"restarted {', '.join(OFFLINE)} when round {exp.state.open_round} was open")
-
-    def during(exp) -> None:
-        threading.Thread(target=watch, args=(exp,), daemon=True).start()
 
     return during
 
@@ -142,6 +156,7 @@ def run(out: Path, cfg: Config) -> dict:
     wall = time.perf_counter() - t0
     c1 = cohort["centre-1"]
     z = latent_of(model, (c1["corrected"] - stats.mean) / np.maximum(stats.std, 1e-12))
+    z = z[:, by_importance(model, z)]
     plot_centre1(z, c1["group"], out / "fig4_centre1_latent.png")
     plot_weight_norms(state, LAYER, out / "fig3_weight_norms.png",
                       "Encoder weight norm: 4 centres (local updates) and the federated model")
@@ -157,7 +172,8 @@ def run(out: Path, cfg: Config) -> dict:
     summary = {"rounds": cfg.rounds, "local_epochs": cfg.epochs, "participants": int(stats.n),
                "first_round_loss": state.history[0]["metrics"]["train_loss"],
                "last_round_loss": state.history[-1]["metrics"]["train_loss"],
-               "rounds_with_missing_centres": sum(1 for h in state.history if h["missing"]),
+               "rounds_without_all_centres": sum(1 for h in state.history if len(h["reports"]) < len(paths)),
+               "centres_per_round": " ".join(str(len(h["reports"])) for h in state.history),
                "missing_centres": ";".join(missing), "offline_events": " | ".join(events),
                "best_latent_dim": best["latent_dim"], "best_t_CN_vs_AD": best["t_CN_vs_AD"], "best_p": best["p"],
                "wall_s": wall}

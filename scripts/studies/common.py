@@ -8,6 +8,7 @@ time per round with the average round time (Figure 5). Metrics go to CSV.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,10 @@ def federation(datasets: dict[str, list[dict[str, str]]], *, node_env: dict[str,
         yield fed
     finally:
         fed.stop()
-        shutil.rmtree(fed.root, ignore_errors=True)
+        if not os.environ.get("FBM_KEEP_STUDY_FEDERATION"):
+            shutil.rmtree(fed.root, ignore_errors=True)
+        else:
+            print(f"federation kept in {fed.root}")
 
 
 def run_job(fed: LocalFederation, during: Callable[[Experiment], None] | None = None, **experiment: Any) -> tuple[Experiment, JobState]:
@@ -70,7 +74,8 @@ def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> No
     local, glob = norm_series(state, layer)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (node, pts) in enumerate(sorted(local.items())):
-        ax.plot(*zip(*pts, strict=True), color=f"C{i % 10}", linewidth=0.8, alpha=0.8, label=node if len(local) <= 6 else None)
+        ax.plot(*zip(*pts, strict=True), "o-", markersize=2.5, color=f"C{i % 10}", linewidth=0.8, alpha=0.8,
+                label=node if len(local) <= 6 else None)
     if glob:
         ax.plot(*zip(*glob, strict=True), "k--", linewidth=2.2, label="federated model")
     ax.set_xlabel("round")

@@ -9,6 +9,8 @@ number of epochs, and both test reconstruction losses are printed.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,14 @@ import torch.nn.functional as F
 
 from common.training.zoo import VAE
 from scripts import fmnist
-from scripts.studies.common import federation, plot_round_times, plot_weight_norms, round_rows, run_job, write_csv
+from scripts.studies.common import (
+    federation,
+    plot_round_times,
+    plot_weight_norms,
+    round_rows,
+    run_job,
+    write_csv,
+)
 
 LAYER = "encoder.0.weight"  # the input layer, as in the paper's Figure 3
 
@@ -94,7 +103,7 @@ def plot_latent(model: VAE, x: torch.Tensor, y: torch.Tensor, path: Path) -> Non
 
 def run(out: Path, cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
+    data = Path(tempfile.mkdtemp(prefix="fbm-vae-shards-"))  # copies of the apt dataset: not kept
     shards = fmnist.write_shards(data, cfg.centres, limit=cfg.images, seed=cfg.seed)
     names = [f"centre-{i + 1:02d}" for i in range(cfg.centres)]
     datasets = {n: [{"name": "fmnist", "type": "npz", "path": str(p), "tag": "fmnist"}] for n, p in zip(names, shards, strict=True)}
@@ -110,6 +119,7 @@ def run(out: Path, cfg: Config) -> dict:
         exp.close()
     fed_s = time.perf_counter() - t0
     pooled = np.concatenate([np.load(p)["x"] for p in shards])
+    shutil.rmtree(data, ignore_errors=True)
     x = torch.from_numpy(pooled[:, None].astype(np.float32) / 255.0)
     t1 = time.perf_counter()
     cen_model = central(cfg, x)
