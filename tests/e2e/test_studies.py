@@ -21,7 +21,7 @@ def _rows(path):
 def test_mnist_vae_quick(tmp_path):
     summary = mnist_vae.run(tmp_path, mnist_vae.Config.quick())
     assert summary["last_round_loss"] < summary["first_round_loss"]
-    assert 0 < summary["federated_test_recon_loss"] and 0 < summary["central_test_recon_loss"]
+    assert summary["federated_test_recon_loss"] > 0 and summary["central_test_recon_loss"] > 0
     for name in FIGURES:
         assert (tmp_path / name).stat().st_size > 10_000, name
     rows = _rows(tmp_path / "rounds.csv")
