@@ -15,7 +15,7 @@ def test_proximal_penalty_is_half_mu_squared_distance():
     with torch.no_grad():
         model.weight.copy_(T([[1.0, 2.0]]))
     penalty = local.proximal_penalty(model, {"weight": T([[0.0, 0.0]])}, 0.5)
-    assert float(penalty) == pytest.approx(0.5 * 0.5 * 5.0)
+    assert float(penalty.detach()) == pytest.approx(0.5 * 0.5 * 5.0)
 
 
 def test_scaffold_control_update_option_two():
