@@ -73,6 +73,10 @@ class Trainer:
         except (EOFError, OSError) as exc:
             proc.wait(timeout=5)
             raise TrainingFailed(f"the training process failed to start (exit code {proc.returncode})") from exc
+        if self._closing:  # the node began stopping while we started: do not leave a child behind
+            proc.kill()
+            proc.wait(timeout=5)
+            raise TrainingFailed("the node is stopping")
         self._proc, self._conn = proc, parent
         self.sandbox = hello.get("sandbox", {})
         for problem in self.sandbox.get("problems", []):

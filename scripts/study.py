@@ -27,7 +27,12 @@ console = Console(soft_wrap=True)
 @click.option("--quick", is_flag=True, help="A small version (CI runs it): fewer centres/rounds/epochs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report folder (default: reports/STUDY[-quick]).")
-def main(study: str, quick: bool, out: Path | None) -> None:
+@click.option("--rounds", type=int, default=None, help="Override the number of rounds.")
+@click.option("--epochs", type=int, default=None, help="Override the local epochs per round.")
+@click.option("--centres", type=int, default=None, help="mnist-vae: override the number of centres.")
+def main(study: str, quick: bool, out: Path | None, rounds: int | None, epochs: int | None, centres: int | None) -> None:
+    import dataclasses
+
     configure_logging("warning")
     out = out or Path("reports") / (study + ("-quick" if quick else ""))
     if study == "mnist-vae":
@@ -35,6 +40,10 @@ def main(study: str, quick: bool, out: Path | None) -> None:
     else:
         from scripts.studies import brain as module
     cfg = module.Config.quick() if quick else module.Config()
+    overrides = {k: v for k, v in {"rounds": rounds, "epochs": epochs, "centres": centres}.items() if v is not None}
+    if "centres" in overrides and study != "mnist-vae":
+        raise click.UsageError("--centres applies to mnist-vae only (the brain study has the paper's 4 centres)")
+    cfg = dataclasses.replace(cfg, **overrides)
     console.print(f"[bold]{study}[/bold] ({'quick' if quick else 'full'}): {cfg}")
     summary = module.run(out, cfg)
     table = Table("metric", "value")

@@ -72,8 +72,11 @@ def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> No
     import matplotlib.pyplot as plt
 
     local, glob = norm_series(state, layer)
+    rounds = [h["round"] for h in state.history]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (node, pts) in enumerate(sorted(local.items())):
+        by_round = dict(pts)  # a round the centre missed is a gap in its line, not a straight segment
+        pts = [(r, by_round.get(r, float("nan"))) for r in rounds]
         ax.plot(*zip(*pts, strict=True), "o-", markersize=2.5, color=f"C{i % 10}", linewidth=0.8, alpha=0.8,
                 label=node if len(local) <= 6 else None)
     if glob:
@@ -96,7 +99,8 @@ def plot_round_times(state: JobState, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     nodes = sorted({r["node"] for h in state.history for r in h["reports"]})
     for i, node in enumerate(nodes):
-        pts = [(h["round"], r["timings"].get("train_s", 0.0)) for h in state.history for r in h["reports"] if r["node"] == node]
+        by_round = {h["round"]: r["timings"].get("train_s", 0.0) for h in state.history for r in h["reports"] if r["node"] == node}
+        pts = [(h["round"], by_round.get(h["round"], float("nan"))) for h in state.history]
         ax.plot(*zip(*pts, strict=True), "o-", markersize=2, linewidth=0.8, color=f"C{i % 10}",
                 label=node if len(nodes) <= 6 else None)
     rounds = [h["round"] for h in state.history]
