@@ -70,6 +70,7 @@ def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     local, glob = norm_series(state, layer)
     rounds = [h["round"] for h in state.history]
@@ -83,6 +84,7 @@ def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> No
         ax.plot(*zip(*glob, strict=True), "k--", linewidth=2.2, label="federated model")
     ax.set_xlabel("round")
     ax.set_ylabel(f"||{layer}||")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -95,6 +97,7 @@ def plot_round_times(state: JobState, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     nodes = sorted({r["node"] for h in state.history for r in h["reports"]})
@@ -108,6 +111,7 @@ def plot_round_times(state: JobState, path: Path, title: str) -> None:
     ax.plot(rounds, durations, "k--", linewidth=2, label=f"round time (mean {sum(durations) / len(durations):.1f} s)")
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
