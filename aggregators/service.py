@@ -180,7 +180,7 @@ class JobRunner(threading.Thread):
                 resume = None
                 history.append(summary.model_dump())
                 t_save = time.perf_counter()
-                self.service.checkpoints.save(spec.job_id, r, params, history, rule_state=self._rule_state(rule))
+                self.service.checkpoints.save(spec.job_id, r, params, history, rule_state=rule.carry_over() or None)
                 self.service.checkpoints.clear_open(spec.job_id)
                 self.log.debug("checkpoint_saved", round=r, save_s=round(time.perf_counter() - t_save, 4))
                 self._send("round_closed", summary, round_=r)
@@ -211,13 +211,6 @@ class JobRunner(threading.Thread):
         if not rule.streaming:
             self.log.info("rule_holds_all_updates", rule=rule.name)
         return rule
-
-    @staticmethod
-    def _rule_state(rule: AggregationRule) -> dict[str, Any] | None:
-        try:
-            return rule.state_dict()
-        except NotImplementedError:
-            return None
 
     def _select(self, r: int, eligible: list[str]) -> list[str]:
         """The nodes of round `r` under the job's selection policy (recorded in round_opened)."""

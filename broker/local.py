@@ -108,6 +108,10 @@ class LocalFederation:
             self.start_node(name, env=env)
         return node_dir
 
+    def process(self, label: str) -> subprocess.Popen:
+        """The latest process started under `label` (e.g. "node-site-1", "agg-aggregator")."""
+        return next(p for lab, p in reversed(self.procs) if lab == label)
+
     def start_node(self, name: str, *, env: dict[str, str] | None = None) -> subprocess.Popen:
         node_dir = self.root / "nodes" / name
         return self.spawn(f"node-{name}", [sys.executable, "-m", "node", "start", "--dir", str(node_dir)], env=env)

@@ -181,15 +181,20 @@ class NodeService:
             job=job,
         )
 
-    def _decline(self, msg: Message, job_id: str, reason: str) -> None:
+    def _decline(self, job_id: str, reason: str, msg: Message | None = None) -> None:
+        """Refuse a job (when it arrives, or later when its plan is rejected) and say why."""
         self.log.info("job_declined", job=job_id, reason=reason)
-        self.audit.record("job_refused", job=job_id, actor=msg.sender, reason=reason)
-        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id, data={"job": job_id, "status": "declined"})
+        self.audit.record("job_refused", job=job_id, actor=msg.sender if msg else None, reason=reason)
+        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id if msg else "",
+                    data={"job": job_id, "status": "declined"})
+
+    def _plan_refusal(self, spec: JobSpec, status: PlanStatus) -> str:
+        return f"plan {plan_id(spec.plan)[:16]} was {status} by the admin of node {self.name}"
 
     def _on_job(self, msg: Message) -> None:
         spec: JobSpec = msg.body  # type: ignore[assignment]
         if spec.job_id != topics.job_of(msg.topic):
-            self._decline(msg, spec.job_id, "job id does not match its topic")
+            self._decline(spec.job_id, "job id does not match its topic", msg)
             return
         with self._lock:
             if spec.job_id in self.jobs or spec.job_id in self.parked:
@@ -201,19 +206,18 @@ class NodeService:
             check_ref(spec.plan)
             algorithm = algorithm_of(spec.training_args)
         except (PlanError, LocalError) as exc:
-            self._decline(msg, spec.job_id, f"plan refused: {exc}")
+            self._decline(spec.job_id, f"plan refused: {exc}", msg)
             return
         if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
-            self._decline(msg, spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm")
+            self._decline(spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm", msg)
             return
         matches = self.registry.matching(spec.tags)
         if not matches:
-            self._decline(msg, spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}")
+            self._decline(spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}", msg)
             return
         status = self.plan_status(spec)
-        pid = plan_id(spec.plan)
         if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
-            self._decline(msg, spec.job_id, f"plan {pid[:16]} was {status} by the admin of node {self.name}")
+            self._decline(spec.job_id, self._plan_refusal(spec, status), msg)
         elif status != PlanStatus.APPROVED:
             self._park(_Parked(spec, matches[0], msg.sender, msg.id))
         else:
@@ -270,20 +274,15 @@ class NodeService:
                 if p.model is not None:
                     self._on_model(p.model)
             else:
-                self._refuse(p.spec.job_id, f"plan {plan_id(p.spec.plan)[:16]} was {status} by the admin of node {self.name}")
+                self._decline(p.spec.job_id, self._plan_refusal(p.spec, status))
         for spec in running:
             status = self.plan_status(spec)
             if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
                 with self._lock:
                     self.jobs.pop(spec.job_id, None)
                     self._drop_pending(spec.job_id)
-                self._refuse(spec.job_id, f"plan {plan_id(spec.plan)[:16]} was {status} by the admin of node {self.name}")
+                self._decline(spec.job_id, self._plan_refusal(spec, status))
                 self.publish_status()
-
-    def _refuse(self, job: str, reason: str) -> None:
-        self.log.info("job_declined", job=job, reason=reason)
-        self.audit.record("job_refused", job=job, reason=reason)
-        self._reply("job", job=job, ok=False, error=f"declined: {reason}", data={"job": job, "status": "declined"})
 
     def _plans_loop(self) -> None:
         while not self._stop.wait(self.settings.plan_poll_s):

@@ -97,22 +97,20 @@ class Trainer:
         self.stop()
         self.start()
 
-    def allow_datasets(self, datasets: list[dict[str, Any]]) -> None:
-        """Grant read access to these datasets from the next (re)start of the child on."""
+    def allow_datasets(self, datasets: list[dict[str, Any]]) -> list[str]:
+        """Grant read access to these datasets from the next (re)start of the child on; the
+        paths that were not readable yet."""
         paths = [p for d in datasets for p in dataset_read_paths(d) if not self.policy.allows_reading(p)]
         if paths:
             self.policy = self.policy.with_read_paths(paths)
+        return paths
 
     def _allow(self, dataset: dict[str, Any] | None) -> None:
         """Restart the child with read access to a dataset it was not started for."""
-        if dataset is None:
-            return
-        missing = [p for p in dataset_read_paths(dataset) if not self.policy.allows_reading(p)]
-        if missing:
-            self.policy = self.policy.with_read_paths(missing)
-            if self._proc is not None:
-                self.log.info("training_process_widened", datasets=missing)
-                self._restart()
+        added = self.allow_datasets([dataset]) if dataset is not None else []
+        if added and self._proc is not None:
+            self.log.info("training_process_widened", datasets=added)
+            self._restart()
 
     def preload(self, dataset: dict[str, Any], timeout_s: float = 600.0) -> None:
         """Load a dataset into the child's cache now, so the first round does not pay for it."""

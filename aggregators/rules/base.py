@@ -60,6 +60,11 @@ class AggregationRule(ABC):
         """Tensors published with the global model besides its parameters (default: none)."""
         return {}
 
+    def carry_over(self) -> dict[str, Any]:
+        """The state that lives across rounds (server momentum, control variates), saved with
+        every round's checkpoint and restored with `load_state_dict`; none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """The rule's state (within the round and across rounds), so a restart resumes."""
         raise NotImplementedError(f"{self.name} cannot checkpoint a round in progress")

@@ -32,8 +32,11 @@ class _ServerOptimizer(FedAvg):
         params, self._m, self._v = server_step(self._like, delta, self._m, self._v, kind=self.kind, **self.hyper)
         return params
 
+    def carry_over(self) -> dict:
+        return {"m": self._m, "v": self._v}
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "m": self._m, "v": self._v}
+        return {**super().state_dict(), **self.carry_over()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

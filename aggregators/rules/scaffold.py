@@ -65,6 +65,9 @@ class Scaffold(FedAvg):
     def model_extra(self) -> Params:
         return {PREFIX + k: v.to(torch.float32) for k, v in self._c.items()}
 
+    def carry_over(self) -> dict:
+        return {"c": self._c}
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "c": self._c, "dc": getattr(self, "_dc", {}), "count": getattr(self, "_count", 0)}
 

@@ -122,12 +122,11 @@ def _take_offline(fed, cfg: Config, log: list[str]):
     def during(exp) -> None:
         wait_round(exp, cfg.offline_from)
         for name in OFFLINE:
-            proc = next(p for label, p in reversed(fed.procs) if label == f"node-{name}")
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(fed.process(f"node-{name}").pid, signal.SIGTERM)
         log.append(f"stopped {', '.join(OFFLINE)} when round {exp.state.open_round} was open")
         wait_round(exp, cfg.offline_until)
         for name in OFFLINE:
-            next(p for label, p in reversed(fed.procs) if label == f"node-{name}").wait(timeout=60)
+            fed.process(f"node-{name}").wait(timeout=60)
             fed.start_node(name)
         log.append(f"restarted {', '.join(OFFLINE)} when round {exp.state.open_round} was open")
 

@@ -38,10 +38,10 @@ class Run:
     observer: Messenger | None = None
 
     def node_proc(self, name: str):
-        return next(p for label, p in reversed(self.fed.procs) if label == f"node-{name}")
+        return self.fed.process(f"node-{name}")
 
     def agg_proc(self):
-        return next(p for label, p in reversed(self.fed.procs) if label.startswith("agg-"))
+        return self.fed.process("agg-fedavg-1")
 
     def kill(self, proc, sig=signal.SIGKILL) -> None:
         """Signal a role process and its training child (they share a process group)."""

@@ -87,11 +87,18 @@ def test_fedavgm_accumulates_momentum_across_rounds():
     assert torch.allclose(w["w"], T([2.5]))
 
 
-def test_server_optimizer_state_survives_a_checkpoint():
-    a, b = get_rule("fedyogi", {"lr": 0.1}), get_rule("fedyogi", {"lr": 0.1})
-    w = run_round(a, {"w": T([0.0, 1.0])}, [{"w": T([1.0, 0.0])}])
-    b.load_state_dict(a.state_dict())
-    assert torch.equal(run_round(a, w, [{"w": T([2.0, 2.0])}])["w"], run_round(b, w, [{"w": T([2.0, 2.0])}])["w"])
+@pytest.mark.parametrize("name", ["fedyogi", "fedavgm", "scaffold"])
+def test_cross_round_state_survives_a_round_checkpoint(name):
+    """What the aggregator saves with each round (carry_over) is enough to go on identically."""
+    a, b = get_rule(name), get_rule(name)
+    extra = [{"c/w": T([0.1, -0.2])}] if name == "scaffold" else None
+    w = run_round(a, {"w": T([0.0, 1.0])}, [{"w": T([1.0, 0.0])}], extras=extra)
+    assert a.carry_over()
+    b.load_state_dict(a.carry_over())
+    assert torch.equal(run_round(a, w, [{"w": T([2.0, 2.0])}], extras=extra)["w"],
+                       run_round(b, w, [{"w": T([2.0, 2.0])}], extras=extra)["w"])
+    if name == "scaffold":
+        assert torch.equal(a.model_extra()["c/w"], b.model_extra()["c/w"])
 
 
 def test_scaffold_moves_the_model_and_the_control():
