@@ -34,6 +34,7 @@ from common.messages import (
     NodeStatus,
     RoundClosed,
     RoundOpened,
+    Selection,
     UpdateReceived,
 )
 from common.messenger import Messenger
@@ -66,6 +67,19 @@ def check_update(params: dict[str, torch.Tensor], reference: dict[str, torch.Ten
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"{key}: contains NaN or Inf"
     return None
+
+
+def select_nodes(selection: Selection, quorum: int, round_: int, eligible: list[str]) -> list[str]:
+    """The nodes of a round under the job's selection policy (recorded in round_opened).
+
+    fraction: a seeded random draw of ceil(fraction x eligible) nodes, at least k and the
+    quorum; the same seed and round give the same set. all / at_least: every eligible node
+    (at_least only delays the round until k are online).
+    """
+    if selection.mode != "fraction":
+        return list(eligible)
+    want = min(len(eligible), max(selection.k, quorum, math.ceil(selection.fraction * len(eligible))))
+    return sorted(random.Random(selection.seed * 1_000_003 + round_).sample(sorted(eligible), want))
 
 
 def check_sample_count(n_samples: int, declared: int | None) -> str | None:
@@ -212,14 +226,6 @@ class JobRunner(threading.Thread):
             self.log.info("rule_holds_all_updates", rule=rule.name)
         return rule
 
-    def _select(self, r: int, eligible: list[str]) -> list[str]:
-        """The nodes of round `r` under the job's selection policy (recorded in round_opened)."""
-        sel = self.spec.selection
-        if sel.mode != "fraction":
-            return list(eligible)
-        want = min(len(eligible), max(sel.k, self.spec.quorum, math.ceil(sel.fraction * len(eligible))))
-        return sorted(random.Random(sel.seed * 1_000_003 + r).sample(sorted(eligible), want))
-
     def _fail(self, reason: str, params, history) -> None:
         self.log.warning("job_failed", reason=reason)
         try:
@@ -269,7 +275,7 @@ class JobRunner(threading.Thread):
             eligible = self._wait_for_nodes(deadline)
             if len(eligible) < spec.quorum:
                 raise JobFailure(f"round {r}: only {len(eligible)} eligible node(s) online, quorum is {spec.quorum}")
-            expected = self._select(r, eligible)
+            expected = select_nodes(spec.selection, spec.quorum, r, eligible)
             rule.begin_round(params)
             answered: set[str] = set()
             gone: set[str] = set()

@@ -206,3 +206,20 @@ def test_fedadam_agrees_with_the_papers_formula(x0, xs):
     rule = get_rule("fedadam", {"lr": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3})
     out = run_round(rule, _p(x0), [_p(x) for x in xs])
     assert np.allclose(out["w"].numpy(), ref_adam(x0, np.mean(np.stack(xs), axis=0), 0.05, 0.9, 0.99, 1e-3))
+
+
+def test_node_selection_policies():
+    from aggregators.service import select_nodes
+    from common.messages import Selection
+
+    nodes = [f"n{i}" for i in range(10)]
+    assert select_nodes(Selection(), 1, 1, nodes) == nodes
+    assert select_nodes(Selection(mode="at_least", k=8), 1, 1, nodes) == nodes  # k only delays the round
+    half = select_nodes(Selection(mode="fraction", fraction=0.3, seed=4), 1, 1, nodes)
+    assert len(half) == 3 and set(half) <= set(nodes)
+    assert select_nodes(Selection(mode="fraction", fraction=0.3, seed=4), 1, 1, nodes) == half  # reproducible
+    rounds = {tuple(select_nodes(Selection(mode="fraction", fraction=0.3, seed=4), 1, r, nodes)) for r in range(1, 9)}
+    assert len(rounds) > 1  # a new draw each round
+    assert len(select_nodes(Selection(mode="fraction", fraction=0.1, k=4), 1, 1, nodes)) == 4  # at least k
+    assert len(select_nodes(Selection(mode="fraction", fraction=0.1), 5, 1, nodes)) == 5  # at least the quorum
+    assert select_nodes(Selection(mode="fraction", fraction=0.5, k=9), 1, 1, nodes[:3]) == nodes[:3]  # no more than exist
