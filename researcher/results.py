@@ -59,6 +59,31 @@ def write_results(folder: Path, exp: Experiment) -> Path:
     return folder
 
 
+def _node_lines(ax, history: list[dict], metric: str) -> None:
+    """One thin grey line per node: its own value of `metric` in each round it reported."""
+    for node in sorted({r["node"] for h in history for r in h["reports"]}):
+        pts = [(h["round"], r["metrics"][metric]) for h in history for r in h["reports"]
+               if r["node"] == node and metric in r["metrics"]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color="0.75", linewidth=0.8)
+
+
+def finish_round_plot(fig, ax, path: Path, *, ylabel: str, title: str, legend_size: float | None = None,
+                      dpi: int = 110) -> None:
+    """Rounds on the x axis (integers), labels, legend, save as PNG, free the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot_validation(history: list[dict], path: Path) -> None:
     """Federated evaluation: the received global model vs each node's local update, on the
     nodes' validation splits (sample-weighted over nodes; grey: each node's local score)."""
@@ -66,27 +91,15 @@ def plot_validation(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     metric = "accuracy" if any("val_accuracy_global" in h["metrics"] for h in history) else "loss"
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [h["round"] for h in history]
-    for node in sorted({r["node"] for h in history for r in h["reports"]}):
-        pts = [(h["round"], r["metrics"][f"val_{metric}_local"]) for h in history for r in h["reports"]
-               if r["node"] == node and f"val_{metric}_local" in r["metrics"]]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), color="0.8", linewidth=0.8)
+    _node_lines(ax, history, f"val_{metric}_local")
     for which, style in (("global", "o-"), ("local", "s--")):
         ax.plot(rounds, [h["metrics"].get(f"val_{metric}_{which}", float("nan")) for h in history], style,
                 label=f"{'received global model' if which == 'global' else 'local update'} (weighted)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title("Federated evaluation on the nodes' validation splits")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_round_plot(fig, ax, path, ylabel=f"validation {metric}", title="Federated evaluation on the nodes' validation splits")
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -94,26 +107,13 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [h["round"] for h in history]
-    nodes = sorted({r["node"] for h in history for r in h["reports"]})
-    for node in nodes:
-        pts = [(h["round"], r["metrics"]["train_loss"]) for h in history for r in h["reports"]
-               if r["node"] == node and "train_loss" in r["metrics"]]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), color="0.75", linewidth=0.8)
+    _node_lines(ax, history, "train_loss")
     ax.plot(rounds, [h["metrics"].get("train_loss", float("nan")) for h in history], "o-", color="C0",
             linewidth=2, label="weighted mean over nodes")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("local training loss")
-    ax.set_title("Training loss per round (grey: each node)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_round_plot(fig, ax, path, ylabel="local training loss", title="Training loss per round (grey: each node)")
 
 
 def plot_node_times(history: list[dict], path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from broker.local import LocalFederation
 from common.identity import Identity
 from researcher.experiment import Experiment, JobState
+from researcher.results import finish_round_plot
 
 
 @contextmanager
@@ -70,7 +71,6 @@ def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     local, glob = norm_series(state, layer)
     rounds = [h["round"] for h in state.history]
@@ -82,14 +82,7 @@ def plot_weight_norms(state: JobState, layer: str, path: Path, title: str) -> No
                 label=node if len(local) <= 6 else None)
     if glob:
         ax.plot(*zip(*glob, strict=True), "k--", linewidth=2.2, label="federated model")
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"||{layer}||")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_round_plot(fig, ax, path, ylabel=f"||{layer}||", title=title, legend_size=8, dpi=120)
 
 
 def plot_round_times(state: JobState, path: Path, title: str) -> None:
@@ -97,7 +90,6 @@ def plot_round_times(state: JobState, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     nodes = sorted({r["node"] for h in state.history for r in h["reports"]})
@@ -109,14 +101,7 @@ def plot_round_times(state: JobState, path: Path, title: str) -> None:
     rounds = [h["round"] for h in state.history]
     durations = [h["duration_s"] for h in state.history]
     ax.plot(rounds, durations, "k--", linewidth=2, label=f"round time (mean {sum(durations) / len(durations):.1f} s)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("seconds")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_round_plot(fig, ax, path, ylabel="seconds", title=title, legend_size=8, dpi=120)
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
