@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -60,9 +59,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
     try:
         shards = fmnist.write_shards(fed.root / "data", n)
         names = [f"site-{i:03d}" for i in range(n)]
-        with ThreadPoolExecutor(4) as pool:  # folders and datasets, not timed
-            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fm", "type": "npz", "path": str(p[1]), "tag": "fmnist"}],
-                                                 start=False), zip(names, shards, strict=True)))
+        fed.add_nodes(fed.shard_datasets(names, shards), start=False)  # folders and datasets, not timed
         bundle = fed.enroll("bench", "researcher")
         broker_pid = process.read_pid(fed.ws)
         with PeakRSS(lambda: [broker_pid, *(p.pid for _, p in fed.procs)]) as rss:

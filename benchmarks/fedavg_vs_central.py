@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -49,9 +48,7 @@ def federated(nodes: int, rounds: int, epochs: int, lr: float, batch: int, seed:
     try:
         shards = fmnist.write_shards(fed.root / "data", nodes, seed=seed)
         names = [f"site-{i}" for i in range(nodes)]
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fm", "type": "npz", "path": str(p[1]), "tag": "fmnist"}]),
-                          zip(names, shards, strict=True)))
+        fed.add_nodes(fed.shard_datasets(names, shards))
         fed.add_aggregator("fedavg-1")
         fed.wait_online(set(names))
         exp = Experiment(fed.enroll("bench", "researcher"), plan="mlp", tags=["fmnist"], rounds=rounds, quorum=nodes,

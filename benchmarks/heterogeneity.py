@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +72,7 @@ def main() -> None:
     try:
         shards, classes = label_skewed_shards(fed.root / "data", args.nodes, args.samples)
         names = [f"site-{i}" for i in range(args.nodes)]
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fm", "type": "npz", "path": str(p[1]), "tag": "fmnist"}]),
-                          zip(names, shards, strict=True)))
+        fed.add_nodes(fed.shard_datasets(names, shards))
         fed.add_aggregator("agg-1")
         fed.enroll("bench", "researcher")
         fed.wait_online(set(names))

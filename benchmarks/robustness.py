@@ -16,7 +16,6 @@ import argparse
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -115,9 +114,7 @@ def main() -> None:
     try:
         shards = fmnist.write_shards(fed.root / "data", NODES, limit=NODES * args.samples, seed=3)
         honest = [f"site-{i}" for i in range(NODES - ATTACKERS)]
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fm", "type": "npz", "path": str(p[1]), "tag": "fmnist"}]),
-                          zip(honest, shards, strict=False)))
+        fed.add_nodes(fed.shard_datasets(honest, shards[: len(honest)]))
         rogues = [RogueNode(fed, f"rogue-{i}", shards[NODES - ATTACKERS + i]) for i in range(ATTACKERS)]
         fed.add_aggregator("agg-1")
         fed.enroll("bench", "researcher")

@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from broker.local import LocalFederation
 from common.identity import Identity
@@ -90,9 +89,7 @@ def main() -> None:
     try:
         shards = fmnist.write_shards(fed.root / "data", args.nodes)
         names = [f"site-{i:03d}" for i in range(args.nodes)]
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fm", "type": "npz", "path": str(p[1]), "tag": "fmnist"}],
-                                                 start=False), zip(names, shards, strict=True)))
+        fed.add_nodes(fed.shard_datasets(names, shards), start=False)
         for name in names:
             fed.start_node(name, env=NODE_ENV)
         fed.add_aggregator("fedavg-1")

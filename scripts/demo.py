@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -48,9 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[bold]1.[/bold] broker up: TLS on 127.0.0.1:{fed.port}, workspace {fed.ws.root}")
         shards = fmnist.write_shards(fed.root / "data", args.nodes, limit=args.samples)
         names = [f"hospital-{i + 1}" for i in range(args.nodes)]
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda p: fed.add_node(p[0], [{"name": "fmnist", "type": "npz", "path": str(p[1]),
-                                                         "tag": ["fmnist", "images"]}]), zip(names, shards, strict=True)))
+        fed.add_nodes(fed.shard_datasets(names, shards, name="fmnist", tag=["fmnist", "images"]))
         fed.add_aggregator("fedavg-1")
         bundle = fed.enroll("alice", "researcher")
         fed.wait_online(set(names))

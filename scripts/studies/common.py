@@ -11,7 +11,6 @@ import csv
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,7 @@ def federation(datasets: dict[str, list[dict[str, str]]], *, node_env: dict[str,
     """A local federation (TLS broker, one node process per centre, an aggregator), torn down after."""
     fed = LocalFederation().start()
     try:
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda item: fed.add_node(item[0], item[1], env=node_env), datasets.items()))
+        fed.add_nodes(datasets, env=node_env)
         fed.add_aggregator("agg-1")
         fed.enroll("study", "researcher")
         fed.wait_online(set(datasets), timeout_s=600)

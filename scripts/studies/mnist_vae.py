@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from broker.local import LocalFederation
 from common.training.zoo import VAE
 from scripts import fmnist
 from scripts.studies.common import (
@@ -106,7 +107,7 @@ def run(out: Path, cfg: Config) -> dict:
     data = Path(tempfile.mkdtemp(prefix="fbm-vae-shards-"))  # copies of the apt dataset: not kept
     shards = fmnist.write_shards(data, cfg.centres, limit=cfg.images, seed=cfg.seed)
     names = [f"centre-{i + 1:02d}" for i in range(cfg.centres)]
-    datasets = {n: [{"name": "fmnist", "type": "npz", "path": str(p), "tag": "fmnist"}] for n, p in zip(names, shards, strict=True)}
+    datasets = LocalFederation.shard_datasets(names, shards, name="fmnist")
     t0 = time.perf_counter()
     with federation(datasets) as fed:
         exp, state = run_job(fed, plan="vae", tags=["fmnist"], rounds=cfg.rounds, quorum=cfg.centres,

@@ -17,9 +17,7 @@ def sites():
     fed = LocalFederation().start()
     try:
         shards = fmnist.write_shards(fed.root / "data", len(NODES), limit=400, seed=4)
-        for name, shard in zip(NODES, shards, strict=True):
-            fed.add_node(name, [{"name": "fm", "type": "npz", "path": str(shard), "tag": "fmnist"}],
-                         env={"FBM_NODE_PLAN_POLL_S": "0.5"})
+        fed.add_nodes(fed.shard_datasets(NODES, shards), env={"FBM_NODE_PLAN_POLL_S": "0.5"})
         fed.add_aggregator("agg-1")
         fed.enroll("alice", "researcher")
         fed.enroll("mallory", "admin")  # stands in for a compromised broker: may write anything
