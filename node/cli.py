@@ -15,9 +15,10 @@ from common.errors import ConnectError
 from common.identity import Identity
 from common.logging import configure_logging
 from common.service import run_until_terminated
+from node import admin
 from node.audit import AuditTrail
 from node.config import NodeSettings, write_default_config
-from node.datasets import TYPES, DatasetError
+from node.datasets import TYPES
 from node.db import Database
 from node.plans import PlanStatus, PlanStore
 from node.registry import Registry
@@ -42,8 +43,12 @@ def _settings(node_dir: Path) -> NodeSettings:
         raise  # unreachable
 
 
+def _db(node_dir: Path) -> Database:
+    return Database(_settings(node_dir).database)
+
+
 def _registry(node_dir: Path) -> Registry:
-    return Registry(Database(_settings(node_dir).database))
+    return Registry(_db(node_dir))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,7 +88,7 @@ def init(node_dir: Path, bundle: Path, force: bool) -> None:
         target.chmod(0o700)
     write_default_config(node_dir)
     db = Database(node_dir / "node.db")
-    AuditTrail(db).record("node_initialised", actor=_admin(), identity=identity.name)
+    AuditTrail(db).record("node_initialised", actor=admin.os_admin(), identity=identity.name)
     db.close()
     console.print(f"node [bold]{identity.name}[/bold] set up in {node_dir.resolve()}")
     console.print(f"  broker: {identity.broker_host}:{identity.broker_port}; config: {node_dir / 'node.toml'}")
@@ -107,12 +112,11 @@ def dataset() -> None:
 def dataset_add(node_dir: Path, name: str, kind: str, path: Path, tags: tuple[str, ...], description: str,
                 target: str | None, labels: Path | None) -> None:
     """Register a dataset: it is read once now, so a bad file is refused here, not mid-job."""
-    registry = _registry(node_dir)
     try:
-        ds = registry.add(name, kind, path, list(tags), description=description, target=target, labels=labels)
-    except DatasetError as exc:
-        _fail(f"dataset not added: {exc}")
-    AuditTrail(registry.db).record("dataset_added", dataset=name, actor=_admin(), path=ds.path, type=kind)
+        ds = admin.add_dataset(_db(node_dir), admin.os_admin(), name, kind, path, list(tags), description=description,
+                               target=target, labels=labels)
+    except admin.AdminError as exc:
+        _fail(str(exc))
     info = ds.public()
     console.print(f"added [bold]{name}[/bold]: {info.n_samples} samples, shape {info.shape}, tags {ds.tags}"
                   + (f", {info.n_classes} classes" if info.n_classes else ""))
@@ -149,21 +153,11 @@ def dataset_show(node_dir: Path, name: str) -> None:
 @click.argument("name")
 def dataset_remove(node_dir: Path, name: str) -> None:
     """Unregister a dataset (the files are left alone)."""
-    registry = _registry(node_dir)
-    if not registry.remove(name):
-        _fail(f"no dataset named {name!r}")
-    AuditTrail(registry.db).record("dataset_removed", dataset=name, actor=_admin())
-    console.print(f"removed {name}")
-
-
-def _admin() -> str:
-    """Who ran an admin command, for the audit trail (the OS account)."""
-    import getpass
-
     try:
-        return f"admin:{getpass.getuser()}"
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return "admin"
+        admin.remove_dataset(_db(node_dir), admin.os_admin(), name)
+    except admin.AdminError as exc:
+        _fail(str(exc))
+    console.print(f"removed {name}")
 
 
 @main.group()
@@ -223,21 +217,11 @@ def plan_show(node_dir: Path, plan_id: str) -> None:
 
 
 def _decide(node_dir: Path, plan_id: str, status: PlanStatus, note: str) -> None:
-    store = _plans(node_dir)
     try:
-        p = store.decide(store.find(plan_id).plan_id if not plan_id.startswith("zoo:") else _zoo(plan_id), status, _admin(), note)
-    except KeyError as exc:
-        _fail(str(exc.args[0]))
-    AuditTrail(store.db).record(f"plan_{status}", plan_sha256=p.plan_id, actor=_admin(), note=note)
+        p = admin.decide_plan(_db(node_dir), admin.os_admin(), plan_id, status, note)
+    except admin.AdminError as exc:
+        _fail(str(exc))
     console.print(f"plan {p.plan_id[:16]} ({p.class_name}) is now [bold]{p.status}[/bold]; a running node acts on it within seconds")
-
-
-def _zoo(plan_id: str) -> str:
-    from common.training.zoo import ZOO
-
-    if plan_id.removeprefix("zoo:") not in ZOO:
-        _fail(f"unknown zoo plan {plan_id!r}; the zoo has: {', '.join('zoo:' + z for z in sorted(ZOO))}")
-    return plan_id
 
 
 @plan.command("approve")
@@ -252,18 +236,11 @@ def plan_approve(node_dir: Path, plan_id: str | None, source_file: Path | None, 
     if source_file is not None:
         if plan_id or not class_name:
             _fail("give either a PLAN_ID, or --file with --class")
-        source = source_file.read_text()
         try:
-            import ast
-
-            tree = ast.parse(source)
-        except SyntaxError as exc:
-            _fail(f"{source_file} is not valid Python: {exc}")
-        if not any(isinstance(n, ast.ClassDef) and n.name == class_name for n in tree.body):
-            _fail(f"{source_file} defines no class {class_name!r}")
-        store = _plans(node_dir)
-        p = store.add_source(source, class_name, _admin(), note)
-        AuditTrail(store.db).record("plan_approved", plan_sha256=p.plan_id, actor=_admin(), note=note, file=str(source_file))
+            p = admin.approve_source(_db(node_dir), admin.os_admin(), source_file.read_text(), class_name, note,
+                                     origin=str(source_file))
+        except admin.AdminError as exc:
+            _fail(str(exc))
         console.print(f"plan {p.plan_id} ({class_name}, from {source_file}) is now [bold]approved[/bold]")
         return
     if not plan_id:
@@ -326,3 +303,139 @@ def start(node_dir: Path, connect_timeout: float) -> None:
     except ConnectError as exc:
         service.trainer.stop()
         _fail(str(exc), code=2)
+
+
+@main.group()
+def user() -> None:
+    """Accounts of the web console (`fbm-node ui`), stored hashed in the node's database.
+
+    \b
+      fbm-node user add steward --dir ./site          # asks for the password twice
+      echo "$PW" | fbm-node user add steward --dir ./site --password-stdin
+      fbm-node user list --dir ./site
+      fbm-node user passwd steward --dir ./site       # also ends the user's open sessions
+      fbm-node user remove steward --dir ./site
+    """
+
+
+def _accounts(node_dir: Path):
+    from node.ui.accounts import Accounts
+
+    return Accounts(_db(node_dir))
+
+
+def _password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@user.command("add")
+@NODE_DIR
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin (scripts).")
+def user_add(node_dir: Path, username: str, password_stdin: bool) -> None:
+    """Create a console account (at least 10 characters of password)."""
+    from node.ui.accounts import AccountError
+
+    accounts = _accounts(node_dir)
+    try:
+        accounts.add_user(username, _password(password_stdin), admin.os_admin())
+    except AccountError as exc:
+        _fail(str(exc))
+    AuditTrail(accounts.db).record("ui_user_added", actor=admin.os_admin(), user=username)
+    console.print(f"user [bold]{username}[/bold] can now log in to `fbm-node ui`")
+
+
+@user.command("passwd")
+@NODE_DIR
+@click.argument("username")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin (scripts).")
+def user_passwd(node_dir: Path, username: str, password_stdin: bool) -> None:
+    """Set a new password (the account's open sessions are closed)."""
+    from node.ui.accounts import AccountError
+
+    accounts = _accounts(node_dir)
+    try:
+        accounts.set_password(username, _password(password_stdin))
+    except AccountError as exc:
+        _fail(str(exc))
+    AuditTrail(accounts.db).record("ui_password_changed", actor=admin.os_admin(), user=username)
+    console.print(f"password of {username} changed")
+
+
+@user.command("remove")
+@NODE_DIR
+@click.argument("username")
+def user_remove(node_dir: Path, username: str) -> None:
+    """Delete a console account and close its sessions."""
+    from node.ui.accounts import AccountError
+
+    accounts = _accounts(node_dir)
+    try:
+        accounts.remove_user(username)
+    except AccountError as exc:
+        _fail(str(exc))
+    AuditTrail(accounts.db).record("ui_user_removed", actor=admin.os_admin(), user=username)
+    console.print(f"user {username} removed")
+
+
+@user.command("list")
+@NODE_DIR
+def user_list(node_dir: Path) -> None:
+    """List console accounts (never their passwords)."""
+    import datetime as dt
+
+    table = Table("user", "created", "by")
+    for u in _accounts(node_dir).users():
+        table.add_row(u["username"], dt.datetime.fromtimestamp(u["created_at"]).strftime("%Y-%m-%d %H:%M"), u["created_by"])
+    console.print(table)
+
+
+@main.command()
+@NODE_DIR
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback is served over TLS (see --cert).")
+@click.option("--port", default=8470, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="TLS certificate (PEM) for a non-loopback --host; default: a self-signed one made in NODE_DIR/ui-tls.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Its key (PEM).")
+@click.option("--tls/--no-tls", default=None,
+              help="Force TLS on or off (default: on unless --host is loopback; off only behind your own TLS proxy).")
+@click.option("--idle-minutes", default=30.0, show_default=True, help="Close a session unused this long.")
+@click.option("--browse-start", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder the dataset file picker opens in (default: your home folder).")
+def ui(node_dir: Path, host: str, port: int, cert: Path | None, key: Path | None, tls: bool | None,
+       idle_minutes: float, browse_start: Path | None) -> None:
+    """Serve the node's web console (Datasets, Training plans, Jobs, Audit, Status).
+
+    \b
+    It uses the node's own database: what you do there is what `fbm-node dataset/plan` do, and
+    is recorded in the audit trail as ui:<account>. Create the first account from the shell:
+      fbm-node user add steward --dir ./site
+      fbm-node ui --dir ./site                       # http://127.0.0.1:8470
+      fbm-node ui --dir ./site --host 0.0.0.0        # https, self-signed (fingerprint printed)
+    """
+    import uvicorn
+
+    from node.ui.accounts import SessionPolicy
+    from node.ui.app import ConsoleConfig, create_app
+    from node.ui.tls import ensure_console_cert, fingerprint, is_loopback
+
+    settings = _settings(node_dir)
+    if not _accounts(node_dir).users():
+        _fail(f"no console account yet: create one first with `fbm-node user add NAME --dir {node_dir}`")
+    use_tls = (not is_loopback(host)) if tls is None else tls
+    if (cert is None) != (key is None):
+        _fail("give both --cert and --key, or neither")
+    if use_tls and cert is None:
+        cert, key = ensure_console_cert(settings.node_dir, Identity.load(settings.bundle).name)
+        click.echo(f"TLS certificate {cert} (self-signed); check the browser shows this sha256 fingerprint:")
+        click.echo(f"  {fingerprint(cert)}")
+    config = ConsoleConfig(secure_cookies=use_tls, policy=SessionPolicy(idle_minutes=idle_minutes),
+                           browse_start=(browse_start or Path.home()).resolve())
+    app = create_app(settings, config)
+    scheme = "https" if use_tls else "http"
+    console.print(f"node console on {scheme}://{host}:{port}  (Ctrl-C to stop)")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                ssl_certfile=str(cert) if use_tls else None, ssl_keyfile=str(key) if use_tls else None)

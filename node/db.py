@@ -1,4 +1,5 @@
-"""The node's SQLite database: one file for the dataset registry, plan decisions and the audit trail."""
+"""The node's SQLite database: one file for the dataset registry, plan decisions, the audit trail,
+the running node's state and the web console's accounts and sessions."""
 
 from __future__ import annotations
 
@@ -41,6 +42,30 @@ CREATE TABLE IF NOT EXISTS plans (
     decided_at REAL,
     decided_by TEXT NOT NULL DEFAULT '',
     note TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS node_state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ui_users (
+    username TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ui_sessions (
+    token_sha256 TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    flash TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS ui_login_failures (
+    ts REAL NOT NULL,
+    username TEXT NOT NULL,
+    client TEXT NOT NULL
 );
 """
 

@@ -31,6 +31,7 @@ from node.config import NodeSettings
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
+from node.state import NodeState
 from node.statistics import StatisticsRefused, sufficient_statistics
 from node.trainer import Trainer, TrainingFailed
 
@@ -101,6 +102,7 @@ class NodeService:
         self.registry = registry
         self.audit = audit
         self.plans = PlanStore(registry.db)
+        self.state = NodeState(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
                                           secret_dirs=[settings.node_dir, settings.bundle])
         self.log = structlog.get_logger("node").bind(node=self.name)
@@ -155,6 +157,7 @@ class NodeService:
             if thread.is_alive():
                 thread.join(timeout=10)
         self.trainer.stop()
+        self.beat(connected=False)
         self.audit.record("node_stopped", actor=self.name)
 
     def _on_connected(self, session_present: bool) -> None:
@@ -285,11 +288,20 @@ class NodeService:
                 self.publish_status()
 
     def _plans_loop(self) -> None:
+        self.beat()
         while not self._stop.wait(self.settings.plan_poll_s):
             try:
                 self.review_plans()
+                self.beat()
             except Exception:  # noqa: BLE001 - the next tick tries again
                 self.log.exception("plan_review_failed")
+
+    def beat(self, connected: bool | None = None) -> None:
+        """Tell the web console (through the database) that this process lives and how it is linked."""
+        with self._lock:
+            jobs = sorted(self.jobs)
+        link = self.messenger.transport.connected if connected is None else connected
+        self.state.beat(link, f"{self.messenger.transport.host}:{self.messenger.transport.port}", jobs)
 
     def _drop_pending(self, job: str, before_round: int | None = None) -> None:
         """Forget unacknowledged updates of `job` (of rounds before `before_round`, if given)."""

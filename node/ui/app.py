@@ -1,0 +1,369 @@
+"""The node's web console: server-rendered pages over the same database as `fbm-node`.
+
+Every change goes through `node.admin` (as the CLI's do), so the console and the CLI are two
+doors to one registry, one plan store and one audit trail. Pages need a session (login);
+every form carries the session's CSRF token; responses forbid framing, caching and foreign
+scripts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+from starlette.concurrency import run_in_threadpool
+
+from node import admin
+from node.audit import AuditTrail
+from node.config import NodeSettings
+from node.datasets import TYPES
+from node.db import Database
+from node.plans import PlanStatus, PlanStore
+from node.registry import Registry
+from node.state import NodeState
+from node.ui import views
+from node.ui.accounts import Accounts, Session, SessionPolicy
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "fbm_session"
+LOGIN_COOKIE = "fbm_login_csrf"
+HEARTBEAT_STALE_S = 15.0
+DECISIONS = {"approve": PlanStatus.APPROVED, "reject": PlanStatus.REJECTED, "revoke": PlanStatus.REVOKED}
+
+
+class _LoginRequired(Exception):
+    def __init__(self, next_path: str) -> None:
+        self.next_path = next_path
+
+
+class _BadCsrf(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """What the console needs besides the node's settings."""
+
+    secure_cookies: bool = False  # set when served over TLS
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
+    browse_start: Path = field(default_factory=Path.home)
+
+
+def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> FastAPI:
+    config = config or ConsoleConfig()
+    db = Database(settings.database)
+    accounts = Accounts(db, config.policy)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["when"] = _when
+    templates.env.filters["short"] = lambda s, n=16: (s or "")[:n]
+    app = FastAPI(title="fedbiomq node console", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    node_name = _node_name(settings)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.exception_handler(_LoginRequired)
+    async def to_login(request: Request, exc: _LoginRequired):
+        return RedirectResponse(f"/login?next={quote(exc.next_path)}", status_code=303)
+
+    @app.exception_handler(_BadCsrf)
+    async def bad_csrf(request: Request, exc: _BadCsrf):
+        return HTMLResponse("<h1>403</h1><p>The form was stale or forged (CSRF token mismatch). "
+                            "Go back, reload the page and try again.</p>", status_code=403)
+
+    def session_of(request: Request) -> Session:
+        session = accounts.session(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            raise _LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+        return session
+
+    async def form_of(request: Request, session: Session) -> dict[str, str]:
+        form = await request.form()
+        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+            raise _BadCsrf()
+        return {k: str(v) for k, v in form.items() if isinstance(v, str)}
+
+    def page(request: Request, session: Session, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {
+            "session": session, "node": node_name, "flash": accounts.flash(session), **context,
+        }, status_code=status_code)
+
+    def done(session: Session, to: str, message: str) -> RedirectResponse:
+        accounts.flash(session, message)
+        return RedirectResponse(to, status_code=303)
+
+    def actor(session: Session) -> str:
+        return f"ui:{session.username}"
+
+    # --- login / logout ------------------------------------------------------------------------
+
+    @app.get("/login", response_class=HTMLResponse)
+    async def login_form(request: Request, next: str = "/", error: str = ""):
+        token = secrets.token_urlsafe(24)
+        response = templates.TemplateResponse(request, "login.html", {
+            "node": node_name, "csrf": token, "next": _local(next), "error": error, "session": None})
+        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=config.secure_cookies)
+        return response
+
+    @app.post("/login")
+    async def login(request: Request):
+        form = await request.form()
+        expected = request.cookies.get(LOGIN_COOKIE, "")
+        if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
+            raise _BadCsrf()
+        username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
+        client = request.client.host if request.client else "?"
+        audit = AuditTrail(db)
+        next_path = _local(str(form.get("next", "/")))
+        if accounts.locked_out(username, client):
+            audit.record("ui_login_refused", actor=f"ui:{username}", client=client, reason="too many failed logins")
+            minutes = int(config.policy.failure_window_s // 60)
+            return _login_again(templates, request, node_name, next_path,
+                                f"Too many failed logins: try again in up to {minutes} minutes.", 429, config)
+        session = await run_in_threadpool(accounts.login, username, password, client)
+        if session is None:
+            audit.record("ui_login_failed", actor=f"ui:{username}", client=client)
+            return _login_again(templates, request, node_name, next_path, "Wrong user name or password.", 401, config)
+        audit.record("ui_login", actor=f"ui:{username}", client=client)
+        response = RedirectResponse(next_path, status_code=303)
+        response.set_cookie(SESSION_COOKIE, session.token, httponly=True, samesite="strict", secure=config.secure_cookies)
+        response.delete_cookie(LOGIN_COOKIE)
+        return response
+
+    @app.post("/logout")
+    async def logout(request: Request):
+        session = session_of(request)
+        await form_of(request, session)
+        accounts.logout(session.token)
+        AuditTrail(db).record("ui_logout", actor=actor(session))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    @app.get("/")
+    async def home(request: Request):
+        session_of(request)
+        return RedirectResponse("/datasets", status_code=303)
+
+    # --- datasets ------------------------------------------------------------------------------
+
+    @app.get("/datasets", response_class=HTMLResponse)
+    async def datasets(request: Request):
+        session = session_of(request)
+        return page(request, session, "datasets.html", datasets=Registry(db).list(), tab="datasets")
+
+    @app.get("/datasets/new", response_class=HTMLResponse)
+    async def dataset_form(request: Request, browse: str | None = None, path: str = "", error: str = ""):
+        session = session_of(request)
+        listing = views.browse(browse or (str(Path(path).parent) if path else None), config.browse_start)
+        return page(request, session, "dataset_new.html", tab="datasets", listing=listing, types=TYPES,
+                    values={"path": path}, error=error)
+
+    @app.post("/datasets")
+    async def dataset_add(request: Request):
+        session = session_of(request)
+        form = await form_of(request, session)
+        tags = [t.strip() for t in form.get("tags", "").split(",") if t.strip()]
+        try:
+            ds = await run_in_threadpool(
+                admin.add_dataset, db, actor(session), form.get("name", "").strip(), form.get("type", ""),
+                form.get("path", "").strip(), tags, description=form.get("description", ""),
+                target=form.get("target", "").strip() or None, labels=form.get("labels", "").strip() or None)
+        except admin.AdminError as exc:
+            listing = views.browse(str(Path(form.get("path", "") or config.browse_start).parent), config.browse_start)
+            return page(request, session, "dataset_new.html", status_code=400, tab="datasets", listing=listing,
+                        types=TYPES, values=form, error=str(exc))
+        return done(session, f"/datasets/{quote(ds.name)}", f"Dataset {ds.name} added: {ds.meta.get('n_samples')} samples.")
+
+    @app.get("/datasets/{name}", response_class=HTMLResponse)
+    async def dataset_show(request: Request, name: str):
+        session = session_of(request)
+        ds = Registry(db).get(name)
+        if ds is None:
+            return page(request, session, "missing.html", status_code=404, what=f"dataset {name!r}", tab="datasets")
+        shown = await run_in_threadpool(views.preview, ds.type, ds.path, target=ds.target, labels=ds.labels)
+        return page(request, session, "dataset.html", tab="datasets", ds=ds, info=ds.public(), preview=shown)
+
+    @app.post("/datasets/{name}/remove")
+    async def dataset_remove(request: Request, name: str):
+        session = session_of(request)
+        await form_of(request, session)
+        try:
+            admin.remove_dataset(db, actor(session), name)
+        except admin.AdminError as exc:
+            return done(session, "/datasets", str(exc))
+        return done(session, "/datasets", f"Dataset {name} removed (its files were left alone).")
+
+    # --- training plans ------------------------------------------------------------------------
+
+    @app.get("/plans", response_class=HTMLResponse)
+    async def plans(request: Request, status: str = ""):
+        session = session_of(request)
+        wanted = PlanStatus(status) if status in {s.value for s in PlanStatus} else None
+        return page(request, session, "plans.html", tab="plans", plans=PlanStore(db).list(wanted), status=status,
+                    statuses=[s.value for s in PlanStatus])
+
+    @app.get("/plans/{plan_id}", response_class=HTMLResponse)
+    async def plan_show(request: Request, plan_id: str):
+        session = session_of(request)
+        plan = PlanStore(db).get(plan_id)
+        if plan is None:
+            return page(request, session, "missing.html", status_code=404, what=f"plan {plan_id!r}", tab="plans")
+        jobs = [s for s in views.summarize_jobs(AuditTrail(db).entries(limit=5000)) if s.plan == plan.plan_id]
+        return page(request, session, "plan.html", tab="plans", plan=plan, code=_highlight(plan.source), jobs=jobs)
+
+    @app.post("/plans/{plan_id}/{decision}")
+    async def plan_decide(request: Request, plan_id: str, decision: str):
+        session = session_of(request)
+        form = await form_of(request, session)
+        if decision not in DECISIONS:
+            return done(session, "/plans", f"Unknown decision {decision!r}.")
+        try:
+            plan = admin.decide_plan(db, actor(session), plan_id, DECISIONS[decision], form.get("note", ""))
+        except admin.AdminError as exc:
+            return done(session, "/plans", str(exc))
+        return done(session, f"/plans/{quote(plan.plan_id)}",
+                    f"Plan {plan.plan_id[:16]} ({plan.class_name}) is now {plan.status}; the running node acts on it within seconds.")
+
+    # --- jobs, audit, status -------------------------------------------------------------------
+
+    @app.get("/jobs", response_class=HTMLResponse)
+    async def jobs(request: Request):
+        session = session_of(request)
+        summaries = views.summarize_jobs(AuditTrail(db).entries(limit=5000))
+        return page(request, session, "jobs.html", tab="jobs", jobs=summaries)
+
+    @app.get("/jobs/{job}", response_class=HTMLResponse)
+    async def job_show(request: Request, job: str):
+        session = session_of(request)
+        entries = AuditTrail(db).entries(job, limit=5000)
+        summary = next(iter(views.summarize_jobs(entries)), None)
+        if summary is None:
+            return page(request, session, "missing.html", status_code=404, what=f"job {job!r}", tab="jobs")
+        longest = max((r.train_s or 0 for r in summary.rounds), default=0) or 1
+        return page(request, session, "job.html", tab="jobs", job=summary, entries=entries, longest=longest)
+
+    @app.get("/audit", response_class=HTMLResponse)
+    async def audit(request: Request, event: str = "", job: str = "", actor_: str = "", limit: int = 200):
+        session = session_of(request)
+        actor_filter = request.query_params.get("actor", actor_)
+        entries = AuditTrail(db).entries(job or None, limit=5000)
+        shown = [e for e in entries if (not event or event in e["event"]) and (not actor_filter or actor_filter in (e["actor"] or ""))]
+        events = sorted({e["event"] for e in entries})
+        return page(request, session, "audit.html", tab="audit", entries=shown[:max(1, min(limit, 5000))],
+                    events=events, filters={"event": event, "job": job, "actor": actor_filter, "limit": limit})
+
+    @app.get("/status", response_class=HTMLResponse)
+    async def status(request: Request):
+        session = session_of(request)
+        return page(request, session, "status.html", tab="status", checks=_status(settings, db))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return Response("ok\n", media_type="text/plain")
+
+    return app
+
+
+def _login_again(templates, request, node_name, next_path, error, code, config) -> HTMLResponse:
+    token = secrets.token_urlsafe(24)
+    response = templates.TemplateResponse(request, "login.html", {
+        "node": node_name, "csrf": token, "next": next_path, "error": error, "session": None}, status_code=code)
+    response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=config.secure_cookies)
+    return response
+
+
+def _local(path: str) -> str:
+    """Only redirect within this site (no open redirect through ?next=)."""
+    parsed = urlparse(path)
+    if parsed.scheme or parsed.netloc or not path.startswith("/") or path.startswith("//"):
+        return "/"
+    return path
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _highlight(source: str) -> Markup:
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+
+    return Markup(highlight(source or "# (zoo plan: built into fedbiomq)", PythonLexer(),
+                            HtmlFormatter(linenos="table", cssclass="code")))
+
+
+def _node_name(settings: NodeSettings) -> str:
+    from common.identity import Identity
+
+    try:
+        return Identity.load(settings.bundle).name
+    except ValueError:
+        return settings.node_dir.name
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    name: str
+    ok: bool
+    value: str
+    hint: str = ""
+
+
+def _status(settings: NodeSettings, db: Database) -> list[StatusLine]:
+    """The node's health as the console sees it; nothing secret (no key, no password)."""
+    lines: list[StatusLine] = []
+    beat = NodeState(db).heartbeat()
+    if beat is None or beat.age_s() > HEARTBEAT_STALE_S:
+        lines.append(StatusLine("node process", False, "not running" if beat is None else f"silent for {beat.age_s():.0f} s",
+                                "start it: fbm-node start --dir " + str(settings.node_dir)))
+    else:
+        lines.append(StatusLine("node process", True, f"running (last heartbeat {beat.age_s():.0f} s ago)"))
+        lines.append(StatusLine("broker connection", beat.connected, ("connected to " if beat.connected else "not connected to ") + beat.broker,
+                                "" if beat.connected else "run `fbm-node doctor` for the reason"))
+        lines.append(StatusLine("jobs taking part", True, ", ".join(beat.jobs) or "none"))
+    lines.append(_cert_line(settings))
+    usage = shutil.disk_usage(settings.node_dir)
+    free_gb = usage.free / 1e9
+    lines.append(StatusLine("free disk", free_gb > 1.0, f"{free_gb:.1f} GB free of {usage.total / 1e9:.0f} GB",
+                            "" if free_gb > 1.0 else "free space: models and logs need room"))
+    lines.append(StatusLine("datasets", True, str(len(Registry(db).list()))))
+    pending = PlanStore(db).list(PlanStatus.PENDING)
+    lines.append(StatusLine("plans awaiting review", not pending, str(len(pending)),
+                            "see Training plans" if pending else ""))
+    return lines
+
+
+def _cert_line(settings: NodeSettings) -> StatusLine:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate((settings.bundle / "identity.crt").read_bytes())
+    except (OSError, ValueError) as exc:
+        return StatusLine("certificate", False, f"unreadable: {exc}", "re-run `fbm-node init` with a bundle")
+    days = (cert.not_valid_after_utc.timestamp() - time.time()) / 86400
+    ok = days > 14
+    return StatusLine("certificate", ok, f"valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)",
+                      "" if ok else "ask the federation admin: fbm-broker renew --id NAME")
