@@ -57,21 +57,71 @@ def init(workspace: Path, name: str, port: int, hosts: tuple[str, ...], bind: st
 
 @main.command()
 @click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--role", required=True, type=click.Choice(ROLES), help="What the identity may do.")
-@click.option("--id", "name", required=True, help="Identity name: the site, researcher or service (letters, digits, . _ -).")
+@click.option("--role", type=click.Choice(ROLES), default=None,
+              help="What the identity may do (required without --csr; with --csr, must match the request's).")
+@click.option("--id", "name", default=None, help="Identity name: the site, researcher or service (letters, digits, . _ -).")
+@click.option("--csr", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Sign this certificate request from `fbm-node request`: the site keeps its key; the bundle has none.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the bundle to this folder (what you send to the site).")
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650), help="Certificate lifetime.")
 @click.option("--force", is_flag=True, help="Re-issue an identity that already exists.")
-def enroll(workspace: Path, role: str, name: str, days: int, force: bool) -> None:
-    """Issue an identity's cert and key, grant its role's topics, reload the running broker."""
+def enroll(workspace: Path, role: str | None, name: str | None, csr: Path | None, out: Path | None, days: int,
+           force: bool) -> None:
+    """Issue an identity's certificate, grant its role's topics, reload the running broker.
+
+    \b
+    Two ways:
+      fbm-broker enroll ./fed --role node --id hospital-a          # key made here, sent with the bundle
+      fbm-broker enroll ./fed --csr hospital-b.csr --out ./to-b    # the site made its key (recommended)
+    """
+    import shutil
+
     ws = Workspace(workspace)
     try:
-        bundle = ws.enroll(name, role, days=days, force=force)
+        if csr is not None:
+            from broker.pki import read_request
+
+            request = read_request(csr.read_bytes())
+            if name and name != request.name:
+                _fail(f"the request is for {request.name!r}, not {name!r}")
+            name = request.name
+            bundle = ws.enroll_request(csr.read_bytes(), role, days=days, force=force)
+            role = ws.identities()[name]["role"]
+        else:
+            if not role or not name:
+                _fail("give --role and --id (or --csr with a site's certificate request)")
+            bundle = ws.enroll(name, role, days=days, force=force)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for item in bundle.iterdir():
+            shutil.copy2(item, out / item.name)
     reloaded = process.reload(ws)
-    console.print(f"enrolled [bold]{name}[/bold] as {role}; bundle: {bundle}")
+    console.print(f"enrolled [bold]{name}[/bold] as {role}; bundle: {out or bundle}")
     console.print("  the broker " + ("reloaded its ACL" if reloaded else "is not running; the ACL applies at start"))
-    console.print("  copy the bundle folder to the site; it holds the identity's private key")
+    if csr is not None:
+        console.print(f"  send the bundle to the site (no secret in it); there: fbm-node init SITE_DIR --bundle {out or bundle}")
+    else:
+        console.print("  copy the bundle folder to the site over a safe channel: it holds the identity's private key")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def reload(workspace: Path) -> None:
+    """Rewrite the ACL and the refused-certificate list from identities.json, then reload.
+
+    The fix when the broker's acl_file was edited by hand or lost (`fbm-node doctor` says the
+    ACL is too open or lacks a node). The running broker re-reads it without a restart.
+    """
+    ws = Workspace(workspace)
+    try:
+        ws.write_acl()
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    reloaded = process.reload(ws)
+    console.print("ACL rewritten; the broker " + ("reloaded it" if reloaded else "is not running; it applies at start"))
 
 
 @main.command()

@@ -157,6 +157,61 @@ def create_identity_cert(ca: KeyPair, name: str, role: str, days: int = LEAF_DAY
     return KeyPair(cert, _key_pem(key))
 
 
+def create_request(name: str, role: str) -> tuple[bytes, bytes]:
+    """A site's own key and certificate signing request (CSR): (csr_pem, key_pem).
+
+    The key stays with the site; only the CSR (public key, name, role) goes to the admin.
+    """
+    validate_identity_name(name)
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    key = ed25519.Ed25519PrivateKey.generate()
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, None)
+    return csr.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked CSR: who asks, for which role, with which public key."""
+
+    name: str
+    role: str
+    public_key: ed25519.Ed25519PublicKey
+
+
+def read_request(csr_pem: bytes) -> Request:
+    """Parse and check a CSR: self-signed by its key, Ed25519, a valid name and role.
+
+    Only the name, the role and the key are taken from it; any extension it asks for is ignored.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise ValueError(f"not a PEM certificate request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise ValueError("the request's signature does not match its key")
+    key = csr.public_key()
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise ValueError("the request's key is not Ed25519 (create it with `fbm-node request`)")
+    cn = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ou = csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if not cn:
+        raise ValueError("the request names no identity (no CN)")
+    role = str(ou[0].value) if ou else ""
+    return Request(validate_identity_name(str(cn[0].value)), role, key)
+
+
+def sign_request(ca: KeyPair, request: Request, role: str, days: int = LEAF_DAYS) -> bytes:
+    """The certificate for a checked request (PEM)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                         x509.NameAttribute(NameOID.COMMON_NAME, request.name)])
+    return _leaf(ca, subject, request.public_key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from broker import pki
 from broker.acl import acl_text
 from broker.auth_plugin import ensure_built
@@ -219,14 +221,39 @@ class Workspace:
             raise FileExistsError(
                 f"identity {name!r} is already enrolled as {identities[name]['role']} (use --force to re-issue)"
             )
-        fed = self.federation()
         pair = pki.create_identity_cert(self.ca(), name, role, days)
+        return self._record(name, role, pair.cert_pem, pair.key_pem)
+
+    def enroll_request(self, csr_pem: bytes, role: str | None = None, *, days: int = pki.LEAF_DAYS,
+                       force: bool = False) -> Path:
+        """Sign a site's certificate request: the bundle gets the certificate, never a key."""
+        request = pki.read_request(csr_pem)
+        role = role or request.role
+        if request.role and role != request.role:
+            raise ValueError(f"the request asks for role {request.role!r}, not {role!r}")
+        if role not in ROLES:
+            raise ValueError(f"the request names no role; give one of {', '.join(ROLES)} with --role")
+        with self._locked():
+            identities = self.identities()
+            old = identities.get(request.name)
+            if old and not old.get("revoked") and not force:
+                raise FileExistsError(f"identity {request.name!r} is already enrolled as {old['role']} (use --force to re-issue)")
+            cert_pem = pki.sign_request(self.ca(), request, role, days)
+            return self._record(request.name, role, cert_pem, None)
+
+    def _record(self, name: str, role: str, cert_pem: bytes, key_pem: bytes | None) -> Path:
+        """Write NAME's bundle (the key only when we made it), record the cert, grant its ACL."""
+        fed = self.federation()
+        identities = self.identities()
         bundle = self.bundle_dir(name)
         bundle.mkdir(parents=True, exist_ok=True)
         bundle.chmod(0o700)
         (bundle / CA_FILE).write_bytes((self.pki_dir / "ca.crt").read_bytes())
-        (bundle / CERT_FILE).write_bytes(pair.cert_pem)
-        pki.write_private(bundle / KEY_FILE, pair.key_pem)
+        (bundle / CERT_FILE).write_bytes(cert_pem)
+        if key_pem is not None:
+            pki.write_private(bundle / KEY_FILE, key_pem)
+        else:
+            (bundle / KEY_FILE).unlink(missing_ok=True)  # a key from an earlier enrolment is not this cert's
         meta = {
             "name": name,
             "role": role,
@@ -241,15 +268,16 @@ class Workspace:
         refused = list(old.get("revoked_certs", []))
         if old.get("revoked"):
             refused += [fp for fp in old.get("certs", [old.get("fingerprint")]) if fp and fp not in refused]
-        fingerprint = pki.cert_fingerprint(pair.cert_pem)
+        fingerprint = pki.cert_fingerprint(cert_pem)
         identities[name] = {
             "role": role,
             "fingerprint": fingerprint,
             "certs": [fingerprint],
             "revoked_certs": refused,
             "issued": time.time(),
-            "not_after": pki.cert_not_after(pair.cert_pem),
+            "not_after": pki.cert_not_after(cert_pem),
             "revoked": False,
+            "key_held_by": "workspace" if key_pem is not None else "site",
         }
         self._save_identities(identities)
         self.write_acl()
@@ -269,14 +297,17 @@ class Workspace:
             if entry.get("revoked"):
                 raise ValueError(f"identity {name!r} is revoked; enrol it again (--force) to issue a new key")
             bundle = self.bundle_dir(name)
-            pair = pki.create_identity_cert(self.ca(), name, entry["role"], days, key_pem=(bundle / KEY_FILE).read_bytes())
+            # the public key from the current cert: the workspace may never have held the private key (--csr)
+            current = x509.load_pem_x509_certificate((bundle / CERT_FILE).read_bytes())
+            request = pki.Request(name, entry["role"], current.public_key())  # type: ignore[arg-type]
+            cert_pem = pki.sign_request(self.ca(), request, entry["role"], days)
             tmp = bundle / (CERT_FILE + ".tmp")
-            tmp.write_bytes(pair.cert_pem)
+            tmp.write_bytes(cert_pem)
             tmp.replace(bundle / CERT_FILE)
-            fingerprint = pki.cert_fingerprint(pair.cert_pem)
+            fingerprint = pki.cert_fingerprint(cert_pem)
             entry["certs"] = [*entry.get("certs", [entry["fingerprint"]]), fingerprint]
             entry["fingerprint"] = fingerprint
-            entry["not_after"] = pki.cert_not_after(pair.cert_pem)
+            entry["not_after"] = pki.cert_not_after(cert_pem)
             entry["renewed"] = time.time()
             self._save_identities(identities)
             return bundle

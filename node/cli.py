@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -65,33 +66,107 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("node_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Identity bundle folder written by `fbm-broker enroll --role node`.")
-@click.option("--force", is_flag=True, help="Overwrite an existing node.toml and bundle copy.")
-def init(node_dir: Path, bundle: Path, force: bool) -> None:
-    """Create a node folder: config (node.toml), a copy of the bundle, the SQLite database."""
+@click.argument("name")
+@NODE_DIR
+@click.option("--role", default="node", show_default=True, type=click.Choice(["node", "researcher", "aggregator"]),
+              help="The role to ask for (researchers and aggregators may use this too).")
+@click.option("--force", is_flag=True, help="Replace an existing key (the old certificate becomes useless).")
+def request(name: str, node_dir: Path, role: str, force: bool) -> None:
+    """Make this site's private key and a certificate request for the federation admin.
+
+    \b
+    The key is written to NODE_DIR/bundle/identity.key (mode 600) and never leaves this folder;
+    NODE_DIR/NAME.csr holds only the public key, the name and the role. Send the .csr to the
+    admin, who runs `fbm-broker enroll WORKSPACE --csr NAME.csr --out DIR` and sends DIR back;
+    then: fbm-node init NODE_DIR --bundle DIR
+    """
+    from broker.pki import create_request, write_private
+    from common.identity import KEY_FILE
+
+    key_path = node_dir / "bundle" / KEY_FILE
+    if key_path.exists() and not force:
+        _fail(f"{key_path} exists already (use --force to make a new key; its certificate then stops working)")
     try:
-        identity = Identity.load(bundle)
+        csr_pem, key_pem = create_request(name, role)
     except ValueError as exc:
         _fail(str(exc))
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.chmod(0o700)
+    write_private(key_path, key_pem)
+    csr_path = node_dir / f"{name}.csr"
+    csr_path.write_bytes(csr_pem)
+    console.print(f"key: {key_path} (keep it here; back it up like a password)")
+    console.print(f"request: {csr_path}  -> send it to the federation admin")
+    console.print(f"  admin: fbm-broker enroll WORKSPACE --csr {csr_path.name} --out {name}-bundle")
+    console.print(f"  then here: fbm-node init {node_dir} --bundle {name}-bundle")
+
+
+@main.command()
+@click.argument("node_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Identity bundle folder from `fbm-broker enroll` (with or without the key, see `fbm-node request`).")
+@click.option("--force", is_flag=True, help="Overwrite an existing node.toml and bundle copy.")
+def init(node_dir: Path, bundle: Path, force: bool) -> None:
+    """Create a node folder: config (node.toml), a copy of the bundle, the SQLite database.
+
+    A bundle without identity.key answers a `fbm-node request` made in NODE_DIR: its
+    certificate is joined to the key already there (and must match it).
+    """
+    from common.identity import KEY_FILE
+
+    target = node_dir / "bundle"
+    keyless = not (bundle / KEY_FILE).exists()
+    if (node_dir / "node.toml").exists() and not force:
+        _fail(f"{node_dir} is already a node folder (use --force to overwrite its config)")
+    if keyless:
+        identity = _join_certificate(bundle, target)
+    else:
+        try:
+            identity = Identity.load(bundle)
+        except ValueError as exc:
+            _fail(str(exc))
+        if target.resolve() != bundle.resolve():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(bundle, target)
+            target.chmod(0o700)
     if identity.role != "node":
         _fail(f"{bundle} is a {identity.role} bundle; a node needs one enrolled with --role node")
     node_dir.mkdir(parents=True, exist_ok=True)
-    if (node_dir / "node.toml").exists() and not force:
-        _fail(f"{node_dir} is already a node folder (use --force to overwrite its config)")
-    target = node_dir / "bundle"
-    if target.resolve() != bundle.resolve():
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(bundle, target)
-        target.chmod(0o700)
     write_default_config(node_dir)
     db = Database(node_dir / "node.db")
-    AuditTrail(db).record("node_initialised", actor=admin.os_admin(), identity=identity.name)
+    AuditTrail(db).record("node_initialised", actor=admin.os_admin(), identity=identity.name,
+                          key="made on this site" if keyless else "from the bundle")
     db.close()
     console.print(f"node [bold]{identity.name}[/bold] set up in {node_dir.resolve()}")
     console.print(f"  broker: {identity.broker_host}:{identity.broker_port}; config: {node_dir / 'node.toml'}")
+
+
+def _join_certificate(bundle: Path, target: Path) -> Identity:
+    """Put a key-less bundle's files beside the site's own key; refuse if they do not match."""
+    from common.identity import KEY_FILE
+
+    if not (target / KEY_FILE).exists():
+        _fail(f"{bundle} has no private key: it answers a `fbm-node request`; run init with the --dir "
+              f"where you made the request (no key found at {target / KEY_FILE})")
+    staging = target / ".incoming"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    try:
+        for item in bundle.iterdir():
+            if item.is_file() and item.name != KEY_FILE:
+                shutil.copy2(item, staging / item.name)
+        os.link(target / KEY_FILE, staging / KEY_FILE)  # a second name for the same file: no copy of the key
+        try:
+            Identity.load(staging)
+        except ValueError as exc:
+            _fail(f"{bundle} does not fit this site's key: {exc}")
+        for item in staging.iterdir():
+            if item.name != KEY_FILE:
+                item.replace(target / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Identity.load(target)
 
 
 @main.group()
@@ -439,3 +514,31 @@ def ui(node_dir: Path, host: str, port: int, cert: Path | None, key: Path | None
     console.print(f"node console on {scheme}://{host}:{port}  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                 ssl_certfile=str(cert) if use_tls else None, ssl_keyfile=str(key) if use_tls else None)
+
+
+@main.command()
+@NODE_DIR
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds per network step.")
+@click.option("--min-free-gb", default=1.0, show_default=True, help="Free disk below this fails.")
+def doctor(node_dir: Path, timeout: float, min_free_gb: float) -> None:
+    """Check everything this site needs, one line per check, with a fix for each failure.
+
+    \b
+    config, bundle, certificate (validity, expiry), DNS, TCP, TLS handshake, MQTT login,
+    topic permissions (reads its own topics, not other sites'), clock, datasets readable,
+    free disk, the node process. Exit status 0 when nothing failed (warnings allowed), 1 if not.
+    Safe to run while the node runs: it uses its own short session (client id NAME:doctor).
+    """
+    from node.doctor import Doctor
+
+    marks = {"ok": "[green]✓[/green]", "warn": "[yellow]![/yellow]", "fail": "[red]✗[/red]", "skip": "[dim]-[/dim]"}
+    failed = 0
+    for result in Doctor(node_dir, timeout_s=timeout, min_free_gb=min_free_gb).run():
+        console.print(f"{marks[result.status]} {result.name:<18} {result.detail}", highlight=False)
+        if result.fix and result.status in ("fail", "warn"):
+            console.print(f"  {'':<18} fix: {result.fix}", highlight=False)
+        failed += result.status == "fail"
+    if failed:
+        console.print(f"[red]{failed} check(s) failed[/red]")
+        sys.exit(1)
+    console.print("[green]all checks passed[/green]")
