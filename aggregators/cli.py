@@ -72,3 +72,24 @@ def rules() -> None:
     console.print(table)
     for name, error in broken_plugins().items():
         console.print(f"[red]plug-in {name!r} failed to load:[/red] {error}")
+
+
+@main.command()
+@click.option("--state-dir", required=True, envvar="FBM_AGG_STATE", type=click.Path(file_okay=False, path_type=Path),
+              help="The running aggregator's --state-dir.")
+@click.option("--max-age", default=20.0, show_default=True, help="Seconds after which a silent aggregator is unhealthy.")
+def health(state_dir: Path, max_age: float) -> None:
+    """Exit 0 if the aggregator in STATE_DIR is running and connected, 1 if not (health checks)."""
+    import json
+    import time
+
+    try:
+        beat = json.loads((state_dir / "heartbeat.json").read_text())
+    except (OSError, ValueError):
+        console.print(f"unhealthy: no heartbeat in {state_dir} (not started?)")
+        sys.exit(1)
+    age = time.time() - float(beat.get("at", 0))
+    if age > max_age or not beat.get("connected"):
+        console.print(f"unhealthy: last heartbeat {age:.0f} s ago, connected={beat.get('connected')}")
+        sys.exit(1)
+    console.print(f"healthy: connected, {len(beat.get('jobs', []))} job(s), heartbeat {age:.0f} s ago")

@@ -435,6 +435,9 @@ class AggregatorService:
         self.nodes: dict[str, NodeStatus] = {}
         self.runners: dict[str, JobRunner] = {}
         self._lock = threading.Lock()
+        self.heartbeat_file = Path(state_dir) / "heartbeat.json"
+        self._stopped = threading.Event()
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="fbm-agg-beat", daemon=True)
 
     def start(self, connect_timeout_s: float | None = None) -> None:
         m = self.messenger
@@ -444,10 +447,30 @@ class AggregatorService:
         m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
+        self._beat_thread.start()
         self.log.info("aggregator_started")
 
     def stop(self) -> None:
+        self._stopped.set()
         self.messenger.close()
+        self.beat()
+
+    def beat(self) -> None:
+        """Say this process lives, and whether it is linked (`fbm-aggregator health` reads it)."""
+        with self._lock:
+            jobs = sorted(self.runners)
+        state = {"at": time.time(), "connected": self.messenger.transport.connected and not self._stopped.is_set(),
+                 "jobs": jobs}
+        tmp = self.heartbeat_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.heartbeat_file)
+
+    def _beat_loop(self) -> None:
+        while not self._stopped.wait(5.0):
+            try:
+                self.beat()
+            except OSError as exc:
+                self.log.warning("heartbeat_not_written", error=str(exc))
 
     # node directory
     def eligible(self, spec: JobSpec) -> list[str]:

@@ -24,12 +24,22 @@ def source_digest() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 
-def ensure_built(target_dir: Path) -> Path:
-    """`target_dir/fbm_auth.so`, compiled now if missing or built from another source."""
+def ensure_built(target_dir: Path, prebuilt: Path | None = None) -> Path:
+    """`target_dir/fbm_auth.so`, compiled now if missing or built from another source.
+
+    `prebuilt` is a folder with a plugin built from this same source (a container image ships
+    one, so the broker image needs no compiler); it is copied instead of compiling.
+    """
     target = target_dir / "fbm_auth.so"
     stamp = target_dir / "fbm_auth.so.sha"
     digest = source_digest()
     if target.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return target
+    if prebuilt is not None and (prebuilt / "fbm_auth.so.sha").is_file() \
+            and (prebuilt / "fbm_auth.so.sha").read_text().strip() == digest:
+        shutil.copyfile(prebuilt / "fbm_auth.so", target.with_suffix(".so.tmp"))
+        target.with_suffix(".so.tmp").replace(target)
+        stamp.write_text(digest)
         return target
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

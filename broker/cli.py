@@ -109,6 +109,32 @@ def enroll(workspace: Path, role: str | None, name: str | None, csr: Path | None
 
 @main.command()
 @click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--plugin-dir", envvar="FBM_BROKER_PLUGIN_DIR", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="A prebuilt fbm_auth plugin (the broker image has one) instead of compiling it.")
+def serve(workspace: Path, plugin_dir: Path | None) -> None:
+    """Run Mosquitto in the foreground, for containers and systemd (no fork, logs on stderr).
+
+    The config is rewritten for WORKSPACE's path on this host first (a mounted workspace
+    may sit elsewhere than where `fbm-broker init` ran); the pid file lets `fbm-broker
+    enroll/revoke/reload` on the same host reload it.
+    """
+    import os
+
+    from broker.auth_plugin import PluginBuildError
+
+    ws = Workspace(workspace)
+    try:
+        ws.write_broker_config(prebuilt_plugin=plugin_dir)
+        binary = process.mosquitto_binary()
+    except (FileNotFoundError, PluginBuildError, BrokerError) as exc:
+        _fail(str(exc))
+    ws.pid_file.write_text(f"{os.getpid()}\n")  # exec keeps the pid
+    sys.stdout.flush()
+    os.execv(binary, [binary, "-c", str(ws.conf_file)])
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def reload(workspace: Path) -> None:
     """Rewrite the ACL and the refused-certificate list from identities.json, then reload.
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.auth_plugin import PluginBuildError
 from broker.workspace import MOSQUITTO_USER, Workspace
 
 
@@ -106,7 +107,10 @@ def start(ws: Workspace, wait_s: float = 15.0) -> int:
     if _listening(fed.port):
         raise BrokerError(f"port {fed.port} is already in use by another process; pick another with `init --port`")
     binary = mosquitto_binary()
-    ws.write_broker_config()
+    try:
+        ws.write_broker_config()
+    except PluginBuildError as exc:
+        raise BrokerError(str(exc)) from None
     if os.geteuid() == 0:
         _check_reachable_by(MOSQUITTO_USER, ws.broker_dir)
     with open(ws.log_file, "ab") as log:

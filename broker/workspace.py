@@ -164,10 +164,12 @@ class Workspace:
         (self.broker_dir / "ca.crt").write_bytes(ca.cert_pem)
         self.federation_file.write_text(json.dumps(fed.to_json(), indent=2))
         self.identities_file.write_text("{}")
-        self.write_broker_config()
+        self.write_broker_config(build_plugin=False)  # built where the broker runs (start/serve)
         return fed
 
-    def write_broker_config(self) -> None:
+    def write_broker_config(self, prebuilt_plugin: Path | None = None, *, build_plugin: bool = True) -> None:
+        """mosquitto.conf for this workspace's current path (it may be mounted elsewhere), and
+        the auth plug-in beside it (`build_plugin`: not needed to enrol, only to run)."""
         fed = self.federation()
         run_as = None
         if os.geteuid() == 0:
@@ -181,7 +183,8 @@ class Workspace:
                 user=run_as,
             )
         )
-        ensure_built(self.broker_dir)
+        if build_plugin:
+            ensure_built(self.broker_dir, prebuilt_plugin)
         self.write_acl()
 
     # identities

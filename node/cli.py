@@ -518,6 +518,25 @@ def ui(node_dir: Path, host: str, port: int, cert: Path | None, key: Path | None
 
 @main.command()
 @NODE_DIR
+@click.option("--max-age", default=15.0, show_default=True, help="Seconds after which a silent node is unhealthy.")
+def health(node_dir: Path, max_age: float) -> None:
+    """Exit 0 if the node process is running and connected to the broker, 1 if not.
+
+    Cheap (reads the heartbeat the node writes to its database every few seconds): meant for
+    container health checks and monitoring. `fbm-node doctor` finds out why.
+    """
+    from node.state import NodeState
+
+    beat = NodeState(_db(node_dir)).heartbeat()
+    if beat is None or beat.age_s() > max_age or not beat.connected:
+        detail = "never started" if beat is None else f"last heartbeat {beat.age_s():.0f} s ago, connected={beat.connected}"
+        console.print(f"unhealthy: {detail}")
+        sys.exit(1)
+    console.print(f"healthy: connected to {beat.broker}, jobs: {', '.join(beat.jobs) or 'none'}")
+
+
+@main.command()
+@NODE_DIR
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds per network step.")
 @click.option("--min-free-gb", default=1.0, show_default=True, help="Free disk below this fails.")
 def doctor(node_dir: Path, timeout: float, min_free_gb: float) -> None:
