@@ -22,9 +22,11 @@ from typing import Any
 
 import structlog
 import torch
+from pydantic import ValidationError
 
 from aggregators.rules import AggregationRule, get_rule
 from common import topics
+from common.compression import CompressionError, CompressionSpec, decode_update
 from common.envelope import Message
 from common.identity import Identity
 from common.messages import (
@@ -222,6 +224,10 @@ class JobRunner(threading.Thread):
         if rule.local_algorithm != algorithm:
             raise JobFailure(f"rule {rule.name!r} needs the nodes to run the {rule.local_algorithm!r} local algorithm "
                              f"(training_args.algorithm = {rule.local_algorithm!r}); the job asks for {algorithm!r}")
+        try:
+            self.compression = CompressionSpec.of(spec.training_args)
+        except ValidationError as exc:
+            raise JobFailure(f"invalid training_args.compression: {exc.errors()[0]['msg']}") from None
         if not rule.streaming:
             self.log.info("rule_holds_all_updates", rule=rule.name)
         return rule
@@ -351,7 +357,16 @@ class JobRunner(threading.Thread):
                 log.info("duplicate_update_dropped", node=msg.sender)
                 self._ack(r, msg.sender)  # its first acknowledgement may have been lost
                 continue
-            problem = check_update(update.params, params) or check_sample_count(
+            incoming = update.params
+            if self.compression.kind != "none":
+                try:
+                    incoming = decode_update(update.params, params, self.compression)
+                except CompressionError as exc:
+                    log.warning("update_rejected", node=msg.sender, reason=str(exc))
+                    gone.add(msg.sender)
+                    failed.add(msg.sender)
+                    continue
+            problem = check_update(incoming, params) or check_sample_count(
                 update.n_samples, self.service.declared_samples(msg.sender, spec))
             if problem is not None:
                 log.warning("update_rejected", node=msg.sender, reason=problem)
@@ -359,7 +374,7 @@ class JobRunner(threading.Thread):
                 failed.add(msg.sender)
                 continue
             try:
-                rule.add(update.params, update.n_samples, msg.sender, update.extra)
+                rule.add(incoming, update.n_samples, msg.sender, update.extra)
             except ValueError as exc:  # e.g. a SCAFFOLD update without its control delta
                 log.warning("update_rejected", node=msg.sender, reason=str(exc))
                 gone.add(msg.sender)

@@ -51,7 +51,7 @@ max_queued_messages {limits.max_queued_messages}
 max_queued_bytes {limits.max_queued_bytes}
 max_inflight_messages 20
 
-# Bodies are chunked at 8 MiB by the clients; this refuses anything far larger.
+# Bodies are chunked at 1 MiB by the clients; this refuses anything far larger.
 max_packet_size {limits.max_packet_bytes}
 set_tcp_nodelay true
 

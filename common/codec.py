@@ -144,6 +144,79 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise BadMessage(Reason.BAD_TENSOR, f"unknown msgpack ext type {code}")
 
 
+def _ext_head(n: int) -> bytes:
+    """msgpack's ext header for an `n`-byte payload of our type (what Packer writes)."""
+    fixed = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+    if n in fixed:
+        return bytes((fixed[n], TENSOR_EXT))
+    if n <= 0xFF:
+        return bytes((0xC7, n, TENSOR_EXT))
+    if n <= 0xFFFF:
+        return b"\xc8" + n.to_bytes(2, "big") + bytes((TENSOR_EXT,))
+    return b"\xc9" + n.to_bytes(4, "big") + bytes((TENSOR_EXT,))
+
+
+def encode_parts(obj: Any) -> list[bytes | memoryview]:
+    """`encode(obj)` as a list of pieces whose join is byte-for-byte `encode(obj)`; tensor data
+    is referenced, not copied (the sender copies each byte once, into its chunk frames)."""
+    packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=False)
+    parts: list[bytes | memoryview] = []
+    small = bytearray()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, dict):
+            small.extend(packer.pack_map_header(len(o)))
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            small.extend(packer.pack_array_header(len(o)))
+            for v in o:
+                walk(v)
+        elif isinstance(o, (torch.Tensor, np.ndarray)):
+            head, raw = _raw_tensor(o)
+            small.extend(_ext_head(len(head) + len(raw)) + head)
+            if len(raw) < 4096:
+                small.extend(raw)
+            else:
+                parts.append(bytes(small))
+                small.clear()
+                parts.append(raw)
+        else:
+            small.extend(packer.pack(o))
+
+    walk(obj)
+    if small:
+        parts.append(bytes(small))
+    return parts
+
+
+def _raw_tensor(obj: torch.Tensor | np.ndarray) -> tuple[bytes, memoryview]:
+    """(our tensor header with its padding, the raw C-order little-endian bytes) -- no data copy."""
+    if isinstance(obj, np.ndarray):
+        code = _numpy_code(obj.dtype)
+        if obj.dtype.byteorder == ">":
+            obj = obj.astype(obj.dtype.newbyteorder("<"))
+        if not obj.flags.c_contiguous:
+            obj = obj.copy(order="C")
+        kind, shape, arr = _KIND_NUMPY, obj.shape, obj
+    else:
+        code = _TORCH_TO_CODE.get(obj.dtype)
+        if code is None:
+            raise TypeError(f"torch dtype {obj.dtype} cannot be sent")
+        tensor = obj.cpu() if obj.device.type != "cpu" else obj
+        tensor = tensor.detach().contiguous()
+        shape = tuple(tensor.shape)
+        if code == 15:
+            tensor = tensor.view(torch.int16)
+        kind, arr = _KIND_TORCH, tensor.resolve_conj().resolve_neg().numpy()
+    if len(shape) > 255:
+        raise TypeError("tensors with more than 255 dimensions cannot be sent")
+    head = _HEAD.pack(kind, code, len(shape)) + b"".join(_DIM.pack(d) for d in shape)
+    head += b"\x00" * (_data_offset(len(shape)) - len(head))
+    return head, memoryview(arr.reshape(-1)).cast("B")
+
+
 def encode(obj: Any) -> bytes:
     """msgpack bytes for `obj` (dicts, lists, scalars, str, bytes, numpy arrays, torch tensors)."""
     return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=False)

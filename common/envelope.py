@@ -9,11 +9,14 @@ rather than the body keeps signing cost flat for a 500 MB model (one sha256 pass
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from cryptography.exceptions import InvalidSignature
 from pydantic import BaseModel, ValidationError
 
@@ -43,7 +46,86 @@ class Message:
 
 
 def _signed_bytes(header: dict[str, Any], body: bytes) -> bytes:
-    return codec.encode([*(header[k] for k in _HEADER_FIELDS), hashlib.sha256(body).digest()])
+    return _signed_digest(header, hashlib.sha256(body).digest())
+
+
+def _signed_digest(header: dict[str, Any], digest: bytes) -> bytes:
+    return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest])
+
+
+SLICE = 4 * 1024 * 1024  # body bytes hashed (and handed to the sender) per step
+
+
+@dataclass(frozen=True)
+class SealedParts:
+    """A sealed message as a stream: `size` bytes, produced by `parts` while being sent.
+
+    The body leads and the signature trails, so the body's sha256 is computed slice by slice
+    as the slices go out, and a 500 MB model starts moving before it is hashed. The bytes are
+    exactly those of `seal` (which joins them).
+    """
+
+    msg_id: str
+    size: int
+    parts: Iterator[bytes | memoryview]
+
+
+def seal_parts(
+    identity: Identity,
+    type_: str,
+    body: BaseModel | dict[str, Any],
+    *,
+    job: str | None = None,
+    round_: int | None = None,
+    msg_id: str | None = None,
+) -> SealedParts:
+    """Validate `body` against its type and produce its envelope as a stream (see SealedParts)."""
+    spec = spec_for(type_)
+    if isinstance(body, dict):
+        body = spec.model.model_validate(body)
+    elif not isinstance(body, spec.model):
+        raise TypeError(f"body of {type_!r} must be {spec.model.__name__}, got {type(body).__name__}")
+    if identity.role not in spec.roles:
+        raise PermissionError(f"a {identity.role} may not send {type_!r} (allowed: {sorted(spec.roles)})")
+    body_parts = codec.encode_parts(body.model_dump(mode="python"))  # tensor data referenced, not copied
+    body_len = sum(len(p) for p in body_parts)
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": type_,
+        "id": msg_id or uuid.uuid4().hex,
+        "ts": time.time(),
+        "sender": identity.name,
+        "job": job,
+        "round": round_,
+    }
+    # the msgpack map {**header, body, cert, sig}, written in three pieces around the body
+    packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    prefix = packer.pack_map_header(len(header) + 3) + b"".join(packer.pack(k) + packer.pack(v) for k, v in header.items())
+    prefix += packer.pack("body") + _bin_header(body_len)
+    cert_part = packer.pack("cert") + packer.pack(identity.cert_der) + packer.pack("sig")
+    sig_len = len(packer.pack(b"\0" * 64))  # Ed25519 signatures are 64 bytes
+
+    def parts() -> Iterator[bytes | memoryview]:
+        yield prefix
+        digest = hashlib.sha256()
+        for part in body_parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), SLICE):
+                piece = view[start : start + SLICE]
+                digest.update(piece)
+                yield piece
+        sig = identity.sign(_signed_digest(header, digest.digest()))
+        yield cert_part + packer.pack(sig)
+
+    return SealedParts(header["id"], len(prefix) + body_len + len(cert_part) + sig_len, parts())
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return bytes((0xC4, n))
+    if n < 65536:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def seal(
@@ -56,26 +138,99 @@ def seal(
     msg_id: str | None = None,
 ) -> tuple[str, bytes]:
     """Validate `body` against its type, sign it as `identity`: (message id, wire bytes)."""
-    spec = spec_for(type_)
-    if isinstance(body, dict):
-        body = spec.model.model_validate(body)
-    elif not isinstance(body, spec.model):
-        raise TypeError(f"body of {type_!r} must be {spec.model.__name__}, got {type(body).__name__}")
-    if identity.role not in spec.roles:
-        raise PermissionError(f"a {identity.role} may not send {type_!r} (allowed: {sorted(spec.roles)})")
-    body_bytes = codec.encode(body.model_dump(mode="python"))
-    header = {
-        "v": PROTOCOL_VERSION,
-        "type": type_,
-        "id": msg_id or uuid.uuid4().hex,
-        "ts": time.time(),
-        "sender": identity.name,
-        "job": job,
-        "round": round_,
-    }
-    sig = identity.sign(_signed_bytes(header, body_bytes))
-    wire = codec.encode({**header, "body": body_bytes, "cert": identity.cert_der, "sig": sig})
-    return header["id"], wire
+    sealed = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id)
+    return sealed.msg_id, b"".join(sealed.parts)
+
+
+def _fast_unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int] | None:
+    """The envelope map with `body` as a view into `data` (no copy of a 500 MB body), or None
+    when `data` is not a plain map of strings, numbers, nil and bytes (the general decoder then
+    says what is wrong)."""
+    view = memoryview(data).cast("B")
+    body_at = -1
+    try:
+        n, pos = _map_len(view, 0)
+        out: dict[str, Any] = {}
+        for _ in range(n):
+            key, pos = _scalar(view, pos)
+            if key == "body":
+                body_at = -1 if view[pos] not in _LENS else pos + 1 + struct.calcsize(_LENS[view[pos]])
+            value, pos = _scalar(view, pos)
+            if not isinstance(key, str):
+                return None
+            out[key] = bytes(value) if isinstance(value, memoryview) and key != "body" else value
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error):
+        return None
+    return (out, body_at) if pos == len(view) else None
+
+
+def _precomputed_body_digest(data: Any, body: Any, body_at: int) -> bytes | None:
+    """The body's sha256 as the reassembler computed it while the chunks arrived, if what it
+    hashed is exactly where our own parse found the body (same range of the same buffer)."""
+    digest, span = getattr(data, "span_sha256", None), getattr(data, "span", None)
+    if digest is None or span is None or body_at < 0 or not isinstance(body, memoryview):
+        return None
+    return digest if (body_at, body_at + len(body)) == span else None
+
+
+def body_span(head: memoryview) -> tuple[int, int] | None:
+    """Where the body lies in an envelope that starts with `head` (its first chunk), so the
+    reassembler can hash the body as it arrives; None if `head` does not say."""
+    try:
+        n, pos = _map_len(head, 0)
+        for _ in range(n):
+            key, pos = _scalar(head, pos)
+            if key == "body":
+                b = head[pos]
+                if b not in (0xC4, 0xC5, 0xC6):
+                    return None
+                fmt = _LENS[b]
+                start = pos + 1 + struct.calcsize(fmt)
+                return start, start + struct.unpack_from(fmt, head, pos + 1)[0]
+            _, pos = _scalar(head, pos)
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error):
+        return None
+    return None
+
+
+def _map_len(v: memoryview, pos: int) -> tuple[int, int]:
+    b = v[pos]
+    if 0x80 <= b <= 0x8F:
+        return b & 0x0F, pos + 1
+    if b == 0xDE:
+        return struct.unpack_from(">H", v, pos + 1)[0], pos + 3
+    raise ValueError("not a map")
+
+
+_INTS = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
+         0xCA: ">f", 0xCB: ">d"}
+_LENS = {0xD9: ">B", 0xDA: ">H", 0xDB: ">I", 0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}
+
+
+def _scalar(v: memoryview, pos: int) -> tuple[Any, int]:
+    b = v[pos]
+    if b <= 0x7F:
+        return b, pos + 1
+    if b >= 0xE0:
+        return b - 0x100, pos + 1
+    if 0xA0 <= b <= 0xBF:
+        end = pos + 1 + (b & 0x1F)
+        return bytes(v[pos + 1 : end]).decode(), end
+    if b == 0xC0:
+        return None, pos + 1
+    if b in (0xC2, 0xC3):
+        return b == 0xC3, pos + 1
+    if b in _INTS:
+        fmt = _INTS[b]
+        return struct.unpack_from(fmt, v, pos + 1)[0], pos + 1 + struct.calcsize(fmt)
+    if b in _LENS:
+        fmt = _LENS[b]
+        start = pos + 1 + struct.calcsize(fmt)
+        end = start + struct.unpack_from(fmt, v, pos + 1)[0]
+        if end > len(v):
+            raise ValueError("truncated")
+        return (bytes(v[start:end]).decode() if b >= 0xD9 else v[start:end]), end
+    raise ValueError("not a scalar")
 
 
 def _header(raw: Any) -> dict[str, Any]:
@@ -83,7 +238,7 @@ def _header(raw: Any) -> dict[str, Any]:
         raise BadMessage(Reason.BAD_ENVELOPE, f"envelope is a {type(raw).__name__}, not a map")
     if raw.get("v") != PROTOCOL_VERSION:
         raise BadMessage(Reason.BAD_VERSION, f"protocol version {raw.get('v')!r}, expected {PROTOCOL_VERSION}")
-    expected = {"type": str, "id": str, "ts": (int, float), "sender": str, "body": bytes, "cert": bytes}
+    expected = {"type": str, "id": str, "ts": (int, float), "sender": str, "body": (bytes, memoryview), "cert": bytes}
     for key, kinds in expected.items():
         if not isinstance(raw.get(key), kinds):
             raise BadMessage(Reason.BAD_ENVELOPE, f"envelope field {key!r} missing or mistyped")
@@ -101,7 +256,9 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
     Order matters: the signature and the sender's role are checked before the body is
     decoded, so nothing from an unauthenticated sender reaches the tensor decoder.
     """
-    raw = _header(codec.decode(data))
+    fast = _fast_unpack(data)
+    raw = _header(fast[0] if fast else codec.decode(data))
+    body_digest = _precomputed_body_digest(data, raw["body"], fast[1] if fast else -1)
     try:
         spec = spec_for(raw["type"])
     except KeyError:
@@ -111,7 +268,7 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         raise BadMessage(Reason.UNSIGNED, f"{raw['type']} from {raw['sender']!r} is not signed")
     peer: Peer = trust.peer(raw["cert"], raw["sender"])
     try:
-        peer.public_key.verify(sig, _signed_bytes(raw, raw["body"]))
+        peer.public_key.verify(sig, _signed_digest(raw, body_digest or hashlib.sha256(raw["body"]).digest()))
     except InvalidSignature:
         raise BadMessage(Reason.BAD_SIGNATURE, f"{raw['type']} from {raw['sender']!r}: signature does not match") from None
     if peer.role not in spec.roles:

@@ -16,7 +16,7 @@ import structlog
 from pydantic import BaseModel
 
 from common import topics
-from common.envelope import Message, open_envelope, seal
+from common.envelope import Message, body_span, open_envelope, seal, seal_parts
 from common.errors import BadMessage, Reason
 from common.identity import Identity, TrustStore
 from common.settings import TransportSettings
@@ -63,6 +63,7 @@ class Messenger:
             will=wire_will,
             on_delivery=self._on_delivery,
             on_reject=self._rejected,
+            span_of=body_span,  # the reassembler hashes the body as it arrives (signature check)
         )
         self._dedupe_window = self.transport.settings.dedupe_window
 
@@ -102,9 +103,9 @@ class Messenger:
 
         Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
         """
-        msg_id, wire = seal(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id)
-        self.transport.publish(topic, wire, retain=retain, timeout_s=timeout_s)
-        return msg_id
+        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id)
+        self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s)
+        return sealed.msg_id
 
     def clear(self, topic: str) -> None:
         """Remove a retained message (and its chunks)."""

@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -83,6 +83,7 @@ class Transport:
         on_delivery: DeliveryHandler | None = None,
         on_reject: RejectHandler | None = None,
         present_cert: bool = True,
+        span_of: Callable[[memoryview], tuple[int, int] | None] | None = None,
     ) -> None:
         self.identity = identity
         self._present_cert = present_cert
@@ -100,7 +101,7 @@ class Transport:
         self._early_acks: dict[int, tuple[int, str]] = {}
         self._retained_chunks: dict[str, int] = {}
         self._inbox: queue.Queue = queue.Queue()
-        self._reassembler = chunking.Reassembler(self.settings.reassembly_max_bytes)
+        self._reassembler = chunking.Reassembler(self.settings.reassembly_max_bytes, span_of=span_of)
         self._connected = threading.Event()
         self._closing = False
         self._connect_failure: str | None = None
@@ -209,6 +210,10 @@ class Transport:
         return False
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        sock = client.socket()
+        if sock is not None:  # small messages (acks, the last bytes of a chunk) must not wait for Nagle
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reason_code.is_failure:
             self._connect_failure = f"broker refused the connection: {reason_code.getName()} ({reason_code.value})"
             self.log.warning("connect_refused", reason=str(reason_code))
@@ -280,29 +285,35 @@ class Transport:
         Raises PublishDenied if the broker refuses (MQTT 5 PUBACK >= 0x80), TransportError on
         timeout or size. An empty retained payload clears the topic (and its chunks).
         """
-        if len(payload) > self.settings.max_message_bytes:
-            raise TransportError(
-                f"payload of {len(payload)} bytes exceeds max_message_bytes={self.settings.max_message_bytes}"
-            )
+        self.publish_stream(topic, len(payload), [payload], retain=retain, qos=qos, timeout_s=timeout_s)
+
+    def publish_stream(self, topic: str, size: int, parts: Iterable[bytes | bytearray | memoryview], *,
+                       retain: bool = False, qos: int = 1, timeout_s: float | None = None) -> None:
+        """`publish` for a payload produced piece by piece (a sealed envelope being hashed):
+        each chunk goes to the broker as soon as it is full, so sending overlaps producing."""
+        if size > self.settings.max_message_bytes:
+            raise TransportError(f"payload of {size} bytes exceeds max_message_bytes={self.settings.max_message_bytes}")
         timeout_s = self.settings.publish_timeout_s if timeout_s is None else timeout_s
-        if len(payload) <= self.settings.chunk_size:
-            pending = [(topic, payload)]
-            chunk_count = 0
+        sent: list[tuple[str, _AckWaiter | None]] = []
+        chunk_count = 0
+        if size <= self.settings.chunk_size:
+            whole = b"".join(parts)
+            sent.append((topic, self._send(topic, whole, retain, qos)))
         else:
-            frames, manifest = chunking.split(payload, self.settings.chunk_size)
-            chunk_count = len(frames)
-            if retain:
-                pending = [(topics.chunk(topic, i), f) for i, f in enumerate(frames)]
-            else:
-                pending = [(topic, f) for f in frames]
-            pending.append((topic, manifest))
+            for frame in chunking.frames(parts, size, self.settings.chunk_size):
+                if frame[:4] == chunking.MANIFEST_TAG:
+                    sent.append((topic, self._send(topic, bytes(frame), retain, qos)))
+                else:
+                    target = topics.chunk(topic, chunk_count) if retain else topic
+                    sent.append((target, self._send(target, frame, retain, qos)))
+                    chunk_count += 1
         if retain:
             previous = self._retained_chunks.get(topic, 0)
-            pending += [(topics.chunk(topic, i), b"") for i in range(chunk_count, previous)]
+            sent += [(topics.chunk(topic, i), self._send(topics.chunk(topic, i), b"", retain, qos))
+                     for i in range(chunk_count, previous)]
             self._retained_chunks[topic] = chunk_count
-        waiters = [self._send(t, p, retain, qos) for t, p in pending]
         deadline = time.monotonic() + timeout_s
-        for (t, _), waiter in zip(pending, waiters, strict=True):
+        for t, waiter in sent:
             if waiter is None:
                 continue
             if not waiter.event.wait(max(0.0, deadline - time.monotonic())):

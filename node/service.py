@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from common import topics
+from common.compression import CompressionSpec, encode_update
 from common.envelope import Message
 from common.errors import BadMessage, TransportError
 from common.identity import Identity
@@ -58,6 +60,7 @@ class _Job:
     # what the local algorithm keeps between rounds (SCAFFOLD's c_i, ADMM's x_i and u_i);
     # in memory: a restarted node starts these afresh, which both algorithms tolerate
     local_state: dict[str, Any] = field(default_factory=dict)
+    residual: dict[str, Any] = field(default_factory=dict)  # what update compression dropped (error feedback)
 
 
 @dataclass
@@ -210,6 +213,11 @@ class NodeService:
             algorithm = algorithm_of(spec.training_args)
         except (PlanError, LocalError) as exc:
             self._decline(spec.job_id, f"plan refused: {exc}", msg)
+            return
+        try:
+            CompressionSpec.of(spec.training_args)
+        except ValidationError as exc:
+            self._decline(spec.job_id, f"invalid training_args.compression: {exc.errors()[0]['msg']}", msg)
             return
         if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
             self._decline(spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm", msg)
@@ -417,7 +425,11 @@ class NodeService:
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
         job.local_state = result.get("local_state") or {}
-        body = {"round": task.round, "params": result["params"], "n_samples": result["n_samples"],
+        params = result["params"]
+        compression = CompressionSpec.of(spec.training_args)
+        if compression.kind != "none":  # send the change, compressed; keep what was dropped for next round
+            params, job.residual = encode_update(params, task.params, compression, job.residual)
+        body = {"round": task.round, "params": params, "n_samples": result["n_samples"],
                 "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name,
                 "extra": result.get("extra") or {}}
         pending = _Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic())

@@ -161,3 +161,24 @@ def test_a_rule_whose_node_side_does_not_match_is_refused_up_front(fed):
     exp.close()
     assert state.status == "failed" and "needs the nodes to run the 'scaffold'" in state.reason
     assert state.history == []
+
+
+@pytest.mark.parametrize("compression", [{"kind": "float16"}, {"kind": "int8"}, {"kind": "topk", "fraction": 0.05}])
+def test_compressed_updates_reach_nearly_the_same_model(fed, fedavg, compression):
+    state = _run(fed, training_args={"compression": compression})
+    assert _loss(state, -1) < _loss(state, 0)
+    gap = abs(_loss(state, -1) - _loss(fedavg, -1)) / _loss(fedavg, -1)
+    assert gap < (0.02 if compression["kind"] != "topk" else 0.5), gap
+    if compression["kind"] == "float16":  # nearly lossless: the models themselves agree
+        diff = max(float((state.params[k] - fedavg.params[k]).abs().max()) for k in state.params)
+        assert diff < 1e-2, diff
+
+
+def test_an_invalid_compression_setting_is_refused_up_front(fed):
+    exp = Experiment(Identity.load(fed.ws.bundle_dir("alice")), plan="mlp", tags=["fmnist"], rounds=1,
+                     quorum=1, round_deadline_s=30, model_args=MODEL, aggregator_identity="agg-1",
+                     training_args={"epochs": 1, "compression": {"kind": "zip"}})
+    exp.submit()
+    state = exp.watch(timeout_s=60, progress=False)
+    exp.close()
+    assert state.status == "failed" and "compression" in state.reason

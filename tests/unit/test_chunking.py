@@ -81,3 +81,49 @@ def test_malformed_chunks_are_refused(payload):
 def test_malformed_manifest_is_refused():
     with pytest.raises(BadMessage):
         chunking.Reassembler().add_manifest("t", b"FBMM" + b"\x80")
+
+
+def test_every_arrival_order_gives_the_payload_held_once():
+    import itertools
+    import random
+
+    from common.chunking import Reassembler, frames
+
+    payload = random.Random(1).randbytes(10 * 1000 + 7)
+    out = list(frames([payload[:3000], memoryview(payload)[3000:]], len(payload), 1000))
+    chunks, manifest = out[:-1], out[-1]
+    assert len(chunks) == 11 and all(len(c) == 1000 + 28 for c in chunks[:-1])
+    orders = [list(range(11)), list(range(10, -1, -1))] + [random.Random(s).sample(range(11), 11) for s in range(20)]
+    for order in orders:
+        for manifest_at in (0, 5, 11):
+            r = Reassembler(max_bytes=1 << 20)
+            got = None
+            sequence = [chunks[i] for i in order]
+            sequence.insert(manifest_at, manifest)
+            for frame in sequence:
+                done = r.add_manifest("s", frame) if frame is manifest else r.add_chunk("s", frame)
+                got = done or got
+            assert bytes(got) == payload and r.pending_bytes == 0
+    assert list(itertools.islice(frames([b""], 0, 8), 2))[0][:4] == b"FBMC"  # an empty payload is one empty chunk
+
+
+def test_a_chunk_that_lies_about_its_size_or_count_is_refused():
+    import pytest
+
+    from common.chunking import Reassembler, frames
+    from common.errors import BadMessage
+
+    out = list(frames([bytes(5000)], 5000, 1000))
+    r = Reassembler(max_bytes=1 << 20)
+    r.add_chunk("s", out[0])
+    with pytest.raises(BadMessage, match="holds"):
+        r.add_chunk("s", bytes(out[1][:-10]))  # a middle chunk shorter than the first
+    other = list(frames([bytes(5000)], 5000, 1000))
+    bad = bytearray(other[1])
+    bad[24:28] = (9).to_bytes(4, "little")  # count 9 where the transfer said 5
+    r.add_chunk("t", other[0])
+    with pytest.raises(BadMessage, match="earlier ones said"):
+        r.add_chunk("t", bytes(bad))
+    small = Reassembler(max_bytes=3000)
+    with pytest.raises(BadMessage, match="exceed the limit"):
+        small.add_chunk("u", out[0])  # 5 x 1000 bytes announced, 3000 allowed: refused before allocating

@@ -113,3 +113,25 @@ def test_unsupported_types_fail_at_encode():
         codec.encode(object())
     with pytest.raises(TypeError):
         codec.encode(np.array(["a"], dtype=object))
+
+
+def test_encode_parts_joins_to_exactly_encode_and_does_not_copy_big_tensors():
+    import numpy as np
+
+    from common.codec import encode, encode_parts
+
+    big = torch.randn(100_000)
+    cases = [
+        {"w": big, "b": torch.zeros(3), "n": 7, "s": "x", "l": [1.5, None, b"raw"], "e": torch.zeros(0)},
+        {"half": torch.randn(5, 4).half(), "bf": torch.randn(3).bfloat16(), "i": torch.arange(6).reshape(2, 3)},
+        {"np": np.arange(10_000, dtype=">i4"), "f": np.float32(2.5), "nc": np.arange(20).reshape(4, 5).T},
+        [torch.zeros(4), torch.zeros(2), torch.ones(1), torch.tensor(3.0)],  # fixext sizes
+        {"t": torch.randn(300, 300)[:, ::2]},  # not contiguous
+    ]
+    for obj in cases:
+        parts = encode_parts(obj)
+        assert b"".join(parts) == encode(obj)
+    parts = encode_parts(cases[0])
+    views = [p for p in parts if isinstance(p, memoryview)]
+    assert views and views[0].nbytes == big.numel() * 4
+    assert np.shares_memory(np.frombuffer(views[0], dtype=np.float32), big.numpy())

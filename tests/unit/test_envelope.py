@@ -106,3 +106,41 @@ def test_expired_certificate_is_refused(fed, monkeypatch):
             return real.now(tz) + dt.timedelta(days=pki.LEAF_DAYS + 1)
     monkeypatch.setattr("common.identity.dt.datetime", Later)
     assert _reason(wire, trust) == Reason.BAD_CERT
+
+
+@pytest.mark.parametrize("n", [0, 10, 300, 70_000, 3_000_000])
+def test_the_streamed_envelope_is_byte_for_byte_the_map_it_always_was(fed, n):
+    """seal_parts writes the map in pieces (body first, signature last, to hash while sending);
+    receivers must see exactly `codec.encode({**header, body, cert, sig})`."""
+    from common.envelope import seal_parts
+
+    ids, trust = fed
+    sealed = seal_parts(ids["node-a"], "update", Update(round=1, params={"w": torch.randn(n // 4 + 1)}, n_samples=1),
+                        job="j", round_=1)
+    wire = b"".join(sealed.parts)
+    assert len(wire) == sealed.size
+    raw = codec.decode(wire)
+    assert wire == codec.encode({k: raw[k] for k in ("v", "type", "id", "ts", "sender", "job", "round", "body", "cert", "sig")})
+    assert open_envelope(wire, trust).id == sealed.msg_id
+
+
+def test_the_body_hash_made_during_reassembly_is_used_only_for_exactly_the_body(fed):
+    from common.chunking import Reassembler, split
+    from common.envelope import body_span
+
+    ids, trust = fed
+    _, wire = seal(ids["node-a"], "update", Update(round=1, params={"w": torch.randn(700_000)}, n_samples=1))
+    frames, manifest = split(wire, 1 << 20)
+    r = Reassembler(span_of=body_span)
+    for frame in frames:
+        r.add_chunk("t", frame)
+    whole = r.add_manifest("t", manifest)
+    raw = codec.decode(wire)
+    import hashlib
+
+    assert whole.span_sha256 == hashlib.sha256(raw["body"]).digest()
+    assert open_envelope(whole, trust).sender == "node-a"
+    whole.span_sha256 = bytes(32)  # the precomputed digest is what gets verified...
+    assert _reason(whole, trust) == Reason.BAD_SIGNATURE
+    whole.span = (whole.span[0] + 1, whole.span[1] + 1)  # ...and only when it covers exactly the body
+    assert open_envelope(whole, trust).sender == "node-a"
