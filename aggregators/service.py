@@ -31,6 +31,7 @@ from common.envelope import Message
 from common.identity import Identity
 from common.messages import (
     GlobalModel,
+    JobHistory,
     JobSpec,
     NodeRoundReport,
     NodeStatus,
@@ -42,7 +43,8 @@ from common.messages import (
 from common.messenger import Messenger
 from common.settings import TransportSettings
 
-CHECKPOINT_EVERY_S = 0.5  # with updates queued, at most this long between open-round checkpoints
+CHECKPOINT_EVERY_S = 0.5  # with updates arriving, at most this long between open-round checkpoints
+CHECKPOINT_EVERY_N = 256  # ... or this many folded updates; after a 0.1 s lull, at once
 
 
 class JobFailure(RuntimeError):
@@ -156,6 +158,7 @@ class JobRunner(threading.Thread):
         self.pending: set[str] = set()  # nodes whose admin has not approved the plan yet
         self.current_round = 0
         self._last_model: GlobalModel | None = None
+        self._history_sent = -1  # rounds in the last published JobHistory
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
     # helpers
@@ -166,10 +169,16 @@ class JobRunner(threading.Thread):
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
                        nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",
                        extra: dict[str, torch.Tensor] | None = None) -> None:
+        if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
+            self._send("job_history", JobHistory(rounds=[RoundClosed.model_validate(h) for h in history]),
+                       retain=True, round_=round_, topic=topics.history(self.spec.job_id))
+            self._history_sent = len(history)
+        # every node reads the model every round: it carries no history, and no node list
+        # unless the round is selective (N names to N nodes would make each round O(N^2))
+        selective = self.spec.selection.mode != "all"
         model = GlobalModel(round=round_, params=params, aggregator=self.service.name, status=status,
-                            open_round=open_round, nodes=nodes or [], deadline=deadline,
-                            history=[RoundClosed.model_validate(h) for h in history], reason=reason,
-                            extra=extra or {}, selection=self.spec.selection.mode)
+                            open_round=open_round, nodes=(nodes or []) if selective else [], deadline=deadline,
+                            reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
         self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
 
@@ -321,8 +330,10 @@ class JobRunner(threading.Thread):
             if remaining <= 0:
                 break
             try:
-                event = self.events.get(timeout=min(remaining, 0.5))
+                event = self.events.get(timeout=min(remaining, 0.1 if unsaved else 0.5))
             except queue.Empty:
+                if unsaved:  # a lull: make what was folded durable, then acknowledge it
+                    last_save = self._checkpoint_and_ack(r, open_state, unsaved)
                 continue
             if event.kind == "withdrawn":
                 raise JobFailure("the researcher withdrew the job")
@@ -388,7 +399,8 @@ class JobRunner(threading.Thread):
                                            metrics=update.metrics, timings=update.timings))
             unsaved.append(msg.sender)
             log.info("update_folded", node=msg.sender, n_samples=update.n_samples)
-            if self.events.empty() or time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
+            # one checkpoint covers many updates: per update it would cost O(N) writes a round
+            if len(unsaved) >= CHECKPOINT_EVERY_N or time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 last_save = self._checkpoint_and_ack(r, open_state, unsaved)
         self._checkpoint_and_ack(r, open_state, unsaved)
         if len(answered) < spec.quorum:
@@ -412,7 +424,10 @@ class JobRunner(threading.Thread):
 
     def _ack(self, r: int, node: str) -> None:
         try:
-            self._send("update_received", UpdateReceived(round=r, node=node), round_=r)
+            # to the node's own topic: on the job's events topic every node would get every ack (N^2 a round)
+            # not waiting for each PUBACK: N acks a round would cost N broker round trips
+            self.service.messenger.send(topics.requests(node), "update_received", UpdateReceived(round=r, node=node),
+                                        job=self.spec.job_id, round_=r, wait=False)
         except Exception as exc:  # noqa: BLE001 - the node re-sends, and we ack the duplicate
             self.log.warning("ack_not_sent", node=node, round=r, error=str(exc))
 

@@ -39,6 +39,17 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (torch's libraries, say) divided among their users."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class PeakRSS:
     """Samples the summed RSS of a set of process trees in the background; keeps the peak."""
 
@@ -46,6 +57,8 @@ class PeakRSS:
         self.roots = roots
         self.interval_s = interval_s
         self.peak = 0
+        self.peak_pss = 0
+        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -54,8 +67,12 @@ class PeakRSS:
             self.sample()
 
     def sample(self) -> int:
-        total = sum(rss_bytes(p) for p in tree(self.roots()))
+        pids = tree(self.roots())
+        total = sum(rss_bytes(p) for p in pids)
         self.peak = max(self.peak, total)
+        if self.samples % 4 == 0:  # smaps_rollup walks every mapping: sample it less often
+            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in pids))
+        self.samples += 1
         return total
 
     def __enter__(self) -> PeakRSS:

@@ -100,7 +100,7 @@ def main() -> None:
         acked: set[tuple[int, str]] = set()
         observer = Messenger(Identity.load(fed.enroll("soak-observer", "admin")),
                              TransportSettings(clean_start=True, session_expiry_s=0), client_id="soak-observer")
-        observer.subscribe("fbm/v1/jobs/+/events", lambda m: acked.add((m.body.round, m.body.node)),
+        observer.subscribe("fbm/v1/nodes/+/requests", lambda m: acked.add((m.body.round, m.body.node)),
                            types={"update_received"})
         observer.connect()
         stop = threading.Event()

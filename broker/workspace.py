@@ -227,6 +227,24 @@ class Workspace:
         pair = pki.create_identity_cert(self.ca(), name, role, days)
         return self._record(name, role, pair.cert_pem, pair.key_pem)
 
+    def enroll_many(self, names: list[str], role: str, *, days: int = pki.LEAF_DAYS) -> list[Path]:
+        """Enrol many identities at once (simulated fleets): one read and one write of
+        identities.json and the ACL, instead of one per identity. Existing ones are kept."""
+        with self._locked():
+            identities = self.identities()
+            ca = self.ca()
+            bundles = []
+            for name in names:
+                validate_identity_name(name)
+                if name in identities and not identities[name].get("revoked"):
+                    bundles.append(self.bundle_dir(name))
+                    continue
+                pair = pki.create_identity_cert(ca, name, role, days)
+                bundles.append(self._record(name, role, pair.cert_pem, pair.key_pem, identities, save=False))
+            self._save_identities(identities)
+            self.write_acl()
+            return bundles
+
     def enroll_request(self, csr_pem: bytes, role: str | None = None, *, days: int = pki.LEAF_DAYS,
                        force: bool = False) -> Path:
         """Sign a site's certificate request: the bundle gets the certificate, never a key."""
@@ -244,10 +262,11 @@ class Workspace:
             cert_pem = pki.sign_request(self.ca(), request, role, days)
             return self._record(request.name, role, cert_pem, None)
 
-    def _record(self, name: str, role: str, cert_pem: bytes, key_pem: bytes | None) -> Path:
+    def _record(self, name: str, role: str, cert_pem: bytes, key_pem: bytes | None,
+                identities: dict[str, dict] | None = None, *, save: bool = True) -> Path:
         """Write NAME's bundle (the key only when we made it), record the cert, grant its ACL."""
         fed = self.federation()
-        identities = self.identities()
+        identities = self.identities() if identities is None else identities
         bundle = self.bundle_dir(name)
         bundle.mkdir(parents=True, exist_ok=True)
         bundle.chmod(0o700)
@@ -282,8 +301,9 @@ class Workspace:
             "revoked": False,
             "key_held_by": "workspace" if key_pem is not None else "site",
         }
-        self._save_identities(identities)
-        self.write_acl()
+        if save:
+            self._save_identities(identities)
+            self.write_acl()
         return bundle
 
     def renew(self, name: str, *, days: int = pki.LEAF_DAYS) -> Path:

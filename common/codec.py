@@ -162,33 +162,33 @@ def encode_parts(obj: Any) -> list[bytes | memoryview]:
     packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=False)
     parts: list[bytes | memoryview] = []
     small = bytearray()
-
-    def walk(o: Any) -> None:
-        if isinstance(o, dict):
-            small.extend(packer.pack_map_header(len(o)))
-            for k, v in o.items():
-                walk(k)
-                walk(v)
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            small.extend(packer.pack_array_header(len(o)))
-            for v in o:
-                walk(v)
-        elif isinstance(o, (torch.Tensor, np.ndarray)):
-            head, raw = _raw_tensor(o)
-            small.extend(_ext_head(len(head) + len(raw)) + head)
-            if len(raw) < 4096:
-                small.extend(raw)
-            else:
-                parts.append(bytes(small))
-                small.clear()
-                parts.append(raw)
-        else:
-            small.extend(packer.pack(o))
-
-    walk(obj)
-    if small:
+    _walk(obj, packer, parts, small)  # a module function: a recursive closure would be a
+    if small:                         # reference cycle holding the tensors until the next gc
         parts.append(bytes(small))
     return parts
+
+
+def _walk(o: Any, packer: msgpack.Packer, parts: list[bytes | memoryview], small: bytearray) -> None:
+    if isinstance(o, dict):
+        small.extend(packer.pack_map_header(len(o)))
+        for k, v in o.items():
+            _walk(k, packer, parts, small)
+            _walk(v, packer, parts, small)
+    elif isinstance(o, (list, tuple, set, frozenset)):
+        small.extend(packer.pack_array_header(len(o)))
+        for v in o:
+            _walk(v, packer, parts, small)
+    elif isinstance(o, (torch.Tensor, np.ndarray)):
+        head, raw = _raw_tensor(o)
+        small.extend(_ext_head(len(head) + len(raw)) + head)
+        if len(raw) < 4096:
+            small.extend(raw)
+        else:
+            parts.append(bytes(small))
+            small.clear()
+            parts.append(raw)
+    else:
+        small.extend(packer.pack(o))
 
 
 def _raw_tensor(obj: torch.Tensor | np.ndarray) -> tuple[bytes, memoryview]:

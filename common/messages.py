@@ -211,6 +211,17 @@ class GlobalModel(Body):
     selection: str = "all"  # "all": any eligible node may join the open round; else only `nodes`
 
 
+@message("job_history", "aggregator")
+class JobHistory(Body):
+    """Every closed round of a job with each node's report, retained on its own topic.
+
+    Kept out of the model: the model goes to every node every round, and a history that grows
+    with nodes x rounds would make that O(N^2) (researchers alone need it).
+    """
+
+    rounds: list[RoundClosed] = []
+
+
 @message("update_received", "aggregator")
 class UpdateReceived(Body):
     """The application-level acknowledgement: the node's update for `round` is folded in."""

@@ -98,13 +98,15 @@ class Messenger:
         retain: bool = False,
         timeout_s: float | None = None,
         msg_id: str | None = None,
+        wait: bool = True,
     ) -> str:
-        """Seal and publish; returns the message id once the broker acknowledged it.
+        """Seal and publish; returns the message id once the broker acknowledged it (or, with
+        `wait=False`, once queued: see Transport.publish_stream).
 
         Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
         """
         sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id)
-        self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s)
+        self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s, wait=wait)
         return sealed.msg_id
 
     def clear(self, topic: str) -> None:

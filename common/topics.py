@@ -18,6 +18,11 @@ def update(job_id: str, node: str) -> str:
     return f"{PREFIX}/jobs/{job_id}/updates/{node}"
 
 
+def history(job_id: str) -> str:
+    """The job's closed rounds with every node's report (retained; researchers read it)."""
+    return f"{PREFIX}/jobs/{job_id}/history"
+
+
 def events(job_id: str) -> str:
     return f"{PREFIX}/jobs/{job_id}/events"
 

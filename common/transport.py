@@ -288,9 +288,13 @@ class Transport:
         self.publish_stream(topic, len(payload), [payload], retain=retain, qos=qos, timeout_s=timeout_s)
 
     def publish_stream(self, topic: str, size: int, parts: Iterable[bytes | bytearray | memoryview], *,
-                       retain: bool = False, qos: int = 1, timeout_s: float | None = None) -> None:
+                       retain: bool = False, qos: int = 1, timeout_s: float | None = None,
+                       wait: bool = True) -> None:
         """`publish` for a payload produced piece by piece (a sealed envelope being hashed):
-        each chunk goes to the broker as soon as it is full, so sending overlaps producing."""
+        each chunk goes to the broker as soon as it is full, so sending overlaps producing.
+
+        `wait=False` returns once paho has the message (QoS 1 still: paho re-sends it until the
+        broker acknowledges): for many small messages whose loss the protocol tolerates (acks)."""
         if size > self.settings.max_message_bytes:
             raise TransportError(f"payload of {size} bytes exceeds max_message_bytes={self.settings.max_message_bytes}")
         timeout_s = self.settings.publish_timeout_s if timeout_s is None else timeout_s
@@ -312,6 +316,8 @@ class Transport:
             sent += [(topics.chunk(topic, i), self._send(topics.chunk(topic, i), b"", retain, qos))
                      for i in range(chunk_count, previous)]
             self._retained_chunks[topic] = chunk_count
+        if not wait:
+            return
         deadline = time.monotonic() + timeout_s
         for t, waiter in sent:
             if waiter is None:

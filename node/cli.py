@@ -15,6 +15,7 @@ from rich.table import Column, Table
 from common.errors import ConnectError
 from common.identity import Identity
 from common.logging import configure_logging
+from common.memory import release_large_buffers_to_os
 from common.service import run_until_terminated
 from node import admin
 from node.audit import AuditTrail
@@ -367,6 +368,7 @@ def start(node_dir: Path, connect_timeout: float) -> None:
 
     settings = _settings(node_dir)
     configure_logging(settings.log_level)
+    release_large_buffers_to_os()
     try:
         identity = Identity.load(settings.bundle)
     except ValueError as exc:

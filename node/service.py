@@ -134,8 +134,9 @@ class NodeService:
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
         m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
         m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True, qos=0)
-        m.subscribe("fbm/v1/jobs/+/events", self._on_event, types={"job_done", "job_failed", "update_received"})
-        m.subscribe(topics.requests(self.name), self._on_request, types={"request"})
+        # no subscription to the jobs' events topics: a job's end is in its model (status), and
+        # acks come on our own topic; every node reading every event would be O(N^2) a round
+        m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received"})
         m.on_reject(self._on_rejected)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -326,25 +327,32 @@ class NodeService:
             self.audit.record("job_withdrawn", job=job)
             self.log.info("job_withdrawn", job=job)
 
-    def _on_event(self, msg: Message) -> None:
-        if msg.type == "update_received":
-            if msg.body.node == self.name:
-                with self._lock:
-                    acked = self.pending.pop((msg.job or "", msg.body.round), None)
-                if acked is not None:
-                    self.log.debug("update_acknowledged", job=msg.job, round=msg.body.round)
-            return
+    def _on_ack(self, msg: Message) -> None:
+        """The aggregator holds our update in a checkpoint: stop re-sending it."""
+        if msg.body.node == self.name:
+            with self._lock:
+                acked = self.pending.pop((msg.job or "", msg.body.round), None)
+            if acked is not None:
+                self.log.debug("update_acknowledged", job=msg.job, round=msg.body.round)
+
+    def _job_ended(self, job_id: str, status: str, sender: str) -> None:
+        """The job is done or failed (its model says so): forget it and what we owe it."""
         with self._lock:
-            self._drop_pending(msg.job or "")
-            self.parked.pop(msg.job or "", None)
-            job = self.jobs.pop(msg.job or "", None)
+            self._drop_pending(job_id)
+            self.parked.pop(job_id, None)
+            job = self.jobs.pop(job_id, None)
         if job is not None:
-            self.audit.record(msg.type, job=msg.job, actor=msg.sender)
-            self.log.info(msg.type, job=msg.job)
+            event = f"job_{status}"
+            self.audit.record(event, job=job_id, actor=sender)
+            self.log.info(event, job=job_id)
+            self.publish_status()
 
     def _on_model(self, msg: Message) -> None:
         model = msg.body
         job_id = topics.job_of(msg.topic)
+        if model.status in ("done", "failed"):
+            self._job_ended(job_id or "", model.status, msg.sender)
+            return
         with self._lock:
             job = self.jobs.get(job_id or "")
             if job is None:
@@ -473,6 +481,9 @@ class NodeService:
     # --- requests -----------------------------------------------------------------------------
 
     def _on_request(self, msg: Message) -> None:
+        if msg.type == "update_received":
+            self._on_ack(msg)
+            return
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":

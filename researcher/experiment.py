@@ -60,8 +60,9 @@ class JobState:
         self.status = model.status
         self.round = model.round
         self.open_round = model.open_round
-        self.nodes = list(model.nodes)
-        self.history = [h.model_dump() for h in model.history]
+        self.nodes = list(model.nodes) or self.nodes
+        if model.history:  # older aggregators carried it here; now it has its own topic
+            self.history = [h.model_dump() for h in model.history]
         self.params = dict(model.params)
         self.extra = dict(model.extra)
         self.reason = model.reason
@@ -167,6 +168,7 @@ class Experiment:
             self._messenger = Messenger(self.identity, self.mqtt, client_id=client_id)
             self._events: queue.Queue[Message] = queue.Queue()
             m = self._messenger
+            m.subscribe(topics.history(self.job_id), self._events.put, types={"job_history"}, retained_chunks=True)
             m.subscribe(topics.model(self.job_id), self._events.put, types={"model"}, retained_chunks=True)
             m.subscribe(topics.events(self.job_id), self._events.put)
             m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
@@ -192,6 +194,10 @@ class Experiment:
     def _apply(self, msg: Message) -> None:
         if msg.type == "model":
             self.state.apply_model(msg.body)  # type: ignore[arg-type]
+        elif msg.type == "job_history":
+            self.state.history = [h.model_dump() for h in msg.body.rounds]  # type: ignore[attr-defined]
+        elif msg.type == "round_opened":
+            self.state.nodes = list(msg.body.nodes)  # type: ignore[attr-defined]
         elif msg.type == "reply":
             notice = {"node": msg.sender, "ok": msg.body.ok, "command": msg.body.command, "error": msg.body.error,
                       "data": msg.body.data}
@@ -219,7 +225,7 @@ class Experiment:
         seen_notices = 0
         with bar:
             task = bar.add_task(f"job {self.job_id}", total=self.state.rounds or None, info="waiting for an aggregator")
-            while not self.state.finished:
+            while not self.state.finished or self._history_behind():
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.job_id} not finished after {timeout_s:.0f}s (status {self.state.status})")
                 self.poll(0.5)
@@ -234,6 +240,15 @@ class Experiment:
                     info += f" | last loss {loss:.4f}" if loss is not None else ""
                 bar.update(task, completed=len(self.state.history), info=info)
         return self.state
+
+    def _history_behind(self) -> bool:
+        """The model says round N is closed but its history has not arrived yet (two topics):
+        wait for it a little, so a finished job's state is complete."""
+        if len(self.state.history) >= self.state.round:
+            return False
+        first = getattr(self, "_behind_since", None) or time.monotonic()
+        self._behind_since = first
+        return time.monotonic() - first < 5.0
 
     @classmethod
     def attach(cls, bundle: str | Path | Identity, job_id: str, mqtt: TransportSettings | None = None,

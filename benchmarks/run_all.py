@@ -1,0 +1,104 @@
+"""Every performance figure in one run, one table, written to benchmarks/results.md.
+
+Each row compares ours with a baseline measured in the same run (a plain copy, Mosquitto's own
+C clients, the same epochs in a plain torch loop), or states a size. Steps, in order:
+codec, model transfer, aggregation memory, end-to-end overhead (10 and 25 nodes, with the
+25-node federation's start-up and memory), simulated federations.
+
+    python -m benchmarks.run_all            # the full set (about 20-30 minutes on 2 cores)
+    python -m benchmarks.run_all --quick    # smaller sizes, for a smoke run (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).with_name("results.md")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "?")
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1]
+    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, {mosq[0] if mosq else 'mosquitto ?'}")
+
+
+def collect(quick: bool) -> list[tuple[str, str, str, str]]:
+    """(what, ours, baseline / target, verdict) rows."""
+    from benchmarks import aggregation_memory, codec, e2e, simulation, transfer
+    from common.logging import configure_logging
+
+    configure_logging("warning")
+    rows: list[tuple[str, str, str, str]] = []
+    for r in codec.measure((1, 10, 100), repeat=3):
+        rows.append((f"codec {r['mb']} MB tensor: encode / decode", f"{r['encode_gb_s']:.2f} / {r['decode_gb_s']:.2f} GB/s",
+                     f"plain copy {r['copy_gb_s']:.2f} GB/s", f"decode {r['decode_vs_copy']:.2f}x a copy"))
+    for r in transfer.measure([10, 100] if quick else [10, 100, 500]):
+        rows.append((f"model transfer {r['mb']} MB (signed, chunked, TLS)", f"{r['ours_mb_s']:.0f} MB/s",
+                     f"C clients {r['c_chunked_mb_s']:.0f} MB/s chunked"
+                     + (f", {r['c_single_mb_s']:.0f} MB/s one message" if r["mb"] <= 200 else ""),
+                     f"{r['ratio']:.0%} of C (target >= 80%); receiver peak {r['receiver_extra_copies']:.1f} payload copies"))
+    for r in aggregation_memory.measure([10, 100] if quick else [10, 100, 1000]):
+        rows.append((f"FedAvg memory, {r['n']} updates of 10 MB", f"{r['peak_above_base_mb']:.0f} MB above baseline",
+                     "target < 100 MB at N = 1000", f"{r['model_sizes']:.1f} model sizes; {r['seconds']:.1f} s"))
+    for r in [e2e.run(n, 3 if quick else 5) for n in ([10] if quick else [10, 25])]:
+        rows.append((f"end-to-end, {r['n']} nodes (MLP 784-128-10, 1 epoch/round)", f"{r['wall_s']:.1f} s wall",
+                     f"pure compute {r['compute_s']:.1f} s", f"{r['ratio']:.2f}x (target <= 1.3x at 25)"))
+        rows.append((f"{r['n']}-node federation: start-up", f"{r['startup_s']:.1f} s all connected, {r['ready_s']:.1f} s warm",
+                     "target: 25 connected within 15 s", ""))
+        rows.append((f"{r['n']}-node federation: memory", f"PSS {r['peak_pss_gb']:.2f} GB (RSS {r['peak_rss_gb']:.2f} GB)",
+                     "target: PSS < 6 GB at 25", ""))
+    for r in simulation.measure([100, 1000] if quick else [100, 1000, 10000], 3):
+        rows.append((f"simulated federation, {r['n']} nodes, tiny model", f"{r['round_s']:.2f} s a round",
+                     f"connect {r['connect_s']:.1f} s; target < 5 s at 1000",
+                     f"{r['per_node_ms']:.2f} ms per node per round; fleet RSS {r['fleet_peak_rss_mb']:.0f} MB"))
+    return rows
+
+
+def write(rows: list[tuple[str, str, str, str]], seconds: float, quick: bool) -> str:
+    lines = [
+        "# fedbiomq benchmark results",
+        "",
+        f"Run on {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `python -m benchmarks.run_all{' --quick' if quick else ''}` "
+        f"({seconds / 60:.0f} min).",
+        "",
+        f"Machine: {machine()}",
+        "",
+        "Every ratio compares two figures measured in this same run.",
+        "",
+        "| what | ours | baseline / target | ratio, notes |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+    ]
+    RESULTS.write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows = collect(args.quick)
+    write(rows, time.perf_counter() - start, args.quick)
+    table = Table("what", "ours", "baseline / target", "ratio, notes", title="fedbiomq benchmarks")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Process memory policy: big buffers go back to the OS as soon as they are freed.
+
+glibc serves allocations above its mmap threshold with mmap and unmaps them on free, but it
+raises that threshold (up to 32 MB) every time such a block is freed; after a few 10 MB model
+updates, every later one comes from the heap, which fragments and never shrinks. A service
+folding a thousand updates then grows by hundreds of MB although it holds one. Fixing the
+threshold at 1 MiB keeps the dynamic adjustment off (mallopt(3), M_MMAP_THRESHOLD).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_MMAP_THRESHOLD = -3
+
+
+def release_large_buffers_to_os(threshold: int = 1024 * 1024) -> bool:
+    """Fix glibc's mmap threshold; False where there is no glibc (musl, macOS): no change."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
