@@ -34,13 +34,14 @@ def run(n: int, rounds: int) -> dict:
         enrol_s = time.perf_counter() - t0
         fed.add_aggregator("agg-sim")
         researcher = fed.enroll("sim-researcher", "researcher")
-        fleet = SimulatedFleet(bundles)
-        connect_s = fleet.start(timeout_s=1800)
-        time.sleep(2.0 + n / 2000)  # the aggregator reads N retained statuses
         exp = Experiment(researcher, plan="logreg", tags=["sim"], rounds=rounds, quorum=n, stragglers="wait",
                          round_deadline_s=600, model_args={"in_features": 10, "n_classes": 2},
                          training_args={"epochs": 1, "lr": 0.1, "batch_size": 32}, aggregator_identity="agg-sim",
                          mqtt=TransportSettings(connect_timeout_s=600, publish_timeout_s=600))
+        _ = exp.messenger  # connected first: paho's threaded loop uses select(), which fails on fds >= 1024
+        fleet = SimulatedFleet(bundles)
+        connect_s = fleet.start(timeout_s=1800)
+        time.sleep(2.0 + n / 2000)  # the aggregator reads N retained statuses
         with exp:
             t1 = time.perf_counter()
             exp.submit()

@@ -10,7 +10,9 @@ warm interpreter with torch imported once, node after node, with the real `node.
 Limits (by design, see docs/simulation.md): zoo plans only (no sandbox: nothing foreign runs),
 synthetic data made in memory, models small enough to travel unchunked (< 1 MiB), no update
 re-sending (a simulated node that loses its connection skips the round), training serial on
-one core. Sockets: one per node in this process and in the broker (raise `ulimit -n`).
+one core. Sockets: one per node in this process and in the broker (raise `ulimit -n`); other
+paho clients in the same process must connect before the fleet (paho's own threaded loop uses
+select(), which cannot watch a file descriptor numbered 1024 or more).
 """
 
 from __future__ import annotations
