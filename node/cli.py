@@ -407,37 +407,43 @@ def _password(password_stdin: bool) -> str:
     return click.prompt("password", hide_input=True, confirmation_prompt=True)
 
 
-@user.command("add")
-@NODE_DIR
-@click.argument("username")
-@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin (scripts).")
-def user_add(node_dir: Path, username: str, password_stdin: bool) -> None:
-    """Create a console account (at least 10 characters of password)."""
+def _account_change(node_dir: Path, change, event: str, username: str, *args: str) -> None:
+    """Apply one account change (an Accounts method), audit it, or fail with the reason."""
     from node.ui.accounts import AccountError
 
     accounts = _accounts(node_dir)
     try:
-        accounts.add_user(username, _password(password_stdin), admin.os_admin())
+        change(accounts, username, *args)
     except AccountError as exc:
         _fail(str(exc))
-    AuditTrail(accounts.db).record("ui_user_added", actor=admin.os_admin(), user=username)
+    AuditTrail(accounts.db).record(event, actor=admin.os_admin(), user=username)
+
+
+PASSWORD_STDIN = click.option("--password-stdin", is_flag=True,
+                              help="Read the password from the first line of stdin (scripts).")
+
+
+@user.command("add")
+@NODE_DIR
+@click.argument("username")
+@PASSWORD_STDIN
+def user_add(node_dir: Path, username: str, password_stdin: bool) -> None:
+    """Create a console account (at least 10 characters of password)."""
+    from node.ui.accounts import Accounts
+
+    _account_change(node_dir, Accounts.add_user, "ui_user_added", username, _password(password_stdin), admin.os_admin())
     console.print(f"user [bold]{username}[/bold] can now log in to `fbm-node ui`")
 
 
 @user.command("passwd")
 @NODE_DIR
 @click.argument("username")
-@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin (scripts).")
+@PASSWORD_STDIN
 def user_passwd(node_dir: Path, username: str, password_stdin: bool) -> None:
     """Set a new password (the account's open sessions are closed)."""
-    from node.ui.accounts import AccountError
+    from node.ui.accounts import Accounts
 
-    accounts = _accounts(node_dir)
-    try:
-        accounts.set_password(username, _password(password_stdin))
-    except AccountError as exc:
-        _fail(str(exc))
-    AuditTrail(accounts.db).record("ui_password_changed", actor=admin.os_admin(), user=username)
+    _account_change(node_dir, Accounts.set_password, "ui_password_changed", username, _password(password_stdin))
     console.print(f"password of {username} changed")
 
 
@@ -446,14 +452,9 @@ def user_passwd(node_dir: Path, username: str, password_stdin: bool) -> None:
 @click.argument("username")
 def user_remove(node_dir: Path, username: str) -> None:
     """Delete a console account and close its sessions."""
-    from node.ui.accounts import AccountError
+    from node.ui.accounts import Accounts
 
-    accounts = _accounts(node_dir)
-    try:
-        accounts.remove_user(username)
-    except AccountError as exc:
-        _fail(str(exc))
-    AuditTrail(accounts.db).record("ui_user_removed", actor=admin.os_admin(), user=username)
+    _account_change(node_dir, Accounts.remove_user, "ui_user_removed", username)
     console.print(f"user {username} removed")
 
 

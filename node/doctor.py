@@ -91,6 +91,14 @@ class Doctor:
                 failed.append(name)
             yield result
 
+    def local_checks(self, settings: NodeSettings) -> list[CheckResult]:
+        """The checks that need no network (the web console's Status page shows these)."""
+        ctx = _Context(settings=settings)
+        results = [self.check_bundle(ctx)]
+        if ctx.identity is not None:
+            results.append(self.check_certificate(ctx))
+        return results + [self.check_process(ctx), self.check_datasets(ctx), self.check_disk(ctx)]
+
     # --- the connection path ---------------------------------------------------------------------
 
     def check_config(self, ctx: _Context) -> CheckResult:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import secrets
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlparse
@@ -29,6 +27,7 @@ from node.audit import AuditTrail
 from node.config import NodeSettings
 from node.datasets import TYPES
 from node.db import Database
+from node.doctor import CheckResult
 from node.plans import PlanStatus, PlanStore
 from node.registry import Registry
 from node.state import NodeState
@@ -324,46 +323,19 @@ def _node_name(settings: NodeSettings) -> str:
         return settings.node_dir.name
 
 
-@dataclass(frozen=True)
-class StatusLine:
-    name: str
-    ok: bool
-    value: str
-    hint: str = ""
+def _status(settings: NodeSettings, db: Database) -> list[CheckResult]:
+    """The node's health as the console sees it: the doctor's local checks, the broker link as
+    the running node last reported it, plans waiting. Nothing secret (no key, no password)."""
+    from node.doctor import Doctor
 
-
-def _status(settings: NodeSettings, db: Database) -> list[StatusLine]:
-    """The node's health as the console sees it; nothing secret (no key, no password)."""
-    lines: list[StatusLine] = []
+    lines = Doctor(settings.node_dir).local_checks(settings)
     beat = NodeState(db).heartbeat()
-    if beat is None or beat.age_s() > HEARTBEAT_STALE_S:
-        lines.append(StatusLine("node process", False, "not running" if beat is None else f"silent for {beat.age_s():.0f} s",
-                                "start it: fbm-node start --dir " + str(settings.node_dir)))
-    else:
-        lines.append(StatusLine("node process", True, f"running (last heartbeat {beat.age_s():.0f} s ago)"))
-        lines.append(StatusLine("broker connection", beat.connected, ("connected to " if beat.connected else "not connected to ") + beat.broker,
-                                "" if beat.connected else "run `fbm-node doctor` for the reason"))
-        lines.append(StatusLine("jobs taking part", True, ", ".join(beat.jobs) or "none"))
-    lines.append(_cert_line(settings))
-    usage = shutil.disk_usage(settings.node_dir)
-    free_gb = usage.free / 1e9
-    lines.append(StatusLine("free disk", free_gb > 1.0, f"{free_gb:.1f} GB free of {usage.total / 1e9:.0f} GB",
-                            "" if free_gb > 1.0 else "free space: models and logs need room"))
-    lines.append(StatusLine("datasets", True, str(len(Registry(db).list()))))
+    if beat is not None and beat.age_s() <= HEARTBEAT_STALE_S:
+        lines.append(CheckResult("broker connection", "ok" if beat.connected else "fail",
+                                 ("connected to " if beat.connected else "not connected to ") + beat.broker,
+                                 "" if beat.connected else "run `fbm-node doctor` for the reason"))
+        lines.append(CheckResult("jobs taking part", "ok", ", ".join(beat.jobs) or "none"))
     pending = PlanStore(db).list(PlanStatus.PENDING)
-    lines.append(StatusLine("plans awaiting review", not pending, str(len(pending)),
-                            "see Training plans" if pending else ""))
+    lines.append(CheckResult("plans awaiting review", "warn" if pending else "ok", str(len(pending)),
+                             "see Training plans" if pending else ""))
     return lines
-
-
-def _cert_line(settings: NodeSettings) -> StatusLine:
-    from cryptography import x509
-
-    try:
-        cert = x509.load_pem_x509_certificate((settings.bundle / "identity.crt").read_bytes())
-    except (OSError, ValueError) as exc:
-        return StatusLine("certificate", False, f"unreadable: {exc}", "re-run `fbm-node init` with a bundle")
-    days = (cert.not_valid_after_utc.timestamp() - time.time()) / 86400
-    ok = days > 14
-    return StatusLine("certificate", ok, f"valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)",
-                      "" if ok else "ask the federation admin: fbm-broker renew --id NAME")

@@ -227,7 +227,7 @@ def test_a_pending_plan_is_approved_and_the_node_joins_the_job(site, page, tmp_p
         page.goto(base + "/status")
         status = page.locator("#status").inner_text()
         assert re.search(r"broker connection\s+● connected to localhost:\d+", status), status
-        assert "valid until" in status and page.locator("#status tr.bad").count() == 0
+        assert "valid until" in status and page.locator("#status tr.fail").count() == 0
         _shot(page, "status")
     finally:
         exp.close()
