@@ -62,7 +62,7 @@ def collect(quick: bool) -> list[tuple[str, str, str, str]]:
     for r in simulation.measure([100, 1000] if quick else [100, 1000, 10000], 3):
         rows.append((f"simulated federation, {r['n']} nodes, tiny model", f"{r['round_s']:.2f} s a round",
                      f"connect {r['connect_s']:.1f} s; target < 5 s at 1000",
-                     f"{r['per_node_ms']:.2f} ms per node per round; fleet RSS {r['fleet_peak_rss_mb']:.0f} MB"))
+                     f"{r['per_node_ms']:.2f} ms per node per round; process RSS {r['fleet_rss_mb']:.0f} MB with N connected"))
     return rows
 
 

@@ -87,7 +87,8 @@ class SimulatedFleet:
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
-        self._plans: dict[str, Any] = {}
+        self._specs: dict[str, Any] = {}  # job id -> its spec
+        self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
         self.nodes: dict[str, _Sim] = {}
@@ -237,7 +238,7 @@ class SimulatedFleet:
             spec = msg.body
             if spec.plan.zoo is not None and set(spec.tags) <= {self.tag} and (spec.nodes is None or name in spec.nodes):
                 sim.jobs.add(spec.job_id)
-                self._plans.setdefault(spec.job_id, spec)
+                self._specs.setdefault(spec.job_id, spec)
         elif msg.type == "model":
             job = topics.job_of(topic) or ""
             model = msg.body
@@ -253,7 +254,7 @@ class SimulatedFleet:
     def _train_and_send(self, sim: _Sim, job: str, model) -> None:
         from node.worker import train
 
-        spec = self._plans[job]
+        spec = self._specs[job]
         plan_cls = self._plan_class(spec)
         task = {"job": job, "round": model.open_round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
                 "training_args": spec.training_args, "params": dict(model.params), "extra": {}, "local_state": {}}
@@ -267,6 +268,6 @@ class SimulatedFleet:
 
     def _plan_class(self, spec) -> Any:
         key = spec.plan.zoo
-        if key not in self._plans:
-            self._plans[key] = load_plan_class(spec.plan)
-        return self._plans[key]
+        if key not in self._plan_classes:
+            self._plan_classes[key] = load_plan_class(spec.plan)
+        return self._plan_classes[key]
