@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.procs import PeakRSS
+from benchmarks.procs import PeakRSS, timed_job
 from broker import process
 from broker.local import LocalFederation
 from common.logging import configure_logging
@@ -88,12 +88,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
             exp = Experiment(bundle, plan="mlp", tags=["fmnist"], rounds=rounds, quorum=n, model_args=MODEL_ARGS,
                              training_args=TRAINING_ARGS, round_deadline_s=600)
             with exp:
-                t1 = time.perf_counter()
-                exp.submit()
-                state = exp.watch(timeout_s=3600, progress=False)
-                wall = time.perf_counter() - t1
-                if state.status != "done":
-                    raise RuntimeError(state.reason)
+                state, wall = timed_job(exp)
                 x, y = fmnist.test_tensors()
                 acc = fmnist.accuracy(exp.model(), x, y)
         node_train = sum(r["timings"]["train_s"] for h in state.history for r in h["reports"])

@@ -82,3 +82,16 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def timed_job(exp, timeout_s: float = 3600):  # (Experiment) -> (JobState, seconds)
+    """Submit `exp`, follow it to its end; its final state and the wall time. RuntimeError if it failed."""
+    import time as _time
+
+    start = _time.perf_counter()
+    exp.submit()
+    state = exp.watch(timeout_s=timeout_s, progress=False)
+    wall = _time.perf_counter() - start
+    if state.status != "done":
+        raise RuntimeError(state.reason)
+    return state, wall

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 
-from benchmarks.procs import rss_bytes
+from benchmarks.procs import rss_bytes, timed_job
 from broker import process
 from broker.local import LocalFederation
 from common.logging import configure_logging
@@ -44,12 +44,7 @@ def run(n: int, rounds: int) -> dict:
         connect_s = fleet.start(timeout_s=1800)
         time.sleep(2.0 + n / 2000)  # the aggregator reads N retained statuses
         with exp:
-            t1 = time.perf_counter()
-            exp.submit()
-            state = exp.watch(timeout_s=3600, progress=False)
-            wall = time.perf_counter() - t1
-        if state.status != "done":
-            raise RuntimeError(state.reason)
+            state, wall = timed_job(exp)
         durations = [h["duration_s"] for h in state.history]
         steady = durations[1:] or durations
         round_s = sum(steady) / len(steady)
