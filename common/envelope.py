@@ -154,7 +154,7 @@ def _fast_unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], 
         for _ in range(n):
             key, pos = _scalar(view, pos)
             if key == "body":
-                body_at = -1 if view[pos] not in _LENS else pos + 1 + struct.calcsize(_LENS[view[pos]])
+                body_at = _payload_range(view, pos)[0] if view[pos] in _BINS else -1
             value, pos = _scalar(view, pos)
             if not isinstance(key, str):
                 return None
@@ -181,12 +181,7 @@ def body_span(head: memoryview) -> tuple[int, int] | None:
         for _ in range(n):
             key, pos = _scalar(head, pos)
             if key == "body":
-                b = head[pos]
-                if b not in (0xC4, 0xC5, 0xC6):
-                    return None
-                fmt = _LENS[b]
-                start = pos + 1 + struct.calcsize(fmt)
-                return start, start + struct.unpack_from(fmt, head, pos + 1)[0]
+                return _payload_range(head, pos) if head[pos] in _BINS else None
             _, pos = _scalar(head, pos)
     except (IndexError, ValueError, UnicodeDecodeError, struct.error):
         return None
@@ -204,7 +199,16 @@ def _map_len(v: memoryview, pos: int) -> tuple[int, int]:
 
 _INTS = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
          0xCA: ">f", 0xCB: ">d"}
-_LENS = {0xD9: ">B", 0xDA: ">H", 0xDB: ">I", 0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}
+_BINS = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}
+_LENS = {0xD9: ">B", 0xDA: ">H", 0xDB: ">I", **_BINS}  # str8/16/32 and bin8/16/32
+
+
+def _payload_range(v: memoryview, pos: int) -> tuple[int, int]:
+    """(start, end) of the bytes of the str or bin value whose header is at `pos`; `end` may
+    lie beyond `v` (a first chunk says where the body ends before it has arrived)."""
+    fmt = _LENS[v[pos]]
+    start = pos + 1 + struct.calcsize(fmt)
+    return start, start + struct.unpack_from(fmt, v, pos + 1)[0]
 
 
 def _scalar(v: memoryview, pos: int) -> tuple[Any, int]:
@@ -224,9 +228,7 @@ def _scalar(v: memoryview, pos: int) -> tuple[Any, int]:
         fmt = _INTS[b]
         return struct.unpack_from(fmt, v, pos + 1)[0], pos + 1 + struct.calcsize(fmt)
     if b in _LENS:
-        fmt = _LENS[b]
-        start = pos + 1 + struct.calcsize(fmt)
-        end = start + struct.unpack_from(fmt, v, pos + 1)[0]
+        start, end = _payload_range(v, pos)
         if end > len(v):
             raise ValueError("truncated")
         return (bytes(v[start:end]).decode() if b >= 0xD9 else v[start:end]), end
