@@ -6,7 +6,7 @@ VENV     ?= .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.fedbiomq-installed
 # gcc + headers build the broker plugin (broker/plugin/fbm_auth.c) into each federation workspace
-APT_PKGS := mosquitto mosquitto-clients dataset-fashion-mnist gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev chromium fonts-dejavu-core
+APT_PKGS := mosquitto mosquitto-clients dataset-fashion-mnist gcc libc6-dev mosquitto-dev libmosquitto-dev libssl-dev chromium fonts-dejavu-core systemd
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

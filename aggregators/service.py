@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from aggregators.rules import AggregationRule, get_rule
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
-from common.envelope import Message
+from common.envelope import Message, open_envelope
+from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
     GlobalModel,
@@ -145,19 +146,40 @@ class Checkpoints:
     def finished(self, job: str) -> bool:
         return (self._dir(job) / "state.json").exists()
 
+    def save_job(self, job: str, wire: bytes | bytearray | memoryview) -> None:
+        """The researcher's signed job message as received: a restart resumes the job from it
+        before anything else arrives, and it is re-published verbatim if the broker lost it."""
+        folder = self._dir(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "job.msg.tmp"
+        tmp.write_bytes(bytes(wire))
+        tmp.replace(folder / "job.msg")
+
+    def load_job(self, job: str) -> bytes | None:
+        path = self._dir(job) / "job.msg"
+        return path.read_bytes() if path.exists() else None
+
+    def unfinished(self) -> list[str]:
+        """Jobs claimed here (their message is kept) that have not ended."""
+        if not self.root.is_dir():
+            return []
+        return sorted(d.name for d in self.root.iterdir() if (d / "job.msg").exists() and not self.finished(d.name))
+
 
 class JobRunner(threading.Thread):
     """Runs one job's rounds to the end."""
 
-    def __init__(self, spec: JobSpec, service: AggregatorService) -> None:
+    def __init__(self, spec: JobSpec, service: AggregatorService, wire: bytes | bytearray | memoryview = b"") -> None:
         super().__init__(name=f"job-{spec.job_id}", daemon=True)
         self.spec = spec
+        self.wire = wire  # the researcher's signed job message, re-published verbatim after a reconnect
         self.service = service
         self.events: queue.Queue[_Event] = queue.Queue()
         self.declined: set[str] = set()
         self.pending: set[str] = set()  # nodes whose admin has not approved the plan yet
         self.current_round = 0
         self._last_model: GlobalModel | None = None
+        self._last_history: JobHistory | None = None
         self._history_sent = -1  # rounds in the last published JobHistory
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
@@ -170,8 +192,8 @@ class JobRunner(threading.Thread):
                        nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
-            self._send("job_history", JobHistory(rounds=[RoundClosed.model_validate(h) for h in history]),
-                       retain=True, round_=round_, topic=topics.history(self.spec.job_id))
+            self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
+            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.job_id))
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
         # unless the round is selective (N names to N nodes would make each round O(N^2))
@@ -447,7 +469,11 @@ class JobRunner(threading.Thread):
         return time.monotonic()
 
     def republish(self) -> None:
-        """Publish the current model again (after a reconnect: a hard-killed broker may have lost it)."""
+        """Publish the current history and model again (after a reconnect: a hard-killed broker
+        may have lost them; nodes and aggregator keep the job spec themselves)."""
+        if self._last_history is not None:
+            self._send("job_history", self._last_history, retain=True, round_=self._last_model.round if self._last_model else 0,
+                       topic=topics.history(self.spec.job_id))
         if self._last_model is not None:
             self._send("model", self._last_model, retain=True, round_=self._last_model.round,
                        topic=topics.model(self.spec.job_id))
@@ -470,6 +496,9 @@ class AggregatorService:
         self._beat_thread = threading.Thread(target=self._beat_loop, name="fbm-agg-beat", daemon=True)
 
     def start(self, connect_timeout_s: float | None = None) -> None:
+        """Resume the jobs claimed before a restart, then subscribe: the updates our session
+        queued while we were away are delivered at once and must find their job's runner."""
+        resumed = self._resume_claimed()
         m = self.messenger
         m.subscribe("fbm/v1/nodes/+/status", self._on_status, types={"node_status"})
         m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
@@ -477,8 +506,28 @@ class AggregatorService:
         m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
+        for runner in resumed:
+            runner.start()
         self._beat_thread.start()
-        self.log.info("aggregator_started")
+        self.log.info("aggregator_started", resumed=[r.spec.job_id for r in resumed])
+
+    def _resume_claimed(self) -> list[JobRunner]:
+        """A runner (not yet started) for each job claimed here and not finished."""
+        resumed = []
+        for job in self.checkpoints.unfinished():
+            wire = self.checkpoints.load_job(job) or b""
+            try:
+                msg = open_envelope(wire, self.messenger.trust, topics.job(job))
+                if msg.type != "job" or msg.body.job_id != job:  # type: ignore[attr-defined]
+                    raise BadMessage(Reason.WRONG_TOPIC, "the stored message is not this job's spec")
+            except BadMessage as exc:
+                self.log.warning("job_not_resumed", job=job, reason=str(exc))
+                continue
+            runner = JobRunner(msg.body, self, wire=wire)  # type: ignore[arg-type]
+            with self._lock:
+                self.runners[job] = runner
+            resumed.append(runner)
+        return resumed
 
     def stop(self) -> None:
         self._stopped.set()
@@ -577,9 +626,8 @@ class AggregatorService:
 
     def _on_update(self, msg: Message) -> None:
         runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:
-            self.log.info("update_for_unknown_job_dropped", job=msg.job, node=msg.sender)
-            return
+        if runner is None:  # not ours, or not known yet: its re-send must still be processed
+            raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
         runner.events.put(_Event("update", node=msg.sender, message=msg))
 
     def _on_job(self, msg: Message) -> None:
@@ -595,7 +643,8 @@ class AggregatorService:
         if self.checkpoints.finished(spec.job_id):
             self.log.info("job_already_finished", job=spec.job_id)
             return
-        runner = JobRunner(spec, self)
+        self.checkpoints.save_job(spec.job_id, msg.wire)
+        runner = JobRunner(spec, self, wire=msg.wire)
         with self._lock:
             self.runners[spec.job_id] = runner
         self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name)

@@ -43,6 +43,7 @@ class Message:
     body: BaseModel
     topic: str = ""
     retained: bool = False
+    wire: bytes | bytearray | memoryview = b""  # the signed bytes as received (relayed verbatim)
 
 
 def _signed_bytes(header: dict[str, Any], body: bytes) -> bytes:

@@ -51,3 +51,9 @@ class PublishDenied(TransportError):
         super().__init__(f"publish to {topic!r} refused by the broker: {reason_name} ({reason_code})")
         self.topic = topic
         self.reason_code = reason_code
+
+
+class NotReady(Exception):
+    """Raised by a message handler that cannot take a message yet (e.g. its job is not known
+    again after a restart): the message is not remembered as seen, so a re-send of the same
+    id is processed. The message says why, for the log."""

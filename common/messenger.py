@@ -3,13 +3,15 @@
 `send()` seals (validates and signs) a body and publishes it; `subscribe()` routes each
 received message that passes `open_envelope`, the topic-ownership check and the duplicate
 check to its handler. Anything bad is logged with its reason and dropped; the process goes on.
+A message counts as seen (a later copy is a duplicate) only once every handler took it: one
+that raised `NotReady` or failed stays deliverable, so its sender's re-send is processed.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -17,7 +19,7 @@ from pydantic import BaseModel
 
 from common import topics
 from common.envelope import Message, body_span, open_envelope, seal, seal_parts
-from common.errors import BadMessage, Reason
+from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity, TrustStore
 from common.settings import TransportSettings
 from common.transport import Delivery, Transport
@@ -147,7 +149,8 @@ class Messenger:
                     self._call(route.on_clear, delivery.topic)
             return
         try:
-            msg = open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained)
+            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained),
+                          wire=delivery.payload)
             self._check_topic(msg)
         except BadMessage as exc:
             self._rejected(delivery.topic, exc)
@@ -155,12 +158,14 @@ class Messenger:
         if msg.id in self._seen:
             self.log.info("duplicate_dropped", msg_id=msg.id, topic=msg.topic, sender=msg.sender)
             return
-        self._seen[msg.id] = None
+        taken = [self._call(route.handler, msg) for route in routes if route.types is None or msg.type in route.types]
+        if all(taken):  # only a processed message is a duplicate when it comes again
+            self._remember(msg.id)
+
+    def _remember(self, msg_id: str) -> None:
+        self._seen[msg_id] = None
         if len(self._seen) > self._dedupe_window:
             self._seen.popitem(last=False)
-        for route in routes:
-            if route.types is None or msg.type in route.types:
-                self._call(route.handler, msg)
 
     @staticmethod
     def _check_topic(msg: Message) -> None:
@@ -171,11 +176,16 @@ class Messenger:
         if job is not None and msg.job is not None and msg.job != job:
             raise BadMessage(Reason.WRONG_TOPIC, f"message for job {msg.job!r} on the topic of job {job!r}")
 
-    def _call(self, fn: Callable[[Any], None], arg: Any) -> None:
+    def _call(self, fn: Callable[[Any], None], arg: Any) -> bool:
+        """Run one handler; False if it did not take the message (NotReady, or it failed)."""
         try:
             fn(arg)
+            return True
+        except NotReady as exc:
+            self.log.info("message_not_ready", msg_id=getattr(arg, "id", None), reason=str(exc))
         except Exception:
             self.log.exception("handler_failed", handler=getattr(fn, "__qualname__", repr(fn)))
+        return False
 
     def _rejected(self, topic: str, exc: BadMessage) -> None:
         self.log.warning("message_dropped", topic=topic, reason=str(exc.reason), detail=exc.detail)

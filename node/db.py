@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS node_state (
     value TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    wire BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ui_users (
     username TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,

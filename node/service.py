@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from common import topics
 from common.compression import CompressionSpec, encode_update
-from common.envelope import Message
+from common.envelope import Message, open_envelope
 from common.errors import BadMessage, TransportError
 from common.identity import Identity
 from common.messages import JobSpec, NodeStatus, Reply
@@ -30,6 +31,7 @@ from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
 from node.audit import AuditTrail
 from node.config import NodeSettings
+from node.job_store import JobStore
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
@@ -38,6 +40,7 @@ from node.statistics import StatisticsRefused, sufficient_statistics
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
+EARLY_MODELS = 4  # models of not-yet-known jobs held until their job arrives (latest per job)
 
 
 def sandbox_policy(settings: NodeSettings) -> SandboxPolicy:
@@ -72,6 +75,7 @@ class _Parked:
     sender: str
     msg_id: str
     model: Any = None
+    wire: bytes | bytearray | memoryview = b""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class NodeService:
         self.audit = audit
         self.plans = PlanStore(registry.db)
         self.state = NodeState(registry.db)
+        self.job_store = JobStore(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
                                           secret_dirs=[settings.node_dir, settings.bundle])
         self.log = structlog.get_logger("node").bind(node=self.name)
@@ -115,6 +120,7 @@ class NodeService:
         self.jobs: dict[str, _Job] = {}
         self.parked: dict[str, _Parked] = {}
         self.pending: dict[tuple[str, int], _Pending] = {}
+        self._early_models: OrderedDict[str, Message] = OrderedDict()
         self._lock = threading.Lock()
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._stop = threading.Event()
@@ -129,6 +135,7 @@ class NodeService:
         round that arrives first waits for it), so a restarted site is back in ~1 s, not ~4."""
         self.trainer.allow_datasets([_dataset_spec(ds) for ds in self.registry.list()])
         self._train_thread.start()
+        self._resume_jobs()  # before subscribing: a model delivered at once finds its job
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
@@ -163,6 +170,53 @@ class NodeService:
         self.trainer.stop()
         self.beat(connected=False)
         self.audit.record("node_stopped", actor=self.name)
+
+    def _resume_jobs(self) -> None:
+        """Take back the jobs this node held before it stopped, from its own database (the
+        broker may have lost their retained specs); each signature is checked again."""
+        for stored in self.job_store.all():
+            try:
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id))
+                dataset = self.registry.get(stored.dataset)
+                if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
+                    raise ValueError("its dataset is gone or the stored message is not this job")
+            except (BadMessage, ValueError) as exc:
+                self.log.warning("job_not_resumed", job=stored.job_id, reason=str(exc))
+                self.audit.record("job_not_resumed", job=stored.job_id, reason=str(exc))
+                self.job_store.forget(stored.job_id)
+                continue
+            spec: JobSpec = msg.body  # type: ignore[assignment]
+            with self._lock:
+                if stored.state == "accepted":
+                    self.jobs[spec.job_id] = _Job(spec, dataset)
+                else:
+                    self.parked[spec.job_id] = _Parked(spec, dataset, stored.sender, msg.id, wire=stored.wire)
+            self.audit.record("job_resumed", job=spec.job_id, dataset=dataset.name, state=stored.state)
+            self.log.info("job_resumed", job=spec.job_id, state=stored.state)
+
+    def _hold_early_model(self, job_id: str, msg: Message) -> None:
+        """A model whose job is not known (yet): kept, latest per job, for when the job arrives."""
+        self._early_models.pop(job_id, None)
+        self._early_models[job_id] = msg
+        while len(self._early_models) > EARLY_MODELS:
+            self._early_models.popitem(last=False)
+
+    def _replay_early_model(self, job_id: str) -> None:
+        with self._lock:
+            early = self._early_models.pop(job_id, None)
+        if early is not None:
+            self._on_model(early)
+
+    def _resend_soon(self, pending: _Pending) -> None:
+        """Re-send one unacknowledged update now, off the delivery thread (it waits for PUBACK)."""
+        def resend() -> None:
+            try:
+                self._send_update(pending)
+                self.log.info("update_resent", job=pending.job, round=pending.round, why="model_republished")
+            except Exception as exc:  # noqa: BLE001 - the resend loop tries again
+                self.log.warning("update_resend_failed", job=pending.job, round=pending.round, error=str(exc))
+
+        threading.Thread(target=resend, name="fbm-node-resend-now", daemon=True).start()
 
     def _on_connected(self, session_present: bool) -> None:
         self.publish_status()
@@ -231,9 +285,9 @@ class NodeService:
         if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
             self._decline(spec.job_id, self._plan_refusal(spec, status), msg)
         elif status != PlanStatus.APPROVED:
-            self._park(_Parked(spec, matches[0], msg.sender, msg.id))
+            self._park(_Parked(spec, matches[0], msg.sender, msg.id, wire=msg.wire))
         else:
-            self._accept(spec, matches[0], msg.sender, msg.id)
+            self._accept(spec, matches[0], msg.sender, msg.id, msg.wire)
 
     def plan_status(self, spec: JobSpec) -> PlanStatus | None:
         """This node's decision on the job's plan (zoo plans may be trusted by config)."""
@@ -241,17 +295,20 @@ class NodeService:
             return PlanStatus.APPROVED
         return self.plans.status(plan_id(spec.plan))
 
-    def _accept(self, spec: JobSpec, dataset: Dataset, sender: str, msg_id: str) -> None:
+    def _accept(self, spec: JobSpec, dataset: Dataset, sender: str, msg_id: str,
+                wire: bytes | bytearray | memoryview) -> None:
         with self._lock:
             if spec.job_id in self.jobs:
                 return
             self.jobs[spec.job_id] = _Job(spec, dataset)
+        self.job_store.keep(spec.job_id, "accepted", dataset.name, sender, wire)
         self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id(spec.plan), actor=sender)
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
         self._reply("job", job=spec.job_id, in_reply_to=msg_id,
                     data={"job": spec.job_id, "status": "accepted", "dataset": dataset.name,
                           "n_samples": dataset.public().n_samples})
         self.publish_status()
+        self._replay_early_model(spec.job_id)
 
     def _park(self, parked: _Parked) -> None:
         """Keep the job until the admin decides on its plan; the researcher is told it waits."""
@@ -261,6 +318,7 @@ class NodeService:
             if spec.job_id in self.parked:
                 return
             self.parked[spec.job_id] = parked
+        self.job_store.keep(spec.job_id, "parked", parked.dataset.name, parked.sender, parked.wire)
         pid = stored.plan_id
         self.audit.record("job_pending", job=spec.job_id, plan_sha256=pid, actor=parked.sender, dataset=parked.dataset.name)
         self.log.info("job_pending_plan_approval", job=spec.job_id, plan=pid)
@@ -282,10 +340,11 @@ class NodeService:
             with self._lock:
                 self.parked.pop(p.spec.job_id, None)
             if status == PlanStatus.APPROVED:
-                self._accept(p.spec, p.dataset, p.sender, p.msg_id)
+                self._accept(p.spec, p.dataset, p.sender, p.msg_id, p.wire)
                 if p.model is not None:
                     self._on_model(p.model)
             else:
+                self.job_store.forget(p.spec.job_id)
                 self._decline(p.spec.job_id, self._plan_refusal(p.spec, status))
         for spec in running:
             status = self.plan_status(spec)
@@ -293,6 +352,7 @@ class NodeService:
                 with self._lock:
                     self.jobs.pop(spec.job_id, None)
                     self._drop_pending(spec.job_id)
+                self.job_store.forget(spec.job_id)
                 self._decline(spec.job_id, self._plan_refusal(spec, status))
                 self.publish_status()
 
@@ -323,6 +383,8 @@ class NodeService:
             if job:
                 self._drop_pending(job)
             removed = (self.jobs.pop(job, None) or self.parked.pop(job, None)) if job else None
+        if job:
+            self.job_store.forget(job)
         if removed:
             self.audit.record("job_withdrawn", job=job)
             self.log.info("job_withdrawn", job=job)
@@ -341,6 +403,7 @@ class NodeService:
             self._drop_pending(job_id)
             self.parked.pop(job_id, None)
             job = self.jobs.pop(job_id, None)
+        self.job_store.forget(job_id)
         if job is not None:
             event = f"job_{status}"
             self.audit.record(event, job=job_id, actor=sender)
@@ -358,6 +421,8 @@ class NodeService:
             if job is None:
                 if job_id in self.parked:
                     self.parked[job_id].model = msg  # joins this round if approved in time
+                else:
+                    self._hold_early_model(job_id or "", msg)
                 return
             if model.status != "running" or model.open_round is None:
                 self._drop_pending(job_id)  # type: ignore[arg-type]
@@ -368,6 +433,9 @@ class NodeService:
                 return  # not selected for this round
             # A node that was away (or started late) joins the round that is open now.
             if r in job.trained:
+                unacked = self.pending.get((job_id, r))  # type: ignore[arg-type]
+                if unacked is not None:  # the model again (a resumed aggregator): re-send at once
+                    self._resend_soon(unacked)
                 return
             job.trained.add(r)
         self._tasks.put(_Task(job_id, r, model.params, time.monotonic(), dict(model.extra)))  # type: ignore[arg-type]

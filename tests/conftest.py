@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import threading
 import time
@@ -25,6 +27,28 @@ IDENTITIES = {
     "agg-1": "aggregator",
     "admin-1": "admin",
 }
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose dependency is missing on a developer's machine, and fail it under
+    CI=true: a test that cannot run must not pass quietly (the set-up must install `what`)."""
+    if available:
+        return
+    if under_ci():
+        pytest.fail(f"missing dependency under CI=true: {what}", pytrace=False)
+    pytest.skip(f"missing dependency: {what}")
+
+
+def require_module(name: str, what: str):
+    """`importlib.import_module(name)`, or `require(False, what)`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        require(False, what)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:

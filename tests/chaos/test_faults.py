@@ -68,6 +68,24 @@ def test_aggregator_sigkilled_mid_round_and_restarted(baseline):
     assert '"round_resumed"' in run.logs["agg-fedavg-1"]  # picked up mid-round, not redone
 
 
+def test_broker_sigkilled_then_a_node_restarted_in_a_later_round(baseline):
+    """The hard-killed broker loses the retained job spec (newer than its last autosave) and
+    the researcher is not there to publish it again: the node restarted afterwards resumes
+    the job from its own database (issue 15, 1b)."""
+    def fault(run):
+        run.wait_event(opened(2))
+        time.sleep(0.2)
+        run.restart_broker(hard=True)
+        run.wait_event(opened(3))
+        time.sleep(0.2)
+        run.kill(run.node_proc("site-2"))
+        run.start_node("site-2")
+
+    state, run = run_job(fault)
+    _complete_and_identical(state, baseline)
+    assert '"job_resumed"' in run.logs["node-site-2"]
+
+
 @pytest.mark.parametrize("hard", [False, True], ids=["SIGTERM", "SIGKILL"])
 def test_broker_restarted_mid_round(baseline, hard):
     def fault(run):

