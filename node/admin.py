@@ -30,9 +30,17 @@ class AdminError(ValueError):
 
 def add_dataset(db: Database, actor: str, name: str, kind: str, path: str | Path, tags: list[str], *,
                 description: str = "", target: str | None = None, labels: str | Path | None = None) -> Dataset:
-    """Register a dataset (read once now: a bad file is refused here, not mid-job)."""
+    """Register a dataset (read once now: a bad file is refused here, not mid-job).
+
+    A path inside the node's own folder (its key, its database) is refused before anything
+    is read: a dataset is what researchers' plans may read."""
     from node.datasets import DatasetError
 
+    node_dir = db.path.parent.resolve()
+    target_path = Path(path).expanduser().resolve()
+    if target_path == node_dir or node_dir in target_path.parents:
+        raise AdminError(f"dataset not added: {target_path} is inside this node's own folder ({node_dir}), "
+                         "which holds its private key and database")
     try:
         ds = Registry(db).add(name, kind, path, tags, description=description, target=target or None,
                               labels=labels or None)

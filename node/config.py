@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import TransportSettings
+from node.policy import StatisticsPolicy
 
 CONFIG_FILE = "node.toml"
 
@@ -29,6 +30,8 @@ class NodeSettings(BaseSettings):
     sandbox: bool = Field(default=True, description="confine training with Landlock (files, network) where the kernel has it")
     train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
     min_statistics_rows: int = Field(default=10, ge=1, description="refuse federated statistics over fewer rows")
+    statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy,
+                                         description="what federated statistics may reveal (extremes, bins, small cells)")
     train_file_size_mb: int = Field(default=1024, ge=0, description="largest file the training process may write (0: no limit)")
     log_level: str = "info"
 

@@ -66,14 +66,18 @@ def load_csv(path: Path, target: str | None) -> LoadedData:
         rows = [row for row in reader if row]
     if not rows:
         raise DatasetError(f"{path} has a header but no rows")
+    # errors name rows and columns by position, never by content: pointed at a file that is
+    # not a CSV (a key, a password file), the message must not show what it holds
     if target is not None and target not in header:
-        raise DatasetError(f"target column {target!r} not in {path.name}; columns: {', '.join(header)}")
+        raise DatasetError(f"target column {target!r} is not in the header of {path.name} ({len(header)} columns)")
     try:
         table = np.array(rows, dtype=np.float32)
     except ValueError:
-        bad = next((h, r[i]) for r in rows for i, h in enumerate(header) if not _is_number(r[i]))
+        bad = next(((n, i) for n, r in enumerate(rows, start=2) for i in range(len(r)) if not _is_number(r[i])), None)
+        if bad is None:
+            raise DatasetError(f"{path.name}: rows do not all have {len(header)} columns") from None
         raise DatasetError(
-            f"{path.name}: every column must be numeric; column {bad[0]!r} has {bad[1]!r}"
+            f"{path.name}: every column must be numeric; line {bad[0]}, column {bad[1] + 1} is not a number"
         ) from None
     if table.ndim != 2 or table.shape[1] != len(header):
         raise DatasetError(f"{path.name}: rows do not all have {len(header)} columns")

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
 from node.state import NodeState
-from node.statistics import StatisticsRefused, sufficient_statistics
+from node.statistics import StatisticsRefused, check_request, sufficient_statistics
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
@@ -121,6 +122,10 @@ class NodeService:
         self.parked: dict[str, _Parked] = {}
         self.pending: dict[tuple[str, int], _Pending] = {}
         self._early_models: OrderedDict[str, Message] = OrderedDict()
+        # statistics run one at a time, with a short bounded queue: a flood of requests cannot
+        # start a thread each (and each its own copy of the data)
+        self._stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fbm-node-stats")
+        self._stats_pending = 0
         self._lock = threading.Lock()
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._stop = threading.Event()
@@ -168,6 +173,7 @@ class NodeService:
             if thread.is_alive():
                 thread.join(timeout=10)
         self.trainer.stop()
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)
         self.beat(connected=False)
         self.audit.record("node_stopped", actor=self.name)
 
@@ -557,7 +563,7 @@ class NodeService:
         if command == "ping":
             self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
         elif command == "statistics":
-            threading.Thread(target=self._statistics, args=(msg,), name="fbm-node-stats", daemon=True).start()
+            self._queue_statistics(msg)
         elif command == "plan_status":
             self._reply(command, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
         elif command in ("list_datasets", "search"):
@@ -567,8 +573,37 @@ class NodeService:
         else:
             self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
 
+    def _refuse_statistics(self, msg: Message, reason: str) -> None:
+        self.audit.record("statistics_refused", actor=msg.sender, reason=reason, tags=msg.body.args.get("tags"))
+        self._reply("statistics", in_reply_to=msg.id, ok=False, error=reason)
+
+    def _queue_statistics(self, msg: Message) -> None:
+        """Refuse at once what the policy forbids or what the queue cannot take; queue the rest."""
+        policy = self.settings.statistics
+        try:
+            check_request(policy, int(msg.body.args.get("bins") or 0), msg.body.args.get("ranges"))
+        except (StatisticsRefused, ValueError, TypeError) as exc:
+            self._refuse_statistics(msg, str(exc))
+            return
+        with self._lock:
+            busy = self._stats_pending > policy.max_pending
+            if not busy:
+                self._stats_pending += 1
+        if busy:
+            self._refuse_statistics(msg, f"node {self.name} is busy with {policy.max_pending} statistics requests; "
+                                         "ask again later")
+            return
+        self._stats_pool.submit(self._statistics, msg)
+
     def _statistics(self, msg: Message) -> None:
         """Federated analytics: sufficient statistics of the dataset with the asked tags."""
+        try:
+            self._compute_statistics(msg)
+        finally:
+            with self._lock:
+                self._stats_pending -= 1
+
+    def _compute_statistics(self, msg: Message) -> None:
         args = msg.body.args
         tags = list(args.get("tags") or [])
         matches = self.registry.matching(tags) if tags else []
@@ -577,10 +612,10 @@ class NodeService:
                 raise StatisticsRefused(f"no dataset with tags {sorted(tags)} on node {self.name}")
             ds = matches[0]
             stats = sufficient_statistics(ds.load(), min_rows=self.settings.min_statistics_rows,
-                                          bins=int(args.get("bins") or 0), ranges=args.get("ranges"))
-        except (StatisticsRefused, ValueError) as exc:
-            self.audit.record("statistics_refused", actor=msg.sender, reason=str(exc), tags=tags)
-            self._reply("statistics", in_reply_to=msg.id, ok=False, error=str(exc))
+                                          bins=int(args.get("bins") or 0), ranges=args.get("ranges"),
+                                          policy=self.settings.statistics)
+        except (StatisticsRefused, ValueError, TypeError) as exc:
+            self._refuse_statistics(msg, str(exc))
             return
         self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"])
         self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})

@@ -3,9 +3,12 @@
     stats = federated_statistics(bundle, ["site-1", "site-2"], tags=["brain"])
     exp = Experiment(..., training_args={"standardize": stats.standardization()})
 
-No row leaves a node: each returns its count and per-feature sums, sums of squares, min and
-max (and histogram counts on shared bin edges); the combination is exact, so the global mean
-and standard deviation equal those of the pooled data (population sd, ddof = 0).
+No row leaves a node: each returns its count and per-feature sums and sums of squares (and
+histogram counts on shared bin edges); the combination is exact, so the global mean and
+standard deviation equal those of the pooled data (population sd, ddof = 0). What a node holds
+back is its site's choice (node.toml `[statistics]`): min/max only where the site allows
+extremes (`None` here unless every node sent them), histogram cells under the site's minimum
+count sent as 0 (`suppressed_cells` counts them), and a cap on the number of bins.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ class GlobalStatistics:
     n: int
     mean: np.ndarray
     std: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
+    min: np.ndarray | None
+    max: np.ndarray | None
     per_node: dict[str, int]
     hist: np.ndarray | None = None
+    suppressed_cells: int = 0
     refused: dict[str, str] = field(default_factory=dict)
 
     def standardization(self) -> dict[str, list[float]]:
@@ -50,12 +54,14 @@ def combine(parts: dict[str, dict[str, Any]]) -> GlobalStatistics:
     mean = total / n
     var = np.maximum(total_sq / n - mean**2, 0.0)
     hists = [np.asarray(p["hist"]) for p in parts.values() if "hist" in p]
+    extremes = all("min" in p and "max" in p for p in parts.values())
     return GlobalStatistics(
         n=n, mean=mean, std=np.sqrt(var),
-        min=np.min([np.asarray(p["min"]) for p in parts.values()], axis=0),
-        max=np.max([np.asarray(p["max"]) for p in parts.values()], axis=0),
+        min=np.min([np.asarray(p["min"]) for p in parts.values()], axis=0) if extremes else None,
+        max=np.max([np.asarray(p["max"]) for p in parts.values()], axis=0) if extremes else None,
         per_node={k: int(p["n"]) for k, p in parts.items()},
         hist=sum(hists) if len(hists) == len(parts) else None,
+        suppressed_cells=sum(int(p.get("suppressed_cells", 0)) for p in parts.values()),
     )
 
 

@@ -181,6 +181,33 @@ def test_steward_adds_a_csv_dataset_and_sees_its_metadata(site, page):
     assert page.locator("#datasets tbody tr").count() == 2
 
 
+def test_a_key_file_as_a_dataset_shows_no_file_content(site, page):
+    """Pointed at the node's own key, or a copy of it elsewhere, the form's error quotes nothing
+    of the file (issue 19: it used to show the first bad cell, a line of the private key)."""
+    fed, node_dir, base = site
+    key = node_dir / "bundle" / "identity.key"
+    copy = fed.root / "data" / "exported.key"
+    shutil.copyfile(key, copy)
+    secrets = [line.strip() for line in key.read_text().splitlines() if line.strip()]
+    _login(page, base)
+    for path, kind, expected in [(key, "csv", "inside this node's own folder"), (copy, "csv", "not a number"),
+                                 (copy, "npy", "not a readable .npy file")]:
+        page.goto(base + "/datasets/new")
+        page.fill("#ds-name", "leak")
+        page.select_option("#ds-type", kind)
+        page.fill("#ds-path", str(path))
+        page.fill("#ds-tags", "x")
+        page.click("#ds-submit")
+        error = page.locator(".error").inner_text()
+        assert expected in error, error
+        shown = page.content()
+        assert not [line for line in secrets if line in shown], "the page shows a line of the private key"
+        assert "PRIVATE KEY" not in shown
+    _shot(page, "dataset-key-refused")
+    page.goto(base + "/datasets")
+    assert "leak" not in page.locator("#datasets").inner_text()
+
+
 def test_a_pending_plan_is_approved_and_the_node_joins_the_job(site, page, tmp_path):
     fed, node_dir, base = site
     plan = tmp_path / "reviewed_plan.py"
