@@ -156,10 +156,10 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     dp = targs.get("dp")
     if dp:
         delta = {k: params[k] - received[k] for k in params}
-        noised, norm = local.clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]),
-                                            torch.Generator().manual_seed(seed + 7))
+        # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
+        # data un-noised, so it is not reported
+        noised, _ = local.clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]))
         params = {k: received[k] + noised[k] for k in params}
-        metrics["dp_update_norm"] = norm
     metrics["train_loss"] = loss_sum / max(seen, 1)
     for name in targs.get("report_norms") or []:  # e.g. the input layer, as in the paper's Figure 3
         if name in params:

@@ -8,8 +8,11 @@ aggregator half of each algorithm is in `aggregators/rules/`.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 Params = dict[str, torch.Tensor]
@@ -60,19 +63,36 @@ def admm_dual(u: Params, x_prev: Params, z: Params) -> Params:
     return {k: u[k] + x_prev[k] - z[k] for k in u}
 
 
-def clip_and_noise(delta: Params, clip: float, sigma: float, generator: torch.Generator) -> tuple[Params, float]:
+def csprng_normal(shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float64 samples from the operating system's CSPRNG (Box-Muller).
+
+    DP noise must not be reproducible by anyone: a generator seeded from the job (which every
+    reader of its spec knows) would let them regenerate the noise and subtract it.
+    """
+    n = math.prod(shape)
+    half = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * half), dtype=np.uint64) >> np.uint64(11)  # 53 random bits each
+    u1 = (raw[:half].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log is finite
+    u2 = raw[half:].astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
+    return torch.from_numpy(z.reshape(shape))
+
+
+def clip_and_noise(delta: Params, clip: float, sigma: float,
+                   noise: Callable[[tuple[int, ...]], torch.Tensor] = csprng_normal) -> tuple[Params, float]:
     """Client-level DP: scale the whole update to L2 norm <= clip, add N(0, (sigma*clip)^2).
 
     McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018.
-    Returns the noised update and its norm before clipping.
+    Returns the noised update and its norm before clipping (for tests: it depends on the data,
+    so it is never published). `noise` draws standard normals (the OS CSPRNG; tests may fix it).
     """
     floats = {k: v for k, v in delta.items() if v.is_floating_point()}
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in floats.values()))
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     out = dict(delta)
     for k, v in floats.items():
-        noise = torch.randn(v.shape, generator=generator, dtype=torch.float64) * (sigma * clip)
-        out[k] = (v.double() * factor + noise).to(v.dtype)
+        out[k] = (v.double() * factor + noise(tuple(v.shape)).double() * (sigma * clip)).to(v.dtype)
     return out, norm
 
 

@@ -35,14 +35,30 @@ def test_admm_dual_ascent():
     assert torch.allclose(local.admm_dual({"w": T([1.0])}, {"w": T([3.0])}, {"w": T([2.0])})["w"], T([2.0]))
 
 
+def _seeded(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
 def test_dp_clips_to_the_norm_and_adds_noise_of_the_stated_scale():
     delta = {"w": torch.full((10_000,), 1.0)}  # norm 100
-    noiseless, norm = local.clip_and_noise(delta, clip=1.0, sigma=0.0, generator=torch.Generator().manual_seed(0))
+    noiseless, norm = local.clip_and_noise(delta, clip=1.0, sigma=0.0)
     assert norm == pytest.approx(100.0) and float(noiseless["w"].norm()) == pytest.approx(1.0, rel=1e-4)
-    noisy, _ = local.clip_and_noise(delta, clip=1.0, sigma=2.0, generator=torch.Generator().manual_seed(0))
+    noisy, _ = local.clip_and_noise(delta, clip=1.0, sigma=2.0)
     assert float((noisy["w"] - noiseless["w"]).std()) == pytest.approx(2.0, rel=0.05)
-    small, _ = local.clip_and_noise({"w": T([0.1, 0.0])}, clip=1.0, sigma=0.0, generator=torch.Generator())
+    small, _ = local.clip_and_noise({"w": T([0.1, 0.0])}, clip=1.0, sigma=0.0)
     assert torch.allclose(small["w"], T([0.1, 0.0]))  # under the clip: unchanged
+    fixed_a, _ = local.clip_and_noise(delta, clip=1.0, sigma=2.0, noise=_seeded(0))
+    fixed_b, _ = local.clip_and_noise(delta, clip=1.0, sigma=2.0, noise=_seeded(0))
+    assert torch.equal(fixed_a["w"], fixed_b["w"])  # tests can still fix the noise
+
+
+def test_csprng_normal_is_standard_normal_and_never_repeats():
+    z = local.csprng_normal((200_000,))
+    assert z.dtype == torch.float64 and abs(float(z.mean())) < 0.01 and float(z.std()) == pytest.approx(1.0, abs=0.01)
+    assert abs(float((z**3).mean())) < 0.03 and float((z**4).mean()) == pytest.approx(3.0, abs=0.06)  # skew, kurtosis
+    assert not torch.equal(local.csprng_normal((64,)), local.csprng_normal((64,)))
+    assert local.csprng_normal((3, 5)).shape == (3, 5) and local.csprng_normal((7,)).shape == (7,)
 
 
 def test_validation_split_is_fixed_disjoint_and_complete():
