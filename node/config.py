@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import TransportSettings
-from node.policy import StatisticsPolicy
+from node.policy import PrivacyPolicy, StatisticsPolicy
 
 CONFIG_FILE = "node.toml"
 
@@ -30,6 +30,8 @@ class NodeSettings(BaseSettings):
     sandbox: bool = Field(default=True, description="confine training with Landlock (files, network) where the kernel has it")
     train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
     min_statistics_rows: int = Field(default=10, ge=1, description="refuse federated statistics over fewer rows")
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy,
+                                   description="the least a job must guarantee (batch size, records, quorum, DP, budget)")
     statistics: StatisticsPolicy = Field(default_factory=StatisticsPolicy,
                                          description="what federated statistics may reveal (extremes, bins, small cells)")
     train_file_size_mb: int = Field(default=1024, ge=0, description="largest file the training process may write (0: no limit)")
@@ -69,6 +71,22 @@ trust_zoo_plans = true       # built-in zoo plans run without approval; other pl
 train_memory_mb = 8192       # address-space limit of the training process (0: none)
 sandbox = true               # Landlock: training reads only Python, system libs and its dataset
 log_level = "info"
+
+[privacy]                    # the least a job must guarantee; a job asking for less is declined
+min_batch_size = 8           # smaller batches make an update close to one patient's gradient
+min_records_per_update = 32  # fewest records one update is computed from (batch_size x max_batches)
+min_quorum = 1               # fewest sites every round must aggregate (raise it: no site alone)
+max_rounds = 1000
+dp_required = false          # true: only jobs with client-level DP (training_args.dp)
+dp_min_noise_multiplier = 0.5
+# epsilon_budget = 8.0       # the dataset's total epsilon over all jobs (needs DP); delta = 1e-5
+# zoo_plans = ["mlp", "cnn"] # which zoo plans run without approval (default: all)
+# [privacy.datasets.NAME]    # per-dataset overrides, e.g. epsilon_budget = 2.0
+
+[statistics]                 # what federated statistics may reveal
+extremes = "off"             # per-feature min/max: "off" or "exact" (each is one patient's value)
+max_bins = 64
+min_cell_count = 5           # histogram cells with fewer patients are sent as 0
 
 [mqtt]
 # host = "broker.example.org"   # default: from the bundle

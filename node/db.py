@@ -56,6 +56,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     wire BLOB NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS privacy_spend (
+    dataset TEXT NOT NULL,
+    job TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    delta REAL NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (dataset, job)
+);
 CREATE TABLE IF NOT EXISTS ui_users (
     username TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,

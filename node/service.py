@@ -30,10 +30,13 @@ from common.messenger import Messenger
 from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
+from node.accountant import client_level_epsilon
 from node.audit import AuditTrail
 from node.config import NodeSettings
 from node.job_store import JobStore
 from node.plans import PlanStatus, PlanStore, plan_id
+from node.policy import job_ask, policy_refusal
+from node.privacy_budget import PrivacyLedger
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
 from node.state import NodeState
@@ -112,6 +115,7 @@ class NodeService:
         self.plans = PlanStore(registry.db)
         self.state = NodeState(registry.db)
         self.job_store = JobStore(registry.db)
+        self.ledger = PrivacyLedger(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
                                           secret_dirs=[settings.node_dir, settings.bundle])
         self.log = structlog.get_logger("node").bind(node=self.name)
@@ -287,6 +291,10 @@ class NodeService:
         if not matches:
             self._decline(spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}", msg)
             return
+        refusal = self._privacy_refusal(spec, matches[0])
+        if refusal is not None:
+            self._decline(spec.job_id, refusal, msg)
+            return
         status = self.plan_status(spec)
         if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
             self._decline(spec.job_id, self._plan_refusal(spec, status), msg)
@@ -295,9 +303,45 @@ class NodeService:
         else:
             self._accept(spec, matches[0], msg.sender, msg.id, msg.wire)
 
+    def _privacy_refusal(self, spec: JobSpec, dataset: Dataset) -> str | None:
+        """The site's privacy policy for `dataset` against what the job asks, budget included."""
+        policy = self.settings.privacy.for_dataset(dataset.name)
+        try:
+            ask = job_ask(spec.rounds, spec.quorum, spec.training_args)
+        except (TypeError, ValueError, KeyError) as exc:
+            return f"privacy policy: training_args not understood ({exc})"
+        refusal = policy_refusal(policy, ask, dataset.public().n_samples)
+        if refusal is not None or policy.epsilon_budget is None or ask.dp_sigma is None:
+            return refusal
+        if self.ledger.of_job(dataset.name, spec.job_id) is not None:
+            return None  # already reserved (the job came again, e.g. after a restart)
+        cost = client_level_epsilon(ask.dp_sigma, ask.rounds, policy.delta)
+        spent = self.ledger.spent(dataset.name).epsilon
+        if spent + cost > policy.epsilon_budget:
+            return (f"privacy policy: the job would spend epsilon {cost:.3g} (delta {policy.delta:g}) on dataset "
+                    f"{dataset.name}; {max(policy.epsilon_budget - spent, 0):.3g} of its budget "
+                    f"{policy.epsilon_budget:g} is left")
+        return None
+
+    def _reserve_privacy(self, spec: JobSpec, dataset: Dataset) -> dict[str, float]:
+        """Record the job's spend on the dataset's budget when it is accepted; what to tell."""
+        policy = self.settings.privacy.for_dataset(dataset.name)
+        dp = spec.training_args.get("dp")
+        if not dp:
+            return {}
+        cost = client_level_epsilon(float(dp["sigma"]), spec.rounds, policy.delta)
+        self.ledger.reserve(dataset.name, spec.job_id, cost, policy.delta)
+        self.audit.record("privacy_spent", job=spec.job_id, dataset=dataset.name, epsilon=cost, delta=policy.delta)
+        info = {"epsilon": cost, "delta": policy.delta}
+        if policy.epsilon_budget is not None:
+            info["epsilon_left"] = policy.epsilon_budget - self.ledger.spent(dataset.name).epsilon
+        return info
+
     def plan_status(self, spec: JobSpec) -> PlanStatus | None:
         """This node's decision on the job's plan (zoo plans may be trusted by config)."""
-        if spec.plan.zoo is not None and self.settings.trust_zoo_plans:
+        zoo_trusted = self.settings.privacy.zoo_plans
+        if spec.plan.zoo is not None and self.settings.trust_zoo_plans and (
+                zoo_trusted is None or spec.plan.zoo in zoo_trusted):
             return PlanStatus.APPROVED
         return self.plans.status(plan_id(spec.plan))
 
@@ -308,11 +352,12 @@ class NodeService:
                 return
             self.jobs[spec.job_id] = _Job(spec, dataset)
         self.job_store.keep(spec.job_id, "accepted", dataset.name, sender, wire)
+        privacy = self._reserve_privacy(spec, dataset)
         self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id(spec.plan), actor=sender)
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
         self._reply("job", job=spec.job_id, in_reply_to=msg_id,
                     data={"job": spec.job_id, "status": "accepted", "dataset": dataset.name,
-                          "n_samples": dataset.public().n_samples})
+                          "n_samples": dataset.public().n_samples, **({"privacy": privacy} if privacy else {})})
         self.publish_status()
         self._replay_early_model(spec.job_id)
 
@@ -623,7 +668,8 @@ class NodeService:
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:
         """A researcher asks whether a plan (sha256 or `zoo:NAME`) would run here."""
         pid = str(args.get("plan", ""))
-        if pid.startswith("zoo:") and self.settings.trust_zoo_plans:
+        zoo_trusted = self.settings.privacy.zoo_plans
+        if pid.startswith("zoo:") and self.settings.trust_zoo_plans and (zoo_trusted is None or pid[4:] in zoo_trusted):
             return {"plan": pid, "status": "approved", "note": "zoo plans are trusted by this node's config"}
         stored = self.plans.get(pid)
         if stored is None:
