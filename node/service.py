@@ -29,6 +29,7 @@ from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
 from node.audit import AuditTrail
+from node.caps import cap_refusal
 from node.config import NodeSettings
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
@@ -214,6 +215,9 @@ class NodeService:
             algorithm = algorithm_of(spec.training_args)
         except (PlanError, LocalError) as exc:
             self._decline(spec.job_id, f"plan refused: {exc}", msg)
+            return
+        if (over := cap_refusal(spec, self.settings)) is not None:  # node/caps.py
+            self._decline(spec.job_id, over, msg)
             return
         try:
             CompressionSpec.of(spec.training_args)
