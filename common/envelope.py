@@ -176,6 +176,12 @@ def _unpack_envelope(data: bytes | bytearray | memoryview) -> tuple[dict[str, An
     return out, body_at
 
 
+def peek_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """An envelope's flat fields, NOT verified (for diagnostics such as a message's age);
+    BadMessage if `data` is not a flat envelope map. Nothing nested is decoded."""
+    return _unpack_envelope(data)[0]
+
+
 def _not_a_map(view: memoryview) -> BadMessage:
     """Why bytes that do not start with a map are refused: not msgpack at all, or msgpack of
     another kind. `Unpacker.skip` walks the value without building it (no memory cost)."""
