@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from common.identity import validate_identity_name
+
 P = "fbm/v1"
 
 # (access, topic template); "{me}" is the identity's own name.
@@ -58,6 +60,7 @@ def acl_text(identities: Mapping[str, str]) -> str:
     """The acl_file for `identities` (name -> role); revoked identities are simply absent."""
     lines = ["# Written by fbm-broker from identities.json: do not edit by hand.", ""]
     for name in sorted(identities):
+        validate_identity_name(name)  # a name is written into the file: no line breaks, no wildcards
         role = identities[name]
         lines.append(f"# {role}")
         lines.append(f"user {name}")

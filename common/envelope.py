@@ -143,26 +143,58 @@ def seal(
     return sealed.msg_id, b"".join(sealed.parts)
 
 
-def _fast_unpack(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int] | None:
-    """The envelope map with `body` as a view into `data` (no copy of a 500 MB body), or None
-    when `data` is not a plain map of strings, numbers, nil and bytes (the general decoder then
-    says what is wrong)."""
+_MAX_ENVELOPE_KEYS = 32  # the envelope has 10; a map claiming thousands is not one
+
+
+def _unpack_envelope(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
+    """The envelope map with `body` as a view into `data` (no copy of a 500 MB body), and
+    where the body starts (-1 if it is not bytes).
+
+    Only a flat map of strings, numbers, nil and bytes is read: nothing nested is ever
+    decoded here, so a message costs no memory beyond its own bytes before its signature
+    is checked (a general msgpack decode turned 4 MiB of nested empty maps into ~300 MiB)."""
     view = memoryview(data).cast("B")
+    if not len(view) or view[0] not in _MAPS:
+        raise _not_a_map(view)
     body_at = -1
     try:
         n, pos = _map_len(view, 0)
+        if n > _MAX_ENVELOPE_KEYS:
+            raise BadMessage(Reason.BAD_ENVELOPE, f"envelope map has {n} entries (at most {_MAX_ENVELOPE_KEYS})")
         out: dict[str, Any] = {}
         for _ in range(n):
             key, pos = _scalar(view, pos)
+            if not isinstance(key, str):
+                raise BadMessage(Reason.BAD_ENVELOPE, f"envelope key {key!r} is not a string")
             if key == "body":
                 body_at = _payload_range(view, pos)[0] if view[pos] in _BINS else -1
-            value, pos = _scalar(view, pos)
-            if not isinstance(key, str):
-                return None
+            value, pos = _scalar(view, pos, key)
             out[key] = bytes(value) if isinstance(value, memoryview) and key != "body" else value
-    except (IndexError, ValueError, UnicodeDecodeError, struct.error):
-        return None
-    return (out, body_at) if pos == len(view) else None
+    except (IndexError, ValueError, struct.error) as exc:
+        raise BadMessage(Reason.NOT_MSGPACK, f"undecodable envelope: {exc or type(exc).__name__}") from None
+    if pos != len(view):
+        raise BadMessage(Reason.NOT_MSGPACK, f"undecodable envelope: {len(view) - pos} bytes after the map")
+    return out, body_at
+
+
+def peek_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """An envelope's flat fields, NOT verified (for diagnostics such as a message's age);
+    BadMessage if `data` is not a flat envelope map. Nothing nested is decoded."""
+    return _unpack_envelope(data)[0]
+
+
+def _not_a_map(view: memoryview) -> BadMessage:
+    """Why bytes that do not start with a map are refused: not msgpack at all, or msgpack of
+    another kind. `Unpacker.skip` walks the value without building it (no memory cost)."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(view), 1))
+    try:
+        unpacker.feed(view)
+        unpacker.skip()
+    except (ValueError, msgpack.UnpackException, msgpack.OutOfData) as exc:
+        return BadMessage(Reason.NOT_MSGPACK, f"undecodable msgpack: {type(exc).__name__}")
+    if unpacker.tell() != len(view):
+        return BadMessage(Reason.NOT_MSGPACK, "undecodable msgpack: extra data after the first value")
+    return BadMessage(Reason.BAD_ENVELOPE, f"envelope is not a map (msgpack type byte 0x{view[0]:02x})")
 
 
 def _precomputed_body_digest(data: Any, body: Any, body_at: int) -> bytes | None:
@@ -183,10 +215,13 @@ def body_span(head: memoryview) -> tuple[int, int] | None:
             key, pos = _scalar(head, pos)
             if key == "body":
                 return _payload_range(head, pos) if head[pos] in _BINS else None
-            _, pos = _scalar(head, pos)
-    except (IndexError, ValueError, UnicodeDecodeError, struct.error):
+            _, pos = _scalar(head, pos, key)
+    except (IndexError, ValueError, struct.error, BadMessage):
         return None
     return None
+
+
+_MAPS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}  # fixmap, map16, map32
 
 
 def _map_len(v: memoryview, pos: int) -> tuple[int, int]:
@@ -195,6 +230,8 @@ def _map_len(v: memoryview, pos: int) -> tuple[int, int]:
         return b & 0x0F, pos + 1
     if b == 0xDE:
         return struct.unpack_from(">H", v, pos + 1)[0], pos + 3
+    if b == 0xDF:
+        return struct.unpack_from(">I", v, pos + 1)[0], pos + 5
     raise ValueError("not a map")
 
 
@@ -212,7 +249,9 @@ def _payload_range(v: memoryview, pos: int) -> tuple[int, int]:
     return start, start + struct.unpack_from(fmt, v, pos + 1)[0]
 
 
-def _scalar(v: memoryview, pos: int) -> tuple[Any, int]:
+def _scalar(v: memoryview, pos: int, key: str | None = None) -> tuple[Any, int]:
+    """The str, bytes (a view), number, bool or nil at `pos`; BadMessage if it is anything else
+    (a nested array, map or ext is refused, not decoded)."""
     b = v[pos]
     if b <= 0x7F:
         return b, pos + 1
@@ -233,7 +272,9 @@ def _scalar(v: memoryview, pos: int) -> tuple[Any, int]:
         if end > len(v):
             raise ValueError("truncated")
         return (bytes(v[start:end]).decode() if b >= 0xD9 else v[start:end]), end
-    raise ValueError("not a scalar")
+    if key is None:
+        raise BadMessage(Reason.BAD_ENVELOPE, "an envelope key is not a string")
+    raise BadMessage(Reason.BAD_ENVELOPE, f"envelope field {key!r} is not a string, number, nil or bytes")
 
 
 def _header(raw: Any) -> dict[str, Any]:
@@ -256,12 +297,13 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
                   retained: bool = False) -> Message:
     """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
 
-    Order matters: the signature and the sender's role are checked before the body is
-    decoded, so nothing from an unauthenticated sender reaches the tensor decoder.
+    Order matters: only the flat header map is read before the signature (over the raw body
+    bytes) and the sender's role are checked; the body is decoded after, so nothing from an
+    unauthenticated sender reaches the msgpack or tensor decoder.
     """
-    fast = _fast_unpack(data)
-    raw = _header(fast[0] if fast else codec.decode(data))
-    body_digest = _precomputed_body_digest(data, raw["body"], fast[1] if fast else -1)
+    fields, body_at = _unpack_envelope(data)
+    raw = _header(fields)
+    body_digest = _precomputed_body_digest(data, raw["body"], body_at)
     try:
         spec = spec_for(raw["type"])
     except KeyError:

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from common.errors import BadMessage, Reason
 
 ROLES = ("node", "researcher", "aggregator", "admin")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: `$` also matches before a final "\n"
 
 BUNDLE_FILE = "bundle.json"
 CA_FILE = "ca.crt"
@@ -33,7 +33,7 @@ KEY_FILE = "identity.key"
 
 def validate_identity_name(name: str) -> str:
     """Names become MQTT topic levels and usernames: no wildcards, slashes or spaces."""
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"invalid identity name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.chunking import DEFAULT_CHUNK_SIZE
+from common.chunking import DEFAULT_CHUNK_SIZE, Limits
 
 MQTT_MAX_PACKET = 268_435_455
 
@@ -30,5 +30,18 @@ class TransportSettings(BaseSettings):
     reconnect_min_s: int = Field(default=1, ge=1)
     reconnect_max_s: int = Field(default=30, ge=1)
     max_inflight: int = Field(default=20, ge=1)
-    reassembly_max_bytes: int = Field(default=2 * 1024**3)
+    reassembly_max_bytes: int = Field(default=2 * 1024**3, ge=1, description="bytes all incomplete chunked messages may hold")
+    reassembly_topic_max_bytes: int | None = Field(
+        default=None, ge=1,
+        description="bytes the incomplete messages of one topic may hold (default 2 x max_message_bytes, "
+                    "never above reassembly_max_bytes); the sender is unknown until the signature is checked")
+    reassembly_topic_max_partial: int = Field(default=4, ge=1, description="incomplete chunked messages one topic may have at once")
+    reassembly_max_partial: int = Field(default=4096, ge=1, description="incomplete chunked messages in all")
     dedupe_window: int = Field(default=20_000, ge=100, description="message ids remembered to drop duplicates")
+
+    def reassembly_limits(self) -> Limits:
+        """What the receiver's chunk reassembler may hold (see chunking.Limits)."""
+        topic = self.reassembly_topic_max_bytes or 2 * self.max_message_bytes
+        return Limits(max_bytes=self.reassembly_max_bytes, stream_bytes=min(topic, self.reassembly_max_bytes),
+                      stream_partial=self.reassembly_topic_max_partial, max_partial=self.reassembly_max_partial,
+                      message_bytes=self.max_message_bytes)

@@ -2,41 +2,52 @@
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "fbm/v1"
 CHUNK_LEVEL = "c"
+_LEVEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # job ids (JOB_ID_PATTERN) and identity names
+
+
+def _level(value: str) -> str:
+    """`value` as one topic level: refused if it could add a level, a wildcard or a line break
+    (fullmatch: `re.match` with `$` lets a final "\n" through)."""
+    if not isinstance(value, str) or not _LEVEL.fullmatch(value):
+        raise ValueError(f"{value!r} is not a job id or identity name usable in a topic")
+    return value
 
 
 def job(job_id: str) -> str:
-    return f"{PREFIX}/jobs/{job_id}"
+    return f"{PREFIX}/jobs/{_level(job_id)}"
 
 
 def model(job_id: str) -> str:
-    return f"{PREFIX}/jobs/{job_id}/model"
+    return f"{PREFIX}/jobs/{_level(job_id)}/model"
 
 
 def update(job_id: str, node: str) -> str:
-    return f"{PREFIX}/jobs/{job_id}/updates/{node}"
+    return f"{PREFIX}/jobs/{_level(job_id)}/updates/{_level(node)}"
 
 
 def history(job_id: str) -> str:
     """The job's closed rounds with every node's report (retained; researchers read it)."""
-    return f"{PREFIX}/jobs/{job_id}/history"
+    return f"{PREFIX}/jobs/{_level(job_id)}/history"
 
 
 def events(job_id: str) -> str:
-    return f"{PREFIX}/jobs/{job_id}/events"
+    return f"{PREFIX}/jobs/{_level(job_id)}/events"
 
 
 def status(node: str) -> str:
-    return f"{PREFIX}/nodes/{node}/status"
+    return f"{PREFIX}/nodes/{_level(node)}/status"
 
 
 def requests(node: str) -> str:
-    return f"{PREFIX}/nodes/{node}/requests"
+    return f"{PREFIX}/nodes/{_level(node)}/requests"
 
 
 def replies(node: str) -> str:
-    return f"{PREFIX}/nodes/{node}/replies"
+    return f"{PREFIX}/nodes/{_level(node)}/replies"
 
 
 def chunk(topic: str, index: int) -> str:

@@ -101,7 +101,7 @@ class Transport:
         self._early_acks: dict[int, tuple[int, str]] = {}
         self._retained_chunks: dict[str, int] = {}
         self._inbox: queue.Queue = queue.Queue()
-        self._reassembler = chunking.Reassembler(self.settings.reassembly_max_bytes, span_of=span_of)
+        self._reassembler = chunking.Reassembler(span_of=span_of, limits=self.settings.reassembly_limits(), log=self.log)
         self._connected = threading.Event()
         self._closing = False
         self._connect_failure: str | None = None

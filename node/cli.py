@@ -22,6 +22,7 @@ from node.audit import AuditTrail
 from node.config import NodeSettings, write_default_config
 from node.datasets import TYPES
 from node.db import Database
+from node.display import for_rich, visible
 from node.plans import PlanStatus, PlanStore
 from node.registry import Registry
 
@@ -271,7 +272,8 @@ def plan_list(node_dir: Path, status: str | None, as_json: bool) -> None:
     table.columns.insert(0, Column("plan", no_wrap=True, min_width=16))
     for p in items:
         seen = dt.datetime.fromtimestamp(p.seen_at).strftime("%Y-%m-%d %H:%M")
-        table.add_row(p.plan_id[:16], p.class_name, str(p.status), p.first_job, p.first_sender, seen, p.decided_by, p.note)
+        table.add_row(p.plan_id[:16], *map(for_rich, (p.class_name, str(p.status), p.first_job, p.first_sender)), seen,
+                      for_rich(p.decided_by), for_rich(p.note))
     console.print(table)
 
 
@@ -284,12 +286,13 @@ def plan_show(node_dir: Path, plan_id: str) -> None:
         p = _plans(node_dir).find(plan_id)
     except KeyError as exc:
         _fail(str(exc.args[0]))
-    console.print(f"plan [bold]{p.plan_id}[/bold]  class {p.class_name}  status [bold]{p.status}[/bold]")
-    console.print(f"first asked for by job {p.first_job or '-'} from {p.first_sender}; decided by {p.decided_by or '-'} {p.note}")
+    console.print(f"plan [bold]{for_rich(p.plan_id)}[/bold]  class {for_rich(p.class_name)}  status [bold]{p.status}[/bold]")
+    console.print(f"first asked for by job {for_rich(p.first_job) or '-'} from {for_rich(p.first_sender)}; "
+                  f"decided by {for_rich(p.decided_by) or '-'} {for_rich(p.note)}")
     if p.source:
         from rich.syntax import Syntax
 
-        console.print(Syntax(p.source, "python", line_numbers=True))
+        console.print(Syntax(visible(p.source), "python", line_numbers=True))  # Syntax reads no markup
 
 
 def _decide(node_dir: Path, plan_id: str, status: PlanStatus, note: str) -> None:
@@ -297,7 +300,7 @@ def _decide(node_dir: Path, plan_id: str, status: PlanStatus, note: str) -> None
         p = admin.decide_plan(_db(node_dir), admin.os_admin(), plan_id, status, note)
     except admin.AdminError as exc:
         _fail(str(exc))
-    console.print(f"plan {p.plan_id[:16]} ({p.class_name}) is now [bold]{p.status}[/bold]; a running node acts on it within seconds")
+    console.print(f"plan {p.plan_id[:16]} ({for_rich(p.class_name)}) is now [bold]{p.status}[/bold]; a running node acts on it within seconds")
 
 
 @plan.command("approve")
@@ -317,7 +320,7 @@ def plan_approve(node_dir: Path, plan_id: str | None, source_file: Path | None, 
                                      origin=str(source_file))
         except admin.AdminError as exc:
             _fail(str(exc))
-        console.print(f"plan {p.plan_id} ({class_name}, from {source_file}) is now [bold]approved[/bold]")
+        console.print(f"plan {p.plan_id} ({for_rich(class_name)}, from {for_rich(str(source_file))}) is now [bold]approved[/bold]")
         return
     if not plan_id:
         _fail("which plan? give a PLAN_ID (see `fbm-node plan list`) or --file")

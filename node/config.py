@@ -26,6 +26,9 @@ class NodeSettings(BaseSettings):
     round_timeout_s: float = Field(default=3600.0, gt=0, description="a round's local training is stopped after this")
     resend_after_s: float = Field(default=30.0, gt=0, description="re-send an unacknowledged update after this long")
     trust_zoo_plans: bool = Field(default=True, description="run the built-in zoo plans without approval")
+    max_epochs: int = Field(default=100, ge=1, description="decline jobs asking more local epochs per round")
+    max_rounds: int = Field(default=1000, ge=1, description="decline jobs of more rounds")
+    max_round_seconds: float = Field(default=3600.0, gt=0, description="decline jobs whose rounds may last longer (round_deadline_s)")
     plan_poll_s: float = Field(default=2.0, gt=0, description="how often the running node re-reads plan decisions")
     sandbox: bool = Field(default=True, description="confine training with Landlock (files, network) where the kernel has it")
     train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
@@ -68,6 +71,9 @@ train_threads = 1            # torch threads for local training
 round_timeout_s = 3600       # stop a round's training after this many seconds
 trust_zoo_plans = true       # built-in zoo plans run without approval; other plans need
                              # `fbm-node plan approve` (jobs wait as pending until then)
+max_epochs = 100             # jobs asking more (local epochs per round, rounds, seconds
+max_rounds = 1000            # per round: round_deadline_s) are declined, and told which cap
+max_round_seconds = 3600
 train_memory_mb = 8192       # address-space limit of the training process (0: none)
 sandbox = true               # Landlock: training reads only Python, system libs and its dataset
 log_level = "info"

@@ -269,11 +269,9 @@ class Doctor:
         return CheckResult("clock", "ok", ("NTP-synchronised" if synced else "no peer ahead of this clock") + seen)
 
     def _newest_peer_timestamp(self, ctx: _Context) -> float | None:
-        import msgpack
-
         stamps: list[float] = []
         with self._session(ctx) as probe:
-            probe.collect("fbm/v1/jobs/+", lambda payload: stamps.append(_ts(msgpack, payload)), wait_s=1.0)
+            probe.collect("fbm/v1/jobs/+", lambda payload: stamps.append(_ts(payload)), wait_s=1.0)
         stamps = [s for s in stamps if s]
         return max(stamps) if stamps else None
 
@@ -399,12 +397,17 @@ class _Probe:
             time.sleep(wait_s)
 
 
-def _ts(msgpack, payload: bytes) -> float:
+def _ts(payload: bytes) -> float:
+    """The (unverified) send time in a retained envelope; 0 for anything else. Only the flat
+    header is read: anyone who may post a job could retain a body that grows when decoded."""
+    from common.envelope import peek_header
+    from common.errors import BadMessage
+
     try:
-        raw = msgpack.unpackb(payload, raw=False)
-        return float(raw["ts"]) if isinstance(raw, dict) else 0.0
-    except Exception:  # noqa: BLE001 - chunks, manifests, anything else: no timestamp
+        ts = peek_header(payload).get("ts")
+    except BadMessage:  # chunks, manifests, anything else: no timestamp
         return 0.0
+    return float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else 0.0
 
 
 def _unreadable(path: Path) -> str:

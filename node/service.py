@@ -32,6 +32,7 @@ from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
 from node.accountant import client_level_epsilon
 from node.audit import AuditTrail
+from node.caps import cap_refusal
 from node.config import NodeSettings
 from node.job_store import JobStore
 from node.plans import PlanStatus, PlanStore, plan_id
@@ -278,6 +279,9 @@ class NodeService:
             algorithm = algorithm_of(spec.training_args)
         except (PlanError, LocalError) as exc:
             self._decline(spec.job_id, f"plan refused: {exc}", msg)
+            return
+        if (over := cap_refusal(spec, self.settings)) is not None:  # node/caps.py
+            self._decline(spec.job_id, over, msg)
             return
         try:
             CompressionSpec.of(spec.training_args)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from node.db import Database
 
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # with fullmatch, not match + `$`
 MIN_PASSWORD = 10
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
@@ -78,7 +78,7 @@ class Accounts:
     # --- users (created from the CLI) ----------------------------------------------------------
 
     def add_user(self, username: str, password: str, created_by: str) -> None:
-        if not _USERNAME.match(username):
+        if not _USERNAME.fullmatch(username):
             raise AccountError(f"invalid user name {username!r}: 1-64 letters, digits, . _ @ -")
         if len(password) < MIN_PASSWORD:
             raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")

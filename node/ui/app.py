@@ -27,6 +27,7 @@ from node.audit import AuditTrail
 from node.config import NodeSettings
 from node.datasets import TYPES
 from node.db import Database
+from node.display import visible
 from node.doctor import CheckResult
 from node.plans import PlanStatus, PlanStore
 from node.registry import Registry
@@ -66,6 +67,7 @@ def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> F
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["when"] = _when
     templates.env.filters["short"] = lambda s, n=16: (s or "")[:n]
+    templates.env.filters["visible"] = visible  # control and bidi characters as ⟨U+XXXX⟩ (node/display.py)
     app = FastAPI(title="fedbiomq node console", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     node_name = _node_name(settings)
@@ -310,7 +312,7 @@ def _highlight(source: str) -> Markup:
     from pygments.formatters import HtmlFormatter
     from pygments.lexers import PythonLexer
 
-    return Markup(highlight(source or "# (zoo plan: built into fedbiomq)", PythonLexer(),
+    return Markup(highlight(visible(source) or "# (zoo plan: built into fedbiomq)", PythonLexer(),
                             HtmlFormatter(linenos="table", cssclass="code")))
 
 

@@ -127,3 +127,50 @@ def test_a_chunk_that_lies_about_its_size_or_count_is_refused():
     small = Reassembler(max_bytes=3000)
     with pytest.raises(BadMessage, match="exceed the limit"):
         small.add_chunk("u", out[0])  # 5 x 1000 bytes announced, 3000 allowed: refused before allocating
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def warning(self, event: str, **kw) -> None:
+        self.events.append({"event": event, **kw})
+
+
+def _greedy(transfer: bytes, count: int, data_len: int, index: int = 0) -> bytes:
+    import struct
+
+    return struct.pack("<4s16sII", chunking.CHUNK_TAG, transfer, index, count) + bytes(data_len)
+
+
+def test_a_chunk_claiming_many_more_costs_only_what_arrived():
+    import tracemalloc
+
+    r = chunking.Reassembler(limits=chunking.Limits(max_bytes=4 << 30, stream_bytes=4 << 30, message_bytes=4 << 30))
+    frame = _greedy(os.urandom(16), 2048, 1 << 20)  # claims 2 GiB
+    tracemalloc.start()
+    assert r.add_chunk("t", frame) is None
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert r.pending_bytes == 1 << 20 and peak < 3 << 20, peak
+
+
+def test_a_topic_over_its_budget_or_partial_cap_loses_its_oldest_transfer_and_says_why():
+    log = _Log()
+    r = chunking.Reassembler(limits=chunking.Limits(max_bytes=10_000, stream_bytes=2_500, stream_partial=2,
+                                                    message_bytes=5_000), log=log)
+    other, other_manifest = chunking.split(os.urandom(2_000), 1_000)
+    r.add_chunk("b", other[0])  # another topic's transfer: untouched by topic a's excess
+    firsts = [_greedy(os.urandom(16), 2, 1_000) for _ in range(3)]
+    r.add_chunk("a", firsts[0])
+    r.add_chunk("a", firsts[1])
+    r.add_chunk("a", firsts[2])  # a third partial on topic a: the oldest goes
+    assert [e["reason"] for e in log.events] == ["more than 2 incomplete messages on this topic"]
+    r.add_chunk("a", _greedy(firsts[2][4:20], 2, 1_000, index=1))  # 3000 bytes on topic a: over 2500
+    assert log.events[-1]["reason"] == "over the topic's budget of 2500 bytes" and log.events[-1]["topic"] == "a"
+    assert r.add_chunk("a", firsts[1]) is None  # a dropped transfer's later chunks are ignored
+    assert r.pending_bytes == 2_000 + 1_000
+    with pytest.raises(BadMessage) as err:  # claims 3 x 1000, over the topic's 2500: refused before it is held
+        r.add_chunk("a", _greedy(os.urandom(16), 3, 1_000))
+    assert err.value.reason == Reason.TOO_LARGE
+    assert r.add_chunk("b", other[1]) is None and r.add_manifest("b", other_manifest) is not None

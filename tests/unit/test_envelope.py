@@ -144,3 +144,23 @@ def test_the_body_hash_made_during_reassembly_is_used_only_for_exactly_the_body(
     assert _reason(whole, trust) == Reason.BAD_SIGNATURE
     whole.span = (whole.span[0] + 1, whole.span[1] + 1)  # ...and only when it covers exactly the body
     assert open_envelope(whole, trust).sender == "node-a"
+
+
+def test_nothing_nested_is_decoded_before_the_signature_is_checked(fed, monkeypatch):
+    """Only the flat header map is read before the signature: a nested value anywhere is refused
+    unbuilt, and a forged body never reaches the decoder."""
+    import msgpack
+
+    from common import envelope
+
+    ids, trust = fed
+    _, wire = seal(ids["res-1"], "request", Request(command="ping"))
+    raw = codec.decode(wire)
+    nested_body = msgpack.packb({**raw, "body": [{}] * 1000})
+    nested_extra = msgpack.packb({**raw, "x": [[[]]]})
+    forged = _mutate(wire, body=msgpack.packb({"command": [{}] * 1000}))  # bytes, but not what was signed
+    decoded: list = []
+    monkeypatch.setattr(envelope.codec, "decode", lambda data: decoded.append(data) or {})
+    assert [_reason(d, trust) for d in (nested_body, nested_extra, forged)] == [
+        Reason.BAD_ENVELOPE, Reason.BAD_ENVELOPE, Reason.BAD_SIGNATURE]
+    assert decoded == []
