@@ -82,7 +82,6 @@ log_level = "info"
 min_batch_size = 8           # smaller batches make an update close to one patient's gradient
 min_records_per_update = 32  # fewest records one update is computed from (batch_size x max_batches)
 min_quorum = 1               # fewest sites every round must aggregate (raise it: no site alone)
-max_rounds = 1000
 dp_required = false          # true: only jobs with client-level DP (training_args.dp)
 dp_min_noise_multiplier = 0.5
 # epsilon_budget = 8.0       # the dataset's total epsilon over all jobs (needs DP); delta = 1e-5

@@ -28,7 +28,6 @@ class PrivacyPolicy(BaseModel):
     min_batch_size: int = Field(default=8, ge=1, description="smallest batch a job may train with")
     min_records_per_update: int = Field(default=32, ge=1, description="fewest records one update may be computed from")
     min_quorum: int = Field(default=1, ge=1, description="fewest sites every round of a job must aggregate")
-    max_rounds: int = Field(default=1000, ge=1, description="most rounds a job may run")
     dp_required: bool = Field(default=False, description="decline jobs without client-level DP")
     dp_min_noise_multiplier: float = Field(default=0.5, ge=0, description="smallest DP sigma accepted when DP is used")
     dp_max_clip: float = Field(default=10.0, gt=0, description="largest DP clip norm accepted")
@@ -76,7 +75,6 @@ def policy_refusal(policy: PrivacyPolicy, ask: JobAsk, dataset_rows: int) -> str
         (records < policy.min_records_per_update,
          f"an update would be computed from {records} records; the minimum is {policy.min_records_per_update}"),
         (ask.quorum < policy.min_quorum, f"quorum {ask.quorum} is below the minimum of {policy.min_quorum} sites a round"),
-        (ask.rounds > policy.max_rounds, f"{ask.rounds} rounds exceed the maximum {policy.max_rounds}"),
         (policy.dp_required and ask.dp_sigma is None, "this site requires client-level DP (training_args.dp)"),
         (policy.epsilon_budget is not None and ask.dp_sigma is None,
          "this dataset has a privacy budget: jobs must use client-level DP (training_args.dp)"),

@@ -63,7 +63,7 @@ def test_dp_noise_cannot_be_regenerated_from_the_job_spec():
     dp = {"clip": 1.0, "sigma": 1.0}
     initial, params = _one_record_update(record, seed=5, dp=dp)
     cleaned = _regenerate_and_subtract(initial, params, seed=5, dp=dp)
-    error = float(((_read_back(initial, cleaned).float() - record).norm() / record.norm()))
+    error = float((_read_back(initial, cleaned).float() - record).norm() / record.norm())
     assert error > 0.5, f"the record was read back with relative error {error:.2e}: the noise was regenerated"
 
 

@@ -31,8 +31,8 @@ def test_csv_with_target(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "target", "message"),
-    [("", None, "empty"), ("a,b\n", None, "no rows"), ("a,b\n1,x\n", None, "column 'b' has 'x'"),
-     ("a,b\n1,2\n", "c", "target column 'c' not in")],
+    [("", None, "empty"), ("a,b\n", None, "no rows"), ("a,b\n1,x\n", None, "line 2, column 2 is not a number"),
+     ("a,b\n1,2\n", "c", "target column 'c' is not in the header")],
 )
 def test_bad_csv_is_refused(tmp_path, content, target, message):
     path = tmp_path / "d.csv"

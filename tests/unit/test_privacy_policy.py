@@ -20,7 +20,6 @@ DEMO = {"batch_size": 64, "epochs": 1, "lr": 0.05}
     (EXTRACTION, 1, 1, {}, "batch_size 1 is below the minimum 8"),
     ({**EXTRACTION, "batch_size": 8}, 1, 1, {}, "computed from 8 records; the minimum is 32"),
     (DEMO, 1, 5, {"min_quorum": 3}, "quorum 1 is below the minimum of 3"),
-    (DEMO, 3, 5000, {}, "5000 rounds exceed the maximum 1000"),
     (DEMO, 3, 5, {"dp_required": True}, "requires client-level DP"),
     (DEMO, 3, 5, {"epsilon_budget": 4.0}, "has a privacy budget"),
     ({**DEMO, "dp": {"clip": 1.0, "sigma": 0.1}}, 3, 5, {}, "DP sigma 0.1 is below the minimum 0.5"),
