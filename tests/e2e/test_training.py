@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,13 +32,14 @@ def fed():
         # unequal shards so that the sample weighting matters
         shards = fmnist.write_shards(fed.root / "data", 6, limit=3600)
         sizes = {"site-1": shards[:1], "site-2": shards[1:3], "site-3": shards[3:6]}
+        datasets = {}
         for name, parts in sizes.items():
-            import numpy as np
             merged = fed.root / "data" / f"{name}.npz"
             arrays = [np.load(p) for p in parts]
             np.savez(merged, x=np.concatenate([a["x"] for a in arrays]), y=np.concatenate([a["y"] for a in arrays]))
-            fed.add_node(name, [{"name": "fmnist-train", "type": "npz", "path": str(merged), "tag": ["fmnist", "images"]}])
-        fed.add_node("site-other", [{"name": "other", "type": "npz", "path": str(shards[0]), "tag": "something-else"}])
+            datasets[name] = [{"name": "fmnist-train", "type": "npz", "path": str(merged), "tag": ["fmnist", "images"]}]
+        datasets["site-other"] = [{"name": "other", "type": "npz", "path": str(shards[0]), "tag": "something-else"}]
+        fed.add_nodes(datasets)  # in parallel: each site's enrol and `dataset add` CLIs take ~1 s
         fed.add_aggregator("fedavg-1")
         fed.enroll("alice", "researcher")
         fed.wait_online({*NODES, "site-other"})
