@@ -500,10 +500,10 @@ class AggregatorService:
         queued while we were away are delivered at once and must find their job's runner."""
         resumed = self._resume_claimed()
         m = self.messenger
-        m.subscribe("fbm/v1/nodes/+/status", self._on_status, types={"node_status"})
-        m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
-        m.subscribe("fbm/v1/jobs/+/updates/+", self._on_update, types={"update"})
-        m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+        m.subscribe(topics.every("status"), self._on_status, types={"node_status"})
+        m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
+        m.subscribe(topics.every("update"), self._on_update, types={"update"})
+        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
         for runner in resumed:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from broker import process
 from broker.workspace import Workspace
+from common import topics
 from common.identity import Identity
 from common.messenger import Messenger
 from common.settings import TransportSettings
@@ -148,7 +149,7 @@ class LocalFederation:
         identity = Identity.load(self.enroll(observer, "admin"))
         settings = TransportSettings(clean_start=True, session_expiry_s=0)
         m = Messenger(identity, settings, client_id=f"{observer}-{uuid.uuid4().hex[:6]}")
-        m.subscribe("fbm/v1/nodes/+/status", got.put, types={"node_status"})
+        m.subscribe(topics.every("status"), got.put, types={"node_status"})
         m.connect()
         online: set[str] = set()
         deadline = time.monotonic() + timeout_s

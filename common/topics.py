@@ -1,11 +1,12 @@
-"""The federation's topic names (DESIGN.md section 3), built in one place."""
+"""The federation's topic names, built from the channel table in common/protocol.py."""
 
 from __future__ import annotations
 
 import re
 
-PREFIX = "fbm/v1"
-CHUNK_LEVEL = "c"
+from common.protocol import CHANNELS, CHUNK_LEVEL, PREFIX, channel_of
+
+__all__ = ["CHUNK_LEVEL", "PREFIX"]
 _LEVEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # job ids (JOB_ID_PATTERN) and identity names
 
 
@@ -17,37 +18,46 @@ def _level(value: str) -> str:
     return value
 
 
+def _topic(channel: str, **levels: str) -> str:
+    return CHANNELS[channel].topic(**{k: _level(v) for k, v in levels.items()})
+
+
 def job(job_id: str) -> str:
-    return f"{PREFIX}/jobs/{_level(job_id)}"
+    return _topic("job", job=job_id)
 
 
 def model(job_id: str) -> str:
-    return f"{PREFIX}/jobs/{_level(job_id)}/model"
+    return _topic("model", job=job_id)
 
 
 def update(job_id: str, node: str) -> str:
-    return f"{PREFIX}/jobs/{_level(job_id)}/updates/{_level(node)}"
+    return _topic("update", job=job_id, node=node)
 
 
 def history(job_id: str) -> str:
     """The job's closed rounds with every node's report (retained; researchers read it)."""
-    return f"{PREFIX}/jobs/{_level(job_id)}/history"
+    return _topic("history", job=job_id)
 
 
 def events(job_id: str) -> str:
-    return f"{PREFIX}/jobs/{_level(job_id)}/events"
+    return _topic("events", job=job_id)
 
 
 def status(node: str) -> str:
-    return f"{PREFIX}/nodes/{_level(node)}/status"
+    return _topic("status", node=node)
 
 
 def requests(node: str) -> str:
-    return f"{PREFIX}/nodes/{_level(node)}/requests"
+    return _topic("requests", node=node)
 
 
 def replies(node: str) -> str:
-    return f"{PREFIX}/nodes/{_level(node)}/replies"
+    return _topic("replies", node=node)
+
+
+def every(channel: str) -> str:
+    """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/model`)."""
+    return CHANNELS[channel].filter()
 
 
 def chunk(topic: str, index: int) -> str:
@@ -80,13 +90,11 @@ def matches(topic_filter: str, topic: str) -> bool:
 
 
 def writer_of(topic: str) -> str | None:
-    """The one identity allowed to write `topic`, for topics that name one (DESIGN.md 3)."""
-    parts = topic.split("/")
-    if len(parts) == 5 and parts[2] == "nodes" and parts[4] in ("status", "replies"):
-        return parts[3]
-    if len(parts) == 6 and parts[2] == "jobs" and parts[4] == "updates":
-        return parts[5]
-    return None
+    """The one identity allowed to write `topic`, for channels whose topic names it."""
+    found = channel_of(topic)
+    if found is None or not found[0].written_by_named:
+        return None
+    return found[1][found[0].named]
 
 
 def job_of(topic: str) -> str | None:

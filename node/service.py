@@ -149,8 +149,8 @@ class NodeService:
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
-        m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
-        m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True, qos=0)
+        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
+        m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
         # acks come on our own topic; every node reading every event would be O(N^2) a round
         m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received"})

@@ -206,7 +206,7 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         sim.connected = True
-        client.subscribe([("fbm/v1/jobs/+", 0), ("fbm/v1/jobs/+/model", 0), (topics.requests(name), 1)])
+        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)])
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
         status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from common import topics
 from common.errors import ConnectError
 from common.identity import Identity
 from common.logging import configure_logging
@@ -58,7 +59,7 @@ def nodes(bundle: Path, wait: float) -> None:
     identity = Identity.load(bundle)
     got: queue.Queue = queue.Queue()
     m = Messenger(identity, researcher_settings(), client_id=uuid.uuid4().hex[:8])
-    m.subscribe("fbm/v1/nodes/+/status", got.put, types={"node_status"})
+    m.subscribe(topics.every("status"), got.put, types={"node_status"})
     try:
         m.connect()
     except ConnectError as exc:

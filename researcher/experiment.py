@@ -171,7 +171,7 @@ class Experiment:
             m.subscribe(topics.history(self.job_id), self._events.put, types={"job_history"}, retained_chunks=True)
             m.subscribe(topics.model(self.job_id), self._events.put, types={"model"}, retained_chunks=True)
             m.subscribe(topics.events(self.job_id), self._events.put)
-            m.subscribe("fbm/v1/nodes/+/replies", self._on_reply, types={"reply"})
+            m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
             m.connect()
         return self._messenger
 

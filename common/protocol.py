@@ -1,0 +1,119 @@
+"""The federation's channels in one table: topic, who writes, who reads, QoS, retained.
+
+Everything else is generated from it: the topic builders and `writer_of` (common/topics.py),
+the broker's per-identity ACL (broker/acl.py) and the filters each role subscribes to. A new
+channel, or a change of who may read one, is one row here, and the ACL follows.
+
+Access per role is `ANY` (every topic of the channel), `OWN` (only where the topic's named
+level is the identity itself: a node's own status, its own updates) or absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+PREFIX = "fbm/v1"
+CHUNK_LEVEL = "c"
+ROLES = ("node", "researcher", "aggregator", "admin")
+
+Access = Literal["any", "own"]
+ANY: Access = "any"
+OWN: Access = "own"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One kind of topic. `template` names its variable levels in braces ({job}, {node});
+    `named` is the level that names an identity, for OWN access (its own status, its own
+    requests)."""
+
+    name: str
+    template: str
+    writers: dict[str, Access]
+    readers: dict[str, Access]
+    qos: int = 1
+    retained: bool = False
+    chunked: bool = False  # retained and possibly larger than a chunk: chunks on sub-topics
+    named: str | None = None
+    levels: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(p[1:-1] for p in self.template.split("/") if p.startswith("{")))
+
+    def topic(self, **values: str) -> str:
+        return f"{PREFIX}/{self.template.format(**values)}"
+
+    def filter(self, **values: str) -> str:
+        """The topic with every level not given as `+` (what a subscriber asks for)."""
+        return self.topic(**{lvl: values.get(lvl, "+") for lvl in self.levels})
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        """The variable levels of `topic` if it is one of this channel's topics."""
+        parts = topic.split("/")
+        pattern = f"{PREFIX}/{self.template}".split("/")
+        if len(parts) != len(pattern):
+            return None
+        got: dict[str, str] = {}
+        for want, have in zip(pattern, parts, strict=True):
+            if want.startswith("{"):
+                got[want[1:-1]] = have
+            elif want != have:
+                return None
+        return got
+
+    @property
+    def written_by_named(self) -> bool:
+        """Only the identity the topic names may write it (receivers check the sender)."""
+        return self.named is not None and OWN in self.writers.values()
+
+    def acl_rules(self, role: str) -> list[tuple[str, str]]:
+        """(access, topic template with {me}) lines of `role` for this channel and its chunks."""
+        read, write = self.readers.get(role), self.writers.get(role)
+        if read is None and write is None:
+            return []
+        access = "readwrite" if read and write else "read" if read else "write"
+        own = OWN in (read, write)
+        topic = self.topic(**{lvl: ("{me}" if own and lvl == self.named else "+") for lvl in self.levels})
+        rules = [(access, topic)]
+        if self.chunked:
+            rules.append((access, f"{topic}/{CHUNK_LEVEL}/+"))
+        return rules
+
+
+def _rw(writers: dict[str, Access], readers: dict[str, Access]) -> dict[str, dict[str, Access]]:
+    return {"writers": {**writers, "admin": ANY}, "readers": {**readers, "admin": ANY}}
+
+
+CHANNELS: dict[str, Channel] = {c.name: c for c in (
+    Channel("job", "jobs/{job}", **_rw({"researcher": ANY}, {"node": ANY, "researcher": ANY, "aggregator": ANY}),
+            retained=True, chunked=True),
+    Channel("model", "jobs/{job}/model", **_rw({"aggregator": ANY}, {"node": ANY, "researcher": ANY}),
+            retained=True, chunked=True),
+    Channel("events", "jobs/{job}/events", **_rw({"aggregator": ANY}, {"node": ANY, "researcher": ANY})),
+    Channel("history", "jobs/{job}/history", **_rw({"aggregator": ANY}, {"researcher": ANY}),
+            retained=True, chunked=True),
+    Channel("update", "jobs/{job}/updates/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
+    Channel("status", "nodes/{node}/status", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
+            retained=True, named="node"),
+    Channel("requests", "nodes/{node}/requests", **_rw({"researcher": ANY, "aggregator": ANY}, {"node": OWN}),
+            named="node"),
+    Channel("replies", "nodes/{node}/replies", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
+            named="node"),
+)}
+
+
+def acl_rules(role: str) -> list[tuple[str, str]]:
+    """Every (access, topic) line of `role`'s ACL; `{me}` stands for the identity's name."""
+    if role == "admin":
+        return [("readwrite", f"{PREFIX}/#")]
+    return [rule for channel in CHANNELS.values() for rule in channel.acl_rules(role)]
+
+
+def channel_of(topic: str) -> tuple[Channel, dict[str, str]] | None:
+    """The channel `topic` belongs to, with its levels (chunk sub-topics are not channels)."""
+    for channel in CHANNELS.values():
+        levels = channel.match(topic)
+        if levels is not None:
+            return channel, levels
+    return None
