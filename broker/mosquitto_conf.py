@@ -37,7 +37,7 @@ plugin_opt_revoked_file {d / "revoked"}
 
 # Persistence: sessions, queued QoS-1 messages and retained jobs/models survive a restart.
 # A hard kill loses what changed since the last autosave, so the protocol re-sends
-# (see shared/MQTT-FACTS.md); autosave_on_changes would make big queues ~50x slower.
+# (see docs/mqtt-facts.md); autosave_on_changes would make big queues ~50x slower.
 persistence true
 persistence_location {d / "data"}/
 autosave_interval {limits.autosave_interval_s}

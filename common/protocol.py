@@ -117,3 +117,15 @@ def channel_of(topic: str) -> tuple[Channel, dict[str, str]] | None:
         if levels is not None:
             return channel, levels
     return None
+
+
+def markdown_table() -> str:
+    """The channel table as docs/design.md shows it (a test keeps the two equal)."""
+    def who(access: dict[str, Access]) -> str:
+        return ", ".join(f"{role}{' (its own)' if a == OWN else ''}" for role, a in access.items() if role != "admin")
+
+    lines = ["| topic (`fbm/v1/` omitted) | written by | read by | retained |", "|---|---|---|---|"]
+    for c in CHANNELS.values():
+        kept = ("yes, chunks on `/c/{i}`" if c.chunked else "yes") if c.retained else "no"
+        lines.append(f"| `{c.template}` | {who(c.writers)} | {who(c.readers)} | {kept} |")
+    return "\n".join(lines)

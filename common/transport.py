@@ -1,6 +1,6 @@
 """The MQTT transport: one class over paho-mqtt 2.x that moves whole payloads (bytes).
 
-What it adds over paho (see shared/MQTT-FACTS.md for why each matters):
+What it adds over paho (see docs/mqtt-facts.md for why each matters):
 - MQTT 5 over mutual TLS, `clean_start=False` with a session expiry, QoS 1, reconnect with
   backoff, subscriptions renewed in every `on_connect`;
 - clear connect errors (no cert, foreign CA, nothing listening) instead of a silent retry loop;

@@ -6,8 +6,9 @@
     state = exp.watch()          # rich progress; returns when the job is done or failed
     exp.results("results/")      # job spec, metrics CSV/JSON, final model, PNG plots
 
-The researcher need not stay online: the latest global model is retained on the broker with the
-job's whole history, so `Experiment.attach(bundle, job_id)` reads the state at any time.
+The researcher need not stay online: the latest global model and the job's history are retained
+on the broker (each on its own topic), so `Experiment.attach(bundle, job_id)` reads the state at
+any time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The role ACL, checked on the wire: every role x every topic of DESIGN.md section 3.
+"""The role ACL, checked on the wire: every role x every channel of common/protocol.py (docs/design.md).
 
 The expectations are written out here from the DESIGN table, independently of broker/acl.py.
 Publishes are checked by their PUBACK (MQTT 5 reason 135 when refused) and by whether an admin

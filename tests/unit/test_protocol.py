@@ -43,3 +43,11 @@ def test_topics_and_their_writers_come_from_the_table():
     assert topics.every("model") == f"{P}/jobs/+/model" and topics.every("update") == f"{P}/jobs/+/updates/+"
     assert protocol.channel_of(topics.history("j1"))[0].name == "history"
     assert protocol.channel_of(topics.chunk(topics.model("j1"), 3)) is None
+
+
+def test_the_design_doc_shows_the_channel_table_of_the_code():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
+    shown = doc.split("<!-- channels:begin -->")[1].split("<!-- channels:end -->")[0].strip()
+    assert shown == protocol.markdown_table(), "docs/design.md's channel table is stale: paste markdown_table()"
