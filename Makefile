@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: setup

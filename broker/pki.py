@@ -10,14 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.csr import create_request, write_private
+from common.csr import key_pem as _key_pem
 from common.identity import ROLES, validate_identity_name
+
+__all__ = ["create_request", "write_private"]  # the site's half lives in common.csr
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -33,14 +36,6 @@ class KeyPair:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _key_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def create_ca(federation: str) -> KeyPair:
@@ -157,21 +152,6 @@ def create_identity_cert(ca: KeyPair, name: str, role: str, days: int = LEAF_DAY
     return KeyPair(cert, _key_pem(key))
 
 
-def create_request(name: str, role: str) -> tuple[bytes, bytes]:
-    """A site's own key and certificate signing request (CSR): (csr_pem, key_pem).
-
-    The key stays with the site; only the CSR (public key, name, role) goes to the admin.
-    """
-    validate_identity_name(name)
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    key = ed25519.Ed25519PrivateKey.generate()
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, None)
-    return csr.public_bytes(serialization.Encoding.PEM), _key_pem(key)
-
-
 @dataclass(frozen=True)
 class Request:
     """A checked CSR: who asks, for which role, with which public key."""
@@ -210,14 +190,6 @@ def sign_request(ca: KeyPair, request: Request, role: str, days: int = LEAF_DAYS
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
                          x509.NameAttribute(NameOID.COMMON_NAME, request.name)])
     return _leaf(ca, subject, request.public_key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_bytes(data)
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:

@@ -82,7 +82,7 @@ def request(name: str, node_dir: Path, role: str, force: bool) -> None:
     admin, who runs `fbm-broker enroll WORKSPACE --csr NAME.csr --out DIR` and sends DIR back;
     then: fbm-node init NODE_DIR --bundle DIR
     """
-    from broker.pki import create_request, write_private
+    from common.csr import create_request, write_private
     from common.identity import KEY_FILE
 
     key_path = node_dir / "bundle" / KEY_FILE
