@@ -243,9 +243,6 @@ class Transport:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def wait_connected(self, timeout_s: float) -> bool:
-        return self._connected.wait(timeout_s)
-
     # --- subscribing --------------------------------------------------------------------------
 
     def subscribe(self, topic_filter: str, *, retained_chunks: bool = False, qos: int = 1) -> None:
@@ -388,8 +385,6 @@ class Transport:
                 if item[0] == "connected":
                     for hook in list(self._connected_hooks):
                         hook(item[1])
-                elif item[0] == "call":
-                    item[1]()
                 else:
                     self._receive(item[1], item[2], item[3])
             except Exception:  # a handler bug must not kill the delivery thread
@@ -425,10 +420,6 @@ class Transport:
             self._on_reject(topic, exc)
         else:
             self.log.warning("message_dropped", topic=topic, reason=str(exc.reason), detail=exc.detail)
-
-    def run_in_worker(self, fn: Callable[[], None]) -> None:
-        """Queue `fn` behind the deliveries already received (keeps handlers single-threaded)."""
-        self._inbox.put(("call", fn))
 
     # --- closing ------------------------------------------------------------------------------
 
