@@ -145,6 +145,7 @@ class Experiment:
         self.mqtt = researcher_settings(mqtt)
         self._messenger: Messenger | None = None
         self.state = JobState(self.job_id, rounds=rounds)
+        self._spec: JobSpec | None = None  # the submitted (or attached) spec, exactly as signed
 
     # --- the job ------------------------------------------------------------------------------
 
@@ -156,6 +157,9 @@ class Experiment:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def spec(self) -> JobSpec:
+        """The job's spec: as submitted or attached, else a new one (fresh initial parameters)."""
+        if self._spec is not None:
+            return self._spec
         return JobSpec(
             job_id=self.job_id, owner=self.identity.name, plan=self.plan, model_args=self.model_args,
             training_args=self.training_args, initial_params=self.initial_params(), created=time.time(),
@@ -185,6 +189,7 @@ class Experiment:
         """Publish the job (retained): nodes and aggregators pick it up, now or when they connect."""
         spec = self.spec()
         self.messenger.send(topics.job(self.job_id), "job", spec, job=self.job_id, retain=True)
+        self._spec = spec
         self.state.status = "submitted"
         return self.job_id
 
@@ -261,17 +266,20 @@ class Experiment:
         m.subscribe(topics.job(job_id), got.put, types={"job"}, retained_chunks=True)
         m.connect()
         try:
-            spec: JobSpec = got.get(timeout=timeout_s).body  # type: ignore[assignment]
+            msg = got.get(timeout=timeout_s)
         except queue.Empty:
             raise JobError(f"no job {job_id!r} on the broker (withdrawn, or never submitted)") from None
         finally:
             m.close()
+        spec: JobSpec = msg.body  # type: ignore[assignment]
+        if msg.sender != spec.owner:  # its plan source would run here (model()): only the owner's word counts
+            raise JobError(f"job {job_id!r} names {spec.owner!r} as its owner but is signed by {msg.sender!r}")
         exp = cls.__new__(cls)
         exp.identity, exp.plan, exp.job_id = identity, spec.plan, spec.job_id
         exp.model_args, exp.training_args = spec.model_args, spec.training_args
         exp.spec_fields = dict(rounds=spec.rounds, tags=spec.tags, quorum=spec.quorum,
                                round_deadline_s=spec.round_deadline_s, nodes=spec.nodes, stragglers=spec.stragglers,
-                               aggregator=spec.aggregator, description=spec.description)
+                               aggregator=spec.aggregator, description=spec.description, selection=spec.selection)
         exp.seed = int(spec.training_args.get("seed", 0))
         exp.mqtt = researcher_settings(mqtt)
         exp._messenger = None
