@@ -13,7 +13,6 @@ from aggregators.rules import get_rule
 from aggregators.rules.functions import add_weighted_, zeros_like
 from aggregators.service import check_sample_count
 
-pytestmark = pytest.mark.xfail(strict=True, reason="attack 6: rules fold bad updates half-way on the current code")
 T = torch.tensor
 START = {"w": T([0.0, 0.0]), "b": T([0.0]), "steps": T([0])}
 GOOD = [{"w": T([1.0, 2.0]), "b": T([0.5]), "steps": T([1])}, {"w": T([3.0, 1.0]), "b": T([1.5]), "steps": T([3])},
@@ -30,9 +29,8 @@ def _round(name, args, bad=None, bad_extra=None):
     rule.begin_round(START)
     rule.add(GOOD[0], 10, "n0", CONTROL[0])
     if bad is not None:
-        with pytest.raises(ValueError) as refused:
+        with pytest.raises(ValueError, match=r"shape|names differ"):
             rule.add(bad, 10, "evil", bad_extra if bad_extra is not None else CONTROL[0])
-        assert "evil" in str(refused.value) or "shape" in str(refused.value), refused.value
     for i in (1, 2):
         rule.add(GOOD[i], 10 * (i + 1), f"n{i}", CONTROL[i])
     return rule.end_round(), rule.model_extra()
