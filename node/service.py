@@ -29,6 +29,7 @@ from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
 from node.audit import AuditTrail
+from node.binding import JobBindings
 from node.config import NodeSettings
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.registry import Dataset, Registry
@@ -115,8 +116,7 @@ class NodeService:
         self.jobs: dict[str, _Job] = {}
         self.parked: dict[str, _Parked] = {}
         self.pending: dict[tuple[str, int], _Pending] = {}
-        self.bound: dict[str, str] = {}  # job -> the aggregator it is bound to (see _from_bound_aggregator)
-        self._foreign_audited: set[tuple[str, str, str]] = set()
+        self.bindings = JobBindings(self.state, audit, self.log)  # job -> the one aggregator it follows
         self._lock = threading.Lock()
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._stop = threading.Event()
@@ -335,51 +335,11 @@ class NodeService:
         return known.spec if known is not None else None
 
     def _from_bound_aggregator(self, msg: Message, job_id: str) -> bool:
-        """Whether a model or an ack for `job_id` comes from the aggregator the job is bound to.
-
-        The rule: the job's `aggregator.identity` if it pins one; else the aggregator whose
-        model for the job this node accepted first, persisted in the node's database, so a
-        restarted node keeps the binding (and is not misled by another aggregator's retained
-        model). Anything else is logged, audited (once per job, sender and type) and dropped:
-        any aggregator identity may write any job's model topic and any node's requests.
-        Messages for jobs this node neither runs nor waits on are ignored anyway.
-        """
+        """Whether a model or an ack for `job_id` comes from the job's aggregator (see
+        node/binding.py for the rule). Messages for jobs this node neither runs nor waits on
+        are ignored anyway, so they bind nothing."""
         spec = self._job_spec(job_id)
-        if spec is None:
-            return False
-        bound = spec.aggregator.identity or self._bound(job_id)
-        if bound is None:
-            bound = self._bind(job_id, msg.sender)
-        if msg.sender == bound:
-            return True
-        reason = f"job {job_id} is bound to aggregator {bound!r}, not {msg.sender!r}"
-        self.log.warning("foreign_aggregator_dropped", job=job_id, type=msg.type, sender=msg.sender, bound=bound,
-                         reason=reason)
-        key = (job_id, msg.sender, msg.type)
-        if key not in self._foreign_audited:
-            self._foreign_audited.add(key)
-            self.audit.record("foreign_aggregator_dropped", job=job_id, actor=msg.sender, type=msg.type, reason=reason)
-        return False
-
-    def _bound(self, job_id: str) -> str | None:
-        with self._lock:
-            if job_id in self.bound:
-                return self.bound[job_id]
-        stored = self.state.get(f"job_aggregator:{job_id}")  # bound before this node restarted
-        if stored is None:
-            return None
-        with self._lock:
-            return self.bound.setdefault(job_id, str(stored[0]))
-
-    def _bind(self, job_id: str, aggregator: str) -> str:
-        """Bind the job to the first aggregator seen serving it (persisted; the first wins)."""
-        with self._lock:
-            bound = self.bound.setdefault(job_id, aggregator)
-        if bound == aggregator:
-            self.state.put(f"job_aggregator:{job_id}", aggregator)
-            self.audit.record("job_aggregator_bound", job=job_id, actor=aggregator)
-            self.log.info("job_aggregator_bound", job=job_id, aggregator=aggregator)
-        return bound
+        return spec is not None and self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
 
     def _on_ack(self, msg: Message) -> None:
         """The aggregator holds our update in a checkpoint: stop re-sending it."""
