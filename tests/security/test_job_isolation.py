@@ -1,0 +1,74 @@
+"""Issue 17, attack 2: one training process must not see every dataset and every job.
+
+A job's process reads only the dataset the job was accepted on, and a plan that patches torch
+in its process cannot change what another job's training does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.messages import PlanRef
+from common.training.loader import source_sha256
+from node.sandbox import SandboxPolicy, landlock_abi
+from node.trainer import Trainer, TrainingFailed
+from tests.security.conftest import plan_task, write_npz
+
+SNOOPS = '''
+import torch
+from common.training.zoo import MLPPlan
+
+
+class ReadOther(MLPPlan):
+    """Reports whether it could read another dataset's file, through its error message."""
+    def training_step(self, model, x, y):
+        try:
+            with open(self.training_args["other"], "rb") as f:
+                got = "GOT %d bytes" % len(f.read())
+        except Exception as exc:
+            got = "DENIED " + type(exc).__name__
+        raise RuntimeError("REPORT " + got)
+
+
+class PatchTorch(MLPPlan):
+    """Makes every later SGD step and in-place add a no-op in the process it runs in."""
+    def training_step(self, model, x, y):
+        torch.optim.SGD.step = lambda self, closure=None: None
+        torch.Tensor.add_ = lambda self, *a, **k: self
+        return super().training_step(model, x, y)
+'''
+
+
+def _ref(name: str) -> PlanRef:
+    return PlanRef(source=SNOOPS, sha256=source_sha256(SNOOPS), class_name=name)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048))
+    t.start()
+    yield t
+    t.stop()
+
+
+@pytest.mark.skipif(landlock_abi() == 0, reason="this kernel has no Landlock: no filesystem confinement to test")
+def test_a_job_cannot_read_another_jobs_dataset(trainer, tmp_path):
+    a, b = write_npz(tmp_path / "a.npz", seed=1), write_npz(tmp_path / "b.npz", seed=2)
+    # job-b trains on b first: the node has granted b to training before job-a's plan runs
+    assert trainer.run(plan_task("job-b", b, PlanRef(zoo="mlp")), timeout_s=60)["n_samples"] == 32
+    with pytest.raises(TrainingFailed, match="REPORT") as info:
+        trainer.run(plan_task("job-a", a, _ref("ReadOther"), other=str(b)), timeout_s=60)
+    assert "REPORT DENIED PermissionError" in str(info.value), str(info.value)
+
+
+def test_a_plan_that_patches_torch_does_not_change_the_next_jobs_training(trainer, tmp_path):
+    data = write_npz(tmp_path / "d.npz")
+    honest = plan_task("reference", data, PlanRef(zoo="mlp"))
+    expected = trainer.run(honest, timeout_s=60)["params"]
+    assert not torch.equal(expected["net.0.weight"], honest["params"]["net.0.weight"])  # SGD moved it
+
+    trainer.run(plan_task("patcher", data, _ref("PatchTorch")), timeout_s=60)
+    after = trainer.run({**honest, "job": "victim"}, timeout_s=60)["params"]
+    for name, value in expected.items():
+        assert torch.equal(after[name], value), f"{name} trained differently after another job patched torch"
