@@ -5,7 +5,7 @@ The training child therefore starts with a scrubbed environment (no broker setti
 paths to credentials), and before it runs any plan it locks itself in:
 
 - Landlock (Linux >= 5.13, unprivileged): read-only access to the Python installation, the
-  system libraries and the datasets it was given; read-write only to a private scratch folder;
+  system libraries and the one dataset of the job it serves (a child per job); read-write only to a private scratch folder;
   no TCP connect or bind (ABI >= 4); no signals to or abstract sockets of processes outside
   the sandbox (ABI >= 6). Landlock also forbids ptrace-style access (`/proc/<node>/environ`,
   `/proc/<node>/mem`) to the node, which is not sandboxed.
@@ -13,7 +13,7 @@ paths to credentials), and before it runs any plan it locks itself in:
 - no_new_privs, and death with the node (PR_SET_PDEATHSIG).
 
 Where Landlock is missing, the child runs with the environment scrub and rlimits only and the
-node logs `sandbox_degraded` once at start.
+node logs `sandbox_degraded` when it starts a job's child.
 """
 
 from __future__ import annotations

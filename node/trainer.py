@@ -2,8 +2,9 @@
 
 Each job gets its own child (`node.training_process`), confined to that job's dataset and
 kept warm across the job's rounds; it ends when the job ends, when the node stops, or when
-it is the least recently used and a new job needs its place (`max_processes`). One warm
-spare, started before any job is known, lets a new job start without waiting for torch.
+it is the least recently used and a new job needs its place (`max_processes`). A warm spare,
+started at node start and again when a job ends, lets the next job start without waiting
+for torch; it may read no dataset until it is assigned a job.
 Answers come back as size-limited frames and are checked against the task (`node.answers`)
 before the node uses them; a child that breaks the protocol or sends a refused answer is
 stopped, and its job gets a new one next round.
@@ -88,6 +89,17 @@ class Trainer:
         with self._lock:
             return [key[0] for key in self._procs]
 
+    def pid(self, job: str) -> int | None:
+        """The process id of the job's child, if it has one."""
+        with self._lock:
+            return next((c.pid for k, c in self._procs.items() if k[0] == job), None)
+
+    def live_processes(self) -> int:
+        """Children alive now, the spare included (never more than `max_processes`)."""
+        with self._lock:
+            children = [*self._procs.values(), *([self._spare] if self._spare else [])]
+        return sum(c.alive() for c in children)
+
     def run(self, task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Train one round in the job's child; TrainingFailed on a plan error, crash, timeout,
         memory, or an answer that breaks the protocol or does not fit the model sent."""
@@ -150,7 +162,6 @@ class Trainer:
                  datasets=list(key[1]), limits=self.sandbox.get("limits"))
         if self.on_started is not None:
             self.on_started(key[0], child.pid, self.sandbox)
-        self._replenish()
         return child
 
     def _evict(self, room_for: int) -> None:
@@ -165,7 +176,9 @@ class Trainer:
             child.stop()
 
     def _replenish(self) -> None:
-        """Start a spare for the next job, if that stays within `max_processes`."""
+        """Start a spare for the next job, if that stays within `max_processes`. Called when a
+        job ends, not when one starts: a spare beside a running job would cost a process's
+        memory and compete with its first round for the CPU."""
         with self._lock:
             if self._closing or self._spare is not None or len(self._procs) >= self.max_processes:
                 return
@@ -190,6 +203,8 @@ class Trainer:
             ended = [(k, c) for k, c in self._procs.items() if k[0] == job]
         for key, child in ended:
             self._drop(key, child, self.log.bind(job=job), "done")
+        if ended:
+            self._replenish()
 
     def stop(self) -> None:
         """End every child (the node stops)."""
