@@ -105,7 +105,7 @@ class Trainer:
         memory, or an answer that breaks the protocol or does not fit the model sent."""
         key = _job_key(task)
         log = self.log.bind(job=key[0], round=task.get("round"))
-        child = self._child_for(key, task["dataset"], log)
+        child = self._child_for(key, log)
         sent = to_tensors(task["params"])
         try:
             size = child.send(task)
@@ -130,7 +130,7 @@ class Trainer:
             log.warning("answer_refused", reason=str(exc))
             raise TrainingFailed(f"the training process's answer was refused: {exc}; it was stopped") from exc
 
-    def _child_for(self, key, dataset: dict[str, Any], log) -> TrainingProcess:
+    def _child_for(self, key: tuple[str, tuple[str, ...]], log: Any) -> TrainingProcess:
         """The job's live child, or a new one (the spare if there is one) assigned to it."""
         with self._lock:
             child = self._procs.get(key)

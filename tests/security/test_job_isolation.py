@@ -72,3 +72,35 @@ def test_a_plan_that_patches_torch_does_not_change_the_next_jobs_training(traine
     after = trainer.run({**honest, "job": "victim"}, timeout_s=60)["params"]
     for name, value in expected.items():
         assert torch.equal(after[name], value), f"{name} trained differently after another job patched torch"
+
+
+@pytest.mark.e2e
+def test_a_nodes_training_process_serves_one_job_and_ends_with_it(sites):
+    """Real nodes: each job gets a process of its own (audited, confined), gone once the job is done."""
+    from pathlib import Path
+
+    from common.identity import Identity
+    from node.audit import AuditTrail
+    from node.db import Database
+    from researcher.experiment import Experiment
+    from tests.conftest import wait_until
+
+    alice = Identity.load(sites.ws.bundle_dir("alice"))
+    trail = AuditTrail(Database(sites.root / "nodes" / "site-1" / "node.db"))
+    started = {}
+    for _ in range(2):
+        exp = Experiment(alice, tags=["fmnist"], rounds=2, quorum=2, round_deadline_s=60,
+                         model_args={"in_features": 784, "hidden": [16], "n_classes": 10},
+                         training_args={"epochs": 1, "lr": 0.05, "batch_size": 50})
+        job = exp.submit()
+        state = exp.watch(timeout_s=180, progress=False)
+        exp.close()
+        assert state.status == "done", state.reason
+        events = [e for e in trail.entries(job) if e["event"] == "training_process_started"]
+        assert len(events) == 1, events  # one process for both rounds of the job
+        started[job] = events[0]["detail"]
+    for job, detail in started.items():
+        if landlock_abi():
+            assert detail["sandbox"]["landlock_abi"] >= 1 and not detail["sandbox"]["problems"]
+        assert wait_until(lambda pid=detail["pid"]: not Path(f"/proc/{pid}").exists(), 30), f"{job}'s process lives on"
+    assert len({d["pid"] for d in started.values()}) == 2
