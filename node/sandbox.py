@@ -128,8 +128,10 @@ def python_read_paths(secret_dirs: list[Path]) -> list[str]:
 def child_environment(threads: int, scratch: str) -> dict[str, str]:
     """The child's whole environment: an allow-list, never the node's own environment."""
     env = {k: v for k, v in os.environ.items() if k in ENV_KEEP or k.startswith("LC_")}
+    # numpy's OpenBLAS starts its worker threads when numpy is imported, before the child
+    # confines itself (Landlock binds the calling thread only): one thread, none to escape by
     env.update({"HOME": scratch, "TMPDIR": scratch, "OMP_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads), "PYTHONDONTWRITEBYTECODE": "1"})
+                "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     return env
 
 
@@ -188,6 +190,13 @@ def _landlock(policy: SandboxPolicy, abi: int, applied: Applied) -> None:
         os.close(ruleset)
 
 
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
 def confine(policy: SandboxPolicy) -> Applied:
     """Lock the calling process in (irreversibly). Called by the child before any plan runs."""
     applied = Applied()
@@ -202,6 +211,9 @@ def confine(policy: SandboxPolicy) -> Applied:
         _set_limit(resource.RLIMIT_FSIZE, policy.file_size_mb << 20, applied, "file_size")
     if policy.memory_mb:
         _set_limit(resource.RLIMIT_AS, policy.memory_mb << 20, applied, "address_space")
+    threads = _thread_count()
+    if threads > 1:  # Landlock, no_new_privs: the calling thread (and those it starts) only
+        applied.problems.append(f"{threads - 1} thread(s) started before confinement stay unconfined")
     abi = landlock_abi() if policy.landlock else 0
     if abi:
         try:

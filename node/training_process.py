@@ -1,6 +1,6 @@
 """The parent's handle on one training child: spawn it, assign it a job, trade frames with it.
 
-A child is spawned before its job is known (it imports torch and warms up meanwhile), then
+A child is spawned before its job is known (it imports torch meanwhile), then
 assigned one job with a sandbox policy that names that job's dataset only. Everything it
 sends is read as size-limited msgpack frames (`common.frames`): never unpickled.
 """
@@ -58,7 +58,7 @@ class TrainingProcess:
         return self.proc.poll() is None
 
     def wait_warm(self, timeout_s: float) -> None:
-        """Until the child has imported torch and warmed up; ChildFailed if it does not."""
+        """Until the child has imported torch; ChildFailed if it does not."""
         if not self._warm:
             hello = self._read(HELLO_BYTES, time.monotonic() + timeout_s, "start")
             if not isinstance(hello, dict) or hello.get("warm") is not True:

@@ -1,11 +1,11 @@
 """The training child process: serves the rounds of ONE job, on that job's dataset only.
 
-It is started before it knows its job: it imports torch and warms up (our code only), then
-waits for its assignment, confines itself to that job's dataset (`node.sandbox`) and trains
-round after round until the node ends the job. One job per process: a plan cannot read
-another job's dataset nor patch what another job runs. Node and child talk in framed msgpack
-(`common.frames`), never pickle. The child holds no broker credentials and no keys.
-"""
+It is started before it knows its job and imports torch meanwhile (our code only, one thread),
+then waits for its assignment, confines itself to that job's dataset (`node.sandbox`), warms
+up and trains round after round until the node ends the job. One job per process: a plan
+cannot read another job's dataset nor patch what another job runs. Node and child talk in
+framed msgpack (`common.frames`), never pickle. The child holds no broker credentials and no
+keys."""
 
 from __future__ import annotations
 
@@ -236,14 +236,18 @@ def _answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
 
 
 def serve(sock: socket.socket, threads: int) -> None:
-    """Child main loop: warm up, take the job, confine to it, then one round in, one answer out."""
-    torch.set_num_threads(max(1, threads))
-    warm_up()  # before the job is known: only our code runs unconfined
+    """Child main loop: take the job, confine to it, warm up, then one round in, one answer out.
+
+    Torch is imported (at module load) before the job is known; nothing that starts threads
+    runs before `confine`, because Landlock binds only the calling thread and those it starts.
+    """
     send_frame(sock, {"warm": True})
     job = recv_frame(sock, MAX_TASK_BYTES)
     if not job or job.get("op") != "assign":
         return
     applied = confine(SandboxPolicy(**{**job["policy"], "read_paths": tuple(job["policy"]["read_paths"])}))
+    torch.set_num_threads(max(1, threads))
+    warm_up()
     send_frame(sock, {"ready": True, "sandbox": dataclasses.asdict(applied)})
     cache = _Cache()
     while True:

@@ -104,3 +104,16 @@ def test_a_nodes_training_process_serves_one_job_and_ends_with_it(sites):
             assert detail["sandbox"]["landlock_abi"] >= 1 and not detail["sandbox"]["problems"]
         assert wait_until(lambda pid=detail["pid"]: not Path(f"/proc/{pid}").exists(), 30), f"{job}'s process lives on"
     assert len({d["pid"] for d in started.values()}) == 2
+
+
+@pytest.mark.skipif(landlock_abi() == 0, reason="this kernel has no Landlock: no filesystem confinement to test")
+def test_every_thread_of_a_jobs_process_is_confined(tmp_path):
+    """Landlock binds the thread that asks and the threads it starts: a child that started
+    torch's worker threads before confining itself would leave them unconfined."""
+    trainer = Trainer(threads=2, policy=SandboxPolicy(memory_mb=2048))
+    trainer.start()
+    try:
+        trainer.run(plan_task("threads", write_npz(tmp_path / "d.npz"), PlanRef(zoo="mlp")), timeout_s=60)
+        assert trainer.sandbox["landlock_abi"] >= 1 and trainer.sandbox["problems"] == []
+    finally:
+        trainer.stop()
