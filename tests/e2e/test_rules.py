@@ -151,7 +151,7 @@ def test_federated_statistics_equal_the_pooled_values_and_standardize_a_job(fed)
 
 
 def test_differential_privacy_clips_and_noises_on_the_nodes(fed):
-    state = _run(fed, rounds=2, training_args={"dp": {"clip": 0.5, "sigma": 0.01}})
+    state = _run(fed, rounds=2, training_args={"dp": {"clip": 0.5, "sigma": 0.5}})  # the default policy: sigma >= 0.5
     for h in state.history:
         for rep in h["reports"]:  # nothing data-dependent and un-noised is published (was dp_update_norm)
             assert rep["n_samples"] > 0 and not [m for m in rep["metrics"] if m.startswith("dp_")]
