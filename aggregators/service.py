@@ -16,7 +16,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +91,62 @@ def check_sample_count(n_samples: int, declared: int | None) -> str | None:
     """Why a sample count cannot be a weight (None if it can).
 
     FedAvg weights by it, so an inflated count lets one node outweigh all others; it may not
-    exceed what the node declared for its dataset in its status (when known).
+    exceed what the node declared for its dataset in its status. A node that declared no
+    dataset with the job's tags has no count to check against: it is refused, not trusted.
     """
     if n_samples < 1:
         return f"sample count {n_samples} is not positive"
-    if declared is not None and n_samples > declared:
+    if declared is None:
+        return "the node declared no dataset with the job's tags, so its sample count cannot be a weight"
+    if n_samples > declared:
         return f"sample count {n_samples} exceeds the {declared} samples the node declared"
     return None
+
+
+def check_extra(extra: dict[str, torch.Tensor]) -> str | None:
+    """Why an update's (or a model's) extra tensors cannot be used (None if they can): a NaN
+    or Inf control variate would be summed into the server's and sent to every node."""
+    for key, value in extra.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+@dataclass
+class _Book:
+    """Who the open round expects, who answered, who is gone or refused (and why)."""
+
+    expected: list[str]
+    answered: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)  # gone because their training or update failed
+    reports: list[NodeRoundReport] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # node -> why its update was refused
+    unsaved: list[str] = field(default_factory=list)  # folded, not yet checkpointed, so not yet acknowledged
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any]) -> _Book:
+        return cls(expected=list(state["expected"]), answered=set(state["answered"]), gone=set(state["gone"]),
+                   reports=[NodeRoundReport.model_validate(x) for x in state["reports"]],
+                   rejected=dict(state.get("rejected") or {}))
+
+    def state(self) -> dict[str, Any]:
+        return {"expected": self.expected, "answered": sorted(self.answered), "gone": sorted(self.gone),
+                "reports": [x.model_dump() for x in self.reports], "rejected": dict(self.rejected)}
+
+    def can_close(self, spec: JobSpec) -> bool:
+        waiting = set(self.expected) - self.answered - self.gone
+        if len(self.answered) >= spec.quorum and (not waiting or spec.stragglers == "quorum"):
+            return True
+        # every node that could answer failed: waiting for the deadline changes nothing
+        return not waiting and bool(self.expected) and set(self.expected) - self.answered <= self.failed
+
+    def reject(self, node: str, reason: str) -> None:
+        """The node's update is refused: it is out of this round (not waited for again)."""
+        self.rejected.setdefault(node, reason)
+        if node in self.expected:
+            self.gone.add(node)
+            self.failed.add(node)
 
 
 class Checkpoints:
@@ -312,136 +361,170 @@ class JobRunner(threading.Thread):
             eligible = self._wait_for_nodes(deadline)
             if len(eligible) < spec.quorum:
                 raise JobFailure(f"round {r}: only {len(eligible)} eligible node(s) online, quorum is {spec.quorum}")
-            expected = select_nodes(spec.selection, spec.quorum, r, eligible)
+            book = _Book(expected=select_nodes(spec.selection, spec.quorum, r, eligible))
             rule.begin_round(params)
-            answered: set[str] = set()
-            gone: set[str] = set()
-            reports: list[NodeRoundReport] = []
         else:  # a restarted aggregator picks the round up where the checkpoint left it
             opened, deadline = resume["opened"], resume["deadline"]
-            expected = list(resume["expected"])
-            eligible = list(resume.get("eligible", expected))
-            answered, gone = set(resume["answered"]), set(resume["gone"])
-            reports = [NodeRoundReport.model_validate(x) for x in resume["reports"]]
+            book = _Book.resumed(resume)
+            eligible = list(resume.get("eligible", book.expected))
             rule.load_state_dict(resume["rule"])
-            log.info("round_resumed", answered=sorted(answered))
+            log.info("round_resumed", answered=sorted(book.answered))
         t_publish = time.perf_counter()
-        self._publish_model(r - 1, params, history, open_round=r, nodes=expected, deadline=deadline, extra=rule.model_extra())
+        self._publish_model(r - 1, params, history, open_round=r, nodes=book.expected, deadline=deadline,
+                            extra=rule.model_extra())
         publish_s = time.perf_counter() - t_publish
-        self._send("round_opened", RoundOpened(round=r, nodes=expected, deadline=deadline, model_round=r - 1,
+        self._send("round_opened", RoundOpened(round=r, nodes=book.expected, deadline=deadline, model_round=r - 1,
                                                selection=spec.selection.mode, eligible=eligible), round_=r)
-        log.info("round_opened", nodes=expected, selection=spec.selection.mode, model_publish_s=round(publish_s, 4))
-        selective = spec.selection.mode == "fraction"
+        log.info("round_opened", nodes=book.expected, selection=spec.selection.mode, model_publish_s=round(publish_s, 4))
 
         def open_state() -> dict[str, Any]:
-            return {"round": r, "opened": opened, "deadline": deadline, "expected": expected, "eligible": eligible,
-                    "answered": sorted(answered), "gone": sorted(gone),
-                    "reports": [x.model_dump() for x in reports], "rule": rule.state_dict()}
+            return {"round": r, "opened": opened, "deadline": deadline, "eligible": eligible, **book.state(),
+                    "rule": rule.state_dict()}
 
-        unsaved: list[str] = []  # folded, not yet checkpointed, so not yet acknowledged
+        self._collect(r, rule, params, book, deadline, open_state)
+        if len(book.answered) < spec.quorum:
+            raise JobFailure(f"round {r}: {len(book.answered)} update(s) by the deadline, quorum is {spec.quorum}")
+        return self._close(r, rule, params, book, opened)
+
+    def _collect(self, r: int, rule: AggregationRule, params, book: _Book, deadline: float, open_state) -> None:
+        """Take events until the round can close: fold updates, follow joins and drop-outs."""
         last_save = time.monotonic()
-        failed: set[str] = set()  # gone because their training failed (not merely offline)
-        while True:
-            waiting = set(expected) - answered - gone
-            enough = len(answered) >= spec.quorum
-            if enough and (not waiting or spec.stragglers == "quorum"):
-                break
-            if not waiting and expected and set(expected) - answered <= failed:
-                break  # every node that could answer failed: waiting for the deadline changes nothing
+        while not book.can_close(self.spec):
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
             try:
-                event = self.events.get(timeout=min(remaining, 0.1 if unsaved else 0.5))
+                event = self.events.get(timeout=min(remaining, 0.1 if book.unsaved else 0.5))
             except queue.Empty:
-                if unsaved:  # a lull: make what was folded durable, then acknowledge it
-                    last_save = self._checkpoint_and_ack(r, open_state, unsaved)
+                if book.unsaved:  # a lull: make what was folded durable, then acknowledge it
+                    last_save = self._checkpoint_and_ack(r, open_state, book.unsaved)
                 continue
             if event.kind == "withdrawn":
                 raise JobFailure("the researcher withdrew the job")
             self._note_standing(event)
-            if event.kind == "joined":  # back online, new, or its plan approved: it joins the open round
-                if event.node in self.pending or (selective and event.node not in expected):
-                    continue
-                if event.node not in answered and event.node not in self.declined:
-                    gone.discard(event.node)
-                    failed.discard(event.node)
-                    if event.node not in expected:
-                        expected.append(event.node)
-                        log.info("node_joined", node=event.node)
+            if event.kind != "update":
+                self._follow_membership(r, event, book)
                 continue
-            if event.kind == "dropout":
-                if event.node in expected and event.node not in answered:
-                    gone.add(event.node)
-                    if event.reason.startswith(("failed", "declined")):
-                        failed.add(event.node)
-                    log.info("node_dropped_out", node=event.node, reason=event.reason)
-                continue
-            msg = event.message
-            assert msg is not None
-            update = msg.body
-            if msg.round != r or update.round != r:
-                log.info("late_update_dropped", node=msg.sender, update_round=update.round)
-                continue
-            if selective and msg.sender not in expected:
-                log.info("unselected_update_dropped", node=msg.sender)
-                continue
-            if msg.sender in answered:
-                log.info("duplicate_update_dropped", node=msg.sender)
-                self._ack(r, msg.sender)  # its first acknowledgement may have been lost
-                continue
+            assert event.message is not None
+            # one checkpoint covers many updates: per update it would cost O(N) writes a round
+            if self._take_update(r, rule, params, event.message, book) and (
+                    len(book.unsaved) >= CHECKPOINT_EVERY_N or time.monotonic() - last_save >= CHECKPOINT_EVERY_S):
+                last_save = self._checkpoint_and_ack(r, open_state, book.unsaved)
+        self._checkpoint_and_ack(r, open_state, book.unsaved)
+
+    def _follow_membership(self, r: int, event: _Event, book: _Book) -> None:
+        """A node joins the open round (back online, new, or its plan approved) or drops out of it."""
+        selective = self.spec.selection.mode == "fraction"
+        if event.kind == "joined":
+            if event.node in self.pending or (selective and event.node not in book.expected):
+                return
+            if event.node not in book.answered and event.node not in self.declined and event.node not in book.rejected:
+                book.gone.discard(event.node)
+                book.failed.discard(event.node)
+                if event.node not in book.expected:
+                    book.expected.append(event.node)
+                    self.log.info("node_joined", round=r, node=event.node)
+        elif event.kind == "dropout" and event.node in book.expected and event.node not in book.answered:
+            book.gone.add(event.node)
+            if event.reason.startswith(("failed", "declined")):
+                book.failed.add(event.node)
+            self.log.info("node_dropped_out", round=r, node=event.node, reason=event.reason)
+
+    def _take_update(self, r: int, rule: AggregationRule, params, msg: Message, book: _Book) -> bool:
+        """Fold one update if its sender belongs to the round and the update is sound; True if
+        folded (it is acknowledged once checkpointed). A refused update is logged with its
+        reason and noted in the round's record; the round goes on without that node."""
+        update = msg.body
+        node = msg.sender
+        if msg.round != r or update.round != r:
+            self.log.info("late_update_dropped", round=r, node=node, update_round=update.round)
+            return False
+        if node in book.answered:
+            self.log.info("duplicate_update_dropped", round=r, node=node)
+            self._ack(r, node)  # its first acknowledgement may have been lost
+            return False
+        if node in book.rejected:
+            self.log.info("update_dropped", round=r, node=node, reason="an earlier update of the round was rejected")
+            return False
+        reason = self._admit_update(node, book) or self._fold(rule, params, node, update)
+        if reason is not None:
+            book.reject(node, reason)
+            self.log.warning("update_rejected", round=r, node=node, reason=reason)
+            return False
+        book.answered.add(node)
+        book.gone.discard(node)
+        book.reports.append(NodeRoundReport(node=node, n_samples=update.n_samples, metrics=update.metrics,
+                                            timings=update.timings))
+        book.unsaved.append(node)
+        self.log.info("update_folded", round=r, node=node, n_samples=update.n_samples)
+        return True
+
+    def _admit_update(self, node: str, book: _Book) -> str | None:
+        """Why `node` may not take part in the round (None if it may).
+
+        Only nodes the round selected are folded, or, unless the selection is `fraction`,
+        nodes that are eligible now (online, in spec.nodes if given, holding a dataset with
+        the job's tags) and so join it: any other enrolled node could outweigh them all.
+        """
+        if node in book.expected:
+            return None
+        if self.spec.selection.mode == "fraction":
+            return "not selected for this round"
+        if node in self.declined or node in self.pending:
+            return "not selected for this round: it declined the job or its plan awaits approval"
+        if node not in self.service.eligible(self.spec):
+            return ("not selected for this round: not eligible for the job (offline, outside its nodes, "
+                    "or no dataset with its tags)")
+        book.expected.append(node)
+        return None
+
+    def _fold(self, rule: AggregationRule, params, node: str, update) -> str | None:
+        """Decode, check and fold one update; why not, if any step refuses it (None if folded).
+
+        Whatever goes wrong here is this update's problem, never the job's. Every check runs
+        before the rule sums anything, and rules refuse before changing their sums (see
+        AggregationRule.add), so a refused update leaves no partial sum behind.
+        """
+        try:
             incoming = update.params
             if self.compression.kind != "none":
-                try:
-                    incoming = decode_update(update.params, params, self.compression)
-                except CompressionError as exc:
-                    log.warning("update_rejected", node=msg.sender, reason=str(exc))
-                    gone.add(msg.sender)
-                    failed.add(msg.sender)
-                    continue
-            problem = check_update(incoming, params) or check_sample_count(
-                update.n_samples, self.service.declared_samples(msg.sender, spec))
-            if problem is not None:
-                log.warning("update_rejected", node=msg.sender, reason=problem)
-                gone.add(msg.sender)
-                failed.add(msg.sender)
-                continue
-            try:
-                rule.add(incoming, update.n_samples, msg.sender, update.extra)
-            except ValueError as exc:  # e.g. a SCAFFOLD update without its control delta
-                log.warning("update_rejected", node=msg.sender, reason=str(exc))
-                gone.add(msg.sender)
-                failed.add(msg.sender)
-                continue
-            answered.add(msg.sender)
-            gone.discard(msg.sender)
-            if msg.sender not in expected:
-                expected.append(msg.sender)
-            reports.append(NodeRoundReport(node=msg.sender, n_samples=update.n_samples,
-                                           metrics=update.metrics, timings=update.timings))
-            unsaved.append(msg.sender)
-            log.info("update_folded", node=msg.sender, n_samples=update.n_samples)
-            # one checkpoint covers many updates: per update it would cost O(N) writes a round
-            if len(unsaved) >= CHECKPOINT_EVERY_N or time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
-                last_save = self._checkpoint_and_ack(r, open_state, unsaved)
-        self._checkpoint_and_ack(r, open_state, unsaved)
-        if len(answered) < spec.quorum:
-            raise JobFailure(f"round {r}: {len(answered)} update(s) by the deadline, quorum is {spec.quorum}")
+                incoming = decode_update(update.params, params, self.compression)
+            problem = (check_update(incoming, params) or check_extra(update.extra)
+                       or check_sample_count(update.n_samples, self.service.declared_samples(node, self.spec)))
+            if problem is None:
+                rule.add(incoming, update.n_samples, node, update.extra)
+            return problem
+        except (CompressionError, ValueError) as exc:  # e.g. a SCAFFOLD update without its control delta
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a malformed update must not fail the job
+            self.log.exception("update_fold_error", node=node)
+            return f"{type(exc).__name__}: {exc}"
+
+    def _close(self, r: int, rule: AggregationRule, params, book: _Book,
+               opened: float) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+        """The round's new model, checked before anyone sees it, and its record."""
         try:
             new_params = rule.end_round()
         except ValueError as exc:  # e.g. Krum with fewer updates than it needs
             raise JobFailure(f"round {r}: {rule.name}: {exc}") from None
+        problem = check_update(new_params, params) or check_extra(rule.model_extra())
+        if problem is not None:  # e.g. a server step that overflowed: the last good model stays published
+            raise JobFailure(f"round {r}: {rule.name} produced an invalid global model ({problem}); not published")
         notes: dict[str, Any] = {"selected": list(rule.selected)} if getattr(rule, "selected", None) else {}
-        norms = {n: float(new_params[n].double().norm()) for n in spec.training_args.get("report_norms") or []
+        norms = {n: float(new_params[n].double().norm()) for n in self.spec.training_args.get("report_norms") or []
                  if n in new_params}
         if norms:
             notes["norms"] = norms
+        if book.rejected:
+            notes["rejected"] = dict(book.rejected)
+        reports = book.reports
         total = sum(rep.n_samples for rep in reports)
         metric_names = set().union(*(rep.metrics for rep in reports))
         metrics = {m: sum(rep.metrics.get(m, 0.0) * rep.n_samples for rep in reports) / total for m in metric_names}
-        summary = RoundClosed(round=r, reports=reports, missing=sorted(set(expected) - answered),
+        summary = RoundClosed(round=r, reports=reports, missing=sorted(set(book.expected) - book.answered),
                               metrics=metrics, duration_s=time.time() - opened, notes=notes)
-        log.info("round_closed", nodes=sorted(answered), missing=summary.missing, **{k: round(v, 4) for k, v in metrics.items()})
+        self.log.info("round_closed", round=r, nodes=sorted(book.answered), missing=summary.missing,
+                      **{k: round(v, 4) for k, v in metrics.items()})
         return new_params, summary
 
     def _ack(self, r: int, node: str) -> None:
@@ -489,6 +572,7 @@ class AggregatorService:
         self.messenger = Messenger(identity, mqtt)
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
         self.nodes: dict[str, NodeStatus] = {}
+        self.declared: dict[str, NodeStatus] = {}  # each node's last online status: its datasets
         self.runners: dict[str, JobRunner] = {}
         self._lock = threading.Lock()
         self.heartbeat_file = Path(state_dir) / "heartbeat.json"
@@ -564,9 +648,10 @@ class AggregatorService:
         )
 
     def declared_samples(self, node: str, spec: JobSpec) -> int | None:
-        """The size of the node's largest dataset matching the job's tags, per its last status."""
+        """The size of the node's largest dataset matching the job's tags, per its last online
+        status (an update sent just before its node went offline is still weighed by it)."""
         with self._lock:
-            status = self.nodes.get(node)
+            status = self.declared.get(node)
         if status is None:
             return None
         sizes = [d.n_samples for d in status.datasets if set(spec.tags) <= set(d.tags)]
@@ -597,6 +682,8 @@ class AggregatorService:
         with self._lock:
             previous = self.nodes.get(msg.sender)
             self.nodes[msg.sender] = status
+            if status.state == "online":
+                self.declared[msg.sender] = status
             runners = list(self.runners.values())
         came_online = status.state == "online" and (previous is None or previous.state != "online")
         for runner in runners:

@@ -32,6 +32,7 @@ from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
 from node.accountant import client_level_epsilon
 from node.audit import AuditTrail
+from node.binding import JobBindings
 from node.caps import cap_refusal
 from node.config import NodeSettings
 from node.job_store import JobStore
@@ -131,6 +132,7 @@ class NodeService:
         # start a thread each (and each its own copy of the data)
         self._stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fbm-node-stats")
         self._stats_pending = 0
+        self.bindings = JobBindings(self.state, audit, self.log)  # job -> the one aggregator it follows
         self._lock = threading.Lock()
         self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._stop = threading.Event()
@@ -444,8 +446,22 @@ class NodeService:
             self.audit.record("job_withdrawn", job=job)
             self.log.info("job_withdrawn", job=job)
 
+    def _job_spec(self, job_id: str) -> JobSpec | None:
+        with self._lock:
+            known = self.jobs.get(job_id) or self.parked.get(job_id)
+        return known.spec if known is not None else None
+
+    def _from_bound_aggregator(self, msg: Message, job_id: str) -> bool:
+        """Whether a model or an ack for `job_id` comes from the job's aggregator (see
+        node/binding.py for the rule). Messages for jobs this node neither runs nor waits on
+        are ignored anyway, so they bind nothing."""
+        spec = self._job_spec(job_id)
+        return spec is not None and self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
+
     def _on_ack(self, msg: Message) -> None:
         """The aggregator holds our update in a checkpoint: stop re-sending it."""
+        if not self._from_bound_aggregator(msg, msg.job or ""):
+            return
         if msg.body.node == self.name:
             with self._lock:
                 acked = self.pending.pop((msg.job or "", msg.body.round), None)
@@ -468,6 +484,8 @@ class NodeService:
     def _on_model(self, msg: Message) -> None:
         model = msg.body
         job_id = topics.job_of(msg.topic)
+        if not self._from_bound_aggregator(msg, job_id or ""):
+            return
         if model.status in ("done", "failed"):
             self._job_ended(job_id or "", model.status, msg.sender)
             return

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,6 +36,11 @@ from common.settings import TransportSettings
 from common.training.loader import PlanError, check_ref, load_plan_class, source_sha256
 from common.training.local import ALGORITHM_OF_RULE
 from common.training.plan import TrainingPlan
+
+# what only the job's aggregator says: from any other aggregator identity it is dropped
+AGGREGATOR_TYPES = frozenset({"model", "job_history", "job_accepted", "round_opened", "round_closed", "job_done",
+                              "job_failed"})
+MAX_DROPPED = 100  # dropped messages kept in JobState.dropped (a flood is logged, not kept)
 
 
 class JobError(RuntimeError):
@@ -56,6 +62,8 @@ class JobState:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     reason: str = ""
     notices: list[dict[str, Any]] = field(default_factory=list)  # node replies (declines, failures)
+    aggregator: str | None = None  # the aggregator the job is bound to (pinned, or the first seen)
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # messages from other aggregators, ignored
 
     def apply_model(self, model: GlobalModel) -> None:
         self.status = model.status
@@ -144,7 +152,7 @@ class Experiment:
         self.seed = seed
         self.mqtt = researcher_settings(mqtt)
         self._messenger: Messenger | None = None
-        self.state = JobState(self.job_id, rounds=rounds)
+        self.state = JobState(self.job_id, rounds=rounds, aggregator=aggregator_identity)
         self._spec: JobSpec | None = None  # the submitted (or attached) spec, exactly as signed
 
     # --- the job ------------------------------------------------------------------------------
@@ -197,7 +205,28 @@ class Experiment:
         """Remove the job from the broker; the aggregator stops it."""
         self.messenger.clear(topics.job(self.job_id))
 
+    def _from_bound_aggregator(self, msg: Message) -> bool:
+        """Whether an aggregator's message comes from the one the job is bound to.
+
+        The rule (the nodes' too): the aggregator the job pins (`aggregator_identity`), else
+        the first aggregator heard from about the job (its `job_accepted` after a submit, or
+        the retained model on attach). Any other aggregator identity could otherwise end the
+        job in the researcher's eyes with a forged `done` model or `job_failed`.
+        """
+        if self.state.aggregator is None:
+            self.state.aggregator = msg.sender
+        if msg.sender == self.state.aggregator:
+            return True
+        structlog.get_logger("researcher").warning("foreign_aggregator_dropped", job=self.job_id, type=msg.type,
+                                                   sender=msg.sender, bound=self.state.aggregator)
+        if len(self.state.dropped) < MAX_DROPPED:
+            self.state.dropped.append({"type": msg.type, "sender": msg.sender, "round": msg.round,
+                                       "reason": f"the job is bound to aggregator {self.state.aggregator!r}"})
+        return False
+
     def _apply(self, msg: Message) -> None:
+        if msg.type in AGGREGATOR_TYPES and not self._from_bound_aggregator(msg):
+            return
         if msg.type == "model":
             self.state.apply_model(msg.body)  # type: ignore[arg-type]
         elif msg.type == "job_history":
@@ -283,7 +312,7 @@ class Experiment:
         exp.seed = int(spec.training_args.get("seed", 0))
         exp.mqtt = researcher_settings(mqtt)
         exp._messenger = None
-        exp.state = JobState(spec.job_id, rounds=spec.rounds)
+        exp.state = JobState(spec.job_id, rounds=spec.rounds, aggregator=spec.aggregator.identity)
         exp._spec = spec
         exp.poll(2.0)
         return exp

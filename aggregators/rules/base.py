@@ -27,6 +27,11 @@ class AggregationRule(ABC):
     update as it arrives, then `end_round()`, which returns the new global parameters;
     `model_extra()` is published with them (e.g. SCAFFOLD's server control variate).
 
+    `add` refuses an update it cannot use by raising ValueError (why) *before* changing any
+    state: the aggregator then drops that update and the round goes on, so a half-added
+    update would corrupt the round's sums. (The aggregator treats any exception from `add`
+    as a refusal of that update; it cannot undo a rule's partial change.)
+
     Class attributes a rule declares:
       - `streaming`: True if memory stays O(model) whatever the number of updates; False if
         the rule needs all of them at once (robust statistics) and holds N x model.

@@ -12,8 +12,21 @@ def zeros_like(params: Params) -> Params:
     return {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
 
 
+def check_like(params: Params, like: Params) -> None:
+    """ValueError unless `params` has exactly the names and shapes of `like`. Rules call it
+    before changing any sum, so a refused update leaves nothing half-added."""
+    if params.keys() != like.keys():
+        missing, extra = sorted(like.keys() - params.keys()), sorted(params.keys() - like.keys())
+        raise ValueError(f"parameter names differ (missing {missing[:5]}, unexpected {extra[:5]})")
+    for key, ref in like.items():
+        if params[key].shape != ref.shape:
+            raise ValueError(f"{key}: shape {list(params[key].shape)}, expected {list(ref.shape)}")
+
+
 def add_weighted_(acc: Params, params: Params, weight: float) -> None:
-    """acc += weight * params, in place (streaming: one update at a time)."""
+    """acc += weight * params, in place (streaming: one update at a time); every tensor is
+    checked before any is added."""
+    check_like(params, acc)
     for key, value in params.items():
         acc[key].add_(value.to(torch.float64), alpha=weight)
 

@@ -12,7 +12,13 @@ import math
 from typing import Any
 
 from aggregators.rules.base import AggregationRule
-from aggregators.rules.functions import Params, coordinate_median, multi_krum, trimmed_mean
+from aggregators.rules.functions import (
+    Params,
+    check_like,
+    coordinate_median,
+    multi_krum,
+    trimmed_mean,
+)
 
 
 class _Buffered(AggregationRule):
@@ -31,6 +37,7 @@ class _Buffered(AggregationRule):
     def add(self, params: Params, n_samples: int, node: str, extra: Params | None = None) -> None:
         if len(self._updates) >= self.max_updates:
             raise ValueError(f"{self.name} holds at most {self.max_updates} updates per round (max_updates)")
+        check_like(params, self._like)
         self._updates.append(params)
         self._weights.append(float(n_samples))
         self._nodes.append(node)

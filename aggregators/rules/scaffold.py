@@ -40,13 +40,31 @@ class Scaffold(FedAvg):
         self._count = 0
 
     def add(self, params: Params, n_samples: int, node: str, extra: Params | None = None) -> None:
-        super().add(params, n_samples, node)
-        for key in self._dc:
-            delta = (extra or {}).get(PREFIX + key)
-            if delta is None:
-                raise ValueError(f"scaffold: the update of {node} lacks the control delta {PREFIX + key}")
-            self._dc[key].add_(delta.to(torch.float64))
+        deltas = self._control_deltas(extra or {}, node)  # all checked before anything is summed
+        super().add(params, n_samples, node)  # checks the params before summing them
+        for key, delta in deltas.items():
+            self._dc[key].add_(delta)
         self._count += 1
+
+    def _control_deltas(self, extra: Params, node: str) -> Params:
+        """The update's control deltas as float64, or ValueError: one missing, mis-shaped,
+        not floating point, NaN or Inf would poison the server's control variate."""
+        out: Params = {}
+        for key, like in self._dc.items():
+            name = PREFIX + key
+            delta = extra.get(name)
+            if delta is None:
+                raise ValueError(f"scaffold: the update of {node} lacks the control delta {name}")
+            if delta.shape != like.shape:
+                raise ValueError(f"scaffold: control delta {name} of {node} has shape {list(delta.shape)}, "
+                                 f"expected {list(like.shape)}")
+            if not delta.is_floating_point():
+                raise ValueError(f"scaffold: control delta {name} of {node} is {delta.dtype}, not floating point")
+            if not bool(torch.isfinite(delta).all()):
+                kind = "NaN" if bool(torch.isnan(delta).any()) else "Inf"
+                raise ValueError(f"scaffold: control delta {name} of {node} contains {kind}")
+            out[key] = delta.to(torch.float64)
+        return out
 
     def end_round(self) -> Params:
         average = super().end_round()

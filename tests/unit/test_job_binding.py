@@ -1,0 +1,52 @@
+"""A node follows one aggregator per job, and keeps following it across a restart (attack 4)."""
+
+from __future__ import annotations
+
+import structlog
+
+from node.audit import AuditTrail
+from node.binding import JobBindings
+from node.db import Database
+from node.state import NodeState
+
+
+def _bindings(path) -> tuple[JobBindings, AuditTrail]:
+    db = Database(path)
+    audit = AuditTrail(db)
+    return JobBindings(NodeState(db), audit, structlog.get_logger("test")), audit
+
+
+def _events(audit: AuditTrail, event: str) -> list[dict]:
+    return [e for e in audit.entries() if e["event"] == event]
+
+
+def test_the_first_aggregator_is_bound_and_the_binding_survives_a_restart(tmp_path):
+    node, audit = _bindings(tmp_path / "node.db")
+    assert node.accepts("job-1", None, "agg-1", "model")
+    assert not node.accepts("job-1", None, "agg-rogue", "model")
+    assert not node.accepts("job-1", None, "agg-rogue", "update_received")
+    assert node.accepts("job-1", None, "agg-1", "update_received")
+    # restarted: the first message it sees is the rogue's retained model; the database says agg-1
+    restarted, audit = _bindings(tmp_path / "node.db")
+    assert restarted.bound("job-1") == "agg-1"
+    assert not restarted.accepts("job-1", None, "agg-rogue", "model")
+    assert restarted.accepts("job-1", None, "agg-1", "model")
+    assert [e["actor"] for e in _events(audit, "job_aggregator_bound")] == ["agg-1"]
+
+
+def test_a_pinned_aggregator_is_the_only_one_even_if_another_speaks_first(tmp_path):
+    node, _ = _bindings(tmp_path / "node.db")
+    assert not node.accepts("job-2", "agg-2", "agg-1", "model")
+    assert node.accepts("job-2", "agg-2", "agg-2", "model")
+    assert node.bound("job-2") is None  # a pinned job needs no record
+
+
+def test_a_flood_of_foreign_messages_is_audited_once_per_job_sender_and_type(tmp_path):
+    node, audit = _bindings(tmp_path / "node.db")
+    node.accepts("job-3", None, "agg-1", "model")
+    for _ in range(50):
+        node.accepts("job-3", None, "agg-rogue", "model")
+        node.accepts("job-3", None, "agg-rogue", "update_received")
+    dropped = _events(audit, "foreign_aggregator_dropped")
+    assert sorted(e["detail"]["type"] for e in dropped) == ["model", "update_received"]
+    assert all("bound to aggregator 'agg-1'" in e["detail"]["reason"] for e in dropped)
