@@ -32,6 +32,8 @@ class NodeSettings(BaseSettings):
     plan_poll_s: float = Field(default=2.0, gt=0, description="how often the running node re-reads plan decisions")
     sandbox: bool = Field(default=True, description="confine training with Landlock (files, network) where the kernel has it")
     train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
+    max_training_processes: int = Field(default=2, ge=1, description="live training processes (one per job, least "
+                                        "recently used stopped first; a warm spare counts)")
     min_statistics_rows: int = Field(default=10, ge=1, description="refuse federated statistics over fewer rows")
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy,
                                    description="the least a job must guarantee (batch size, records, quorum, DP, budget)")
@@ -76,6 +78,7 @@ max_rounds = 1000            # per round: round_deadline_s) are declined, and to
 max_round_seconds = 3600
 train_memory_mb = 8192       # address-space limit of the training process (0: none)
 sandbox = true               # Landlock: training reads only Python, system libs and its dataset
+max_training_processes = 2   # one training process per job, kept warm across its rounds
 log_level = "info"
 
 [privacy]                    # the least a job must guarantee; a job asking for less is declined

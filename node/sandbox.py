@@ -5,7 +5,7 @@ The training child therefore starts with a scrubbed environment (no broker setti
 paths to credentials), and before it runs any plan it locks itself in:
 
 - Landlock (Linux >= 5.13, unprivileged): read-only access to the Python installation, the
-  system libraries and the datasets it was given; read-write only to a private scratch folder;
+  system libraries and the one dataset of the job it serves (a child per job); read-write only to a private scratch folder;
   no TCP connect or bind (ABI >= 4); no signals to or abstract sockets of processes outside
   the sandbox (ABI >= 6). Landlock also forbids ptrace-style access (`/proc/<node>/environ`,
   `/proc/<node>/mem`) to the node, which is not sandboxed.
@@ -13,7 +13,7 @@ paths to credentials), and before it runs any plan it locks itself in:
 - no_new_privs, and death with the node (PR_SET_PDEATHSIG).
 
 Where Landlock is missing, the child runs with the environment scrub and rlimits only and the
-node logs `sandbox_degraded` once at start.
+node logs `sandbox_degraded` when it starts a job's child.
 """
 
 from __future__ import annotations
@@ -128,8 +128,10 @@ def python_read_paths(secret_dirs: list[Path]) -> list[str]:
 def child_environment(threads: int, scratch: str) -> dict[str, str]:
     """The child's whole environment: an allow-list, never the node's own environment."""
     env = {k: v for k, v in os.environ.items() if k in ENV_KEEP or k.startswith("LC_")}
+    # numpy's OpenBLAS starts its worker threads when numpy is imported, before the child
+    # confines itself (Landlock binds the calling thread only): one thread, none to escape by
     env.update({"HOME": scratch, "TMPDIR": scratch, "OMP_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads), "PYTHONDONTWRITEBYTECODE": "1"})
+                "MKL_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     return env
 
 
@@ -188,6 +190,13 @@ def _landlock(policy: SandboxPolicy, abi: int, applied: Applied) -> None:
         os.close(ruleset)
 
 
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
 def confine(policy: SandboxPolicy) -> Applied:
     """Lock the calling process in (irreversibly). Called by the child before any plan runs."""
     applied = Applied()
@@ -202,6 +211,9 @@ def confine(policy: SandboxPolicy) -> Applied:
         _set_limit(resource.RLIMIT_FSIZE, policy.file_size_mb << 20, applied, "file_size")
     if policy.memory_mb:
         _set_limit(resource.RLIMIT_AS, policy.memory_mb << 20, applied, "address_space")
+    threads = _thread_count()
+    if threads > 1:  # Landlock, no_new_privs: the calling thread (and those it starts) only
+        applied.problems.append(f"{threads - 1} thread(s) started before confinement stay unconfined")
     abi = landlock_abi() if policy.landlock else 0
     if abi:
         try:

@@ -2,8 +2,9 @@
 
 It learns everything from retained messages (the job spec, and the latest global model, which
 also says which round is open and for whom), so a node that was offline simply joins the
-current round when it comes back. Training runs in a warm child process on a thread of its
-own, so message handling never waits for it.
+current round when it comes back. Each job trains in a confined child process of its own,
+kept warm across the job's rounds, driven from a thread of its own, so message handling never
+waits for it.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def sandbox_policy(settings: NodeSettings) -> SandboxPolicy:
 
 
 def _dataset_spec(ds: Dataset) -> dict[str, Any]:
-    """What the training child needs to load a dataset (its path stays on this machine)."""
+    """What the training child needs to load a dataset (its path stays on this machine); the
+    sample count bounds the one a training answer may claim."""
     return {"type": ds.type, "path": ds.path, "target": ds.target, "labels": ds.labels, "name": ds.name,
-            "labels_found": ds.meta.get("labels")}
+            "labels_found": ds.meta.get("labels"), "n_samples": ds.public().n_samples or None}
 
 
 @dataclass
@@ -96,6 +98,13 @@ class _Pending:
 
 
 @dataclass(frozen=True)
+class _JobOver:
+    """Tells the training thread a job ended: its training process ends too."""
+
+    job: str
+
+
+@dataclass(frozen=True)
 class _Task:
     job: str
     round: int
@@ -119,8 +128,10 @@ class NodeService:
         self.job_store = JobStore(registry.db)
         self.ledger = PrivacyLedger(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
-                                          secret_dirs=[settings.node_dir, settings.bundle])
+                                          secret_dirs=[settings.node_dir, settings.bundle],
+                                          max_processes=settings.max_training_processes)
         self.log = structlog.get_logger("node").bind(node=self.name)
+        self.trainer.on_started = self._training_started
         self.messenger = Messenger(
             identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
         )
@@ -134,7 +145,7 @@ class NodeService:
         self._stats_pending = 0
         self.bindings = JobBindings(self.state, audit, self.log)  # job -> the one aggregator it follows
         self._lock = threading.Lock()
-        self._tasks: queue.Queue[_Task | None] = queue.Queue()
+        self._tasks: queue.Queue[_Task | _JobOver | None] = queue.Queue()
         self._stop = threading.Event()
         self._train_thread = threading.Thread(target=self._train_loop, name="fbm-node-train", daemon=True)
         self._resend_thread = threading.Thread(target=self._resend_loop, name="fbm-node-resend", daemon=True)
@@ -143,9 +154,9 @@ class NodeService:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, connect_timeout_s: float | None = None) -> None:
-        """Connect at once; the training process starts meanwhile on the training thread (a
-        round that arrives first waits for it), so a restarted site is back in ~1 s, not ~4."""
-        self.trainer.allow_datasets([_dataset_spec(ds) for ds in self.registry.list()])
+        """Connect at once; a warm training process starts meanwhile on the training thread (a
+        round that arrives first waits for it), so a restarted site is back in ~1 s, not ~4.
+        It may read no dataset until a job is assigned to it."""
         self._train_thread.start()
         self._resume_jobs()  # before subscribing: a model delivered at once finds its job
         m = self.messenger
@@ -414,6 +425,7 @@ class NodeService:
                     self.jobs.pop(spec.job_id, None)
                     self._drop_pending(spec.job_id)
                 self.job_store.forget(spec.job_id)
+                self._tasks.put(_JobOver(spec.job_id))
                 self._decline(spec.job_id, self._plan_refusal(spec, status))
                 self.publish_status()
 
@@ -447,6 +459,7 @@ class NodeService:
         if job:
             self.job_store.forget(job)
         if removed:
+            self._tasks.put(_JobOver(job))
             self.audit.record("job_withdrawn", job=job)
             self.log.info("job_withdrawn", job=job)
 
@@ -480,6 +493,7 @@ class NodeService:
             job = self.jobs.pop(job_id, None)
         self.job_store.forget(job_id)
         if job is not None:
+            self._tasks.put(_JobOver(job_id))
             event = f"job_{status}"
             self.audit.record(event, job=job_id, actor=sender)
             self.log.info(event, job=job_id)
@@ -520,19 +534,18 @@ class NodeService:
     # --- training -----------------------------------------------------------------------------
 
     def _prepare_training(self) -> None:
-        """Start the confined training process and load up to two datasets into it."""
+        """Warm a spare training process (torch imported), so the first job does not wait for it."""
         try:
             self.trainer.start()
-        except TrainingFailed as exc:  # each round tries again (Trainer.run restarts it)
+        except TrainingFailed as exc:  # each job's first round starts a process of its own
             self.log.error("training_process_not_started", error=str(exc))
             return
-        for ds in self.registry.list()[:2]:  # the child caches two datasets
-            try:
-                self.trainer.preload(_dataset_spec(ds))
-            except TrainingFailed as exc:
-                self.log.warning("dataset_not_preloaded", dataset=ds.name, error=str(exc))
-        self.audit.record("training_ready", actor=self.name, sandbox=self.trainer.sandbox)
+        self.audit.record("training_ready", actor=self.name, max_processes=self.trainer.max_processes)
         self.log.info("training_ready")
+
+    def _training_started(self, job: str, pid: int, sandbox: dict[str, Any]) -> None:
+        """A job got its own training process: what it may touch goes into the audit trail."""
+        self.audit.record("training_process_started", job=job, actor=self.name, pid=pid, sandbox=sandbox)
 
     def _train_loop(self) -> None:
         self._prepare_training()
@@ -540,6 +553,9 @@ class NodeService:
             task = self._tasks.get()
             if task is None:
                 return
+            if isinstance(task, _JobOver):
+                self.trainer.end_job(task.job)
+                continue
             with self._lock:
                 job = self.jobs.get(task.job)
             if job is None:

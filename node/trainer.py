@@ -1,26 +1,36 @@
-"""The parent side of the warm training child: start it confined, hand it tasks, survive its crashes."""
+"""The parent side of training: one confined child process per job, its answers checked.
+
+Each job gets its own child (`node.training_process`), confined to that job's dataset and
+kept warm across the job's rounds; it ends when the job ends, when the node stops, or when
+it is the least recently used and a new job needs its place (`max_processes`). A warm spare,
+started at node start and again when a job ends, lets the next job start without waiting
+for torch; it may read no dataset until it is assigned a job.
+Answers come back as size-limited frames and are checked against the task (`node.answers`)
+before the node uses them; a child that breaks the protocol or sends a refused answer is
+stopped, and its job gets a new one next round.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import multiprocessing as mp
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 
-from node.sandbox import SandboxPolicy, child_environment, python_read_paths
-from node.worker import to_arrays, to_tensors
+from node.answers import AnswerRefused, check_failure, check_result
+from node.sandbox import SandboxPolicy, python_read_paths
+from node.training_process import ChildFailed, TrainingProcess
+from node.worker import to_tensors
+
+ANSWER_SLACK_BYTES = 64 << 20  # metrics, timings and headers on top of the tensors
 
 
 class TrainingFailed(RuntimeError):
-    """A round could not be trained; the message says why (plan error, crash, timeout, memory)."""
+    """A round could not be trained; the message says why (plan error, crash, timeout, memory, refused answer)."""
 
 
 def dataset_read_paths(spec: dict[str, Any]) -> list[str]:
@@ -32,144 +42,175 @@ def dataset_read_paths(spec: dict[str, Any]) -> list[str]:
     return [str(Path(p).resolve()) for p in paths]
 
 
-class Trainer:
-    """One warm child process (torch imported once) reused across rounds and jobs.
+def _job_key(task: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    return str(task["job"]), tuple(dataset_read_paths(task["dataset"]))
 
-    The child is a fresh interpreter (`python -m node.worker`) with an allow-listed
-    environment, confined by `node.sandbox` before any plan runs; it can read only the
-    datasets it was started for, so a task on another dataset restarts it with that one added.
-    """
+
+class Trainer:
+    """A bounded pool of per-job training children (least recently used evicted first)."""
 
     def __init__(self, threads: int = 1, policy: SandboxPolicy | None = None,
-                 secret_dirs: list[Path] | None = None, start_timeout_s: float = 120.0) -> None:
+                 secret_dirs: list[Path] | None = None, start_timeout_s: float = 120.0,
+                 max_processes: int = 2,
+                 on_started: Callable[[str, int, dict[str, Any]], None] | None = None) -> None:
         self.threads = threads
         self.start_timeout_s = start_timeout_s
+        self.max_processes = max(1, max_processes)
         base = policy or SandboxPolicy()
         self.policy = base.with_read_paths(python_read_paths(list(secret_dirs or [])))
         self.log = structlog.get_logger("trainer")
-        self.sandbox: dict[str, Any] = {}
-        self._proc: subprocess.Popen | None = None
-        self._conn = None
-        self._scratch: str | None = None
+        self.sandbox: dict[str, Any] = {}  # what the most recently assigned child got
+        self.on_started = on_started  # (job, pid, sandbox) of each child assigned to a job: the audit
+        self._procs: OrderedDict[tuple[str, tuple[str, ...]], TrainingProcess] = OrderedDict()
+        self._spare: TrainingProcess | None = None
+        self._lock = threading.Lock()
         self._closing = False
 
     def start(self) -> None:
-        self._scratch = tempfile.mkdtemp(prefix="fbm-train-")
-        policy = dataclasses.replace(self.policy, scratch=self._scratch)
-        parent, child = mp.Pipe()
-        fd = child.fileno()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.worker", "--fd", str(fd)],
-            pass_fds=(fd,), env=child_environment(self.threads, self._scratch), cwd=self._scratch,
-            stdin=subprocess.DEVNULL,
-        )
-        child.close()
-        parent.send({"threads": self.threads, "policy": dataclasses.asdict(policy)})
-        if not parent.poll(self.start_timeout_s):
-            proc.kill()
-            raise TrainingFailed("the training process did not start in time")
+        """Start the warm spare and wait until torch is imported in it (the node is then ready)."""
+        with self._lock:
+            if self._closing:
+                raise TrainingFailed("the node is stopping")
+            self._spare = self._spare or TrainingProcess(self.threads)
+            spare = self._spare
         try:
-            hello = parent.recv()
-        except (EOFError, OSError) as exc:
-            proc.wait(timeout=5)
-            raise TrainingFailed(f"the training process failed to start (exit code {proc.returncode})") from exc
-        if self._closing:  # the node began stopping while we started: do not leave a child behind
-            proc.kill()
-            proc.wait(timeout=5)
-            raise TrainingFailed("the node is stopping")
-        self._proc, self._conn = proc, parent
-        self.sandbox = hello.get("sandbox", {})
-        for problem in self.sandbox.get("problems", []):
-            self.log.warning("sandbox_degraded", problem=problem)
-        self.log.info("training_process_ready", pid=proc.pid, landlock_abi=self.sandbox.get("landlock_abi"),
-                      limits=self.sandbox.get("limits"))
+            spare.wait_warm(self.start_timeout_s)
+        except (ChildFailed, TimeoutError) as exc:
+            self._discard_spare()
+            raise TrainingFailed(f"the training process failed to start: {exc}") from exc
+        self.log.info("training_process_warm", pid=spare.pid)
 
     def begin_close(self) -> None:
-        """The node is stopping: a child that dies now is not restarted."""
+        """The node is stopping: no new child is started."""
         self._closing = True
 
-    def _alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def jobs(self) -> list[str]:
+        """The jobs that have a live child, least recently used first."""
+        with self._lock:
+            return [key[0] for key in self._procs]
 
-    def _restart(self) -> None:
-        if self._closing:
-            raise TrainingFailed("the node is stopping")
-        self.stop()
-        self.start()
+    def pid(self, job: str) -> int | None:
+        """The process id of the job's child, if it has one."""
+        with self._lock:
+            return next((c.pid for k, c in self._procs.items() if k[0] == job), None)
 
-    def allow_datasets(self, datasets: list[dict[str, Any]]) -> list[str]:
-        """Grant read access to these datasets from the next (re)start of the child on; the
-        paths that were not readable yet."""
-        paths = [p for d in datasets for p in dataset_read_paths(d) if not self.policy.allows_reading(p)]
-        if paths:
-            self.policy = self.policy.with_read_paths(paths)
-        return paths
-
-    def _allow(self, dataset: dict[str, Any] | None) -> None:
-        """Restart the child with read access to a dataset it was not started for."""
-        added = self.allow_datasets([dataset]) if dataset is not None else []
-        if added and self._proc is not None:
-            self.log.info("training_process_widened", datasets=added)
-            self._restart()
-
-    def preload(self, dataset: dict[str, Any], timeout_s: float = 600.0) -> None:
-        """Load a dataset into the child's cache now, so the first round does not pay for it."""
-        self.run({"op": "preload", "dataset": dataset}, timeout_s)
+    def live_processes(self) -> int:
+        """Children alive now, the spare included (never more than `max_processes`)."""
+        with self._lock:
+            children = [*self._procs.values(), *([self._spare] if self._spare else [])]
+        return sum(c.alive() for c in children)
 
     def run(self, task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """Train one round in the child; TrainingFailed on a plan error, crash, timeout or memory."""
-        self._allow(task.get("dataset"))
-        if not self._alive():
-            self._restart()
-        assert self._conn is not None and self._proc is not None
-        for key in ("params", "extra"):
-            if key in task:
-                task = {**task, key: to_arrays(task[key])}
+        """Train one round in the job's child; TrainingFailed on a plan error, crash, timeout,
+        memory, or an answer that breaks the protocol or does not fit the model sent."""
+        key = _job_key(task)
+        log = self.log.bind(job=key[0], round=task.get("round"))
+        child = self._child_for(key, log)
+        sent = to_tensors(task["params"])
         try:
-            self._conn.send(task)
-        except (BrokenPipeError, OSError):
-            self._restart()
-            self._conn.send(task)
-        deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.2):
-            if not self._alive():
-                self._died()
-            if time.monotonic() > deadline:
-                self._restart()
-                raise TrainingFailed(f"training took longer than {timeout_s:.0f}s and was stopped")
-        try:
-            answer = self._conn.recv()
-        except (EOFError, OSError):
-            self._died()
-        if not answer.get("ok"):
-            self.log.warning("plan_failed", traceback=answer.get("traceback"))
-            raise TrainingFailed(answer.get("error", "unknown error"))
-        for key in ("params", "extra"):
-            if key in answer:
-                answer[key] = to_tensors(answer[key])
-        return answer
+            size = child.send(task)
+            answer = child.answer(4 * size + ANSWER_SLACK_BYTES, timeout_s)
+        except TimeoutError:
+            self._drop(key, child, log, "timeout")
+            raise TrainingFailed(f"training took longer than {timeout_s:.0f}s and was stopped") from None
+        except ChildFailed as exc:
+            self._drop(key, child, log, "died" if exc.died else "protocol")
+            raise TrainingFailed(f"{exc}; the next round starts a new one" if exc.died else str(exc)) from exc
+        return self._checked(answer, sent, task, key, child, log)
 
-    def _died(self) -> None:
-        assert self._proc is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=5)
-        code = self._proc.returncode
-        self._restart()
-        why = " (killed: out of memory?)" if code == -9 else ""
-        raise TrainingFailed(f"the training process died (exit code {code}){why}; it was restarted")
+    def _checked(self, answer: Any, sent: dict[str, torch.Tensor], task: dict[str, Any], key, child, log) -> dict[str, Any]:
+        try:
+            if isinstance(answer, dict) and answer.get("ok") is False:
+                error, trace = check_failure(answer)
+                log.warning("plan_failed", error=error, traceback=trace)
+                raise TrainingFailed(error)
+            return check_result(answer, sent, task["dataset"].get("n_samples"))
+        except AnswerRefused as exc:
+            self._drop(key, child, log, "refused")
+            log.warning("answer_refused", reason=str(exc))
+            raise TrainingFailed(f"the training process's answer was refused: {exc}; it was stopped") from exc
+
+    def _child_for(self, key: tuple[str, tuple[str, ...]], log: Any) -> TrainingProcess:
+        """The job's live child, or a new one (the spare if there is one) assigned to it."""
+        with self._lock:
+            child = self._procs.get(key)
+            if child is not None and child.alive():
+                self._procs.move_to_end(key)
+                return child
+        if child is not None:
+            self._drop(key, child, log, "died")
+        if self._closing:
+            raise TrainingFailed("the node is stopping")
+        self._evict(room_for=1)
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and not spare.alive():
+            spare.stop(kill=True)
+            spare = None
+        child = spare or TrainingProcess(self.threads)
+        with self._lock:
+            self._procs[key] = child
+        policy = self.policy.with_read_paths(list(key[1]))
+        try:
+            self.sandbox = child.assign(key[0], policy, self.start_timeout_s)
+        except (ChildFailed, TimeoutError) as exc:
+            self._drop(key, child, log, "start")
+            raise TrainingFailed(f"the training process for this job did not start: {exc}") from exc
+        for problem in self.sandbox.get("problems", []):
+            log.warning("sandbox_degraded", problem=problem)
+        log.info("training_process_ready", pid=child.pid, landlock_abi=self.sandbox.get("landlock_abi"),
+                 datasets=list(key[1]), limits=self.sandbox.get("limits"))
+        if self.on_started is not None:
+            self.on_started(key[0], child.pid, self.sandbox)
+        return child
+
+    def _evict(self, room_for: int) -> None:
+        """Stop the least recently used job children until `room_for` more fit (a spare
+        becomes one of them, so it needs no room of its own)."""
+        while True:
+            with self._lock:
+                if not self._procs or len(self._procs) + room_for <= self.max_processes:
+                    return
+                key, child = self._procs.popitem(last=False)
+            self.log.info("training_process_evicted", job=key[0], pid=child.pid)
+            child.stop()
+
+    def _replenish(self) -> None:
+        """Start a spare for the next job, if that stays within `max_processes`. Called when a
+        job ends, not when one starts: a spare beside a running job would cost a process's
+        memory and compete with its first round for the CPU."""
+        with self._lock:
+            if self._closing or self._spare is not None or len(self._procs) >= self.max_processes:
+                return
+            self._spare = TrainingProcess(self.threads)
+
+    def _drop(self, key, child: TrainingProcess, log, why: str) -> None:
+        with self._lock:
+            if self._procs.get(key) is child:
+                del self._procs[key]
+        log.info("training_process_stopped", pid=child.pid, why=why)
+        child.stop(kill=why != "done")
+
+    def _discard_spare(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.stop(kill=True)
+
+    def end_job(self, job: str) -> None:
+        """The job ended, was withdrawn or its plan revoked: its child ends too."""
+        with self._lock:
+            ended = [(k, c) for k, c in self._procs.items() if k[0] == job]
+        for key, child in ended:
+            self._drop(key, child, self.log.bind(job=job), "done")
+        if ended:
+            self._replenish()
 
     def stop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                self._conn.send(None)
-            with contextlib.suppress(OSError):
-                self._conn.close()
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-        self._proc, self._conn, self._scratch = None, None, None
+        """End every child (the node stops)."""
+        with self._lock:
+            children = [*self._procs.values(), *([self._spare] if self._spare else [])]
+            self._procs.clear()
+            self._spare = None
+        for child in children:
+            child.stop()

@@ -1,22 +1,25 @@
-"""The training child process: imports torch once, then trains round after round.
+"""The training child process: serves the rounds of ONE job, on that job's dataset only.
 
-It receives tasks over a pipe and answers each with a result or an error. It holds no broker
-credentials and no keys: only the plan, the parameters and the dataset location it is given.
-Loaded datasets and plan classes are cached across rounds, so a round costs only training.
-"""
+It is started before it knows its job and imports torch meanwhile (our code only, one thread),
+then waits for its assignment, confines itself to that job's dataset (`node.sandbox`), warms
+up and trains round after round until the node ends the job. One job per process: a plan
+cannot read another job's dataset nor patch what another job runs. Node and child talk in
+framed msgpack (`common.frames`), never pickle. The child holds no broker credentials and no
+keys."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 import time
 import traceback
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.frames import recv_frame, send_frame
 from common.messages import PlanRef
 from common.training import local
 from common.training.loader import load_plan_class
@@ -176,19 +179,19 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
 
 
 class _Cache:
+    """The job's dataset and plan class, loaded once for all of its rounds."""
+
     def __init__(self) -> None:
-        self.data: dict[tuple, datasets.LoadedData] = {}
+        self.data: tuple[tuple, datasets.LoadedData] | None = None
         self.plans: dict[tuple, type] = {}
 
     def dataset(self, spec: dict[str, Any]) -> tuple[datasets.LoadedData, float]:
         key = (spec["type"], spec["path"], spec.get("target"), spec.get("labels"))
-        if key in self.data:
-            return self.data[key], 0.0
+        if self.data is not None and self.data[0] == key:
+            return self.data[1], 0.0
         start = time.perf_counter()
         loaded = datasets.load(spec["type"], spec["path"], target=spec.get("target"), labels=spec.get("labels"))
-        if len(self.data) >= 2:
-            self.data.pop(next(iter(self.data)))
-        self.data[key] = loaded
+        self.data = (key, loaded)
         return loaded, time.perf_counter() - start
 
     def plan(self, ref: dict[str, Any]) -> type:
@@ -211,47 +214,63 @@ def warm_up() -> None:
         opt.step()
 
 
-def serve(conn: Connection) -> None:
-    """Child main loop: confine, warm up, then one task in, one answer out, until told to stop."""
-    hello = conn.recv()
-    torch.set_num_threads(max(1, int(hello["threads"])))
-    applied = confine(SandboxPolicy(**hello["policy"]))
+MAX_TASK_BYTES = 1 << 36  # from the node: trusted, but a limit all the same
+
+
+def _tensors_out(result: dict[str, Any]) -> dict[str, Any]:
+    """numpy arrays from `train` back as tensors (no copy): they travel in torch's own dtypes."""
+    out = {**result, "params": to_tensors(result["params"]), "extra": to_tensors(result["extra"])}
+    out["local_state"] = {k: to_tensors(v) for k, v in result["local_state"].items()}
+    return out
+
+
+def _answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
+    """One round's answer: the result, or the plan's error (a plan's bug is not fatal)."""
+    try:
+        data, load_s = cache.dataset(task["dataset"])
+        result = train(task, data, cache.plan(task["plan"]))
+        result["timings"]["load_s"] = load_s
+        return {"ok": True, **_tensors_out(result)}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def serve(sock: socket.socket, threads: int) -> None:
+    """Child main loop: take the job, confine to it, warm up, then one round in, one answer out.
+
+    Torch is imported (at module load) before the job is known; nothing that starts threads
+    runs before `confine`, because Landlock binds only the calling thread and those it starts.
+    """
+    send_frame(sock, {"warm": True})
+    job = recv_frame(sock, MAX_TASK_BYTES)
+    if not job or job.get("op") != "assign":
+        return
+    applied = confine(SandboxPolicy(**{**job["policy"], "read_paths": tuple(job["policy"]["read_paths"])}))
+    torch.set_num_threads(max(1, threads))
     warm_up()
+    send_frame(sock, {"ready": True, "sandbox": dataclasses.asdict(applied)})
     cache = _Cache()
-    conn.send({"ready": True, "sandbox": dataclasses.asdict(applied)})
     while True:
         try:
-            task = conn.recv()
-        except (EOFError, OSError):
+            task = recv_frame(sock, MAX_TASK_BYTES)
+        except (OSError, RuntimeError):  # the node closed the pipe
             return
-        if task is None:
+        if not isinstance(task, dict) or task.get("op") == "stop":
             return
-        if task.get("op") == "preload":
-            try:
-                cache.dataset(task["dataset"])
-                conn.send({"ok": True})
-            except Exception as exc:  # a dataset that no longer loads is reported, not fatal
-                conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        try:
-            data, load_s = cache.dataset(task["dataset"])
-            result = train(task, data, cache.plan(task["plan"]))
-            result["timings"]["load_s"] = load_s
-            conn.send({"ok": True, **result})
-        except Exception as exc:  # the plan's bug is reported, not fatal
-            conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        send_frame(sock, _answer(task, cache))
 
 
 def main() -> None:
-    """`python -m node.worker --fd N`: started by the node's Trainer, never by hand."""
+    """`python -m node.worker --fd N --threads T`: started by the node's Trainer, never by hand."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--fd", type=int, required=True, help="the pipe to the node")
+    parser.add_argument("--fd", type=int, required=True, help="the socket to the node")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
-    conn = Connection(args.fd)
+    sock = socket.socket(fileno=args.fd)
     try:
-        serve(conn)
+        serve(sock, args.threads)
     finally:
-        conn.close()
+        sock.close()
 
 
 if __name__ == "__main__":

@@ -26,3 +26,27 @@ def sites():
     finally:
         fed.stop()
         shutil.rmtree(fed.root, ignore_errors=True)
+
+
+def write_npz(path, n: int = 32, seed: int = 0):
+    """A small classification dataset (4 features, 3 classes) for Trainer-level attacks."""
+    import numpy as np
+
+    if not path.exists():
+        rng = np.random.default_rng(seed)
+        np.savez(path, x=rng.normal(size=(n, 4)).astype(np.float32), y=rng.integers(0, 3, n))
+    return path
+
+
+def plan_task(job: str, dataset, plan, round_: int = 1, **targs) -> dict:
+    """One round of `plan` for `job` on the npz file `dataset`, as the node hands it to its Trainer."""
+    import torch
+
+    from common.training.zoo import MLP
+
+    torch.manual_seed(0)
+    params = MLP(in_features=4, hidden=[8], n_classes=3).state_dict()
+    return {"job": job, "round": round_, "plan": plan.model_dump(),
+            "model_args": {"in_features": 4, "hidden": [8], "n_classes": 3},
+            "training_args": {"epochs": 1, "batch_size": 16, "lr": 0.1, **targs},
+            "dataset": {"type": "npz", "path": str(dataset)}, "params": params}

@@ -106,7 +106,8 @@ def test_the_environment_is_an_allow_list(trainer, tmp_path, secret_dir):
     seen = _report(trainer, tmp_path, secret_dir, port=1)
     assert not [k for k in seen["env"] if k.startswith("FBM")]
     assert set(seen["env"]) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "HOME",
-                                "TMPDIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONDONTWRITEBYTECODE",
+                                "TMPDIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                "PYTHONDONTWRITEBYTECODE",
                                 "TORCHINDUCTOR_CACHE_DIR"}
 
 

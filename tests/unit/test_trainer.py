@@ -68,3 +68,22 @@ def test_a_plan_that_kills_the_child_is_reported_and_the_child_restarted(trainer
     with pytest.raises(TrainingFailed, match="died"):
         trainer.run(_task(tmp_path, _plan("Crash")), timeout_s=60)
     assert trainer.run(_task(tmp_path, PlanRef(zoo="mlp")), timeout_s=60)["n_samples"] == 64
+
+
+def test_one_process_per_job_bounded_least_recently_used_first(tmp_path):
+    trainer = Trainer(threads=1, max_processes=2)
+    trainer.start()
+    try:
+        pids = {}
+        for job in ("j1", "j2", "j1", "j3"):  # j3 needs a place: j2 is the least recently used
+            result = trainer.run({**_task(tmp_path, PlanRef(zoo="mlp")), "job": job}, timeout_s=60)
+            assert result["n_samples"] == 64
+            pids.setdefault(job, set()).add(trainer.pid(job))
+            assert trainer.live_processes() <= 2
+        assert len(pids["j1"]) == 1  # j1's two rounds ran in one warm process
+        assert trainer.jobs() == ["j1", "j3"]
+        trainer.end_job("j1")
+        assert trainer.jobs() == ["j3"]
+    finally:
+        trainer.stop()
+    assert trainer.live_processes() == 0

@@ -1,0 +1,120 @@
+"""What the node accepts back from a training child: the child runs a stranger's code, so every
+answer is checked against the task that was sent before any of it is used or published.
+
+Checked: the answer's fields and their types; the parameter names, shapes and dtypes against
+the model that was sent (`extra` and `local_state` the same way); all floating tensors finite;
+`n_samples` a positive int no bigger than the dataset; metrics finite floats with short plain
+names; timings finite and non-negative; error texts bounded. Any violation is an
+`AnswerRefused` with the first reason found.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.training.local import SCAFFOLD_PREFIX
+
+MAX_N_SAMPLES = 10**9  # when the dataset's own size is not known
+MAX_METRICS = 256
+MAX_TEXT = 20_000
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
+LOCAL_STATE_KEYS = frozenset({"c", "x", "u"})  # SCAFFOLD's c_i, ADMM's x_i and u_i
+RESULT_FIELDS = frozenset({"ok", "params", "n_samples", "metrics", "timings", "steps", "extra", "local_state"})
+
+
+class AnswerRefused(ValueError):
+    """The child's answer does not fit the task; the message says what is wrong."""
+
+
+def _tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer from the codec
+            value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise AnswerRefused(f"{name} is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def check_tensors(what: str, got: Any, like: dict[str, torch.Tensor], *, all_names: bool) -> dict[str, torch.Tensor]:
+    """`got` as tensors with the names (all of them if `all_names`), shapes and dtypes of `like`."""
+    if not isinstance(got, dict):
+        raise AnswerRefused(f"{what} is a {type(got).__name__}, not a mapping of tensors")
+    unknown = [k for k in got if k not in like]
+    if unknown:
+        raise AnswerRefused(f"{what} has names the model does not: {sorted(map(str, unknown))[:5]}")
+    missing = [k for k in like if k not in got]
+    if all_names and missing:
+        raise AnswerRefused(f"{what} lacks {sorted(missing)[:5]}")
+    out: dict[str, torch.Tensor] = {}
+    for name, value in got.items():
+        tensor, ref = _tensor(f"{what} {name}", value), like[name]
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise AnswerRefused(f"{what} {name} has shape {tuple(tensor.shape)}, the model {tuple(ref.shape)}")
+        if tensor.dtype != ref.dtype:
+            raise AnswerRefused(f"{what} {name} has dtype {tensor.dtype}, the model {ref.dtype}")
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            raise AnswerRefused(f"{what} {name} is not finite (NaN or Inf)")
+        out[name] = tensor
+    return out
+
+
+def _count(name: str, value: Any, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise AnswerRefused(f"{name} must be an int in [{low}, {high}], got {value!r:.40}")
+    return value
+
+
+def _floats(what: str, value: Any, *, non_negative: bool = False) -> dict[str, float]:
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise AnswerRefused(f"{what} must be a mapping of at most {MAX_METRICS} names to numbers")
+    out: dict[str, float] = {}
+    for key, number in value.items():
+        if not isinstance(key, str) or not METRIC_NAME.fullmatch(key):
+            raise AnswerRefused(f"{what} has a metric name that is not 1-128 of [A-Za-z0-9_.:/-]: {key!r:.60}")
+        if type(number) not in (int, float) or not math.isfinite(number) or (non_negative and number < 0):
+            raise AnswerRefused(f"{what} {key} is not a finite{' non-negative' if non_negative else ''} number: "
+                                f"{number!r:.40}")
+        out[key] = float(number)
+    return out
+
+
+def check_failure(answer: dict[str, Any]) -> tuple[str, str]:
+    """(error, traceback) of an answer with ok false, as bounded text."""
+    error, trace = answer.get("error", "unknown error"), answer.get("traceback") or ""
+    if not isinstance(error, str) or not isinstance(trace, str):
+        raise AnswerRefused("a failure's error and traceback must be text")
+    return error[:MAX_TEXT], trace[:MAX_TEXT]
+
+
+def check_result(answer: Any, params: dict[str, torch.Tensor], max_samples: int | None = None) -> dict[str, Any]:
+    """A successful round's answer, checked against the `params` that were sent; AnswerRefused."""
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        raise AnswerRefused("the answer is not a result")
+    unknown = set(answer) - RESULT_FIELDS
+    if unknown:
+        raise AnswerRefused(f"unknown fields {sorted(map(str, unknown))[:5]}")
+    floats = {k: v for k, v in params.items() if v.is_floating_point()}
+    extra_like = {SCAFFOLD_PREFIX + k: v for k, v in floats.items()}
+    local_state = answer.get("local_state") or {}
+    if not isinstance(local_state, dict) or not set(local_state) <= LOCAL_STATE_KEYS:
+        raise AnswerRefused(f"local_state must map {sorted(LOCAL_STATE_KEYS)} to tensors")
+    checked = {
+        "params": check_tensors("params", answer.get("params"), params, all_names=True),
+        "n_samples": _count("n_samples", answer.get("n_samples"), 1, max_samples or MAX_N_SAMPLES),
+        "metrics": _floats("metrics", answer.get("metrics", {})),
+        "timings": _floats("timings", answer.get("timings", {}), non_negative=True),
+        "steps": _count("steps", answer.get("steps", 0), 0, 2**62),
+        "extra": check_tensors("extra", answer.get("extra") or {}, extra_like, all_names=False),
+        "local_state": {k: check_tensors(f"local_state {k}", v, floats, all_names=False) for k, v in local_state.items()},
+    }
+    for what, key in (("metrics", "train_loss"), ("timings", "train_s")):
+        if key not in checked[what]:
+            raise AnswerRefused(f"{what} lacks {key}")
+    return checked
