@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.secagg.option import check_option, check_rule
 
 Tensors = dict[str, torch.Tensor]
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -139,6 +141,23 @@ def is_selective(mode: str) -> bool:
     return mode == "fraction"
 
 
+class SecureAggregation(Body):
+    """Secure aggregation for every round (docs/secure-aggregation.md): the aggregator learns
+    only the sample-weighted sum. Each site masks with `neighbours` others (k, even); any
+    `threshold` of them (T, k/2 < T <= k) recover a dropped site's masks. Update deltas are
+    clipped to [-clip, clip]; sample counts above `max_count` count as `max_count`."""
+
+    threshold: int = Field(ge=2)
+    neighbours: int = Field(ge=2)
+    clip: float = Field(gt=0)
+    max_count: int = Field(default=100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> SecureAggregation:
+        check_option(self.threshold, self.neighbours, self.clip, self.max_count)
+        return self
+
+
 @message("job", "researcher")
 class JobSpec(Body):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
@@ -159,6 +178,13 @@ class JobSpec(Body):
     selection: Selection = Selection()
     created: float = 0.0
     description: str = ""
+    secure_aggregation: SecureAggregation | None = None
+
+    @model_validator(mode="after")
+    def _secure_aggregation_needs_a_sum_rule(self) -> JobSpec:
+        if self.secure_aggregation is not None:
+            check_rule(self.aggregator.name)
+        return self
 
 
 @message("update", "node")
@@ -230,6 +256,56 @@ class JobHistory(Body):
     """
 
     rounds: list[RoundClosed] = []
+
+
+# --- secure aggregation (common/secagg): a site's four stage messages, the server's state -------
+
+
+@message("secagg_keys", "node")
+class SecAggKeys(Body):
+    round: int = Field(ge=1)
+    c_pk: bytes
+    s_pk: bytes
+
+
+@message("secagg_shares", "node")
+class SecAggShares(Body):
+    round: int = Field(ge=1)
+    boxes: dict[str, bytes]
+
+
+@message("secagg_masked", "node")
+class SecAggMasked(Body):
+    round: int = Field(ge=1)
+    vector: Any  # numpy uint32, the model's size + 1 (checked by the server)
+
+
+@message("secagg_unmask", "node")
+class SecAggUnmask(Body):
+    round: int = Field(ge=1)
+    b_shares: dict[str, bytes]
+    s_shares: dict[str, bytes]
+
+
+class SecAggPublicKeys(Body):
+    c_pk: bytes
+    s_pk: bytes
+
+
+@message("secagg_state", "aggregator")
+class SecAggState(Body):
+    """The server's stage, retained on `jobs/{job}/secagg`; `expected` and `deadline` let a
+    site check it belongs and how long the stage lasts."""
+
+    round: int = Field(ge=1)
+    stage: Literal["keys", "shares", "masked", "unmask", "done", "failed"]
+    expected: list[str] = []
+    deadline: float = 0.0
+    keys: dict[str, SecAggPublicKeys] = {}
+    routed: dict[str, dict[str, bytes]] = {}
+    share_senders: list[str] = []
+    masked_senders: list[str] = []
+    reason: str = ""
 
 
 @message("update_received", "aggregator")

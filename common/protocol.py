@@ -94,6 +94,11 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
     Channel("history", "jobs/{job}/history", **_rw({"aggregator": ANY}, {"researcher": ANY}),
             retained=True, chunked=True),
     Channel("update", "jobs/{job}/updates/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
+    # secure aggregation (docs/secure-aggregation.md): a site's stage messages, and the server's
+    # stage state (public keys, share boxes routed per recipient, survivors), retained so a
+    # site that reconnects mid-round finds what it needs
+    Channel("secagg_site", "jobs/{job}/secagg/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
+    Channel("secagg", "jobs/{job}/secagg", **_rw({"aggregator": ANY}, {"node": ANY}), retained=True, chunked=True),
     Channel("status", "nodes/{node}/status", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
             retained=True, named="node"),
     Channel("requests", "nodes/{node}/requests", **_rw({"researcher": ANY, "aggregator": ANY}, {"node": OWN}),

@@ -39,6 +39,16 @@ def history(job_id: str) -> str:
     return _topic("history", job=job_id)
 
 
+def secagg(job_id: str) -> str:
+    """The server's secure-aggregation stage state (retained; nodes read it)."""
+    return _topic("secagg", job=job_id)
+
+
+def secagg_site(job_id: str, node: str) -> str:
+    """A site's secure-aggregation messages (its own; the aggregator reads them)."""
+    return _topic("secagg_site", job=job_id, node=node)
+
+
 def events(job_id: str) -> str:
     return _topic("events", job=job_id)
 

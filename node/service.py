@@ -293,6 +293,10 @@ class NodeService:
         except (PlanError, LocalError) as exc:
             self._decline(spec.job_id, f"plan refused: {exc}", msg)
             return
+        if spec.secure_aggregation is not None:  # fail closed: node/secagg.py is not wired in yet
+            self._decline(spec.job_id, "secure aggregation is not run by this node version yet "
+                          "(docs/secure-aggregation.md): declined rather than sending a plain update", msg)
+            return
         if (over := cap_refusal(spec, self.settings)) is not None:  # node/caps.py
             self._decline(spec.job_id, over, msg)
             return

@@ -133,6 +133,7 @@ class Experiment:
         job_id: str | None = None,
         seed: int = 0,
         description: str = "",
+        secure_aggregation: dict[str, Any] | None = None,
         mqtt: TransportSettings | None = None,
     ) -> None:
         self.identity = bundle if isinstance(bundle, Identity) else Identity.load(bundle)
@@ -147,7 +148,7 @@ class Experiment:
             stragglers=stragglers,
             selection=selection if isinstance(selection, Selection) else Selection(**(selection or {})),
             aggregator=AggregatorRef(name=aggregator, args=aggregator_args or {}, identity=aggregator_identity),
-            description=description,
+            description=description, secure_aggregation=secure_aggregation,
         )
         self.seed = seed
         self.mqtt = researcher_settings(mqtt)
@@ -308,7 +309,8 @@ class Experiment:
         exp.model_args, exp.training_args = spec.model_args, spec.training_args
         exp.spec_fields = dict(rounds=spec.rounds, tags=spec.tags, quorum=spec.quorum,
                                round_deadline_s=spec.round_deadline_s, nodes=spec.nodes, stragglers=spec.stragglers,
-                               aggregator=spec.aggregator, description=spec.description, selection=spec.selection)
+                               aggregator=spec.aggregator, description=spec.description, selection=spec.selection,
+                               secure_aggregation=spec.secure_aggregation)
         exp.seed = int(spec.training_args.get("seed", 0))
         exp.mqtt = researcher_settings(mqtt)
         exp._messenger = None

@@ -12,7 +12,9 @@ HAND_WRITTEN = {
     "node": {("read", f"{P}/jobs/+"), ("read", f"{P}/jobs/+/c/+"), ("read", f"{P}/jobs/+/model"),
              ("read", f"{P}/jobs/+/model/c/+"), ("read", f"{P}/jobs/+/events"), ("write", f"{P}/jobs/+/updates/{{me}}"),
              ("write", f"{P}/nodes/{{me}}/status"), ("read", f"{P}/nodes/{{me}}/requests"),
-             ("write", f"{P}/nodes/{{me}}/replies")},
+             ("write", f"{P}/nodes/{{me}}/replies"),
+             # secure aggregation (issue 20): its own stage messages, the server's retained state
+             ("write", f"{P}/jobs/+/secagg/{{me}}"), ("read", f"{P}/jobs/+/secagg"), ("read", f"{P}/jobs/+/secagg/c/+")},
     "researcher": {("readwrite", f"{P}/jobs/+"), ("readwrite", f"{P}/jobs/+/c/+"), ("read", f"{P}/jobs/+/model"),
                    ("read", f"{P}/jobs/+/model/c/+"), ("read", f"{P}/jobs/+/events"), ("read", f"{P}/jobs/+/history"),
                    ("read", f"{P}/jobs/+/history/c/+"), ("read", f"{P}/nodes/+/status"),
@@ -20,7 +22,8 @@ HAND_WRITTEN = {
     "aggregator": {("read", f"{P}/jobs/+"), ("read", f"{P}/jobs/+/c/+"), ("write", f"{P}/jobs/+/model"),
                    ("write", f"{P}/jobs/+/model/c/+"), ("write", f"{P}/jobs/+/events"), ("write", f"{P}/jobs/+/history"),
                    ("write", f"{P}/jobs/+/history/c/+"), ("read", f"{P}/jobs/+/updates/+"),
-                   ("read", f"{P}/nodes/+/status"), ("write", f"{P}/nodes/+/requests"), ("read", f"{P}/nodes/+/replies")},
+                   ("read", f"{P}/nodes/+/status"), ("write", f"{P}/nodes/+/requests"), ("read", f"{P}/nodes/+/replies"),
+                   ("read", f"{P}/jobs/+/secagg/+"), ("write", f"{P}/jobs/+/secagg"), ("write", f"{P}/jobs/+/secagg/c/+")},
     "admin": {("readwrite", f"{P}/#")},
 }
 
@@ -43,6 +46,9 @@ def test_topics_and_their_writers_come_from_the_table():
     assert topics.every("model") == f"{P}/jobs/+/model" and topics.every("update") == f"{P}/jobs/+/updates/+"
     assert protocol.channel_of(topics.history("j1"))[0].name == "history"
     assert protocol.channel_of(topics.chunk(topics.model("j1"), 3)) is None
+    assert topics.writer_of(topics.secagg_site("j1", "site-a")) == "site-a"
+    assert topics.writer_of(topics.secagg("j1")) is None
+    assert protocol.channel_of(topics.chunk(topics.secagg("j1"), 0)) is None
 
 
 def test_the_design_doc_shows_the_channel_table_of_the_code():

@@ -1,0 +1,71 @@
+"""The aggregator's side of secure aggregation (issue 20): one round of `ServerSecAgg`, whose
+unmasked weighted mean the rule then folds as ONE update carrying the total count.
+
+Kept out of aggregators/service.py: the round loop only builds a ServerRound, feeds it the
+messages of `jobs/{job}/secagg/+` and its clock, and takes the outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common.messages import Body, JobSpec, SecAggState
+from common.secagg.params import Params, round_config, unflatten_mean
+from common.secagg.server import Deadlines, Failed, Finished, Ignored, Publish, ServerSecAgg
+from common.secagg.wire import site_message, state_body
+
+SECAGG_SENDER = "secagg"  # the node name the rule sees for the one aggregated update
+
+
+@dataclass(frozen=True)
+class Outcome:
+    params: Params | None  # the survivors' weighted mean of the parameters; None when it failed
+    total_count: int
+    included: tuple[str, ...]
+    dropped: tuple[str, ...]
+    reason: str = ""
+
+
+class ServerRound:
+    """The aggregator's round over `expected` sites, its stages inside [start, deadline]."""
+
+    def __init__(self, spec: JobSpec, round_: int, expected: list[str], reference: Params,
+                 start: float, deadline: float, publish: Callable[[SecAggState], None]) -> None:
+        opt = spec.secure_aggregation
+        if opt is None:
+            raise ValueError(f"job {spec.job_id} does not use secure aggregation")
+        cfg = round_config(spec.job_id, round_, opt.threshold, opt.neighbours, opt.clip, opt.max_count,
+                           reference, len(expected))
+        self.round, self.expected, self._reference, self._publish = round_, sorted(expected), reference, publish
+        self._server = ServerSecAgg(cfg, self.expected, Deadlines.split(start, deadline))
+        self.outcome: Outcome | None = None
+        self.ignored: list[tuple[str, str]] = []
+
+    def start(self) -> None:
+        self._act(self._server.start())
+
+    def on_message(self, sender: str, body: Body, now: float) -> Outcome | None:
+        if getattr(body, "round", None) != self.round:
+            self.ignored.append((sender, f"round {getattr(body, 'round', None)} is not {self.round}"))
+            return self.outcome
+        return self._act(self._server.receive(sender, site_message(body), now))
+
+    def tick(self, now: float) -> Outcome | None:
+        return self._act(self._server.tick(now))
+
+    def _act(self, actions: list) -> Outcome | None:
+        for a in actions:
+            if isinstance(a, Publish):
+                stage = a.state.stage
+                deadline = self._server.deadlines.of(stage) if stage.value in ("keys", "shares", "masked", "unmask") else 0.0
+                self._publish(state_body(self.round, a.state, self.expected, deadline))
+            elif isinstance(a, Finished):
+                r = a.result
+                self.outcome = Outcome(unflatten_mean(r.weighted_sum, r.total_count, self._reference),
+                                       r.total_count, r.included, r.dropped)
+            elif isinstance(a, Failed):
+                self.outcome = Outcome(None, 0, (), tuple(self.expected), a.reason)
+            elif isinstance(a, Ignored):
+                self.ignored.append((a.sender, a.reason))
+        return self.outcome

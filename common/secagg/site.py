@@ -1,0 +1,126 @@
+"""The site's side of a round, as a pure state machine: server state in, message out.
+
+A site answers each stage once and repeats the same answer when the retained state is
+published again (a reconnect), so re-sending is safe. It refuses what would leak its input:
+an unmask request with fewer than T survivors, or a second request naming other survivors
+(answering both could hand the server b_v and s_sk_v shares of the same neighbour v).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from common.secagg import graph, shamir
+from common.secagg.config import SecAggConfig, SecAggError
+from common.secagg.encoding import ring_add
+from common.secagg.keys import KeyPair, agree, open_box, seal
+from common.secagg.masks import pair_seed, pairwise_mask, self_mask
+from common.secagg.stages import (
+    AdvertiseKeys,
+    MaskedInput,
+    ServerState,
+    ShareKeys,
+    SiteMessage,
+    Stage,
+    UnmaskShares,
+)
+
+BOX_PURPOSE = "box"
+
+
+def share_index(participants: list[str] | tuple[str, ...], who: str) -> int:
+    """A site's public Shamir x: its place (from 1) among the round's sorted participants."""
+    return sorted(participants).index(who) + 1
+
+
+class SiteSecAgg:
+    """One site's round: fresh keys and self-mask seed, its encoded input, the shares it holds."""
+
+    def __init__(self, config: SecAggConfig, me: str, values: np.ndarray, count: int) -> None:
+        if np.asarray(values).size != config.dim:
+            raise SecAggError(f"input has {np.asarray(values).size} values, the round expects {config.dim}")
+        self.config, self.me = config, me
+        self._input = config.encoding.encode(values, count)
+        self._c, self._s = KeyPair.generate(), KeyPair.generate()
+        self._b = os.urandom(shamir.SECRET_BYTES)
+        self._answers: dict[Stage, SiteMessage] = {}
+        self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (b, s_sk) shares
+        self._neighbours: frozenset[str] = frozenset()
+        self._keys: dict[str, AdvertiseKeys] = {}
+        self._unmasked_for: tuple[str, ...] | None = None
+
+    def advertise(self) -> AdvertiseKeys:
+        return AdvertiseKeys(self._c.public_bytes(), self._s.public_bytes())
+
+    def on_state(self, state: ServerState) -> SiteMessage | None:
+        """This site's answer to the server's published stage, or None (nothing to say)."""
+        if state.stage is Stage.KEYS:
+            return self.advertise()
+        if state.stage in (Stage.DONE, Stage.FAILED):
+            return None
+        if state.stage in self._answers and state.stage is not Stage.UNMASK:
+            return self._answers[state.stage]
+        if state.keys.get(self.me) != self.advertise():
+            return None  # not a participant with these keys (joined late, or restarted)
+        handler = {Stage.SHARES: self._share, Stage.MASKED: self._mask, Stage.UNMASK: self._unmask}
+        answer = handler[state.stage](state)
+        if answer is not None:
+            self._answers[state.stage] = answer
+        return answer
+
+    def _box_key(self, other: str) -> bytes:
+        return agree(self.config.context, BOX_PURPOSE, self._c, self.me, self._keys[other].c_pk, other)
+
+    def _share(self, state: ServerState) -> ShareKeys:
+        """Stage 1: Shamir-share b_u and s_sk among the neighbours; one box per neighbour."""
+        cfg = self.config
+        self._keys = dict(state.keys)
+        participants = sorted(state.keys)
+        self._neighbours = graph.neighbours(participants, cfg.neighbours, cfg.round_seed)[self.me]
+        if len(self._neighbours) < cfg.threshold:
+            raise SecAggError(f"{len(self._neighbours)} neighbours, fewer than the threshold {cfg.threshold}")
+        xs = {v: share_index(participants, v) for v in self._neighbours}
+        b_sh = shamir.split(self._b, cfg.threshold, list(xs.values()))
+        s_sh = shamir.split(self._s.private_bytes(), cfg.threshold, list(xs.values()))
+        boxes = {v: seal(self._box_key(v), cfg.context, self.me, v, b_sh[x].y_bytes() + s_sh[x].y_bytes())
+                 for v, x in xs.items()}
+        return ShareKeys(boxes)
+
+    def _mask(self, state: ServerState) -> MaskedInput | None:
+        """Stage 2: open the boxes from neighbours, then send the masked input."""
+        if Stage.SHARES not in self._answers or self.me not in state.share_senders:
+            return None
+        mine = share_index(sorted(self._keys), self.me)
+        for sender, box in state.routed.get(self.me, {}).items():
+            if sender not in self._neighbours or sender not in state.share_senders:
+                continue
+            plain = open_box(self._box_key(sender), self.config.context, sender, self.me, box)
+            half = shamir.SHARE_BYTES
+            self._held[sender] = (shamir.Share.from_bytes(mine, plain[:half]),
+                                  shamir.Share.from_bytes(mine, plain[half:]))
+        y = ring_add(self._input, self_mask(self._b, self._input.size))
+        for v in sorted(self._neighbours & set(state.share_senders)):
+            seed = pair_seed(self.config.context, self._s, self.me, self._keys[v].s_pk, v)
+            y = ring_add(y, pairwise_mask(seed, self.me, v, y.size))
+        return MaskedInput(y)
+
+    def _unmask(self, state: ServerState) -> UnmaskShares | None:
+        """Stage 3: b shares of surviving neighbours, s_sk shares of dropped ones; never both."""
+        survivors = tuple(sorted(state.masked_senders))
+        if self._unmasked_for is not None:
+            if survivors != self._unmasked_for:
+                raise SecAggError("a second unmask request with other survivors: refused")
+            return self._answers[Stage.UNMASK]  # type: ignore[return-value]
+        if Stage.MASKED not in self._answers or self.me not in survivors:
+            return None  # declared dropped: say nothing
+        if len(survivors) < self.config.threshold or not set(survivors) <= set(state.share_senders):
+            raise SecAggError(f"unmask request with {len(survivors)} survivors (threshold "
+                              f"{self.config.threshold}) or survivors that never shared keys: refused")
+        self._unmasked_for = survivors
+        alive = set(survivors)
+        return UnmaskShares(
+            b_shares={v: b.y_bytes() for v, (b, _) in self._held.items() if v in alive},
+            s_shares={v: s.y_bytes() for v, (_, s) in self._held.items() if v not in alive},
+        )

@@ -1,0 +1,58 @@
+"""The messages of a round, as plain data (the transport wraps and signs them).
+
+Sites send: AdvertiseKeys, ShareKeys, MaskedInput, UnmaskShares. The server keeps one
+ServerState, published retained, so a site that reconnects mid-round finds what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+
+class Stage(StrEnum):
+    KEYS = "keys"  # collecting AdvertiseKeys
+    SHARES = "shares"  # public keys published; collecting ShareKeys
+    MASKED = "masked"  # boxes routed; collecting MaskedInput
+    UNMASK = "unmask"  # survivors published; collecting UnmaskShares
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    c_pk: bytes  # encrypts the shares routed to this site
+    s_pk: bytes  # derives this site's pairwise masks
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    boxes: dict[str, bytes]  # neighbour -> AES-GCM box of (b_u share, s_sk share)
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    vector: np.ndarray  # uint32, dim + 1 (the count last)
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    b_shares: dict[str, bytes]  # survivor -> its share of b_survivor
+    s_shares: dict[str, bytes]  # dropped site -> its share of s_sk_dropped
+
+
+SiteMessage = AdvertiseKeys | ShareKeys | MaskedInput | UnmaskShares
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The server's stage and what sites need from it; retained on the broker."""
+
+    stage: Stage
+    keys: dict[str, AdvertiseKeys] = field(default_factory=dict)  # U1
+    routed: dict[str, dict[str, bytes]] = field(default_factory=dict)  # recipient -> sender -> box
+    share_senders: tuple[str, ...] = ()  # U2
+    masked_senders: tuple[str, ...] = ()  # U3
+    reason: str = ""

@@ -1,0 +1,76 @@
+"""The stage messages as signed message bodies (common/messages.py) and back.
+
+The state machines speak plain dataclasses; the services send bodies. Converting here keeps
+both sides of the broker on one mapping, and checks the round on the way in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.messages import (
+    Body,
+    SecAggKeys,
+    SecAggMasked,
+    SecAggPublicKeys,
+    SecAggShares,
+    SecAggState,
+    SecAggUnmask,
+)
+from common.secagg.config import SecAggError
+from common.secagg.stages import (
+    AdvertiseKeys,
+    MaskedInput,
+    ServerState,
+    ShareKeys,
+    SiteMessage,
+    Stage,
+    UnmaskShares,
+)
+
+SITE_TYPES = {SecAggKeys: "secagg_keys", SecAggShares: "secagg_shares", SecAggMasked: "secagg_masked",
+              SecAggUnmask: "secagg_unmask"}
+
+
+def site_body(round_: int, message: SiteMessage) -> tuple[str, Body]:
+    """(message type, body) of a site's stage message."""
+    if isinstance(message, AdvertiseKeys):
+        body: Body = SecAggKeys(round=round_, c_pk=message.c_pk, s_pk=message.s_pk)
+    elif isinstance(message, ShareKeys):
+        body = SecAggShares(round=round_, boxes=message.boxes)
+    elif isinstance(message, MaskedInput):
+        body = SecAggMasked(round=round_, vector=np.ascontiguousarray(message.vector, dtype=np.uint32))
+    else:
+        body = SecAggUnmask(round=round_, b_shares=message.b_shares, s_shares=message.s_shares)
+    return SITE_TYPES[type(body)], body
+
+
+def site_message(body: Body) -> SiteMessage:
+    """The stage message of a received body."""
+    if isinstance(body, SecAggKeys):
+        return AdvertiseKeys(body.c_pk, body.s_pk)
+    if isinstance(body, SecAggShares):
+        return ShareKeys(dict(body.boxes))
+    if isinstance(body, SecAggMasked):
+        vector = np.asarray(body.vector)
+        if vector.dtype != np.uint32 or vector.ndim != 1:
+            raise SecAggError(f"masked input must be a uint32 vector, got {vector.dtype} {vector.shape}")
+        return MaskedInput(vector)
+    if isinstance(body, SecAggUnmask):
+        return UnmaskShares(dict(body.b_shares), dict(body.s_shares))
+    raise SecAggError(f"not a secure-aggregation message: {type(body).__name__}")
+
+
+def state_body(round_: int, state: ServerState, expected: list[str], deadline: float) -> SecAggState:
+    return SecAggState(
+        round=round_, stage=state.stage.value, expected=sorted(expected), deadline=deadline,
+        keys={s: SecAggPublicKeys(c_pk=k.c_pk, s_pk=k.s_pk) for s, k in state.keys.items()},
+        routed=state.routed, share_senders=list(state.share_senders),
+        masked_senders=list(state.masked_senders), reason=state.reason)
+
+
+def server_state(body: SecAggState) -> ServerState:
+    return ServerState(
+        Stage(body.stage), keys={s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.keys.items()},
+        routed={r: dict(b) for r, b in body.routed.items()}, share_senders=tuple(body.share_senders),
+        masked_senders=tuple(body.masked_senders), reason=body.reason)
