@@ -20,7 +20,8 @@ import torch
 from common.messages import PlanRef
 from common.training import local
 from common.training.loader import load_plan_class
-from node import datasets
+from node import datasets, plan_rounds
+from node.loaders import prepare
 from node.sandbox import SandboxPolicy, confine
 
 Params = dict[str, torch.Tensor]
@@ -175,6 +176,19 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     }
 
 
+def run_task(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str, Any]:
+    """One round: the data as the job encodes it (tables), trained by the plan's own loop
+    (`fit_round`, the scikit-learn plans) or the torch loop of `train`."""
+    data = prepare(data, task["training_args"])
+    if plan_rounds.has_own_loop(plan_cls):
+        result = plan_rounds.fit_round(task, data.x, data.y, plan_cls, to_tensors(task["params"]))
+        result = {**result, "params": to_arrays(result["params"])}
+    else:
+        result = train(task, data, plan_cls)
+    result["metrics"].update(data.meta.get("job_metrics") or {})
+    return result
+
+
 class _Cache:
     def __init__(self) -> None:
         self.data: dict[tuple, datasets.LoadedData] = {}
@@ -235,7 +249,7 @@ def serve(conn: Connection) -> None:
             continue
         try:
             data, load_s = cache.dataset(task["dataset"])
-            result = train(task, data, cache.plan(task["plan"]))
+            result = run_task(task, data, cache.plan(task["plan"]))
             result["timings"]["load_s"] = load_s
             conn.send({"ok": True, **result})
         except Exception as exc:  # the plan's bug is reported, not fatal
