@@ -83,8 +83,8 @@ def column_profile(values: list[str | None]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for v in present:
         counts[v] = counts.get(v, 0) + 1
-    if len(counts) > MAX_CATEGORIES:
-        return {**profile, "kind": "dropped", "why": f"more than {MAX_CATEGORIES} distinct values (text or identifier)"}
+    if len(counts) > MAX_CATEGORIES or (len(present) >= 20 and len(counts) > len(present) / 2):
+        return {**profile, "kind": "dropped", "why": "too many distinct values (text or identifier)"}
     return {**profile, "kind": "categorical", "categories": dict(sorted(counts.items()))}
 
 
