@@ -4,6 +4,8 @@ scikit-learn plans, each trained over three real nodes and compared with central
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from node.worker import run_task, to_tensors
 from researcher.analytics import federated_statistics
 from researcher.experiment import Experiment
 from researcher.tabular import aligned_encoding, node_datasets
+from researcher.tracking import mlflow_client
 from scripts import clinical
 from tests.conftest import require_module
 
@@ -159,3 +162,43 @@ def test_sgd_classifier_over_three_sites(fed):
     print(f"breast cancer SGDClassifier: federated {acc_fed:.4f}, central {acc_central:.4f}")
     assert acc_central > 0.9, acc_central
     assert abs(acc_fed - acc_central) <= 0.02, (acc_fed, acc_central)
+
+
+def test_results_to_tensorboard_and_mlflow(fed, tmp_path):
+    require_module("tensorboard", "tensorboard")
+    require_module("mlflow", "mlflow-skinny")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stats = federated_statistics(_alice(fed), NODES, tags=["bc"])
+    exp = Experiment(_alice(fed), plan="sgd_classifier", tags=["bc"], rounds=3, quorum=3, model_args=SK_MODEL,
+                     training_args={"epochs": 1, "seed": 0, "standardize": stats.standardization()}, round_deadline_s=60)
+    try:
+        job = exp.submit()
+        assert exp.watch(timeout_s=120, progress=False).status == "done"
+        history = exp.state.history
+    finally:
+        exp.close()
+    out, store = tmp_path / "res", tmp_path / "mlruns"
+    done = subprocess.run([sys.executable, "-m", "researcher", "results", job, "--bundle", str(fed.ws.bundle_dir("alice")),
+                           "--out", str(out), "--tensorboard", "--mlflow", str(store)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"global/train_loss", "site-1/train_accuracy", "site-3/n_samples"} <= tags
+    loss = events.Scalars("global/train_loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [round(e.value, 5) for e in loss] == [round(h["metrics"]["train_loss"], 5) for h in history]
+
+    client = mlflow_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("fedbiomq").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == job)
+    assert parent.info.status == "FINISHED" and parent.data.params["plan"] == "sgd_classifier"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "train_loss")] == [1, 2, 3]
+    children = {r.data.tags["fedbiomq.node"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == NODES
+    site1 = [m.value for m in client.get_metric_history(children["site-1"].info.run_id, "train_accuracy")]
+    assert site1 == [next(r for r in h["reports"] if r["node"] == "site-1")["metrics"]["train_accuracy"] for h in history]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["model.pt"]
