@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,22 @@ def test_results_to_tensorboard_and_mlflow(fed, tmp_path):
     site1 = [m.value for m in client.get_metric_history(children["site-1"].info.run_id, "train_accuracy")]
     assert site1 == [next(r for r in h["reports"] if r["node"] == "site-1")["metrics"]["train_accuracy"] for h in history]
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["model.pt"]
+
+
+def test_quickstart_notebook_drives_the_federation(fed, tmp_path, monkeypatch):
+    nbformat = require_module("nbformat", "nbformat")
+    require_module("ipykernel", "ipykernel")
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("FBM_RESEARCHER_BUNDLE", str(fed.ws.bundle_dir("alice")))
+    monkeypatch.setenv("FBM_TAGS", "bc")
+    monkeypatch.setenv("FBM_ROUNDS", "3")
+    monkeypatch.setenv("FBM_RESULTS", str(tmp_path / "results"))
+    nb = nbformat.read(Path(__file__).parents[2] / "docs" / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "status: done" in text, text
+    assert text.count("round ") >= 3 and "site-2: breast-cancer" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no inline plot"
+    assert len(list((tmp_path / "results").glob("*/model.pt"))) == 1
