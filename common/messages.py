@@ -68,6 +68,8 @@ class DatasetInfo(Body):
     features: list[str] = []
     target: str | None = None
     n_classes: int | None = None
+    # tables: column -> kind, missing count, categories held by enough rows (node.loaders.tabular)
+    columns: dict[str, dict[str, Any]] = {}
 
 
 @message("node_status", "node")

@@ -1,4 +1,4 @@
-"""Reading a site's data files: csv, npy/npz, idx (MNIST format) and image folders.
+"""Reading a site's data files: csv, npy/npz, idx (MNIST format), image folders, tables.
 
 Every loader returns float32 features `x` (N, ...) and optional labels `y`, and refuses a bad
 file with a `DatasetError` that says what is wrong. Images (idx, image folders, uint8 arrays)
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-TYPES = ("csv", "npy", "npz", "idx", "images")
+TYPES = ("csv", "npy", "npz", "idx", "images", "table")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -77,7 +77,8 @@ def load_csv(path: Path, target: str | None) -> LoadedData:
         if bad is None:
             raise DatasetError(f"{path.name}: rows do not all have {len(header)} columns") from None
         raise DatasetError(
-            f"{path.name}: every column must be numeric; line {bad[0]}, column {bad[1] + 1} is not a number"
+            f"{path.name}: every column must be numeric; line {bad[0]}, column {bad[1] + 1} is not a number "
+            "(clinical tables with categories or missing values: --type table)"
         ) from None
     if table.ndim != 2 or table.shape[1] != len(header):
         raise DatasetError(f"{path.name}: rows do not all have {len(header)} columns")
@@ -224,6 +225,10 @@ def load(kind: str, path: str | Path, *, target: str | None = None, labels: str 
         raise DatasetError(f"{path} is not a file")
     if kind == "csv":
         return load_csv(path, target)
+    if kind == "table":
+        from node.loaders.tabular import load_table
+
+        return load_table(path, target)
     if kind == "npy":
         return load_npy(path)
     if kind == "npz":

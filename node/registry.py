@@ -15,6 +15,7 @@ from typing import Any
 from common.messages import DatasetInfo
 from node import datasets
 from node.db import Database
+from node.loaders.tabular import public_columns
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Dataset:
             features=list(self.meta.get("features") or []),
             target=self.target,
             n_classes=self.meta.get("n_classes"),
+            columns=public_columns(self.meta.get("columns") or {}),
         )
 
     def load(self) -> datasets.LoadedData:

@@ -23,7 +23,8 @@ from common.frames import recv_frame, send_frame
 from common.messages import PlanRef
 from common.training import local
 from common.training.loader import load_plan_class
-from node import datasets
+from node import datasets, plan_rounds
+from node.loaders import prepare
 from node.sandbox import SandboxPolicy, confine
 
 Params = dict[str, torch.Tensor]
@@ -178,6 +179,19 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     }
 
 
+def run_task(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str, Any]:
+    """One round: the data as the job encodes it (tables), trained by the plan's own loop
+    (`fit_round`, the scikit-learn plans) or the torch loop of `train`."""
+    data = prepare(data, task["training_args"])
+    if plan_rounds.has_own_loop(plan_cls):
+        result = plan_rounds.fit_round(task, data.x, data.y, plan_cls, to_tensors(task["params"]))
+        result = {**result, "params": to_arrays(result["params"])}
+    else:
+        result = train(task, data, plan_cls)
+    result["metrics"].update(data.meta.get("job_metrics") or {})
+    return result
+
+
 class _Cache:
     """The job's dataset and plan class, loaded once for all of its rounds."""
 
@@ -228,7 +242,7 @@ def _answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
     """One round's answer: the result, or the plan's error (a plan's bug is not fatal)."""
     try:
         data, load_s = cache.dataset(task["dataset"])
-        result = train(task, data, cache.plan(task["plan"]))
+        result = run_task(task, data, cache.plan(task["plan"]))
         result["timings"]["load_s"] = load_s
         return {"ok": True, **_tensors_out(result)}
     except Exception as exc:

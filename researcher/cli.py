@@ -201,10 +201,13 @@ def watch(job: str, bundle: Path, out: Path | None) -> None:
 @BUNDLE
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Experiment folder (default: results/JOB).")
-def results(job: str, bundle: Path, out: Path | None) -> None:
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files (OUT/tensorboard).")
+@click.option("--mlflow", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also export the job as MLflow runs into this local MLflow store folder.")
+def results(job: str, bundle: Path, out: Path | None, tensorboard: bool, mlflow: Path | None) -> None:
     """Write the experiment folder: job.json, metrics (JSON/CSV), model.pt, loss and timing plots."""
     exp = _attach(bundle, job)
-    folder = exp.results(out or Path("results") / job)
+    folder = exp.results(out or Path("results") / job, tensorboard=tensorboard, mlflow=mlflow)
     console.print(f"{exp.state.status}: results of {job} written to {folder}")
     exp.close()
 

@@ -328,11 +328,21 @@ class Experiment:
         module.load_state_dict(self.state.params)
         return module.eval()
 
-    def results(self, folder: str | Path) -> Path:
-        """Write the experiment folder: job spec, metrics, final model, plots."""
+    def results(self, folder: str | Path, *, tensorboard: bool = False, mlflow: str | Path | None = None) -> Path:
+        """Write the experiment folder: job spec, metrics, final model, plots; with `tensorboard`
+        also event files in FOLDER/tensorboard, with `mlflow` a run in that local MLflow store."""
         from researcher.results import write_results
 
-        return write_results(Path(folder), self)
+        folder = write_results(Path(folder), self)
+        if tensorboard:
+            from researcher.tracking import write_tensorboard
+
+            write_tensorboard(folder / "tensorboard", self)
+        if mlflow is not None:
+            from researcher.tracking import write_mlflow
+
+            write_mlflow(Path(mlflow), self, model_file=folder / "model.pt")
+        return folder
 
     def close(self) -> None:
         if self._messenger is not None:

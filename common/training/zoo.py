@@ -1,4 +1,5 @@
-"""Ready training plans, referenced by name in a job: mlp, cnn, logreg, vae, linear_vae."""
+"""Ready training plans, referenced by name in a job: mlp, cnn, logreg, vae, linear_vae, and the
+scikit-learn ones (sgd_classifier, sgd_regressor, perceptron)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.training.plan import TrainingPlan
+from common.training.sklearn_plans import SKLEARN_PLANS
 
 
 class MLP(nn.Module):
@@ -142,4 +144,5 @@ ZOO: dict[str, type[TrainingPlan]] = {
     "logreg": LogRegPlan,
     "vae": VAEPlan,
     "linear_vae": LinearVAEPlan,
+    **SKLEARN_PLANS,  # sgd_classifier, sgd_regressor, perceptron (scikit-learn, imported when trained)
 }

@@ -1,0 +1,21 @@
+"""Loaders for the field's data beyond plain arrays: clinical tables, medical images.
+
+`prepare` is the one hook the training process calls: it turns what a loader read into what
+the job asked for (a table encoded as `training_args.encoding` says); other data passes as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.datasets import LoadedData
+
+
+def prepare(data: LoadedData, training_args: dict[str, Any]) -> LoadedData:
+    """The dataset as this job sees it."""
+    from node.loaders.tabular import TableData
+    from node.loaders.tabular import prepare as prepare_table
+
+    if isinstance(data, TableData):
+        return prepare_table(data, training_args)
+    return data
