@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from node.datasets import DatasetError, LoadedData
+from node.datasets import DatasetError, LoadedData, _is_number
 
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 MIN_PUBLIC_COUNT = 5  # categories with fewer rows are not shown to researchers
@@ -38,14 +38,6 @@ class TableData(LoadedData):
 
     cells: dict[str, list[str | None]] = field(default_factory=dict)
     encoded: dict[str, LoadedData] = field(default_factory=dict)  # per-encoding memo
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_table(path: Path) -> tuple[list[str], list[list[str]]]:

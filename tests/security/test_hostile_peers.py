@@ -44,6 +44,17 @@ def _finish(exp: Experiment, timeout_s: float = 150) -> JobState:
         exp.close()
 
 
+def _run_beside(fed, exp: Experiment, on_round, attacker) -> JobState:
+    """Submit the job and see it to its end while `on_round(r)` strikes as each round opens."""
+    clock = OnRound(fed, exp.job_id, on_round)
+    try:
+        exp.submit()
+        return _finish(exp)
+    finally:
+        clock.close()
+        attacker.close()
+
+
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -126,13 +137,7 @@ def test_an_enrolled_node_outside_the_job_cannot_take_over_its_model(sites, undi
         intruder.m.send(topics.update(exp.job_id, "intruder"), "update",
                         {"round": r, "params": evil, "n_samples": 10**15}, job=exp.job_id, round_=r)
 
-    clock = OnRound(fed, exp.job_id, send)
-    try:
-        exp.submit()
-        state = _finish(exp)
-    finally:
-        clock.close()
-        intruder.close()
+    state = _run_beside(fed, exp, send, intruder)
     assert state.status == "done", state.reason
     assert _folded(state) == [SITES] * 3, "the intruder's update was folded"
     assert not any(torch.equal(state.params[k], evil[k]) for k in evil if evil[k].is_floating_point())
@@ -178,13 +183,7 @@ def test_a_second_aggregator_cannot_end_or_acknowledge_another_aggregators_job(s
                      job=exp.job_id, round_=3, retain=True)
         rogue.m.send(topics.events(exp.job_id), "job_failed", {"reason": "forged", "round": r}, job=exp.job_id)
 
-    clock = OnRound(fed, exp.job_id, strike)
-    try:
-        exp.submit()
-        state = _finish(exp)
-    finally:
-        clock.close()
-        rogue.close()
+    state = _run_beside(fed, exp, strike, rogue)
     assert state.status == "done", state.reason
     assert _folded(state) == [SITES] * 3
     assert _same(state.params, undisturbed.params), "the researcher took the forged model"
@@ -216,13 +215,7 @@ def test_one_broken_scaffold_update_is_rejected_and_the_job_goes_on(sites):
         bad.m.send(topics.update(exp.job_id, "site-bad"), "update",
                    {"round": r, "params": start, "n_samples": 100, "extra": extra}, job=exp.job_id, round_=r)
 
-    clock = OnRound(fed, exp.job_id, send)
-    try:
-        exp.submit()
-        state = _finish(exp)
-    finally:
-        clock.close()
-        bad.close()
+    state = _run_beside(fed, exp, send, bad)
     assert state.status == "done", state.reason
     assert _folded(state) == [SITES] * 3
     reasons = [h["notes"]["rejected"]["site-bad"] for h in state.history]
