@@ -215,11 +215,18 @@ class _Cache:
         return self.plans[key]
 
 
-def warm_up() -> None:
-    """Pay torch's one-time costs now, at start-up, not in the first round.
+def preimport() -> None:
+    """Import what the first optimizer step would import (torch._dynamo: ~1-2 s), while the
+    process is a spare that knows no job: it reads only Python's own files and starts no
+    thread (checked by test_every_thread_of_a_jobs_process_is_confined), so it may run before
+    `confine`. With it done here, a job's first round does not pay it on the job's clock."""
+    import torch._dynamo  # noqa: F401
 
-    The first optimizer step of a process imports torch._dynamo and initialises kernels
-    (~1 s; with many nodes starting on a few cores, several seconds of round 1).
+
+def warm_up() -> None:
+    """Pay torch's remaining one-time costs (kernels, allocator) before the first round.
+
+    After `preimport` this takes ~10 ms; it runs after `confine`, since it may start threads.
     """
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     for opt in (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.Adam(model.parameters())):
@@ -255,6 +262,7 @@ def serve(sock: socket.socket, threads: int) -> None:
     Torch is imported (at module load) before the job is known; nothing that starts threads
     runs before `confine`, because Landlock binds only the calling thread and those it starts.
     """
+    preimport()
     send_frame(sock, {"warm": True})
     job = recv_frame(sock, MAX_TASK_BYTES)
     if not job or job.get("op") != "assign":
