@@ -16,14 +16,27 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import torch
 from pydantic import ValidationError
 
+from aggregators.round import (
+    Ack,
+    Action,
+    Close,
+    Drop,
+    DropKind,
+    Fail,
+    Fold,
+    Policy,
+    Round,
+    SaveOpen,
+    Standing,
+)
 from aggregators.rules import AggregationRule, get_rule
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
@@ -44,9 +57,6 @@ from common.messages import (
 from common.messenger import Messenger
 from common.settings import TransportSettings
 
-CHECKPOINT_EVERY_S = 0.5  # with updates arriving, at most this long between open-round checkpoints
-CHECKPOINT_EVERY_N = 256  # ... or this many folded updates; after a 0.1 s lull, at once
-
 
 class JobFailure(RuntimeError):
     """The job cannot go on; the message is the reason published in `job_failed`."""
@@ -54,10 +64,13 @@ class JobFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class _Event:
-    kind: str  # "update", "dropout", "joined", "withdrawn"
+    """What the service hands a job's runner: an update, a node joining or leaving, withdrawal."""
+
+    kind: Literal["update", "dropout", "joined", "withdrawn"]
     node: str = ""
     message: Message | None = None
-    reason: str = ""
+    dropout: DropKind = "offline"  # why a node left: offline, failed, declined, pending
+    reason: str = ""  # the node's own words, for the log; "accepted" on a late acceptance
 
 
 def check_update(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
@@ -81,7 +94,7 @@ def select_nodes(selection: Selection, quorum: int, round_: int, eligible: list[
     quorum; the same seed and round give the same set. all / at_least: every eligible node
     (at_least only delays the round until k are online).
     """
-    if selection.mode != "fraction":
+    if not selection.selective:
         return list(eligible)
     want = min(len(eligible), max(selection.k, quorum, math.ceil(selection.fraction * len(eligible))))
     return sorted(random.Random(selection.seed * 1_000_003 + round_).sample(sorted(eligible), want))
@@ -110,43 +123,6 @@ def check_extra(extra: dict[str, torch.Tensor]) -> str | None:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return f"{key}: contains NaN or Inf"
     return None
-
-
-@dataclass
-class _Book:
-    """Who the open round expects, who answered, who is gone or refused (and why)."""
-
-    expected: list[str]
-    answered: set[str] = field(default_factory=set)
-    gone: set[str] = field(default_factory=set)
-    failed: set[str] = field(default_factory=set)  # gone because their training or update failed
-    reports: list[NodeRoundReport] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)  # node -> why its update was refused
-    unsaved: list[str] = field(default_factory=list)  # folded, not yet checkpointed, so not yet acknowledged
-
-    @classmethod
-    def resumed(cls, state: dict[str, Any]) -> _Book:
-        return cls(expected=list(state["expected"]), answered=set(state["answered"]), gone=set(state["gone"]),
-                   reports=[NodeRoundReport.model_validate(x) for x in state["reports"]],
-                   rejected=dict(state.get("rejected") or {}))
-
-    def state(self) -> dict[str, Any]:
-        return {"expected": self.expected, "answered": sorted(self.answered), "gone": sorted(self.gone),
-                "reports": [x.model_dump() for x in self.reports], "rejected": dict(self.rejected)}
-
-    def can_close(self, spec: JobSpec) -> bool:
-        waiting = set(self.expected) - self.answered - self.gone
-        if len(self.answered) >= spec.quorum and (not waiting or spec.stragglers == "quorum"):
-            return True
-        # every node that could answer failed: waiting for the deadline changes nothing
-        return not waiting and bool(self.expected) and set(self.expected) - self.answered <= self.failed
-
-    def reject(self, node: str, reason: str) -> None:
-        """The node's update is refused: it is out of this round (not waited for again)."""
-        self.rejected.setdefault(node, reason)
-        if node in self.expected:
-            self.gone.add(node)
-            self.failed.add(node)
 
 
 class Checkpoints:
@@ -230,6 +206,7 @@ class JobRunner(threading.Thread):
         self._last_model: GlobalModel | None = None
         self._last_history: JobHistory | None = None
         self._history_sent = -1  # rounds in the last published JobHistory
+        self._updates: dict[str, Any] = {}  # the update of each node the round told us to fold
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
     # helpers
@@ -246,7 +223,7 @@ class JobRunner(threading.Thread):
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
         # unless the round is selective (N names to N nodes would make each round O(N^2))
-        selective = self.spec.selection.mode != "all"
+        selective = self.spec.selection.selective
         model = GlobalModel(round=round_, params=params, aggregator=self.service.name, status=status,
                             open_round=open_round, nodes=(nodes or []) if selective else [], deadline=deadline,
                             reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
@@ -342,9 +319,9 @@ class JobRunner(threading.Thread):
 
     def _note_standing(self, event: _Event) -> None:
         """Declines are for the whole job; a pending plan approval lasts until the node accepts."""
-        if event.kind == "dropout" and event.reason.startswith("declined"):
+        if event.kind == "dropout" and event.dropout == "declined":
             self.declined.add(event.node)
-        elif event.kind == "dropout" and event.reason.startswith("pending"):
+        elif event.kind == "dropout" and event.dropout == "pending":
             self.pending.add(event.node)
         elif event.kind == "joined" and event.reason == "accepted":
             self.pending.discard(event.node)
@@ -352,131 +329,101 @@ class JobRunner(threading.Thread):
 
     def _round(self, r: int, rule: AggregationRule, params, history,
                resume: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+        """Open round `r` (or resume it from its checkpoint), run it to its end, close it."""
         spec = self.spec
         self.current_round = r
-        log = self.log.bind(round=r)
+        policy = Policy(quorum=spec.quorum, stragglers=spec.stragglers, selective=spec.selection.selective)
         if resume is None:
             opened = time.time()
             deadline = opened + spec.round_deadline_s
             eligible = self._wait_for_nodes(deadline)
             if len(eligible) < spec.quorum:
                 raise JobFailure(f"round {r}: only {len(eligible)} eligible node(s) online, quorum is {spec.quorum}")
-            book = _Book(expected=select_nodes(spec.selection, spec.quorum, r, eligible))
+            state = Round(r, opened, deadline, policy, expected=select_nodes(spec.selection, spec.quorum, r, eligible),
+                          eligible=eligible, last_save=opened, last_event=opened)
             rule.begin_round(params)
         else:  # a restarted aggregator picks the round up where the checkpoint left it
-            opened, deadline = resume["opened"], resume["deadline"]
-            book = _Book.resumed(resume)
-            eligible = list(resume.get("eligible", book.expected))
+            state = Round.from_dict(resume, policy, time.time())
+            self.declined |= set(resume.get("declined", []))
+            self.pending |= set(resume.get("pending", []))
             rule.load_state_dict(resume["rule"])
-            log.info("round_resumed", answered=sorted(book.answered))
+            self.log.info("round_resumed", round=r, answered=state.answered)
+        self._announce(state, rule, params, history)
+        self._drive(state, rule, params)
+        return self._close(state, rule, params)
+
+    def _announce(self, state: Round, rule: AggregationRule, params, history) -> None:
+        """Publish the model that opens the round (it names the round, its nodes, its deadline)."""
+        spec, r = self.spec, state.round
         t_publish = time.perf_counter()
-        self._publish_model(r - 1, params, history, open_round=r, nodes=book.expected, deadline=deadline,
+        self._publish_model(r - 1, params, history, open_round=r, nodes=state.expected, deadline=state.deadline,
                             extra=rule.model_extra())
         publish_s = time.perf_counter() - t_publish
-        self._send("round_opened", RoundOpened(round=r, nodes=book.expected, deadline=deadline, model_round=r - 1,
-                                               selection=spec.selection.mode, eligible=eligible), round_=r)
-        log.info("round_opened", nodes=book.expected, selection=spec.selection.mode, model_publish_s=round(publish_s, 4))
+        self._send("round_opened", RoundOpened(round=r, nodes=state.expected, deadline=state.deadline,
+                                               model_round=r - 1, selection=spec.selection.mode,
+                                               eligible=state.eligible), round_=r)
+        self.log.info("round_opened", round=r, nodes=state.expected, selection=spec.selection.mode,
+                      model_publish_s=round(publish_s, 4))
 
-        def open_state() -> dict[str, Any]:
-            return {"round": r, "opened": opened, "deadline": deadline, "eligible": eligible, **book.state(),
-                    "rule": rule.state_dict()}
-
-        self._collect(r, rule, params, book, deadline, open_state)
-        if len(book.answered) < spec.quorum:
-            raise JobFailure(f"round {r}: {len(book.answered)} update(s) by the deadline, quorum is {spec.quorum}")
-        return self._close(r, rule, params, book, opened)
-
-    def _collect(self, r: int, rule: AggregationRule, params, book: _Book, deadline: float, open_state) -> None:
-        """Take events until the round can close: fold updates, follow joins and drop-outs."""
-        last_save = time.monotonic()
-        while not book.can_close(self.spec):
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                break
+    def _drive(self, state: Round, rule: AggregationRule, params) -> None:
+        """The shell around the round's decisions: events in, actions performed, until it ends."""
+        while True:
+            if self._perform(state.on_tick(time.time()), state, rule, params):
+                return
             try:
-                event = self.events.get(timeout=min(remaining, 0.1 if book.unsaved else 0.5))
+                event = self.events.get(timeout=state.next_wakeup(time.time()))
             except queue.Empty:
-                if book.unsaved:  # a lull: make what was folded durable, then acknowledge it
-                    last_save = self._checkpoint_and_ack(r, open_state, book.unsaved)
                 continue
             if event.kind == "withdrawn":
                 raise JobFailure("the researcher withdrew the job")
             self._note_standing(event)
-            if event.kind != "update":
-                self._follow_membership(r, event, book)
-                continue
-            assert event.message is not None
-            # one checkpoint covers many updates: per update it would cost O(N) writes a round
-            if self._take_update(r, rule, params, event.message, book) and (
-                    len(book.unsaved) >= CHECKPOINT_EVERY_N or time.monotonic() - last_save >= CHECKPOINT_EVERY_S):
-                last_save = self._checkpoint_and_ack(r, open_state, book.unsaved)
-        self._checkpoint_and_ack(r, open_state, book.unsaved)
+            self._perform(self._step(state, event), state, rule, params)
 
-    def _follow_membership(self, r: int, event: _Event, book: _Book) -> None:
-        """A node joins the open round (back online, new, or its plan approved) or drops out of it."""
-        selective = self.spec.selection.mode == "fraction"
+    def _step(self, state: Round, event: _Event) -> list[Action]:
+        """The round's answer to one event."""
+        standing = self._standing(state, event.node)
         if event.kind == "joined":
-            if event.node in self.pending or (selective and event.node not in book.expected):
-                return
-            if event.node not in book.answered and event.node not in self.declined and event.node not in book.rejected:
-                book.gone.discard(event.node)
-                book.failed.discard(event.node)
-                if event.node not in book.expected:
-                    book.expected.append(event.node)
-                    self.log.info("node_joined", round=r, node=event.node)
-        elif event.kind == "dropout" and event.node in book.expected and event.node not in book.answered:
-            book.gone.add(event.node)
-            if event.reason.startswith(("failed", "declined")):
-                book.failed.add(event.node)
-            self.log.info("node_dropped_out", round=r, node=event.node, reason=event.reason)
+            return state.on_join(event.node, standing)
+        if event.kind == "dropout":
+            return state.on_dropout(event.node, event.dropout)
+        msg = event.message
+        assert msg is not None
+        self._updates[event.node] = msg.body
+        # the envelope's round and the body's must agree: either one names the round it is for
+        return state.on_update(event.node, msg.round if msg.round == msg.body.round else -1, standing)
 
-    def _take_update(self, r: int, rule: AggregationRule, params, msg: Message, book: _Book) -> bool:
-        """Fold one update if its sender belongs to the round and the update is sound; True if
-        folded (it is acknowledged once checkpointed). A refused update is logged with its
-        reason and noted in the round's record; the round goes on without that node."""
-        update = msg.body
-        node = msg.sender
-        if msg.round != r or update.round != r:
-            self.log.info("late_update_dropped", round=r, node=node, update_round=update.round)
-            return False
-        if node in book.answered:
-            self.log.info("duplicate_update_dropped", round=r, node=node)
-            self._ack(r, node)  # its first acknowledgement may have been lost
-            return False
-        if node in book.rejected:
-            self.log.info("update_dropped", round=r, node=node, reason="an earlier update of the round was rejected")
-            return False
-        reason = self._admit_update(node, book) or self._fold(rule, params, node, update)
-        if reason is not None:
-            book.reject(node, reason)
-            self.log.warning("update_rejected", round=r, node=node, reason=reason)
-            return False
-        book.answered.add(node)
-        book.gone.discard(node)
-        book.reports.append(NodeRoundReport(node=node, n_samples=update.n_samples, metrics=update.metrics,
-                                            timings=update.timings))
-        book.unsaved.append(node)
-        self.log.info("update_folded", round=r, node=node, n_samples=update.n_samples)
-        return True
+    def _standing(self, state: Round, node: str) -> Standing:
+        """What the job knows of `node`; eligibility is asked only where the round needs it."""
+        eligible = node in state.expected or (not state.policy.selective and node in self.service.eligible(self.spec))
+        return Standing(eligible=eligible, declined=node in self.declined, pending=node in self.pending)
 
-    def _admit_update(self, node: str, book: _Book) -> str | None:
-        """Why `node` may not take part in the round (None if it may).
-
-        Only nodes the round selected are folded, or, unless the selection is `fraction`,
-        nodes that are eligible now (online, in spec.nodes if given, holding a dataset with
-        the job's tags) and so join it: any other enrolled node could outweigh them all.
-        """
-        if node in book.expected:
-            return None
-        if self.spec.selection.mode == "fraction":
-            return "not selected for this round"
-        if node in self.declined or node in self.pending:
-            return "not selected for this round: it declined the job or its plan awaits approval"
-        if node not in self.service.eligible(self.spec):
-            return ("not selected for this round: not eligible for the job (offline, outside its nodes, "
-                    "or no dataset with its tags)")
-        book.expected.append(node)
-        return None
+    def _perform(self, actions: list[Action], state: Round, rule: AggregationRule, params) -> bool:
+        """Carry the actions out in order; True when the round has ended (closed)."""
+        r = state.round
+        for action in actions:
+            if isinstance(action, Fold):
+                update = self._updates.pop(action.node)
+                reason = self._fold(rule, params, action.node, update)
+                more = (state.on_fold_failed(action.node, reason) if reason is not None else
+                        state.on_folded(action.node, NodeRoundReport(node=action.node, n_samples=update.n_samples,
+                                        metrics=update.metrics, timings=update.timings).model_dump(), time.time()))
+                if reason is None:
+                    self.log.info("update_folded", round=r, node=action.node, n_samples=update.n_samples)
+                self._perform(more, state, rule, params)
+            elif isinstance(action, SaveOpen):
+                with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
+                    self.service.checkpoints.save_open(self.spec.job_id, {
+                        **state.to_dict(), "rule": rule.state_dict(),
+                        "declined": sorted(self.declined), "pending": sorted(self.pending)})
+            elif isinstance(action, Ack):
+                self._ack(r, action.node)
+            elif isinstance(action, Drop):
+                self.log.info("update_dropped", round=r, node=action.node, reason=action.reason)
+            elif isinstance(action, Fail):
+                raise JobFailure(action.reason)
+            elif isinstance(action, Close):
+                return True
+        return False
 
     def _fold(self, rule: AggregationRule, params, node: str, update) -> str | None:
         """Decode, check and fold one update; why not, if any step refuses it (None if folded).
@@ -500,9 +447,9 @@ class JobRunner(threading.Thread):
             self.log.exception("update_fold_error", node=node)
             return f"{type(exc).__name__}: {exc}"
 
-    def _close(self, r: int, rule: AggregationRule, params, book: _Book,
-               opened: float) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+    def _close(self, state: Round, rule: AggregationRule, params) -> tuple[dict[str, torch.Tensor], RoundClosed]:
         """The round's new model, checked before anyone sees it, and its record."""
+        r = state.round
         try:
             new_params = rule.end_round()
         except ValueError as exc:  # e.g. Krum with fewer updates than it needs
@@ -510,20 +457,18 @@ class JobRunner(threading.Thread):
         problem = check_update(new_params, params) or check_extra(rule.model_extra())
         if problem is not None:  # e.g. a server step that overflowed: the last good model stays published
             raise JobFailure(f"round {r}: {rule.name} produced an invalid global model ({problem}); not published")
-        notes: dict[str, Any] = {"selected": list(rule.selected)} if getattr(rule, "selected", None) else {}
+        notes = {**rule.round_notes(), **({"rejected": dict(state.rejected)} if state.rejected else {})}
         norms = {n: float(new_params[n].double().norm()) for n in self.spec.training_args.get("report_norms") or []
                  if n in new_params}
         if norms:
             notes["norms"] = norms
-        if book.rejected:
-            notes["rejected"] = dict(book.rejected)
-        reports = book.reports
+        reports = [NodeRoundReport.model_validate(x) for x in state.reports]
         total = sum(rep.n_samples for rep in reports)
         metric_names = set().union(*(rep.metrics for rep in reports))
         metrics = {m: sum(rep.metrics.get(m, 0.0) * rep.n_samples for rep in reports) / total for m in metric_names}
-        summary = RoundClosed(round=r, reports=reports, missing=sorted(set(book.expected) - book.answered),
-                              metrics=metrics, duration_s=time.time() - opened, notes=notes)
-        self.log.info("round_closed", round=r, nodes=sorted(book.answered), missing=summary.missing,
+        summary = RoundClosed(round=r, reports=reports, missing=state.missing(), metrics=metrics,
+                              duration_s=time.time() - state.opened, notes=notes)
+        self.log.info("round_closed", round=r, nodes=sorted(state.answered), missing=summary.missing,
                       **{k: round(v, 4) for k, v in metrics.items()})
         return new_params, summary
 
@@ -535,21 +480,6 @@ class JobRunner(threading.Thread):
                                         job=self.spec.job_id, round_=r, wait=False)
         except Exception as exc:  # noqa: BLE001 - the node re-sends, and we ack the duplicate
             self.log.warning("ack_not_sent", node=node, round=r, error=str(exc))
-
-    def _checkpoint_and_ack(self, r: int, open_state, unsaved: list[str]) -> float:
-        """Checkpoint the open round, then acknowledge the updates it now holds.
-
-        An update is acknowledged only once a checkpoint holds it: if the aggregator dies
-        before, the node re-sends and the resumed round folds it (exactly once). Under load
-        the updates waiting in the queue are folded first and covered by one checkpoint.
-        """
-        if unsaved:
-            with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
-                self.service.checkpoints.save_open(self.spec.job_id, open_state())
-            for node in unsaved:
-                self._ack(r, node)
-            unsaved.clear()
-        return time.monotonic()
 
     def republish(self) -> None:
         """Publish the current history and model again (after a reconnect: a hard-killed broker
@@ -688,7 +618,7 @@ class AggregatorService:
         came_online = status.state == "online" and (previous is None or previous.state != "online")
         for runner in runners:
             if status.state == "offline":
-                runner.events.put(_Event("dropout", node=msg.sender, reason="offline"))
+                runner.events.put(_Event("dropout", node=msg.sender, dropout="offline"))
             elif came_online and msg.sender in self.eligible(runner.spec):
                 # back (or new): it joins the open round. A status refresh of a node that never
                 # left is not a join, so a node whose training failed is not waited for again.
@@ -706,10 +636,10 @@ class AggregatorService:
                 runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
             return
         if reply.command == "job" and status == "pending":  # not now; maybe after approval
-            runner.events.put(_Event("dropout", node=msg.sender, reason=f"pending: {reply.error}"))
+            runner.events.put(_Event("dropout", node=msg.sender, dropout="pending", reason=reply.error))
             return
-        kind = "declined" if reply.command == "job" else "failed"
-        runner.events.put(_Event("dropout", node=msg.sender, reason=f"{kind}: {reply.error}"))
+        kind: DropKind = "declined" if reply.command == "job" else "failed"
+        runner.events.put(_Event("dropout", node=msg.sender, dropout=kind, reason=reply.error))
 
     def _on_update(self, msg: Message) -> None:
         runner = self._runner(topics.job_of(msg.topic))

@@ -128,6 +128,16 @@ class Selection(Body):
     k: int = Field(default=1, ge=1)
     seed: int = 0
 
+    @property
+    def selective(self) -> bool:
+        return is_selective(self.mode)
+
+
+def is_selective(mode: str) -> bool:
+    """Whether a round's node list says who takes part: only `fraction` draws a subset; under
+    `all` and `at_least` every eligible node does, including one that joins the open round."""
+    return mode == "fraction"
+
 
 @message("job", "researcher")
 class JobSpec(Body):

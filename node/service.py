@@ -26,7 +26,7 @@ from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
 from common.errors import BadMessage, TransportError
 from common.identity import Identity
-from common.messages import JobSpec, NodeStatus, Reply
+from common.messages import JobSpec, NodeStatus, Reply, is_selective
 from common.messenger import Messenger
 from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
@@ -516,7 +516,7 @@ class NodeService:
                 return
             r = model.open_round
             self._drop_pending(job_id, before_round=r)  # type: ignore[arg-type]  # closed rounds
-            if model.selection != "all" and self.name not in model.nodes:
+            if is_selective(model.selection) and self.name not in model.nodes:
                 return  # not selected for this round
             # A node that was away (or started late) joins the round that is open now.
             if r in job.trained:

@@ -44,7 +44,7 @@ from common import chunking, topics
 from common.envelope import Message, open_envelope, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
-from common.messages import DatasetInfo, NodeStatus, Update
+from common.messages import DatasetInfo, NodeStatus, Update, is_selective
 from common.training.loader import load_plan_class
 from node.datasets import LoadedData
 
@@ -244,7 +244,7 @@ class SimulatedFleet:
             model = msg.body
             if job not in sim.jobs or model.status != "running" or model.open_round is None:
                 return
-            if model.selection != "all" and name not in model.nodes:
+            if is_selective(model.selection) and name not in model.nodes:
                 return
             if (job, model.open_round) in sim.trained:
                 return

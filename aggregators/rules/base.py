@@ -65,6 +65,11 @@ class AggregationRule(ABC):
         """Tensors published with the global model besides its parameters (default: none)."""
         return {}
 
+    def round_notes(self) -> dict[str, Any]:
+        """What the rule says about the round it just ended, recorded in its history (e.g.
+        which updates Krum selected); none by default."""
+        return {}
+
     def carry_over(self) -> dict[str, Any]:
         """The state that lives across rounds (server momentum, control variates), saved with
         every round's checkpoint and restored with `load_state_dict`; none by default."""

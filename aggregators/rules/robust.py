@@ -103,3 +103,6 @@ class Krum(_Buffered):
         params, chosen = multi_krum(self._updates, self._weights, self.byzantine, min(self.m, len(self._updates)))
         self.selected = [self._nodes[i] for i in chosen]
         return params
+
+    def round_notes(self) -> dict[str, Any]:
+        return {"selected": list(self.selected)} if self.selected else {}

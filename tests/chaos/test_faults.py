@@ -12,6 +12,7 @@ import time
 import pytest
 
 from common.identity import Identity
+from common.messages import Selection
 from researcher.experiment import Experiment
 from tests.chaos.harness import (
     NODES,
@@ -146,6 +147,25 @@ def test_late_node_joins_the_open_round():
     round2 = [r["node"] for r in state.history[1]["reports"]]
     assert "site-3" in round2, state.history[1]
     assert "site-3" not in [r["node"] for r in state.history[0]["reports"]]
+
+
+def test_a_late_node_joins_the_open_round_under_at_least_selection():
+    """Issue 16: under `at_least` the aggregator adds a late node to the round, but the node
+    skipped the model because it was not in the model's node list: the round waited for its
+    deadline and closed without it."""
+    run = federation(start_nodes=["site-1", "site-2"])
+    try:
+        exp = experiment(run, rounds=3, quorum=2, step_delay_s=0.6, deadline_s=40)
+        exp.spec_fields["selection"] = Selection(mode="at_least", k=2)
+        exp.submit()
+        run.wait_event(opened(2))
+        run.start_node("site-3")
+        state = finish(run, exp)
+    finally:
+        teardown(run)
+    assert state.status == "done", state.reason
+    assert "site-3" in [r["node"] for r in state.history[1]["reports"]], state.history[1]
+    assert state.history[1]["duration_s"] < 30, "round 2 waited for its deadline"
 
 
 def test_two_of_three_nodes_gone_for_good_fails_cleanly_at_the_deadline():
