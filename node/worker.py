@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import socket
 import time
 import traceback
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from common.frames import recv_frame, send_frame
 from common.messages import PlanRef
@@ -74,7 +77,8 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     Besides plain SGD it runs the node half of FedProx, SCAFFOLD and ADMM (`algorithm` in the
     training args), holds out a validation split (`val_fraction`) on which it scores the
     received global model and the local result, standardizes features with federated
-    statistics (`standardize`), and applies client-level DP (`dp`: clip, sigma).
+    statistics (`standardize`), and applies client-level DP (`dp`: clip, sigma) or sample-level
+    DP-SGD with Opacus (`dp`: mode "sample", noise_multiplier, max_grad_norm).
     """
     targs = task["training_args"]
     algorithm = local.algorithm_of(targs)
@@ -117,31 +121,16 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
         c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start_params.items()}
         c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start_params.items()}
 
-    optimizer = plan.optimizer(model)
-    epochs = int(targs.get("epochs", 1))
-    max_batches = targs.get("max_batches")
-    gen = torch.Generator().manual_seed(seed)
-    n = len(x_train)
     start = time.perf_counter()
     model.train()
-    loss_sum, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        loss_sum, seen = 0.0, 0
-        for index in _batches(n, batch_size, gen):
-            x = x_train[index]
-            y = y_train[index] if y_train is not None else None
-            optimizer.zero_grad(set_to_none=True)
-            loss = plan.training_step(model, x, y)
-            objective = loss + local.proximal_penalty(model, anchor, strength) if anchor is not None else loss
-            objective.backward()
-            if algorithm == "scaffold":
-                local.scaffold_correct_(model, c_global, c_local)
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
-            seen += len(index)
-            steps += 1
-            if max_batches is not None and steps >= int(max_batches):
-                break
+    if local.dp_mode(targs) == "sample":
+        if algorithm != "sgd":
+            raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
+        loss_sum, seen, steps = _train_dp_sgd(plan, model, x_train, y_train, targs)
+    else:
+        fit = _Fit(algorithm, anchor, strength, c_global if algorithm == "scaffold" else None,
+                   c_local if algorithm == "scaffold" else None)
+        loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, targs, seed, fit)
     train_s = time.perf_counter() - start
     if len(val_idx):
         metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
@@ -157,7 +146,7 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
         new_state = {"x": end_params, "u": u}
         params = {k: (v + u[k] if k in u else v) for k, v in params.items()}  # the server averages x_i + u_i
     dp = targs.get("dp")
-    if dp:
+    if dp and local.dp_mode(targs) == "client":
         delta = {k: params[k] - received[k] for k in params}
         # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
         # data un-noised, so it is not reported
@@ -169,13 +158,106 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
             metrics[f"norm:{name}"] = float(params[name].double().norm())
     return {
         "params": to_arrays(params),
-        "n_samples": n,
+        "n_samples": len(x_train),
         "metrics": metrics,
         "timings": {"train_s": train_s},
         "steps": steps,
         "extra": to_arrays(extra_out),
         "local_state": {k: to_arrays(v) for k, v in new_state.items()},
     }
+
+
+@dataclasses.dataclass
+class _Fit:
+    """What the plain loop needs of the local algorithm (FedProx/ADMM anchor, SCAFFOLD controls)."""
+
+    algorithm: str
+    anchor: Params | None
+    strength: float
+    c_global: Params | None
+    c_local: Params | None
+
+
+def _train_plain(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
+                 targs: dict[str, Any], seed: int, fit: _Fit) -> tuple[float, int, int]:
+    """Local epochs of shuffled minibatches (the job's seed fixes the order); (loss sum, seen, steps)."""
+    optimizer = plan.optimizer(model)
+    max_batches = targs.get("max_batches")
+    batch_size = int(targs.get("batch_size", 64))
+    gen = torch.Generator().manual_seed(seed)
+    loss_sum, seen, steps = 0.0, 0, 0
+    for _ in range(int(targs.get("epochs", 1))):
+        loss_sum, seen = 0.0, 0
+        for index in _batches(len(x_train), batch_size, gen):
+            x = x_train[index]
+            y = y_train[index] if y_train is not None else None
+            optimizer.zero_grad(set_to_none=True)
+            loss = plan.training_step(model, x, y)
+            penalty = local.proximal_penalty(model, fit.anchor, fit.strength) if fit.anchor is not None else None
+            (loss + penalty if penalty is not None else loss).backward()
+            if fit.c_global is not None and fit.c_local is not None:
+                local.scaffold_correct_(model, fit.c_global, fit.c_local)
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+            seen += len(index)
+            steps += 1
+            if max_batches is not None and steps >= int(max_batches):
+                break
+    return loss_sum, seen, steps
+
+
+def urandom_generator() -> torch.Generator:
+    """A torch generator seeded from the OS CSPRNG: nothing in the job (its seed, its round) fixes it."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, targs: dict[str, Any]):
+    """Opacus' per-sample gradients, Poisson-sampled loader and noising optimizer for one round;
+    LocalError (with Opacus' reason) for a model it cannot train."""
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise local.LocalError(f"Opacus cannot train this model under DP-SGD: {errors[0]}")
+    dp = targs["dp"]
+    q, steps = local.dp_sgd_schedule(len(dataset), targs)
+    loader = DPDataLoader(dataset, sample_rate=q, generator=urandom_generator())
+    loader.batch_sampler.steps = math.ceil(1 / q)  # the steps the accountant priced (Opacus: int(1/q))
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(plan.optimizer(wrapped), noise_multiplier=float(dp["noise_multiplier"]),
+                            max_grad_norm=float(dp["max_grad_norm"]), expected_batch_size=max(1, round(q * len(dataset))),
+                            generator=urandom_generator())
+    return wrapped, loader, optimizer, steps
+
+
+def _train_dp_sgd(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
+                  targs: dict[str, Any]) -> tuple[float, int, int]:
+    """Sample-level DP-SGD (Abadi et al. 2016) with Opacus: Poisson batches at q = batch_size / n,
+    per-sample clipping, Gaussian noise; exactly `dp_sgd_schedule` steps. Sampling and noise
+    both come from generators seeded by os.urandom, never by the job."""
+    dataset = TensorDataset(x_train) if y_train is None else TensorDataset(x_train, y_train)
+    wrapped, loader, optimizer, total = _dp_sgd_parts(plan, model, dataset, targs)
+    loss_sum, seen, steps = 0.0, 0, 0
+    try:
+        while steps < total:
+            for batch in loader:
+                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+                optimizer.zero_grad(set_to_none=True)
+                loss = plan.training_step(wrapped, x, y)
+                loss.backward()
+                optimizer.step()  # an empty Poisson batch is a step too: noise only
+                if len(x):
+                    loss_sum += float(loss.detach()) * len(x)
+                    seen += len(x)
+                steps += 1
+                if steps >= total:
+                    break
+    finally:
+        wrapped.remove_hooks()
+    return loss_sum, seen, steps
 
 
 class _Cache:
