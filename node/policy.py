@@ -18,6 +18,8 @@ class StatisticsPolicy(BaseModel):
     min_cell_count: int = Field(default=5, ge=1, description="histogram cells counting fewer patients are sent as 0")
     max_features: int = Field(default=100_000, ge=1, description="refuse statistics of wider data")
     max_pending: int = Field(default=4, ge=1, description="requests queued beyond the one being computed are refused")
+    max_queries: int = Field(default=20, ge=1,
+                             description="statistics answered per dataset in any 24 hours; more are refused")
 
 
 class PrivacyPolicy(BaseModel):

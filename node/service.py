@@ -39,11 +39,11 @@ from node.config import NodeSettings
 from node.job_store import JobStore
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.policy import JobAsk, job_ask, policy_refusal
-from node.privacy_budget import PrivacyLedger
+from node.privacy_budget import PrivacyLedger, QueryLedger
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
 from node.state import NodeState
-from node.statistics import StatisticsRefused, check_request, sufficient_statistics
+from node.statistics import StatisticsRefused, check_request
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
@@ -127,6 +127,7 @@ class NodeService:
         self.state = NodeState(registry.db)
         self.job_store = JobStore(registry.db)
         self.ledger = PrivacyLedger(registry.db)
+        self.queries = QueryLedger(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
                                           secret_dirs=[settings.node_dir, settings.bundle],
                                           max_processes=settings.max_training_processes)
@@ -705,20 +706,29 @@ class NodeService:
                 self._stats_pending -= 1
 
     def _compute_statistics(self, msg: Message) -> None:
+        """The dataset's query budget is checked here, the data read in a confined child, and
+        its answer checked (node.answers) before anything is sent."""
         args = msg.body.args
         tags = list(args.get("tags") or [])
         matches = self.registry.matching(tags) if tags else []
+        policy = self.settings.statistics
         try:
             if not matches:
                 raise StatisticsRefused(f"no dataset with tags {sorted(tags)} on node {self.name}")
             ds = matches[0]
-            stats = sufficient_statistics(ds.load(), min_rows=self.settings.min_statistics_rows,
-                                          bins=int(args.get("bins") or 0), ranges=args.get("ranges"),
-                                          policy=self.settings.statistics)
-        except (StatisticsRefused, ValueError, TypeError) as exc:
+            if self.queries.in_last_day(ds.name) >= policy.max_queries:
+                raise StatisticsRefused(f"statistics query budget: dataset {ds.name} on node {self.name}: its "
+                                        f"{policy.max_queries} statistics queries for today are spent; ask again later")
+            task = {"dataset": _dataset_spec(ds), "min_rows": self.settings.min_statistics_rows,
+                    "bins": int(args.get("bins") or 0), "ranges": args.get("ranges"), "policy": policy.model_dump()}
+            stats, pid, paths, sandbox = self.trainer.statistics(task, policy, self.settings.round_timeout_s)
+        except (StatisticsRefused, TrainingFailed, ValueError, TypeError) as exc:
             self._refuse_statistics(msg, str(exc))
             return
-        self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"])
+        self.queries.record(ds.name, msg.sender)
+        self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"], pid=pid,
+                          confined_to=paths, landlock_abi=sandbox.get("landlock_abi"),
+                          queries_today=self.queries.in_last_day(ds.name))
         self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})
 
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -317,6 +317,23 @@ def _answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
+def _statistics_answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
+    """Sufficient statistics of the job's dataset, read here in the confined child, never in the
+    node; a refusal (too few rows, too many features) is an answer too."""
+    from node.policy import StatisticsPolicy
+    from node.statistics import StatisticsRefused, sufficient_statistics
+
+    try:
+        data, _ = cache.dataset(task["dataset"])
+        stats = sufficient_statistics(data, min_rows=int(task["min_rows"]), bins=int(task.get("bins") or 0),
+                                      ranges=task.get("ranges"), policy=StatisticsPolicy(**task["policy"]))
+        return {"ok": True, **stats}
+    except StatisticsRefused as exc:
+        return {"ok": False, "refused": str(exc)}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
 def serve(sock: socket.socket, threads: int) -> None:
     """Child main loop: take the job, confine to it, warm up, then one round in, one answer out.
 
@@ -339,7 +356,7 @@ def serve(sock: socket.socket, threads: int) -> None:
             return
         if not isinstance(task, dict) or task.get("op") == "stop":
             return
-        send_frame(sock, _answer(task, cache))
+        send_frame(sock, _statistics_answer(task, cache) if task.get("op") == "statistics" else _answer(task, cache))
 
 
 def main() -> None:

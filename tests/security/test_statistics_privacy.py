@@ -17,11 +17,11 @@ import torch
 
 from broker.local import LocalFederation
 from common.identity import Identity
+from node.audit import AuditTrail
 from node.datasets import LoadedData
+from node.db import Database
 from node.policy import StatisticsPolicy
 from node.statistics import StatisticsRefused, sufficient_statistics
-from node.audit import AuditTrail
-from node.db import Database
 from researcher.analytics import federated_statistics
 from researcher.ask import ask
 
