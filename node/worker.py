@@ -85,86 +85,57 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
     if algorithm not in supported:
         raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
+    if local.dp_mode(targs) == "sample" and algorithm != "sgd":
+        raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
     plan = plan_cls(task["model_args"], targs)
     seed = int(targs.get("seed", 0)) * 1_000_003 + int(task["round"])
     torch.manual_seed(seed)
     model = plan.build_model()
     received = to_tensors(task["params"])
     model.load_state_dict(received)
-    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
-    extra = to_tensors(task.get("extra") or {})
-    x_all, y_all = data.x, data.y
-    if targs.get("standardize"):
-        x_all = local.standardize(x_all, targs["standardize"]["mean"], targs["standardize"]["std"])
-    train_idx, val_idx = local.validation_split(len(x_all), float(targs.get("val_fraction", 0.0)), int(targs.get("seed", 0)))
-    if len(val_idx):
-        x_train, y_train = x_all[train_idx], (y_all[train_idx] if y_all is not None else None)
-    else:  # no split: no copy of the dataset
-        x_train, y_train = x_all, y_all
+    x_train, y_train, val = _split(data, targs)
     batch_size = int(targs.get("batch_size", 64))
     metrics: dict[str, float] = {}
-    if len(val_idx):
-        x_val, y_val = x_all[val_idx], (y_all[val_idx] if y_all is not None else None)
-        metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
-
+    if val is not None:
+        metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
     start_params = _float_params(model)
-    anchor: Params | None = None
-    strength = 0.0
-    if algorithm == "fedprox":
-        anchor, strength = start_params, float(targs.get("mu", 0.01))
-    elif algorithm == "admm":
-        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start_params.items()}
-        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
-            u = local.admm_dual(u, state["x"], start_params)
-        anchor, strength = {k: start_params[k] - u[k] for k in start_params}, float(targs.get("rho", 0.1))
-    elif algorithm == "scaffold":
-        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start_params.items()}
-        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start_params.items()}
-
+    fit = _local_fit(algorithm, targs, start_params, task)
     start = time.perf_counter()
     model.train()
     if local.dp_mode(targs) == "sample":
-        if algorithm != "sgd":
-            raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
         loss_sum, seen, steps = _train_dp_sgd(plan, model, x_train, y_train, targs)
     else:
-        fit = _Fit(algorithm, anchor, strength, c_global if algorithm == "scaffold" else None,
-                   c_local if algorithm == "scaffold" else None)
         loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, targs, seed, fit)
     train_s = time.perf_counter() - start
-    if len(val_idx):
-        metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
+    if val is not None:
+        metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    end_params = _float_params(model)
-    extra_out: Params = {}
-    new_state: dict[str, Params] = {}
-    if algorithm == "scaffold":
-        c_new = local.scaffold_new_control(c_global, c_local, start_params, end_params, steps, float(targs.get("lr", 0.01)))
-        extra_out = {local.SCAFFOLD_PREFIX + k: c_new[k] - c_local[k] for k in c_new}
-        new_state = {"c": c_new}
-    elif algorithm == "admm":
-        new_state = {"x": end_params, "u": u}
-        params = {k: (v + u[k] if k in u else v) for k, v in params.items()}  # the server averages x_i + u_i
-    dp = targs.get("dp")
-    if dp and local.dp_mode(targs) == "client":
-        delta = {k: params[k] - received[k] for k in params}
+    params, extra_out, new_state = _after_local(fit, start_params, _float_params(model), params, steps, targs)
+    if local.dp_mode(targs) == "client":
         # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
         # data un-noised, so it is not reported
-        noised, _ = local.clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]))
+        delta = {k: params[k] - received[k] for k in params}
+        noised, _ = local.clip_and_noise(delta, float(targs["dp"]["clip"]), float(targs["dp"]["sigma"]))
         params = {k: received[k] + noised[k] for k in params}
     metrics["train_loss"] = loss_sum / max(seen, 1)
     for name in targs.get("report_norms") or []:  # e.g. the input layer, as in the paper's Figure 3
         if name in params:
             metrics[f"norm:{name}"] = float(params[name].double().norm())
-    return {
-        "params": to_arrays(params),
-        "n_samples": len(x_train),
-        "metrics": metrics,
-        "timings": {"train_s": train_s},
-        "steps": steps,
-        "extra": to_arrays(extra_out),
-        "local_state": {k: to_arrays(v) for k, v in new_state.items()},
-    }
+    return {"params": to_arrays(params), "n_samples": len(x_train), "metrics": metrics,
+            "timings": {"train_s": train_s}, "steps": steps, "extra": to_arrays(extra_out),
+            "local_state": {k: to_arrays(v) for k, v in new_state.items()}}
+
+
+def _split(data: datasets.LoadedData, targs: dict[str, Any]):
+    """(x_train, y_train, (x_val, y_val) or None): standardized, the validation split held out."""
+    x_all, y_all = data.x, data.y
+    if targs.get("standardize"):
+        x_all = local.standardize(x_all, targs["standardize"]["mean"], targs["standardize"]["std"])
+    train_idx, val_idx = local.validation_split(len(x_all), float(targs.get("val_fraction", 0.0)), int(targs.get("seed", 0)))
+    if not len(val_idx):  # no split: no copy of the dataset
+        return x_all, y_all, None
+    pick = (lambda idx: y_all[idx] if y_all is not None else None)  # noqa: E731
+    return x_all[train_idx], pick(train_idx), (x_all[val_idx], pick(val_idx))
 
 
 @dataclasses.dataclass
@@ -172,10 +143,41 @@ class _Fit:
     """What the plain loop needs of the local algorithm (FedProx/ADMM anchor, SCAFFOLD controls)."""
 
     algorithm: str
-    anchor: Params | None
-    strength: float
-    c_global: Params | None
-    c_local: Params | None
+    anchor: Params | None = None
+    strength: float = 0.0
+    c_global: Params | None = None
+    c_local: Params | None = None
+    u: Params | None = None  # ADMM's scaled dual
+
+
+def _local_fit(algorithm: str, targs: dict[str, Any], start: Params, task: dict[str, Any]) -> _Fit:
+    """The node half of FedProx (anchor), ADMM (dual ascent, anchor) and SCAFFOLD (controls)."""
+    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
+    if algorithm == "fedprox":
+        return _Fit(algorithm, start, float(targs.get("mu", 0.01)))
+    if algorithm == "admm":
+        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start.items()}
+        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
+            u = local.admm_dual(u, state["x"], start)
+        return _Fit(algorithm, {k: start[k] - u[k] for k in start}, float(targs.get("rho", 0.1)), u=u)
+    if algorithm == "scaffold":
+        extra = to_tensors(task.get("extra") or {})
+        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start.items()}
+        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start.items()}
+        return _Fit(algorithm, c_global=c_global, c_local=c_local)
+    return _Fit(algorithm)
+
+
+def _after_local(fit: _Fit, start: Params, end: Params, params: Params, steps: int,
+                 targs: dict[str, Any]) -> tuple[Params, Params, dict[str, Params]]:
+    """(params to send, extra, local state to keep): SCAFFOLD's new control, ADMM's x_i + u_i."""
+    if fit.algorithm == "scaffold" and fit.c_global is not None and fit.c_local is not None:
+        c_new = local.scaffold_new_control(fit.c_global, fit.c_local, start, end, steps, float(targs.get("lr", 0.01)))
+        return params, {local.SCAFFOLD_PREFIX + k: c_new[k] - fit.c_local[k] for k in c_new}, {"c": c_new}
+    if fit.algorithm == "admm" and fit.u is not None:
+        u = fit.u  # the server averages x_i + u_i
+        return {k: (v + u[k] if k in u else v) for k, v in params.items()}, {}, {"x": end, "u": u}
+    return params, {}, {}
 
 
 def _train_plain(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,

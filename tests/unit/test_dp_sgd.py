@@ -109,3 +109,20 @@ def test_a_model_opacus_cannot_train_is_refused_with_the_reason():
     task["params"] = {k: v.numpy() for k, v in _BatchNormPlan().build_model().state_dict().items()}
     with pytest.raises(LocalError, match="Opacus cannot train this model"):
         train(task, data, _BatchNormPlan)
+
+
+def test_a_dp_sgd_round_runs_in_the_confined_training_process(tmp_path):
+    """Opacus imports and trains inside the sandbox (Landlock: Python and the dataset only)."""
+    from node.sandbox import SandboxPolicy
+    from node.trainer import Trainer
+    from tests.security.conftest import plan_task, write_npz
+
+    trainer = Trainer(threads=1, policy=SandboxPolicy(landlock=True))
+    try:
+        task = plan_task("dp-sgd", write_npz(tmp_path / "d.npz", n=64), PlanRef(zoo="mlp"), batch_size=16, epochs=1,
+                         dp=SAMPLE)
+        result = trainer.run(task, timeout_s=120)
+        assert result["steps"] == 4 and result["n_samples"] == 64
+        assert not torch.equal(result["params"]["net.0.weight"], task["params"]["net.0.weight"])
+    finally:
+        trainer.stop()
