@@ -9,6 +9,7 @@ waits for it.
 
 from __future__ import annotations
 
+import importlib.util
 import queue
 import threading
 import time
@@ -347,7 +348,11 @@ class NodeService:
         """DP-SGD needs a model Opacus can train: a zoo plan's model is checked here (zoo code is
         the node's own); a submitted plan's model is built only in its confined process, which
         refuses the round with Opacus' reason."""
-        if ask.dp_mode != "sample" or spec.plan.zoo is None:
+        if ask.dp_mode != "sample":
+            return None
+        if importlib.util.find_spec("opacus") is None:
+            return "DP-SGD: this node cannot run it (opacus is not installed: pip install 'fedbiomq[dp]')"
+        if spec.plan.zoo is None:
             return None
         from opacus.validators import ModuleValidator
 

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from typing import Any
 
 import numpy as np
@@ -216,10 +217,13 @@ def urandom_generator() -> torch.Generator:
 def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, targs: dict[str, Any]):
     """Opacus' per-sample gradients, Poisson-sampled loader and noising optimizer for one round;
     LocalError (with Opacus' reason) for a model it cannot train."""
-    from opacus import GradSampleModule
-    from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizer
-    from opacus.validators import ModuleValidator
+    try:
+        from opacus import GradSampleModule
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+    except ImportError as exc:
+        raise local.LocalError("this node cannot run DP-SGD: opacus is not installed") from exc
 
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
@@ -244,6 +248,7 @@ def _train_dp_sgd(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: 
     wrapped, loader, optimizer, total = _dp_sgd_parts(plan, model, dataset, targs)
     loss_sum, seen, steps = 0.0, 0, 0
     try:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad: expected
         while steps < total:
             for batch in loader:
                 x, y = batch[0], (batch[1] if len(batch) > 1 else None)
