@@ -6,6 +6,9 @@ conversion of Balle et al. 2020 (the one Opacus' RDP accountant uses; the tests 
 give the same epsilon). Client-level DP as fedbiomq's nodes run it is the case q = 1: the site
 takes part in every round and its whole update is clipped and noised once a round.
 
+Sample-level DP-SGD (Opacus in the training process) is the sampled Gaussian mechanism at
+q = batch_size / rows with Poisson sampling, `dp_sgd_schedule` steps a round, over the rounds.
+
 Pure Python and numpy: the node process decides with it before any training starts.
 """
 
@@ -14,6 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from common.training.local import dp_sgd_schedule, train_rows
+from node.policy import JobAsk, schedule_args
 
 ORDERS: tuple[int, ...] = tuple(range(2, 65)) + (80, 96, 128, 256)
 
@@ -57,3 +63,13 @@ def epsilon(q: float, sigma: float, steps: int, delta: float, orders: tuple[int,
 def client_level_epsilon(sigma: float, rounds: int, delta: float) -> float:
     """A job's spend under client-level DP: one Gaussian release of the site's update a round."""
     return epsilon(1.0, sigma, rounds, delta)
+
+
+def job_epsilon(ask: JobAsk, dataset_rows: int, delta: float) -> float:
+    """What a DP job spends on a dataset of `dataset_rows` (0.0 for a job without DP)."""
+    if ask.dp_sigma is None:
+        return 0.0
+    if ask.dp_mode == "sample":
+        q, per_round = dp_sgd_schedule(train_rows(dataset_rows, schedule_args(ask)), schedule_args(ask))
+        return epsilon(q, ask.dp_sigma, per_round * ask.rounds, delta)
+    return client_level_epsilon(ask.dp_sigma, ask.rounds, delta)

@@ -118,3 +118,52 @@ def check_result(answer: Any, params: dict[str, torch.Tensor], max_samples: int 
         if key not in checked[what]:
             raise AnswerRefused(f"{what} lacks {key}")
     return checked
+
+
+STATISTICS_FIELDS = frozenset({"ok", "n", "sum", "sumsq", "min", "max", "hist", "suppressed_cells"})
+
+
+def _finite_list(what: str, value: Any, length: int | None, max_length: int) -> list[float]:
+    if not isinstance(value, list) or not 1 <= len(value) <= max_length or (length is not None and len(value) != length):
+        raise AnswerRefused(f"{what} must be a list of {length or f'1 to {max_length}'} numbers")
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in value):
+        raise AnswerRefused(f"{what} holds a value that is not a finite number")
+    return [float(v) for v in value]
+
+
+def _histograms(value: Any, features: int, bins: int, rows: int, min_cell: int) -> list[list[int]]:
+    """Counts: `features` lists of `bins` ints in [0, rows], none in (0, min_cell) (suppressed)."""
+    if not isinstance(value, list) or len(value) != features:
+        raise AnswerRefused(f"hist must hold one histogram per feature ({features})")
+    for counts in value:
+        if not isinstance(counts, list) or len(counts) != bins or not all(type(c) is int and 0 <= c <= rows for c in counts):
+            raise AnswerRefused(f"each histogram must be {bins} counts in [0, {rows}]")
+        if any(0 < c < min_cell for c in counts):
+            raise AnswerRefused(f"a histogram cell counts fewer than {min_cell} patients and was not suppressed")
+    return value
+
+
+def check_statistics(answer: Any, *, bins: int, min_rows: int, max_rows: int, policy: Any) -> dict[str, Any]:
+    """A statistics child's answer, checked against the request and the site's StatisticsPolicy:
+    counts in range, finite floats of one length, no extremes unless allowed, suppressed cells."""
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        raise AnswerRefused("the answer is not a result")
+    if unknown := set(answer) - STATISTICS_FIELDS:
+        raise AnswerRefused(f"unknown fields {sorted(map(str, unknown))[:5]}")
+    n = _count("n", answer.get("n"), min_rows, max_rows)
+    out: dict[str, Any] = {"n": n, "sum": _finite_list("sum", answer.get("sum"), None, policy.max_features)}
+    features = len(out["sum"])
+    out["sumsq"] = _finite_list("sumsq", answer.get("sumsq"), features, features)
+    if any(v < 0 for v in out["sumsq"]):
+        raise AnswerRefused("a sum of squares is negative")
+    extremes = [k for k in ("min", "max") if k in answer]
+    if extremes and policy.extremes != "exact":
+        raise AnswerRefused("the answer holds extremes this site does not send")
+    for key in extremes:
+        out[key] = _finite_list(key, answer[key], features, features)
+    if bins:
+        out["hist"] = _histograms(answer.get("hist"), features, bins, n, policy.min_cell_count)
+        out["suppressed_cells"] = _count("suppressed_cells", answer.get("suppressed_cells"), 0, features * bins)
+    elif "hist" in answer:
+        raise AnswerRefused("the answer holds histograms that were not asked for")
+    return out

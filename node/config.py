@@ -85,7 +85,7 @@ log_level = "info"
 min_batch_size = 8           # smaller batches make an update close to one patient's gradient
 min_records_per_update = 32  # fewest records one update is computed from (batch_size x max_batches)
 min_quorum = 1               # fewest sites every round must aggregate (raise it: no site alone)
-dp_required = false          # true: only jobs with client-level DP (training_args.dp)
+dp_required = false          # true: only jobs with client-level DP or DP-SGD (training_args.dp)
 dp_min_noise_multiplier = 0.5
 # epsilon_budget = 8.0       # the dataset's total epsilon over all jobs (needs DP); delta = 1e-5
 # zoo_plans = ["mlp", "cnn"] # which zoo plans run without approval (default: all)
@@ -95,6 +95,7 @@ dp_min_noise_multiplier = 0.5
 extremes = "off"             # per-feature min/max: "off" or "exact" (each is one patient's value)
 max_bins = 64
 min_cell_count = 5           # histogram cells with fewer patients are sent as 0
+max_queries = 20             # statistics answered per dataset in any 24 hours
 
 [mqtt]
 # host = "broker.example.org"   # default: from the bundle

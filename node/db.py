@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS privacy_spend (
     ts REAL NOT NULL,
     PRIMARY KEY (dataset, job)
 );
+CREATE TABLE IF NOT EXISTS statistics_queries (
+    dataset TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS statistics_queries_dataset ON statistics_queries(dataset, ts);
 CREATE TABLE IF NOT EXISTS ui_users (
     username TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,

@@ -18,6 +18,8 @@ class StatisticsPolicy(BaseModel):
     min_cell_count: int = Field(default=5, ge=1, description="histogram cells counting fewer patients are sent as 0")
     max_features: int = Field(default=100_000, ge=1, description="refuse statistics of wider data")
     max_pending: int = Field(default=4, ge=1, description="requests queued beyond the one being computed are refused")
+    max_queries: int = Field(default=20, ge=1,
+                             description="statistics answered per dataset in any 24 hours; more are refused")
 
 
 class PrivacyPolicy(BaseModel):
@@ -55,16 +57,39 @@ class JobAsk:
     epochs: int
     dp_clip: float | None
     dp_sigma: float | None
+    dp_mode: str | None = None  # "client" ({clip, sigma}) or "sample" (DP-SGD)
+    algorithm: str = "sgd"
+    val_fraction: float = 0.0
+
+
+def _dp_fields(dp: dict | None) -> tuple[str | None, float | None, float | None]:
+    """(mode, clip, noise multiplier) of `training_args.dp` in either mode; ValueError if unknown."""
+    if not dp:
+        return None, None, None
+    mode = str(dp.get("mode", "client"))
+    if mode == "client":
+        return mode, float(dp["clip"]), float(dp["sigma"])
+    if mode == "sample":
+        return mode, float(dp["max_grad_norm"]), float(dp["noise_multiplier"])
+    raise ValueError(f"training_args.dp mode {mode!r} is not client ({{clip, sigma}}) or sample "
+                     "({noise_multiplier, max_grad_norm})")
 
 
 def job_ask(rounds: int, quorum: int, training_args: dict) -> JobAsk:
     """A JobAsk from a job's fields; ValueError if its training args are not numbers."""
-    dp = training_args.get("dp") or None
+    mode, clip, sigma = _dp_fields(training_args.get("dp") or None)
     max_batches = training_args.get("max_batches")
     return JobAsk(rounds=int(rounds), quorum=int(quorum), batch_size=int(training_args.get("batch_size", 64)),
                   max_batches=None if max_batches is None else int(max_batches),
-                  epochs=int(training_args.get("epochs", 1)),
-                  dp_clip=float(dp["clip"]) if dp else None, dp_sigma=float(dp["sigma"]) if dp else None)
+                  epochs=int(training_args.get("epochs", 1)), dp_clip=clip, dp_sigma=sigma, dp_mode=mode,
+                  algorithm=str(training_args.get("algorithm", "sgd")),
+                  val_fraction=float(training_args.get("val_fraction", 0.0)))
+
+
+def schedule_args(ask: JobAsk) -> dict:
+    """The training args `common.training.local.dp_sgd_schedule` reads, from a JobAsk."""
+    return {"batch_size": ask.batch_size, "epochs": ask.epochs, "max_batches": ask.max_batches,
+            "val_fraction": ask.val_fraction}
 
 
 def policy_refusal(policy: PrivacyPolicy, ask: JobAsk, dataset_rows: int) -> str | None:
@@ -75,9 +100,12 @@ def policy_refusal(policy: PrivacyPolicy, ask: JobAsk, dataset_rows: int) -> str
         (records < policy.min_records_per_update,
          f"an update would be computed from {records} records; the minimum is {policy.min_records_per_update}"),
         (ask.quorum < policy.min_quorum, f"quorum {ask.quorum} is below the minimum of {policy.min_quorum} sites a round"),
-        (policy.dp_required and ask.dp_sigma is None, "this site requires client-level DP (training_args.dp)"),
+        (policy.dp_required and ask.dp_sigma is None,
+         "this site requires client-level DP or DP-SGD (training_args.dp)"),
         (policy.epsilon_budget is not None and ask.dp_sigma is None,
-         "this dataset has a privacy budget: jobs must use client-level DP (training_args.dp)"),
+         "this dataset has a privacy budget: jobs must use client-level DP or DP-SGD (training_args.dp)"),
+        (ask.dp_mode == "sample" and ask.algorithm != "sgd",
+         f"DP-SGD runs the plain sgd local algorithm only, not {ask.algorithm!r}"),
         (ask.dp_sigma is not None and ask.dp_sigma < policy.dp_min_noise_multiplier,
          f"DP sigma {ask.dp_sigma} is below the minimum {policy.dp_min_noise_multiplier}"),
         (ask.dp_clip is not None and not 0 < ask.dp_clip <= policy.dp_max_clip,

@@ -9,6 +9,7 @@ waits for it.
 
 from __future__ import annotations
 
+import importlib.util
 import queue
 import threading
 import time
@@ -31,19 +32,19 @@ from common.messenger import Messenger
 from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
-from node.accountant import client_level_epsilon
+from node.accountant import job_epsilon
 from node.audit import AuditTrail
 from node.binding import JobBindings
 from node.caps import cap_refusal
 from node.config import NodeSettings
 from node.job_store import JobStore
 from node.plans import PlanStatus, PlanStore, plan_id
-from node.policy import job_ask, policy_refusal
-from node.privacy_budget import PrivacyLedger
+from node.policy import JobAsk, job_ask, policy_refusal
+from node.privacy_budget import PrivacyLedger, QueryLedger
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
 from node.state import NodeState
-from node.statistics import StatisticsRefused, check_request, sufficient_statistics
+from node.statistics import StatisticsRefused, check_request
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
@@ -127,6 +128,7 @@ class NodeService:
         self.state = NodeState(registry.db)
         self.job_store = JobStore(registry.db)
         self.ledger = PrivacyLedger(registry.db)
+        self.queries = QueryLedger(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
                                           secret_dirs=[settings.node_dir, settings.bundle],
                                           max_processes=settings.max_training_processes)
@@ -331,12 +333,13 @@ class NodeService:
             ask = job_ask(spec.rounds, spec.quorum, spec.training_args)
         except (TypeError, ValueError, KeyError) as exc:
             return f"privacy policy: training_args not understood ({exc})"
-        refusal = policy_refusal(policy, ask, dataset.public().n_samples)
+        rows = dataset.public().n_samples
+        refusal = policy_refusal(policy, ask, rows) or self._dp_sgd_refusal(spec, ask)
         if refusal is not None or policy.epsilon_budget is None or ask.dp_sigma is None:
             return refusal
         if self.ledger.of_job(dataset.name, spec.job_id) is not None:
             return None  # already reserved (the job came again, e.g. after a restart)
-        cost = client_level_epsilon(ask.dp_sigma, ask.rounds, policy.delta)
+        cost = job_epsilon(ask, rows, policy.delta)
         spent = self.ledger.spent(dataset.name).epsilon
         if spent + cost > policy.epsilon_budget:
             return (f"privacy policy: the job would spend epsilon {cost:.3g} (delta {policy.delta:g}) on dataset "
@@ -344,16 +347,37 @@ class NodeService:
                     f"{policy.epsilon_budget:g} is left")
         return None
 
-    def _reserve_privacy(self, spec: JobSpec, dataset: Dataset) -> dict[str, float]:
+    @staticmethod
+    def _dp_sgd_refusal(spec: JobSpec, ask: JobAsk) -> str | None:
+        """DP-SGD needs a model Opacus can train: a zoo plan's model is checked here (zoo code is
+        the node's own); a submitted plan's model is built only in its confined process, which
+        refuses the round with Opacus' reason."""
+        if ask.dp_mode != "sample":
+            return None
+        if importlib.util.find_spec("opacus") is None:
+            return "DP-SGD: this node cannot run it (opacus is not installed: pip install 'fedbiomq[dp]')"
+        if spec.plan.zoo is None:
+            return None
+        from opacus.validators import ModuleValidator
+
+        try:
+            model = ZOO[spec.plan.zoo](spec.model_args, spec.training_args).build_model()
+            errors = ModuleValidator.validate(model, strict=False)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be built is refused, not fatal
+            return f"DP-SGD: zoo plan {spec.plan.zoo!r} cannot build its model ({exc})"
+        return f"DP-SGD: Opacus cannot train zoo plan {spec.plan.zoo!r}: {errors[0]}" if errors else None
+
+    def _reserve_privacy(self, spec: JobSpec, dataset: Dataset) -> dict[str, float | str]:
         """Record the job's spend on the dataset's budget when it is accepted; what to tell."""
         policy = self.settings.privacy.for_dataset(dataset.name)
-        dp = spec.training_args.get("dp")
-        if not dp:
+        ask = job_ask(spec.rounds, spec.quorum, spec.training_args)
+        if ask.dp_sigma is None:
             return {}
-        cost = client_level_epsilon(float(dp["sigma"]), spec.rounds, policy.delta)
+        cost = job_epsilon(ask, dataset.public().n_samples, policy.delta)
         self.ledger.reserve(dataset.name, spec.job_id, cost, policy.delta)
-        self.audit.record("privacy_spent", job=spec.job_id, dataset=dataset.name, epsilon=cost, delta=policy.delta)
-        info = {"epsilon": cost, "delta": policy.delta}
+        self.audit.record("privacy_spent", job=spec.job_id, dataset=dataset.name, epsilon=cost, delta=policy.delta,
+                          mode=ask.dp_mode)
+        info: dict[str, float | str] = {"epsilon": cost, "delta": policy.delta, "mode": ask.dp_mode or "client"}
         if policy.epsilon_budget is not None:
             info["epsilon_left"] = policy.epsilon_budget - self.ledger.spent(dataset.name).epsilon
         return info
@@ -691,20 +715,29 @@ class NodeService:
                 self._stats_pending -= 1
 
     def _compute_statistics(self, msg: Message) -> None:
+        """The dataset's query budget is checked here, the data read in a confined child, and
+        its answer checked (node.answers) before anything is sent."""
         args = msg.body.args
         tags = list(args.get("tags") or [])
         matches = self.registry.matching(tags) if tags else []
+        policy = self.settings.statistics
         try:
             if not matches:
                 raise StatisticsRefused(f"no dataset with tags {sorted(tags)} on node {self.name}")
             ds = matches[0]
-            stats = sufficient_statistics(ds.load(), min_rows=self.settings.min_statistics_rows,
-                                          bins=int(args.get("bins") or 0), ranges=args.get("ranges"),
-                                          policy=self.settings.statistics)
-        except (StatisticsRefused, ValueError, TypeError) as exc:
+            if self.queries.in_last_day(ds.name) >= policy.max_queries:
+                raise StatisticsRefused(f"statistics query budget: dataset {ds.name} on node {self.name}: its "
+                                        f"{policy.max_queries} statistics queries for today are spent; ask again later")
+            task = {"dataset": _dataset_spec(ds), "min_rows": self.settings.min_statistics_rows,
+                    "bins": int(args.get("bins") or 0), "ranges": args.get("ranges"), "policy": policy.model_dump()}
+            stats, pid, paths, sandbox = self.trainer.statistics(task, policy, self.settings.round_timeout_s)
+        except (StatisticsRefused, TrainingFailed, ValueError, TypeError) as exc:
             self._refuse_statistics(msg, str(exc))
             return
-        self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"])
+        self.queries.record(ds.name, msg.sender)
+        self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"], pid=pid,
+                          confined_to=paths, landlock_abi=sandbox.get("landlock_abi"),
+                          queries_today=self.queries.in_last_day(ds.name))
         self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})
 
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Any
 import structlog
 import torch
 
-from node.answers import AnswerRefused, check_failure, check_result
+from node.answers import MAX_TEXT, AnswerRefused, check_failure, check_result, check_statistics
 from node.sandbox import SandboxPolicy, python_read_paths
+from node.statistics import StatisticsRefused
 from node.training_process import ChildFailed, TrainingProcess
 from node.worker import to_tensors
 
@@ -117,6 +118,37 @@ class Trainer:
             self._drop(key, child, log, "died" if exc.died else "protocol")
             raise TrainingFailed(f"{exc}; the next round starts a new one" if exc.died else str(exc)) from exc
         return self._checked(answer, sent, task, key, child, log)
+
+    def statistics(self, task: dict[str, Any], policy: Any,
+                   timeout_s: float) -> tuple[dict[str, Any], int, list[str], dict[str, Any]]:
+        """Sufficient statistics computed in a one-shot confined child that may read the dataset
+        only (outside the pool: it never evicts a job's child); (checked answer, its pid, the
+        paths it could read). StatisticsRefused for a refusal; TrainingFailed otherwise."""
+        paths = dataset_read_paths(task["dataset"])
+        child = TrainingProcess(1)
+        log = self.log.bind(statistics=task["dataset"].get("name"), pid=child.pid)
+        try:
+            sandbox = child.assign(f"statistics:{task['dataset'].get('name')}", self.policy.with_read_paths(paths),
+                                   self.start_timeout_s)
+            child.send({"op": "statistics", **task})
+            features, bins = policy.max_features, int(task.get("bins") or 0)
+            answer = child.answer(24 * features * (bins + 4) + ANSWER_SLACK_BYTES, timeout_s)
+        except (ChildFailed, TimeoutError) as exc:
+            log.warning("statistics_process_failed", error=str(exc) or "timeout")
+            raise TrainingFailed(f"the statistics process failed: {exc or 'timeout'}") from exc
+        finally:
+            child.stop(kill=True)
+        if isinstance(answer, dict) and answer.get("ok") is False and isinstance(answer.get("refused"), str):
+            raise StatisticsRefused(answer["refused"][:MAX_TEXT])
+        try:
+            if isinstance(answer, dict) and answer.get("ok") is False:
+                raise TrainingFailed(check_failure(answer)[0])
+            checked = check_statistics(answer, bins=bins, min_rows=int(task["min_rows"]),
+                                       max_rows=task["dataset"].get("n_samples") or 10**9, policy=policy)
+        except AnswerRefused as exc:
+            log.warning("statistics_answer_refused", reason=str(exc))
+            raise TrainingFailed(f"the statistics process's answer was refused: {exc}") from exc
+        return checked, child.pid, paths, sandbox
 
     def _checked(self, answer: Any, sent: dict[str, torch.Tensor], task: dict[str, Any], key, child, log) -> dict[str, Any]:
         try:

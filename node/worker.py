@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import socket
 import time
 import traceback
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
 from common.frames import recv_frame, send_frame
 from common.messages import PlanRef
@@ -75,108 +79,193 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     Besides plain SGD it runs the node half of FedProx, SCAFFOLD and ADMM (`algorithm` in the
     training args), holds out a validation split (`val_fraction`) on which it scores the
     received global model and the local result, standardizes features with federated
-    statistics (`standardize`), and applies client-level DP (`dp`: clip, sigma).
+    statistics (`standardize`), and applies client-level DP (`dp`: clip, sigma) or sample-level
+    DP-SGD with Opacus (`dp`: mode "sample", noise_multiplier, max_grad_norm).
     """
     targs = task["training_args"]
     algorithm = local.algorithm_of(targs)
     supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
     if algorithm not in supported:
         raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
+    if local.dp_mode(targs) == "sample" and algorithm != "sgd":
+        raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
     plan = plan_cls(task["model_args"], targs)
     seed = int(targs.get("seed", 0)) * 1_000_003 + int(task["round"])
     torch.manual_seed(seed)
     model = plan.build_model()
     received = to_tensors(task["params"])
     model.load_state_dict(received)
-    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
-    extra = to_tensors(task.get("extra") or {})
+    x_train, y_train, val = _split(data, targs)
+    batch_size = int(targs.get("batch_size", 64))
+    metrics: dict[str, float] = {}
+    if val is not None:
+        metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
+    start_params = _float_params(model)
+    fit = _local_fit(algorithm, targs, start_params, task)
+    start = time.perf_counter()
+    model.train()
+    if local.dp_mode(targs) == "sample":
+        loss_sum, seen, steps = _train_dp_sgd(plan, model, x_train, y_train, targs)
+    else:
+        loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, targs, seed, fit)
+    train_s = time.perf_counter() - start
+    if val is not None:
+        metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params, extra_out, new_state = _after_local(fit, start_params, _float_params(model), params, steps, targs)
+    if local.dp_mode(targs) == "client":
+        # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
+        # data un-noised, so it is not reported
+        delta = {k: params[k] - received[k] for k in params}
+        noised, _ = local.clip_and_noise(delta, float(targs["dp"]["clip"]), float(targs["dp"]["sigma"]))
+        params = {k: received[k] + noised[k] for k in params}
+    metrics["train_loss"] = loss_sum / max(seen, 1)
+    for name in targs.get("report_norms") or []:  # e.g. the input layer, as in the paper's Figure 3
+        if name in params:
+            metrics[f"norm:{name}"] = float(params[name].double().norm())
+    return {"params": to_arrays(params), "n_samples": len(x_train), "metrics": metrics,
+            "timings": {"train_s": train_s}, "steps": steps, "extra": to_arrays(extra_out),
+            "local_state": {k: to_arrays(v) for k, v in new_state.items()}}
+
+
+def _split(data: datasets.LoadedData, targs: dict[str, Any]):
+    """(x_train, y_train, (x_val, y_val) or None): standardized, the validation split held out."""
     x_all, y_all = data.x, data.y
     if targs.get("standardize"):
         x_all = local.standardize(x_all, targs["standardize"]["mean"], targs["standardize"]["std"])
     train_idx, val_idx = local.validation_split(len(x_all), float(targs.get("val_fraction", 0.0)), int(targs.get("seed", 0)))
-    if len(val_idx):
-        x_train, y_train = x_all[train_idx], (y_all[train_idx] if y_all is not None else None)
-    else:  # no split: no copy of the dataset
-        x_train, y_train = x_all, y_all
-    batch_size = int(targs.get("batch_size", 64))
-    metrics: dict[str, float] = {}
-    if len(val_idx):
-        x_val, y_val = x_all[val_idx], (y_all[val_idx] if y_all is not None else None)
-        metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
+    if not len(val_idx):  # no split: no copy of the dataset
+        return x_all, y_all, None
+    pick = (lambda idx: y_all[idx] if y_all is not None else None)  # noqa: E731
+    return x_all[train_idx], pick(train_idx), (x_all[val_idx], pick(val_idx))
 
-    start_params = _float_params(model)
+
+@dataclasses.dataclass
+class _Fit:
+    """What the plain loop needs of the local algorithm (FedProx/ADMM anchor, SCAFFOLD controls)."""
+
+    algorithm: str
     anchor: Params | None = None
-    strength = 0.0
-    if algorithm == "fedprox":
-        anchor, strength = start_params, float(targs.get("mu", 0.01))
-    elif algorithm == "admm":
-        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start_params.items()}
-        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
-            u = local.admm_dual(u, state["x"], start_params)
-        anchor, strength = {k: start_params[k] - u[k] for k in start_params}, float(targs.get("rho", 0.1))
-    elif algorithm == "scaffold":
-        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start_params.items()}
-        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start_params.items()}
+    strength: float = 0.0
+    c_global: Params | None = None
+    c_local: Params | None = None
+    u: Params | None = None  # ADMM's scaled dual
 
+
+def _local_fit(algorithm: str, targs: dict[str, Any], start: Params, task: dict[str, Any]) -> _Fit:
+    """The node half of FedProx (anchor), ADMM (dual ascent, anchor) and SCAFFOLD (controls)."""
+    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
+    if algorithm == "fedprox":
+        return _Fit(algorithm, start, float(targs.get("mu", 0.01)))
+    if algorithm == "admm":
+        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start.items()}
+        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
+            u = local.admm_dual(u, state["x"], start)
+        return _Fit(algorithm, {k: start[k] - u[k] for k in start}, float(targs.get("rho", 0.1)), u=u)
+    if algorithm == "scaffold":
+        extra = to_tensors(task.get("extra") or {})
+        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start.items()}
+        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start.items()}
+        return _Fit(algorithm, c_global=c_global, c_local=c_local)
+    return _Fit(algorithm)
+
+
+def _after_local(fit: _Fit, start: Params, end: Params, params: Params, steps: int,
+                 targs: dict[str, Any]) -> tuple[Params, Params, dict[str, Params]]:
+    """(params to send, extra, local state to keep): SCAFFOLD's new control, ADMM's x_i + u_i."""
+    if fit.algorithm == "scaffold" and fit.c_global is not None and fit.c_local is not None:
+        c_new = local.scaffold_new_control(fit.c_global, fit.c_local, start, end, steps, float(targs.get("lr", 0.01)))
+        return params, {local.SCAFFOLD_PREFIX + k: c_new[k] - fit.c_local[k] for k in c_new}, {"c": c_new}
+    if fit.algorithm == "admm" and fit.u is not None:
+        u = fit.u  # the server averages x_i + u_i
+        return {k: (v + u[k] if k in u else v) for k, v in params.items()}, {}, {"x": end, "u": u}
+    return params, {}, {}
+
+
+def _train_plain(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
+                 targs: dict[str, Any], seed: int, fit: _Fit) -> tuple[float, int, int]:
+    """Local epochs of shuffled minibatches (the job's seed fixes the order); (loss sum, seen, steps)."""
     optimizer = plan.optimizer(model)
-    epochs = int(targs.get("epochs", 1))
     max_batches = targs.get("max_batches")
+    batch_size = int(targs.get("batch_size", 64))
     gen = torch.Generator().manual_seed(seed)
-    n = len(x_train)
-    start = time.perf_counter()
-    model.train()
     loss_sum, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
+    for _ in range(int(targs.get("epochs", 1))):
         loss_sum, seen = 0.0, 0
-        for index in _batches(n, batch_size, gen):
+        for index in _batches(len(x_train), batch_size, gen):
             x = x_train[index]
             y = y_train[index] if y_train is not None else None
             optimizer.zero_grad(set_to_none=True)
             loss = plan.training_step(model, x, y)
-            objective = loss + local.proximal_penalty(model, anchor, strength) if anchor is not None else loss
-            objective.backward()
-            if algorithm == "scaffold":
-                local.scaffold_correct_(model, c_global, c_local)
+            penalty = local.proximal_penalty(model, fit.anchor, fit.strength) if fit.anchor is not None else None
+            (loss + penalty if penalty is not None else loss).backward()
+            if fit.c_global is not None and fit.c_local is not None:
+                local.scaffold_correct_(model, fit.c_global, fit.c_local)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
             steps += 1
             if max_batches is not None and steps >= int(max_batches):
                 break
-    train_s = time.perf_counter() - start
-    if len(val_idx):
-        metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, x_val, y_val, batch_size).items()})
-    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    end_params = _float_params(model)
-    extra_out: Params = {}
-    new_state: dict[str, Params] = {}
-    if algorithm == "scaffold":
-        c_new = local.scaffold_new_control(c_global, c_local, start_params, end_params, steps, float(targs.get("lr", 0.01)))
-        extra_out = {local.SCAFFOLD_PREFIX + k: c_new[k] - c_local[k] for k in c_new}
-        new_state = {"c": c_new}
-    elif algorithm == "admm":
-        new_state = {"x": end_params, "u": u}
-        params = {k: (v + u[k] if k in u else v) for k, v in params.items()}  # the server averages x_i + u_i
-    dp = targs.get("dp")
-    if dp:
-        delta = {k: params[k] - received[k] for k in params}
-        # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
-        # data un-noised, so it is not reported
-        noised, _ = local.clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]))
-        params = {k: received[k] + noised[k] for k in params}
-    metrics["train_loss"] = loss_sum / max(seen, 1)
-    for name in targs.get("report_norms") or []:  # e.g. the input layer, as in the paper's Figure 3
-        if name in params:
-            metrics[f"norm:{name}"] = float(params[name].double().norm())
-    return {
-        "params": to_arrays(params),
-        "n_samples": n,
-        "metrics": metrics,
-        "timings": {"train_s": train_s},
-        "steps": steps,
-        "extra": to_arrays(extra_out),
-        "local_state": {k: to_arrays(v) for k, v in new_state.items()},
-    }
+    return loss_sum, seen, steps
+
+
+def urandom_generator() -> torch.Generator:
+    """A torch generator seeded from the OS CSPRNG: nothing in the job (its seed, its round) fixes it."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, targs: dict[str, Any]):
+    """Opacus' per-sample gradients, Poisson-sampled loader and noising optimizer for one round;
+    LocalError (with Opacus' reason) for a model it cannot train."""
+    try:
+        from opacus import GradSampleModule
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+    except ImportError as exc:
+        raise local.LocalError("this node cannot run DP-SGD: opacus is not installed") from exc
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise local.LocalError(f"Opacus cannot train this model under DP-SGD: {errors[0]}")
+    dp = targs["dp"]
+    q, steps = local.dp_sgd_schedule(len(dataset), targs)
+    loader = DPDataLoader(dataset, sample_rate=q, generator=urandom_generator())
+    loader.batch_sampler.steps = math.ceil(1 / q)  # the steps the accountant priced (Opacus: int(1/q))
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(plan.optimizer(wrapped), noise_multiplier=float(dp["noise_multiplier"]),
+                            max_grad_norm=float(dp["max_grad_norm"]), expected_batch_size=max(1, round(q * len(dataset))),
+                            generator=urandom_generator())
+    return wrapped, loader, optimizer, steps
+
+
+def _train_dp_sgd(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
+                  targs: dict[str, Any]) -> tuple[float, int, int]:
+    """Sample-level DP-SGD (Abadi et al. 2016) with Opacus: Poisson batches at q = batch_size / n,
+    per-sample clipping, Gaussian noise; exactly `dp_sgd_schedule` steps. Sampling and noise
+    both come from generators seeded by os.urandom, never by the job."""
+    dataset = TensorDataset(x_train) if y_train is None else TensorDataset(x_train, y_train)
+    wrapped, loader, optimizer, total = _dp_sgd_parts(plan, model, dataset, targs)
+    loss_sum, seen, steps = 0.0, 0, 0
+    try:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad: expected
+        while steps < total:
+            for batch in loader:
+                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+                optimizer.zero_grad(set_to_none=True)
+                loss = plan.training_step(wrapped, x, y)
+                loss.backward()
+                optimizer.step()  # an empty Poisson batch is a step too: noise only
+                if len(x):
+                    loss_sum += float(loss.detach()) * len(x)
+                    seen += len(x)
+                steps += 1
+                if steps >= total:
+                    break
+    finally:
+        wrapped.remove_hooks()
+    return loss_sum, seen, steps
 
 
 def run_task(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str, Any]:
@@ -256,6 +345,23 @@ def _answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
+def _statistics_answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
+    """Sufficient statistics of the job's dataset, read here in the confined child, never in the
+    node; a refusal (too few rows, too many features) is an answer too."""
+    from node.policy import StatisticsPolicy
+    from node.statistics import StatisticsRefused, sufficient_statistics
+
+    try:
+        data, _ = cache.dataset(task["dataset"])
+        stats = sufficient_statistics(data, min_rows=int(task["min_rows"]), bins=int(task.get("bins") or 0),
+                                      ranges=task.get("ranges"), policy=StatisticsPolicy(**task["policy"]))
+        return {"ok": True, **stats}
+    except StatisticsRefused as exc:
+        return {"ok": False, "refused": str(exc)}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
 def serve(sock: socket.socket, threads: int) -> None:
     """Child main loop: take the job, confine to it, warm up, then one round in, one answer out.
 
@@ -279,7 +385,7 @@ def serve(sock: socket.socket, threads: int) -> None:
             return
         if not isinstance(task, dict) or task.get("op") == "stop":
             return
-        send_frame(sock, _answer(task, cache))
+        send_frame(sock, _statistics_answer(task, cache) if task.get("op") == "statistics" else _answer(task, cache))
 
 
 def main() -> None:

@@ -96,6 +96,35 @@ def clip_and_noise(delta: Params, clip: float, sigma: float,
     return out, norm
 
 
+DP_MODES = ("client", "sample")
+
+
+def dp_mode(training_args: dict[str, Any]) -> str | None:
+    """None (no DP), "client" (`{clip, sigma}`, the default) or "sample" (DP-SGD)."""
+    dp = training_args.get("dp") or None
+    if dp is None:
+        return None
+    mode = str(dp.get("mode", "client"))
+    if mode not in DP_MODES:
+        raise LocalError(f"training_args.dp mode {mode!r} is not one of {', '.join(DP_MODES)}")
+    return mode
+
+
+def train_rows(n: int, training_args: dict[str, Any]) -> int:
+    """How many of `n` rows are trained on: the rest is the validation split (`validation_split`)."""
+    return n - int(round(n * float(training_args.get("val_fraction", 0.0))))
+
+
+def dp_sgd_schedule(n_train: int, training_args: dict[str, Any]) -> tuple[float, int]:
+    """(Poisson sample rate q, DP-SGD steps a round) over `n_train` rows: q = batch_size / n,
+    ceil(1/q) steps an epoch, at most `max_batches`. The worker runs exactly these steps and
+    the node's accountant prices exactly these, so both sides call this one function."""
+    q = min(1.0, int(training_args.get("batch_size", 64)) / max(1, n_train))
+    steps = int(training_args.get("epochs", 1)) * math.ceil(1 / q)
+    max_batches = training_args.get("max_batches")
+    return q, steps if max_batches is None else min(steps, int(max_batches))
+
+
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices): a fixed split per dataset and seed, not per round."""
     if not 0 <= fraction < 1:

@@ -30,6 +30,7 @@ from node.db import Database
 from node.display import visible
 from node.doctor import CheckResult
 from node.plans import PlanStatus, PlanStore
+from node.privacy_budget import PrivacyLedger
 from node.registry import Registry
 from node.state import NodeState
 from node.ui import views
@@ -204,7 +205,9 @@ def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> F
         if ds is None:
             return page(request, session, "missing.html", status_code=404, what=f"dataset {name!r}", tab="datasets")
         shown = await run_in_threadpool(views.preview, ds.type, ds.path, target=ds.target, labels=ds.labels)
-        return page(request, session, "dataset.html", tab="datasets", ds=ds, info=ds.public(), preview=shown)
+        privacy = views.dataset_privacy(settings, db, ds.name)
+        return page(request, session, "dataset.html", tab="datasets", ds=ds, info=ds.public(), preview=shown,
+                    privacy=privacy)
 
     @app.post("/datasets/{name}/remove")
     async def dataset_remove(request: Request, name: str):
@@ -253,7 +256,7 @@ def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> F
     async def jobs(request: Request):
         session = session_of(request)
         summaries = views.summarize_jobs(AuditTrail(db).entries(limit=5000))
-        return page(request, session, "jobs.html", tab="jobs", jobs=summaries)
+        return page(request, session, "jobs.html", tab="jobs", jobs=summaries, epsilons=PrivacyLedger(db).by_job())
 
     @app.get("/jobs/{job}", response_class=HTMLResponse)
     async def job_show(request: Request, job: str):

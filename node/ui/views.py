@@ -78,6 +78,33 @@ def summarize_jobs(entries: list[dict[str, Any]]) -> list[JobSummary]:
 
 
 @dataclass
+class DatasetPrivacy:
+    """What the steward sees of a dataset's privacy: the policy in force, the budget and its spend."""
+
+    policy: dict[str, Any]
+    budget: float | None
+    spent: float
+    jobs: list[dict[str, Any]]
+    queries_today: int
+    max_queries: int
+
+    @property
+    def left(self) -> float | None:
+        return None if self.budget is None else max(self.budget - self.spent, 0.0)
+
+
+def dataset_privacy(settings: Any, db: Any, name: str) -> DatasetPrivacy:
+    """The effective policy (per-dataset overrides applied) and the ledger's rows for `name`."""
+    from node.privacy_budget import PrivacyLedger, QueryLedger
+
+    policy = settings.privacy.for_dataset(name)
+    ledger = PrivacyLedger(db)
+    return DatasetPrivacy(policy=policy.model_dump(exclude={"datasets"}), budget=policy.epsilon_budget,
+                          spent=ledger.spent(name).epsilon, jobs=ledger.jobs(name),
+                          queries_today=QueryLedger(db).in_last_day(name), max_queries=settings.statistics.max_queries)
+
+
+@dataclass
 class Preview:
     columns: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)

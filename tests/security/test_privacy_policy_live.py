@@ -22,6 +22,8 @@ from tests.conftest import Inbox, fast_settings, open_messenger
 
 pytestmark = pytest.mark.integration
 BUDGET = 12.0  # a 3-round job at sigma 1.0 costs epsilon 9.09 (delta 1e-5): one fits, two do not
+# DP-SGD on 200 rows, batch 32 (q 0.16, 7 steps a round), noise multiplier 1.5, 3 rounds: epsilon 3.155
+DP_SGD_BUDGET = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,10 @@ def fed():
         fed.add_node("site-default", ds)
         fed.add_node("site-budget", ds, env={"FBM_NODE_PRIVACY__DP_REQUIRED": "true",
                                              "FBM_NODE_PRIVACY__EPSILON_BUDGET": str(BUDGET)})
+        fed.add_node("site-dpsgd", ds, env={"FBM_NODE_PRIVACY__DP_REQUIRED": "true",
+                                            "FBM_NODE_PRIVACY__EPSILON_BUDGET": str(DP_SGD_BUDGET)})
         fed.enroll("mallory", "researcher")
-        fed.wait_online({"site-default", "site-budget"})
+        fed.wait_online({"site-default", "site-budget", "site-dpsgd"})
         yield fed
     finally:
         fed.stop()
@@ -79,3 +83,15 @@ def test_a_budgeted_site_requires_dp_and_declines_the_job_over_budget(fed, clien
     second = _answer(fed, clients, "site-budget", dp, rounds=3)
     assert second["status"] == "declined"
     assert "would spend epsilon 9.09" in second["error"] and "2.91 of its budget 12 is left" in second["error"]
+
+
+def test_a_dp_sgd_job_is_priced_by_the_accountant_and_the_one_over_budget_declined(fed, clients):
+    dp_sgd = {"batch_size": 32, "dp": {"mode": "sample", "noise_multiplier": 1.5, "max_grad_norm": 1.0}}
+    low = _answer(fed, clients, "site-dpsgd", {**dp_sgd, "dp": {**dp_sgd["dp"], "noise_multiplier": 0.3}}, rounds=3)
+    assert low["status"] == "declined" and "DP sigma 0.3 is below the minimum 0.5" in low["error"]
+    first = _answer(fed, clients, "site-dpsgd", dp_sgd, rounds=3)
+    assert first["status"] == "accepted", first
+    assert first["privacy"]["mode"] == "sample" and first["privacy"]["epsilon"] == pytest.approx(3.155, abs=1e-3)
+    second = _answer(fed, clients, "site-dpsgd", dp_sgd, rounds=3)
+    assert second["status"] == "declined"
+    assert "would spend epsilon 3.15" in second["error"] and "1.85 of its budget 5 is left" in second["error"]

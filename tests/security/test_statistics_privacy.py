@@ -17,13 +17,17 @@ import torch
 
 from broker.local import LocalFederation
 from common.identity import Identity
+from node.audit import AuditTrail
 from node.datasets import LoadedData
+from node.db import Database
 from node.policy import StatisticsPolicy
 from node.statistics import StatisticsRefused, sufficient_statistics
+from researcher.analytics import federated_statistics
 from researcher.ask import ask
 
 pytestmark = pytest.mark.integration
 ROWS = 40
+QUOTA = 3  # statistics queries a day on site-quota's dataset
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -31,6 +35,12 @@ def _vm_hwm_kb(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError("no VmHWM")
+
+
+def _other_table() -> np.ndarray:
+    """site-quota's cohort (site-stats' is in the fixture)."""
+    rng = np.random.default_rng(11)
+    return np.column_stack([rng.integers(20, 95, ROWS), rng.normal(29, 5, ROWS).round(2), rng.integers(0, 2, ROWS)])
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +53,53 @@ def site():
         np.savetxt(path, table, delimiter=",", header="age,bmi,outcome", comments="", fmt="%g")
         fed.add_node("site-stats", [{"name": "cohort", "type": "csv", "path": str(path), "tag": "cohort",
                                      "target": "outcome"}])
+        np.savetxt(fed.root / "cohort-2.csv", _other_table(), delimiter=",", header="age,bmi,outcome", comments="", fmt="%g")
+        fed.add_node("site-quota", [{"name": "cohort", "type": "csv", "path": str(fed.root / "cohort-2.csv"),
+                                     "tag": "cohort", "target": "outcome"}],
+                     env={"FBM_NODE_STATISTICS__MAX_QUERIES": str(QUOTA)})
         fed.enroll("curious", "researcher")
-        fed.wait_online({"site-stats"})
+        fed.wait_online({"site-stats", "site-quota"})
         yield fed, table
     finally:
         fed.stop()
         shutil.rmtree(fed.root, ignore_errors=True)
 
 
-def _ask(fed, args, timeout_s=20.0):
-    return ask(Identity.load(fed.ws.bundle_dir("curious")), "site-stats", "statistics",
+def _ask(fed, args, timeout_s=30.0, node="site-stats"):
+    return ask(Identity.load(fed.ws.bundle_dir("curious")), node, "statistics",
                {"tags": ["cohort"], **args}, timeout_s=timeout_s)
+
+
+def _audit(fed, node: str, event: str) -> list[dict]:
+    return [e for e in AuditTrail(Database(fed.root / "nodes" / node / "node.db")).entries(limit=5000)
+            if e["event"] == event]
+
+
+def test_the_statistics_still_equal_the_pooled_values(site):
+    fed, table = site
+    pooled = federated_statistics(Identity.load(fed.ws.bundle_dir("curious")), ["site-stats", "site-quota"],
+                                  tags=["cohort"], timeout_s=30)
+    both = np.vstack([table, _other_table()])[:, :2]
+    assert pooled.n == 2 * ROWS
+    assert np.allclose(pooled.mean, both.mean(axis=0)) and np.allclose(pooled.std, both.std(axis=0))
+
+
+def test_statistics_are_computed_in_a_confined_child_not_in_the_node(site):
+    fed, table = site
+    assert _ask(fed, {}).ok
+    computed = _audit(fed, "site-stats", "statistics_sent")[0]["detail"]
+    assert computed["pid"] != fed.process("node-site-stats").pid  # another process did the reading
+    assert computed["confined_to"] == [str((fed.root / "cohort.csv").resolve())]  # and it could read nothing else
+
+
+def test_the_query_budget_refuses_the_query_after_the_last(site):
+    fed, _ = site
+    replies = [_ask(fed, {}, node="site-quota") for _ in range(QUOTA + 1)]
+    refused = [r for r in replies if not r.ok]
+    assert refused, "no query was refused"
+    assert f"its {QUOTA} statistics queries for today are spent" in refused[0].error
+    assert len(_audit(fed, "site-quota", "statistics_sent")) == QUOTA  # the pooled test's query counts too
+    assert any("query budget" in str(e["detail"].get("reason")) for e in _audit(fed, "site-quota", "statistics_refused"))
 
 
 def test_min_and_max_are_not_sent_by_default(site):
