@@ -225,6 +225,35 @@ def dataset_show(node_dir: Path, name: str) -> None:
     click.echo(json.dumps({**ds.public().model_dump(), "path": ds.path, "labels": ds.labels, "meta": ds.meta}, indent=2))
 
 
+@dataset.command("privacy")
+@NODE_DIR
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def dataset_privacy(node_dir: Path, name: str, as_json: bool) -> None:
+    """Show a dataset's privacy: the policy in force (node.toml [privacy], its per-dataset
+    overrides applied), its epsilon budget, what each job spent, statistics queries today.
+    Set the policy in node.toml; the running node reads it at start."""
+    from node.ui.views import dataset_privacy as privacy_of
+
+    if _registry(node_dir).get(name) is None:
+        _fail(f"no dataset named {name!r}")
+    info = privacy_of(_settings(node_dir), _db(node_dir), name)
+    if as_json:
+        click.echo(json.dumps({**info.__dict__, "left": info.left}, indent=2, default=str))
+        return
+    budget = "none" if info.budget is None else f"{info.budget:g} (spent {info.spent:.3g}, left {info.left:.3g})"
+    console.print(f"[bold]{for_rich(name)}[/bold]: epsilon budget {budget}; "
+                  f"statistics queries today {info.queries_today}/{info.max_queries}")
+    table = Table("policy", "value")
+    for key, value in info.policy.items():
+        table.add_row(key, for_rich(str(value)))
+    console.print(table)
+    spent = Table("job", "epsilon", "delta")
+    for job in info.jobs:
+        spent.add_row(for_rich(str(job.get("job"))), f"{float(job.get('epsilon', 0)):.4g}", f"{float(job.get('delta', 0)):g}")
+    console.print(spent)
+
+
 @dataset.command("remove")
 @NODE_DIR
 @click.argument("name")

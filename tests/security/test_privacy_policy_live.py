@@ -95,3 +95,20 @@ def test_a_dp_sgd_job_is_priced_by_the_accountant_and_the_one_over_budget_declin
     second = _answer(fed, clients, "site-dpsgd", dp_sgd, rounds=3)
     assert second["status"] == "declined"
     assert "would spend epsilon 3.15" in second["error"] and "1.85 of its budget 5 is left" in second["error"]
+
+
+def test_the_admin_reads_the_budget_and_its_spend_from_the_cli(fed, clients):
+    """`fbm-node dataset privacy` shows what the console shows: the policy in force, the
+    budget, and each job's epsilon (after the budget test above, one job spent 9.09)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    node_dir = fed.root / "nodes" / "site-budget"
+    env = {**os.environ, "FBM_NODE_PRIVACY__DP_REQUIRED": "true", "FBM_NODE_PRIVACY__EPSILON_BUDGET": str(BUDGET)}
+    out = subprocess.run([sys.executable, "-m", "node", "dataset", "privacy", "cohort", "--dir", str(node_dir),
+                          "--json"], capture_output=True, text=True, env=env, check=True).stdout
+    info = json.loads(out)
+    assert info["budget"] == BUDGET and info["policy"]["dp_required"] is True
+    assert [round(j["epsilon"], 2) for j in info["jobs"]] == [9.09] and info["left"] == pytest.approx(BUDGET - 9.0879, abs=1e-3)
