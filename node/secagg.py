@@ -12,6 +12,7 @@ stages while it trains and only the masked stage waits for the trained update.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from common.secagg.wire import server_state, site_body
 
 Send = Callable[[str, str, Body], None]  # (topic, message type, body)
 log = structlog.get_logger("node.secagg")
+EARLY_STATES = 8  # states of unknown jobs kept (the latest per job)
 PER_NODE_ALGORITHMS = ("scaffold", "admm")  # their aggregator needs each node's state, not a sum
 
 
@@ -107,6 +109,7 @@ class SecureRounds:
         self._lock = threading.RLock()
         self._rounds: dict[str, SiteRound] = {}
         self._states: dict[str, SecAggState] = {}  # the latest retained state per job
+        self._early: OrderedDict[str, Any] = OrderedDict()  # states of jobs not (yet) accepted
 
     def open(self, spec: JobSpec, round_: int, reference: Params) -> None:
         """The model of a round this node will train arrived: take part in its key stages now."""
@@ -149,6 +152,19 @@ class SecureRounds:
         with self._lock:
             self._rounds.pop(job, None)
             self._states.pop(job, None)
+            self._early.pop(job, None)
+
+    def hold_early(self, job: str, msg: Any) -> None:
+        """A state whose job this node does not run yet (it may be accepting it): latest kept."""
+        with self._lock:
+            self._early.pop(job, None)
+            self._early[job] = msg
+            while len(self._early) > EARLY_STATES:
+                self._early.popitem(last=False)
+
+    def take_early(self, job: str) -> Any:
+        with self._lock:
+            return self._early.pop(job, None)
 
     def _feed(self, site: SiteRound, body: SecAggState) -> None:
         try:
