@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from pydantic import ValidationError
 
 from common import topics
 from common.compression import CompressionSpec
@@ -39,7 +40,11 @@ def secure_refusal(spec: JobSpec) -> str | None:
     would make it send something other than its full update delta, masked."""
     if spec.secure_aggregation is None:
         return None
-    if CompressionSpec.of(spec.training_args).kind != "none":
+    try:
+        compressed = CompressionSpec.of(spec.training_args).kind != "none"
+    except ValidationError:
+        return None  # an invalid compression is declined by the service's own check
+    if compressed:
         return ("secure aggregation sums full update deltas; update compression (training_args.compression) "
                 "cannot be combined with it")
     algorithm = str(spec.training_args.get("algorithm", "sgd"))
