@@ -408,6 +408,7 @@ class JobRunner(threading.Thread):
 
     def _publish_secagg(self, r: int, state: SecAggState) -> None:
         self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.job_id))
+        self.log.info("secagg_stage", round=r, stage=state.stage, reason=state.reason or None)
 
     def _announce(self, state: Round, rule: AggregationRule, params, history) -> None:
         """Publish the model that opens the round (it names the round, its nodes, its deadline)."""
