@@ -186,6 +186,7 @@ def test_a_site_killed_after_its_masked_update_is_in_the_sum(fed, capture, plain
     first, second = (h["notes"]["secure_aggregation"] for h in state.history)
     assert first["included"] == NODES, "the killed site's masked update is in round 1's sum"
     assert first["total_count"] == sum(counts.values())
-    assert capture.of(exp.job_id, "secagg_unmask", "site-5") == []  # it died before unmask
+    # (if site-5 was the last to mask, the unmask stage may open and be answered in the ms before
+    # the kill; usually it is not: then its self-mask seed came from its neighbours' shares)
     assert second["included"] == NODES[:4]
     assert second["total_count"] == sum(counts[n] for n in NODES[:4])
