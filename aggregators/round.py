@@ -172,6 +172,17 @@ class Round:
             return self._flush(now)
         return []
 
+    def on_secure_sum(self, included: list[str], dropped: list[str], report: dict[str, Any]) -> list[Action]:
+        """A secure round ended with the sum of `included` (aggregators/secagg.py): that sum is
+        the round's one update, already folded; the round closes."""
+        if self.ended:
+            return []
+        self.ended = True
+        self.answered = sorted(set(included))  # each site once: the sum holds each input at most once
+        self.gone = set(dropped) - set(self.answered)
+        self.reports = [report]
+        return [Close()]
+
     # --- decisions ----------------------------------------------------------------------------
 
     def complete(self) -> bool:

@@ -38,6 +38,7 @@ from aggregators.round import (
     Standing,
 )
 from aggregators.rules import AggregationRule, get_rule
+from aggregators.secagg import SECAGG_SENDER, Outcome, ServerRound
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
 from common.envelope import Message, open_envelope
@@ -51,6 +52,7 @@ from common.messages import (
     NodeStatus,
     RoundClosed,
     RoundOpened,
+    SecAggState,
     Selection,
     UpdateReceived,
 )
@@ -66,7 +68,7 @@ class JobFailure(RuntimeError):
 class _Event:
     """What the service hands a job's runner: an update, a node joining or leaving, withdrawal."""
 
-    kind: Literal["update", "dropout", "joined", "withdrawn"]
+    kind: Literal["update", "dropout", "joined", "withdrawn", "secagg"]
     node: str = ""
     message: Message | None = None
     dropout: DropKind = "offline"  # why a node left: offline, failed, declined, pending
@@ -348,9 +350,65 @@ class JobRunner(threading.Thread):
             self.pending |= set(resume.get("pending", []))
             rule.load_state_dict(resume["rule"])
             self.log.info("round_resumed", round=r, answered=state.answered)
+        if spec.secure_aggregation is not None:  # the sites' sum is the round's one update
+            return self._secure_round(state, rule, params, history)
         self._announce(state, rule, params, history)
         self._drive(state, rule, params)
         return self._close(state, rule, params)
+
+    def _secure_round(self, state: Round, rule: AggregationRule, params,
+                      history) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+        """Run the round's ServerRound; fold its unmasked mean as ONE update with the total count.
+
+        Not checkpointed mid-round (the sites' keys live in memory only): a restarted aggregator
+        runs the round again. A plain update for this job is never folded."""
+        r = state.round
+        server = ServerRound(self.spec, r, state.expected, params, state.opened, state.deadline,
+                             lambda st: self._publish_secagg(r, st))
+        server.start()  # before the model: a site reading the model finds the key stage open
+        self._announce(state, rule, params, history)
+        outcome = self._drive_secure(server)
+        if outcome.params is None:
+            raise JobFailure(f"round {r}: {outcome.reason}")
+        problem = check_update(outcome.params, params)
+        if problem is not None:
+            raise JobFailure(f"round {r}: the secure sum cannot be folded ({problem})")
+        rule.add(outcome.params, outcome.total_count, SECAGG_SENDER, {})
+        report = NodeRoundReport(node=SECAGG_SENDER, n_samples=outcome.total_count).model_dump()
+        self._perform(state.on_secure_sum(list(outcome.included), list(outcome.dropped), report), state, rule, params)
+        self.log.info("secure_sum_folded", round=r, included=list(outcome.included), dropped=list(outcome.dropped),
+                      total_count=outcome.total_count, ignored=server.ignored[-5:])
+        new_params, summary = self._close(state, rule, params)
+        notes = {**summary.notes, "secure_aggregation": {"included": list(outcome.included),
+                                                         "dropped": list(outcome.dropped),
+                                                         "total_count": outcome.total_count}}
+        return new_params, summary.model_copy(update={"notes": notes})
+
+    def _drive_secure(self, server: ServerRound) -> Outcome:
+        """Events in, stage messages to the ServerRound, until it finishes or fails (its stage
+        deadlines end it: never a hang)."""
+        outcome = None
+        while outcome is None:
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                outcome = server.tick(time.time())
+                continue
+            if event.kind == "withdrawn":
+                raise JobFailure("the researcher withdrew the job")
+            self._note_standing(event)
+            msg = event.message
+            if event.kind == "secagg" and msg is not None and msg.round == getattr(msg.body, "round", None):
+                outcome = server.on_message(event.node, msg.body, time.time())
+            elif event.kind == "update":
+                self.log.warning("update_dropped", round=server.round, node=event.node,
+                                 reason="the job uses secure aggregation: plain updates are never folded")
+            outcome = outcome or server.tick(time.time())
+        return outcome
+
+    def _publish_secagg(self, r: int, state: SecAggState) -> None:
+        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.job_id))
+        self.log.info("secagg_stage", round=r, stage=state.stage, reason=state.reason or None)
 
     def _announce(self, state: Round, rule: AggregationRule, params, history) -> None:
         """Publish the model that opens the round (it names the round, its nodes, its deadline)."""
@@ -517,6 +575,8 @@ class AggregatorService:
         m.subscribe(topics.every("status"), self._on_status, types={"node_status"})
         m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
         m.subscribe(topics.every("update"), self._on_update, types={"update"})
+        m.subscribe(topics.every("secagg_site"), self._on_secagg, types={"secagg_keys", "secagg_shares",
+                                                                        "secagg_masked", "secagg_unmask"})
         m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -646,6 +706,13 @@ class AggregatorService:
         if runner is None:  # not ours, or not known yet: its re-send must still be processed
             raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
         runner.events.put(_Event("update", node=msg.sender, message=msg))
+
+    def _on_secagg(self, msg: Message) -> None:
+        """A site's secure-aggregation message (on its own topic: the sender is checked)."""
+        runner = self._runner(topics.job_of(msg.topic))
+        if runner is None:
+            raise NotReady(f"secure-aggregation message from {msg.sender} for job {msg.job} not run here")
+        runner.events.put(_Event("secagg", node=msg.sender, message=msg))
 
     def _on_job(self, msg: Message) -> None:
         spec: JobSpec = msg.body  # type: ignore[assignment]

@@ -1,41 +1,95 @@
 """The node's side of secure aggregation (issue 20): after training, instead of publishing its
 update, a site runs `SiteSecAgg` against the aggregator's retained stage state.
 
-Kept out of node/service.py: the service only builds a SiteRound and feeds it the states it
-reads on `jobs/{job}/secagg`; everything else is here and in common/secagg.
+Kept out of node/service.py: the service opens a round when it reads the round's model, feeds
+the states it reads on `jobs/{job}/secagg`, hands the trained parameters over, and re-sends
+after a reconnect; everything else is here and in common/secagg.
+
+Why the round opens before training: keys and shares need no input, so a site runs those
+stages while it trains and only the masked stage waits for the trained update.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import structlog
+import torch
+from pydantic import ValidationError
 
 from common import topics
+from common.compression import CompressionSpec
 from common.messages import Body, JobSpec, SecAggState
+from common.secagg.config import SecAggError
 from common.secagg.params import Params, flat_delta, round_config
 from common.secagg.site import SiteSecAgg
 from common.secagg.wire import server_state, site_body
 
 Send = Callable[[str, str, Body], None]  # (topic, message type, body)
 log = structlog.get_logger("node.secagg")
+EARLY_STATES = 8  # states of unknown jobs kept (the latest per job)
+PER_NODE_ALGORITHMS = ("scaffold", "admm")  # their aggregator needs each node's state, not a sum
+
+
+def secure_refusal(spec: JobSpec) -> str | None:
+    """Why this node cannot honour the job's secure aggregation (None if it can): whatever
+    would make it send something other than its full update delta, masked."""
+    if spec.secure_aggregation is None:
+        return None
+    try:
+        compressed = CompressionSpec.of(spec.training_args).kind != "none"
+    except ValidationError:
+        return None  # an invalid compression is declined by the service's own check
+    if compressed:
+        return ("secure aggregation sums full update deltas; update compression (training_args.compression) "
+                "cannot be combined with it")
+    algorithm = str(spec.training_args.get("algorithm", "sgd"))
+    if algorithm in PER_NODE_ALGORITHMS:
+        return f"secure aggregation hides each node's update; the {algorithm!r} local algorithm needs it seen"
+    return None
+
+
+def as_params(values: dict[str, Any]) -> Params:
+    """The training child's arrays (numpy, or tensors for dtypes numpy lacks) as tensors."""
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for k, v in values.items()}
 
 
 class SiteRound:
-    """One site's round: the trained update (as a delta from the round's model) and its count."""
+    """One site's round: the round's model (the reference), later its trained update and count."""
 
-    def __init__(self, spec: JobSpec, round_: int, me: str, reference: Params, params: Params,
-                 n_samples: int, send: Send) -> None:
+    def __init__(self, spec: JobSpec, round_: int, me: str, reference: Params, params: Params | None = None,
+                 n_samples: int = 0, send: Send | None = None) -> None:
         if spec.secure_aggregation is None:
             raise ValueError(f"job {spec.job_id} does not use secure aggregation")
-        self.spec, self.round, self.me, self._send = spec, round_, me, send
-        self._reference, self._delta, self._count = reference, flat_delta(params, reference), n_samples
+        self.spec, self.round, self.me = spec, round_, me
+        self._send: Send = send or (lambda *_: None)
+        self._reference = reference
+        self._delta: np.ndarray | None = None
+        self._count = 0
         self._site: SiteSecAgg | None = None
+        self.last_state: SecAggState | None = None
+        self.last_sent: tuple[str, str, Body] | None = None  # re-sent after a reconnect
+        self.sent_masked = False
+        if params is not None:
+            self.set_input(params, n_samples)
+
+    def set_input(self, params: Params, n_samples: int) -> None:
+        """The trained parameters; the masked stage, if already open, is answered now."""
+        self._delta, self._count = flat_delta(params, self._reference), n_samples
+        if self._site is not None:
+            self._site.set_input(self._delta, n_samples)
+        if self.last_state is not None and self.last_state.stage == "masked":
+            self.on_state(self.last_state)
 
     def on_state(self, body: SecAggState) -> None:
         """React to the aggregator's published stage; re-publishing makes it answer again."""
         if body.round != self.round or self.me not in body.expected:
             return
+        self.last_state = body
         if self._site is None:
             opt = self.spec.secure_aggregation
             assert opt is not None
@@ -46,5 +100,89 @@ class SiteRound:
         if answer is None:
             return
         type_, out = site_body(self.round, answer)
-        self._send(topics.secagg_site(self.spec.job_id, self.me), type_, out)
+        self.last_sent = (topics.secagg_site(self.spec.job_id, self.me), type_, out)
+        self.sent_masked = self.sent_masked or type_ == "secagg_masked"
+        self._send(*self.last_sent)
         log.info("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)
+
+
+class SecureRounds:
+    """The node's open secure rounds, one per job, shared by the delivery and training threads."""
+
+    def __init__(self, me: str, send: Send) -> None:
+        self.me, self._send = me, send
+        self._lock = threading.RLock()
+        self._rounds: dict[str, SiteRound] = {}
+        self._states: dict[str, SecAggState] = {}  # the latest retained state per job
+        self._early: OrderedDict[str, Any] = OrderedDict()  # states of jobs not (yet) accepted
+
+    def open(self, spec: JobSpec, round_: int, reference: Params) -> None:
+        """The model of a round this node will train arrived: take part in its key stages now."""
+        with self._lock:
+            current = self._rounds.get(spec.job_id)
+            if current is not None and current.round >= round_:
+                return
+            self._rounds[spec.job_id] = SiteRound(spec, round_, self.me, reference, send=self._guarded)
+            state = self._states.get(spec.job_id)
+            if state is not None:
+                self._feed(self._rounds[spec.job_id], state)
+
+    def on_state(self, job: str, body: SecAggState) -> None:
+        with self._lock:
+            self._states[job] = body
+            site = self._rounds.get(job)
+            if site is not None:
+                self._feed(site, body)
+
+    def set_input(self, job: str, round_: int, params: Params, n_samples: int) -> bool:
+        """Hand the trained update to its round; False when that round is no longer open here."""
+        with self._lock:
+            site = self._rounds.get(job)
+            if site is None or site.round != round_:
+                return False
+            try:
+                site.set_input(params, n_samples)
+            except SecAggError as exc:
+                log.warning("secagg_refused", job=job, round=round_, error=str(exc))
+            return True
+
+    def resend(self) -> None:
+        """After a reconnect: each open round's last answer again (the server takes it once)."""
+        with self._lock:
+            for site in self._rounds.values():
+                if site.last_sent is not None and not _over(site.last_state):
+                    self._guarded(*site.last_sent)
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            self._rounds.pop(job, None)
+            self._states.pop(job, None)
+            self._early.pop(job, None)
+
+    def hold_early(self, job: str, msg: Any) -> None:
+        """A state whose job this node does not run yet (it may be accepting it): latest kept."""
+        with self._lock:
+            self._early.pop(job, None)
+            self._early[job] = msg
+            while len(self._early) > EARLY_STATES:
+                self._early.popitem(last=False)
+
+    def take_early(self, job: str) -> Any:
+        with self._lock:
+            return self._early.pop(job, None)
+
+    def _feed(self, site: SiteRound, body: SecAggState) -> None:
+        try:
+            site.on_state(body)
+        except SecAggError as exc:  # e.g. a second unmask request naming other survivors
+            log.warning("secagg_refused", job=site.spec.job_id, round=site.round, stage=body.stage, error=str(exc))
+
+    def _guarded(self, topic: str, type_: str, body: Body) -> None:
+        try:
+            self._send(topic, type_, body)
+        except Exception as exc:  # noqa: BLE001 - the broker is away: resent on reconnect
+            log.warning("secagg_send_failed", topic=topic, type=type_, error=str(exc))
+
+
+def _over(state: SecAggState | None) -> bool:
+    return state is not None and state.stage in ("done", "failed")

@@ -43,6 +43,7 @@ from node.policy import JobAsk, job_ask, policy_refusal
 from node.privacy_budget import PrivacyLedger, QueryLedger
 from node.registry import Dataset, Registry
 from node.sandbox import SandboxPolicy
+from node.secagg import SecureRounds, as_params, secure_refusal
 from node.state import NodeState
 from node.statistics import StatisticsRefused, check_request
 from node.trainer import Trainer, TrainingFailed
@@ -140,6 +141,7 @@ class NodeService:
         self.jobs: dict[str, _Job] = {}
         self.parked: dict[str, _Parked] = {}
         self.pending: dict[tuple[str, int], _Pending] = {}
+        self.secure = SecureRounds(self.name, self._send_secagg)  # node/secagg.py
         self._early_models: OrderedDict[str, Message] = OrderedDict()
         # statistics run one at a time, with a short bounded queue: a flood of requests cannot
         # start a thread each (and each its own copy of the data)
@@ -166,6 +168,7 @@ class NodeService:
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
         m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
         m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
+        m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
         # acks come on our own topic; every node reading every event would be O(N^2) a round
         m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received"})
@@ -247,6 +250,7 @@ class NodeService:
     def _on_connected(self, session_present: bool) -> None:
         self.publish_status()
         self.resend_pending(force=True)  # what was in flight when the link or the broker went down
+        self.secure.resend()
 
     def publish_status(self) -> None:
         status = NodeStatus(
@@ -295,9 +299,8 @@ class NodeService:
         except (PlanError, LocalError) as exc:
             self._decline(spec.job_id, f"plan refused: {exc}", msg)
             return
-        if spec.secure_aggregation is not None:  # fail closed: node/secagg.py is not wired in yet
-            self._decline(spec.job_id, "secure aggregation is not run by this node version yet "
-                          "(docs/secure-aggregation.md): declined rather than sending a plain update", msg)
+        if (refusal := secure_refusal(spec)) is not None:  # options it cannot honour: fail closed
+            self._decline(spec.job_id, refusal, msg)
             return
         if (over := cap_refusal(spec, self.settings)) is not None:  # node/caps.py
             self._decline(spec.job_id, over, msg)
@@ -482,6 +485,7 @@ class NodeService:
             removed = (self.jobs.pop(job, None) or self.parked.pop(job, None)) if job else None
         if job:
             self.job_store.forget(job)
+            self.secure.forget(job)
         if removed:
             self._tasks.put(_JobOver(job))
             self.audit.record("job_withdrawn", job=job)
@@ -516,6 +520,7 @@ class NodeService:
             self.parked.pop(job_id, None)
             job = self.jobs.pop(job_id, None)
         self.job_store.forget(job_id)
+        self.secure.forget(job_id)
         if job is not None:
             self._tasks.put(_JobOver(job_id))
             event = f"job_{status}"
@@ -553,6 +558,10 @@ class NodeService:
                     self._resend_soon(unacked)
                 return
             job.trained.add(r)
+        if job.spec.secure_aggregation is not None:  # outside the lock: it may answer the key stage
+            self.secure.open(job.spec, r, model.params)
+            if (early := self.secure.take_early(job_id or "")) is not None:
+                self._on_secagg_state(early)
         self._tasks.put(_Task(job_id, r, model.params, time.monotonic(), dict(model.extra)))  # type: ignore[arg-type]
 
     # --- training -----------------------------------------------------------------------------
@@ -618,6 +627,9 @@ class NodeService:
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
         job.local_state = result.get("local_state") or {}
+        if spec.secure_aggregation is not None:
+            self._secure_input(job, task, result)
+            return
         params = result["params"]
         compression = CompressionSpec.of(spec.training_args)
         if compression.kind != "none":  # send the change, compressed; keep what was dropped for next round
@@ -639,6 +651,32 @@ class NodeService:
                           train_s=round(result["timings"]["train_s"], 3))
         log.info("update_sent", n_samples=result["n_samples"], train_s=round(result["timings"]["train_s"], 3),
                  train_loss=round(result["metrics"]["train_loss"], 4))
+
+    def _secure_input(self, job: _Job, task: _Task, result: dict[str, Any]) -> None:
+        """A secure job's trained update goes to its SiteRound (masked), never out in the clear;
+        client-level DP noise, if any, was added by the training process before this."""
+        spec = job.spec
+        taken = self.secure.set_input(spec.job_id, task.round, as_params(result["params"]), result["n_samples"])
+        self.audit.record("round_trained", job=spec.job_id, round_=task.round, dataset=job.dataset.name,
+                          plan_sha256=spec.plan.sha256 or f"zoo:{spec.plan.zoo}", n_samples=result["n_samples"],
+                          train_s=round(result["timings"]["train_s"], 3), secure_aggregation=taken)
+        self.log.info("update_masked" if taken else "update_not_masked_round_gone", job=spec.job_id,
+                      round=task.round, n_samples=result["n_samples"])
+
+    def _send_secagg(self, topic: str, type_: str, body: Any) -> None:
+        self.messenger.send(topic, type_, body, job=topics.job_of(topic), round_=body.round)
+
+    def _on_secagg_state(self, msg: Message) -> None:
+        """The aggregator's secure-aggregation stage for a job (retained): answer it."""
+        job_id = topics.job_of(msg.topic) or ""
+        if msg.topic != topics.secagg(job_id):
+            return
+        if self._job_spec(job_id) is None:  # the job (or its acceptance) comes later: kept for then
+            self.secure.hold_early(job_id, msg)
+            return
+        if not self._from_bound_aggregator(msg, job_id):
+            return
+        self.secure.on_state(job_id, msg.body)  # type: ignore[arg-type]
 
     def _send_update(self, pending: _Pending) -> None:
         self.messenger.send(topics.update(pending.job, self.name), "update", pending.body,

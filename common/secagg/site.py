@@ -38,11 +38,11 @@ def share_index(participants: list[str] | tuple[str, ...], who: str) -> int:
 class SiteSecAgg:
     """One site's round: fresh keys and self-mask seed, its encoded input, the shares it holds."""
 
-    def __init__(self, config: SecAggConfig, me: str, values: np.ndarray, count: int) -> None:
-        if np.asarray(values).size != config.dim:
-            raise SecAggError(f"input has {np.asarray(values).size} values, the round expects {config.dim}")
+    def __init__(self, config: SecAggConfig, me: str, values: np.ndarray | None = None, count: int = 0) -> None:
         self.config, self.me = config, me
-        self._input = config.encoding.encode(values, count)
+        self._input: np.ndarray | None = None
+        if values is not None:
+            self.set_input(values, count)
         self._c, self._s = KeyPair.generate(), KeyPair.generate()
         self._b = os.urandom(shamir.SECRET_BYTES)
         self._answers: dict[Stage, SiteMessage] = {}
@@ -50,6 +50,19 @@ class SiteSecAgg:
         self._neighbours: frozenset[str] = frozenset()
         self._keys: dict[str, AdvertiseKeys] = {}
         self._unmasked_for: tuple[str, ...] | None = None
+
+    def set_input(self, values: np.ndarray, count: int) -> None:
+        """The input, given late: keys and shares need none, so a site can run those stages
+        while it trains; it answers the masked stage once the input is here."""
+        if np.asarray(values).size != self.config.dim:
+            raise SecAggError(f"input has {np.asarray(values).size} values, the round expects {self.config.dim}")
+        if self._input is not None:
+            raise SecAggError("the input of a round is given once")
+        self._input = self.config.encoding.encode(values, count)
+
+    @property
+    def has_input(self) -> bool:
+        return self._input is not None
 
     def advertise(self) -> AdvertiseKeys:
         return AdvertiseKeys(self._c.public_bytes(), self._s.public_bytes())
@@ -90,7 +103,7 @@ class SiteSecAgg:
 
     def _mask(self, state: ServerState) -> MaskedInput | None:
         """Stage 2: open the boxes from neighbours, then send the masked input."""
-        if Stage.SHARES not in self._answers or self.me not in state.share_senders:
+        if self._input is None or Stage.SHARES not in self._answers or self.me not in state.share_senders:
             return None
         mine = share_index(sorted(self._keys), self.me)
         for sender, box in state.routed.get(self.me, {}).items():
