@@ -61,9 +61,19 @@ class CNN3D(nn.Module):
         return self.head(torch.cat(pooled, dim=1))
 
 
+def _instance_norm(module: nn.Module) -> None:
+    """Batch norms (MONAI's ResNet blocks keep them whatever `norm` says) become affine instance
+    norms: running statistics and integer batch counters do not average across sites."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm3d):
+            setattr(module, name, nn.InstanceNorm3d(child.num_features, affine=True))
+        else:
+            _instance_norm(child)
+
+
 class MonaiClassifier(nn.Module):
     """A small `monai.networks.nets.ResNet` (basic blocks, one per stage, widths `widths`,
-    instance norm, no stem pooling) as the encoder of its global-pooled features, covariates
+    affine instance norms, no stem pooling; volumes of at least 16 voxels a side) as the encoder of its global-pooled features, covariates
     joined, then a linear head. Each volume is normalised by MONAI's `NormalizeIntensity`
     (channel-wise) first."""
 
@@ -79,6 +89,7 @@ class MonaiClassifier(nn.Module):
         self.encoder = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=list(widths), spatial_dims=3,
                               n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
                               norm=("instance", {"affine": True}), feed_forward=False)
+        _instance_norm(self.encoder)
         self.head = nn.Linear(int(widths[-1]) + n_covariates, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
