@@ -61,44 +61,37 @@ class CNN3D(nn.Module):
         return self.head(torch.cat(pooled, dim=1))
 
 
-def _instance_norm(module: nn.Module) -> None:
-    """Batch norms (MONAI's ResNet blocks keep them whatever `norm` says) become affine instance
-    norms: running statistics and integer batch counters do not average across sites."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm3d):
-            setattr(module, name, nn.InstanceNorm3d(child.num_features, affine=True))
-        else:
-            _instance_norm(child)
-
-
 class MonaiClassifier(nn.Module):
-    """A small `monai.networks.nets.ResNet` (basic blocks, one per stage, widths `widths`,
-    affine instance norms, no stem pooling; volumes of at least 16 voxels a side) as the encoder of its global-pooled features, covariates
-    joined, then a linear head. Each volume is normalised by MONAI's `NormalizeIntensity`
-    (channel-wise) first."""
+    """MONAI network blocks: a `monai.networks.blocks.Convolution` (3-D, PReLU), max pooling, a
+    `monai.networks.blocks.ResidualUnit` (two subunits, affine instance norm), global max and
+    mean pooling, covariates joined, a linear head. Each volume is normalised by MONAI's
+    `NormalizeIntensity` (channel-wise) first."""
 
     def __init__(self, in_channels: int = 1, spatial_size: list[int] | tuple[int, ...] = (16, 16, 16),
-                 n_classes: int = 2, n_covariates: int = 0,
-                 widths: list[int] | tuple[int, ...] = (4, 8, 8, 16)) -> None:
+                 n_classes: int = 2, n_covariates: int = 0, width: int = 8) -> None:
         super().__init__()
-        from monai.networks.nets import ResNet
+        from monai.networks.blocks import Convolution, ResidualUnit
         from monai.transforms import NormalizeIntensity
 
         self.in_channels, self.spatial_size, self.n_covariates = in_channels, tuple(spatial_size), n_covariates
         self.normalize = NormalizeIntensity(channel_wise=True)
-        self.encoder = ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=list(widths), spatial_dims=3,
-                              n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
-                              norm=("instance", {"affine": True}), feed_forward=False)
-        _instance_norm(self.encoder)
-        self.head = nn.Linear(int(widths[-1]) + n_covariates, n_classes)
+        self.encoder = nn.Sequential(
+            Convolution(spatial_dims=3, in_channels=in_channels, out_channels=width, kernel_size=3, act="prelu",
+                        norm=None),
+            nn.MaxPool3d(2),
+            ResidualUnit(spatial_dims=3, in_channels=width, out_channels=2 * width, subunits=2, act="prelu",
+                         norm=("instance", {"affine": True})),
+        )
+        self.head = nn.Linear(4 * width + n_covariates, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vol, cov = split_input(x, self.in_channels, self.spatial_size, self.n_covariates)
         vol = torch.stack([torch.as_tensor(self.normalize(v)) for v in vol])
         h = self.encoder(vol)
+        pooled = [h.amax(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))]
         if cov is not None:
-            h = torch.cat([h, cov], dim=1)
-        return self.head(h)
+            pooled.append(cov)
+        return self.head(torch.cat(pooled, dim=1))
 
 
 class _VolumePlan(TrainingPlan):
