@@ -3,7 +3,7 @@
 
 Both take `model_args`: `in_channels` (the number of selected modalities), `spatial_size`
 ([D, H, W]), `n_classes`, `n_covariates` (demographics columns the job selects, 0 by default)
-and widths. The node gives `x` as (N, C, D, H, W), or (N, C*D*H*W + K) when the job selects K
+and `width`. The node gives `x` as (N, C, D, H, W), or (N, C*D*H*W + K) when the job selects K
 covariates (`split_input` takes it apart). Intensities are normalised per volume and channel
 inside the model (zero mean, unit variance), so scanners with different intensity scales give
 the same input, and `Experiment.model()` carries its own preprocessing.
