@@ -70,6 +70,8 @@ class DatasetInfo(Body):
     n_classes: int | None = None
     # tables: column -> kind, missing count, categories held by enough rows (node.loaders.tabular)
     columns: dict[str, dict[str, Any]] = {}
+    # medical images: modalities (shape, voxel spacing, subject count), subjects, complete subjects
+    imaging: dict[str, Any] = {}
 
 
 @message("node_status", "node")

@@ -180,12 +180,12 @@ def dataset() -> None:
 @NODE_DIR
 @click.option("--name", required=True, help="Unique name of the dataset on this node.")
 @click.option("--type", "kind", required=True, type=click.Choice(TYPES),
-              help="csv (needs --target for supervised data), npy/npz (x [, y]), idx (MNIST format; labels found beside or --labels), images (one folder per class).")
+              help="csv (needs --target for supervised data), npy/npz (x [, y]), idx (MNIST format; labels found beside or --labels), images (one folder per class), table (clinical CSV), medical-folder (NIfTI per subject folder), dicom (one series per subject folder).")
 @click.option("--path", required=True, type=click.Path(path_type=Path), help="File or folder with the data.")
 @click.option("--tag", "tags", multiple=True, required=True, help="Tag jobs select datasets by (repeatable).")
 @click.option("--description", default="", help="Free text shown to researchers.")
 @click.option("--target", default=None, help="csv: the column to predict.")
-@click.option("--labels", default=None, type=click.Path(path_type=Path), help="idx: the labels file, if not beside the images.")
+@click.option("--labels", default=None, type=click.Path(path_type=Path), help="idx: the labels file, if not beside the images; medical-folder/dicom: the demographics CSV, if not demographics.csv in the folder.")
 def dataset_add(node_dir: Path, name: str, kind: str, path: Path, tags: tuple[str, ...], description: str,
                 target: str | None, labels: Path | None) -> None:
     """Register a dataset: it is read once now, so a bad file is refused here, not mid-job."""
@@ -197,6 +197,8 @@ def dataset_add(node_dir: Path, name: str, kind: str, path: Path, tags: tuple[st
     info = ds.public()
     console.print(f"added [bold]{name}[/bold]: {info.n_samples} samples, shape {info.shape}, tags {ds.tags}"
                   + (f", {info.n_classes} classes" if info.n_classes else ""))
+    for warning in ds.meta.get("warnings") or []:  # medical images: incomplete subjects
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @dataset.command("list")

@@ -1,4 +1,5 @@
-"""Reading a site's data files: csv, npy/npz, idx (MNIST format), image folders, tables.
+"""Reading a site's data files: csv, npy/npz, idx (MNIST format), image folders, tables, and
+medical images (NIfTI subject folders, DICOM series: `node.loaders.medical`, `node.loaders.dicom`).
 
 Every loader returns float32 features `x` (N, ...) and optional labels `y`, and refuses a bad
 file with a `DatasetError` that says what is wrong. Images (idx, image folders, uint8 arrays)
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-TYPES = ("csv", "npy", "npz", "idx", "images", "table")
+TYPES = ("csv", "npy", "npz", "idx", "images", "table", "medical-folder", "dicom")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -217,6 +218,12 @@ def load(kind: str, path: str | Path, *, target: str | None = None, labels: str 
         raise DatasetError(f"unknown dataset type {kind!r}; expected one of {', '.join(TYPES)}")
     if not path.exists():
         raise DatasetError(f"{path} does not exist")
+    if kind in ("medical-folder", "dicom"):  # folders; `labels`: the demographics CSV, if not inside
+        from node.loaders.dicom import load_dicom
+        from node.loaders.medical import load_medical_folder
+
+        demographics = Path(labels).expanduser() if labels else None
+        return (load_dicom if kind == "dicom" else load_medical_folder)(path, demographics)
     if kind == "images":
         if not path.is_dir():
             raise DatasetError(f"{path} must be a folder with one sub-folder per class")

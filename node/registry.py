@@ -42,6 +42,7 @@ class Dataset:
             target=self.target,
             n_classes=self.meta.get("n_classes"),
             columns=public_columns(self.meta.get("columns") or {}),
+            imaging=self.meta.get("imaging") or {},
         )
 
     def load(self) -> datasets.LoadedData:

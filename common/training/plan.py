@@ -20,7 +20,8 @@ from torch import nn
 class TrainingPlan:
     """Base class; override `build_model` and `training_step`, optionally the rest."""
 
-    #: what the plan expects as `x`: "features" (N, F) floats, or "images" (N, C, H, W) floats in [0, 1]
+    #: what the plan expects as `x`: "features" (N, F) floats, "images" (N, C, H, W) floats in [0, 1], or
+    #: "volumes" (N, C, D, H, W) (medical images; `common.training.imaging`)
     input_kind = "features"
     #: classification plans report accuracy in `validation_step`
     task = "classification"

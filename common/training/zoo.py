@@ -1,5 +1,6 @@
-"""Ready training plans, referenced by name in a job: mlp, cnn, logreg, vae, linear_vae, and the
-scikit-learn ones (sgd_classifier, sgd_regressor, perceptron)."""
+"""Ready training plans, referenced by name in a job: mlp, cnn, logreg, vae, linear_vae, the
+scikit-learn ones (sgd_classifier, sgd_regressor, perceptron) and the imaging ones (cnn3d,
+monai_classifier)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.training.imaging import IMAGING_PLANS
 from common.training.plan import TrainingPlan
 from common.training.sklearn_plans import SKLEARN_PLANS
 
@@ -145,4 +147,5 @@ ZOO: dict[str, type[TrainingPlan]] = {
     "vae": VAEPlan,
     "linear_vae": LinearVAEPlan,
     **SKLEARN_PLANS,  # sgd_classifier, sgd_regressor, perceptron (scikit-learn, imported when trained)
+    **IMAGING_PLANS,  # cnn3d, monai_classifier (3-D volumes; MONAI imported when built)
 }
