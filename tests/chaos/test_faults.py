@@ -87,6 +87,7 @@ def test_broker_sigkilled_then_a_node_restarted_in_a_later_round(baseline):
     assert '"job_resumed"' in run.logs["node-site-2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hard", [False, True], ids=["SIGTERM", "SIGKILL"])
 def test_broker_restarted_mid_round(baseline, hard):
     def fault(run):
@@ -99,6 +100,7 @@ def test_broker_restarted_mid_round(baseline, hard):
     assert run.logs["broker"].count("mosquitto version 2.0.11 starting") == 2
 
 
+@pytest.mark.slow
 def test_researcher_gone_for_the_whole_run(baseline):
     """Submit, disconnect; another process attaches later and reads the finished job."""
     run = federation()
@@ -115,6 +117,7 @@ def test_researcher_gone_for_the_whole_run(baseline):
     _complete_and_identical(state, baseline)
 
 
+@pytest.mark.slow
 def test_node_offline_for_a_round_is_recorded_missing_then_rejoins():
     def fault(run):
         run.wait_event(opened(2))
@@ -133,6 +136,7 @@ def test_node_offline_for_a_round_is_recorded_missing_then_rejoins():
     assert len(folds(state)) == len(set(folds(state)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", [Selection(), Selection(mode="at_least", k=2)], ids=["all", "at_least"])
 def test_late_node_joins_the_open_round(selection):
     """A node started while round 2 is open trains it. Under `at_least` (issue 16) the
@@ -154,6 +158,7 @@ def test_late_node_joins_the_open_round(selection):
     assert state.history[1]["duration_s"] < 30, "round 2 waited for its deadline"
 
 
+@pytest.mark.slow
 def test_two_of_three_nodes_gone_for_good_fails_cleanly_at_the_deadline():
     def fault(run):
         run.wait_event(opened(2))

@@ -86,6 +86,7 @@ def test_the_broker_cli_needs_neither_torch_nor_numpy():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_the_entrypoints_run_a_federation_as_plain_processes(tmp_path):
     """What `docker compose up` does, minus the engine: set-up, broker, 3 nodes with sample
     data, an aggregator, and the researcher's job to its end."""

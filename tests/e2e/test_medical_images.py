@@ -22,7 +22,7 @@ from researcher.experiment import Experiment, researcher_settings
 from researcher.tabular import node_datasets
 from scripts import imaging
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # make test-slow (and CI)
 pytest.importorskip("nibabel")
 pytest.importorskip("pydicom")
 

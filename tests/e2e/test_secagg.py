@@ -27,7 +27,7 @@ from common.settings import TransportSettings
 from researcher.experiment import Experiment
 from scripts import fmnist
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # make test-slow (and CI)
 
 NODES = ["site-1", "site-2", "site-3", "site-4", "site-5"]
 MODEL = {"in_features": 784, "hidden": [16], "n_classes": 10}

@@ -8,7 +8,7 @@ import pytest
 
 from scripts.studies import brain, mnist_vae
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # make test-slow (and CI)
 
 FIGURES = ("fig3_weight_norms.png", "fig4_latent_space.png", "fig5_round_times.png")
 
