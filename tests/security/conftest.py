@@ -50,3 +50,15 @@ def plan_task(job: str, dataset, plan, round_: int = 1, **targs) -> dict:
             "model_args": {"in_features": 4, "hidden": [8], "n_classes": 3},
             "training_args": {"epochs": 1, "batch_size": 16, "lr": 0.1, **targs},
             "dataset": {"type": "npz", "path": str(dataset)}, "params": params}
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """A node's training-process pool for tests that drive plans without a federation."""
+    from node.sandbox import SandboxPolicy
+    from node.trainer import Trainer
+
+    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048))
+    t.start()
+    yield t
+    t.stop()

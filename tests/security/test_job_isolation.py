@@ -44,14 +44,6 @@ def _ref(name: str) -> PlanRef:
     return PlanRef(source=SNOOPS, sha256=source_sha256(SNOOPS), class_name=name)
 
 
-@pytest.fixture(scope="module")
-def trainer():
-    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048))
-    t.start()
-    yield t
-    t.stop()
-
-
 @pytest.mark.skipif(landlock_abi() == 0, reason="this kernel has no Landlock: no filesystem confinement to test")
 def test_a_job_cannot_read_another_jobs_dataset(trainer, tmp_path):
     a, b = write_npz(tmp_path / "a.npz", seed=1), write_npz(tmp_path / "b.npz", seed=2)

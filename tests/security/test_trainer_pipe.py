@@ -16,8 +16,7 @@ import torch
 
 from common.messages import PlanRef
 from common.training.loader import source_sha256
-from node.sandbox import SandboxPolicy
-from node.trainer import Trainer, TrainingFailed
+from node.trainer import TrainingFailed
 from tests.security.conftest import plan_task, write_npz
 
 ATTACKS = '''
@@ -95,14 +94,6 @@ class Reshape(MLPPlan):
 
 def _ref(name: str) -> PlanRef:
     return PlanRef(source=ATTACKS, sha256=source_sha256(ATTACKS), class_name=name)
-
-
-@pytest.fixture(scope="module")
-def trainer():
-    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048))
-    t.start()
-    yield t
-    t.stop()
 
 
 def _next_job_trains(trainer, tmp_path, job: str) -> None:
