@@ -26,7 +26,7 @@ from researcher.tracking import mlflow_client
 from scripts import clinical
 from tests.conftest import require_module
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # make test-slow (and CI)
+pytestmark = pytest.mark.e2e  # the notebook and the trackers run in `make test`
 
 NODES = ["site-1", "site-2", "site-3"]
 SCALE = {"age": [70, 10], "mmse": [25, 5], "abeta": [0.5, 0.5]}  # units the researcher knows
@@ -88,6 +88,7 @@ def _central_table(path, plan, margs, targs) -> dict[str, torch.Tensor]:
     return params
 
 
+@pytest.mark.slow  # 40 rounds: make test-slow (and CI)
 def test_clinical_table_aligned_over_three_sites(fed):
     infos = node_datasets(_alice(fed), tags=["dementia"])
     assert sorted(infos) == NODES
