@@ -81,9 +81,22 @@ def acked(r: int) -> Callable:
     return lambda m: m.type == "update_received" and m.body.round == r
 
 
+def _unequal_shards(folder: Path) -> list[Path]:
+    """300, 300 and 600 samples: site-3 trains twice as long, so a fault struck when the first
+    update of a round is acknowledged lands while the round is still open (with equal shards
+    the other two updates could close it first, and the test would not be mid-round)."""
+    import numpy as np
+
+    parts = fmnist.write_shards(folder, 4, limit=1200, seed=1)
+    with np.load(parts[2]) as a, np.load(parts[3]) as b:
+        x, y = np.concatenate([a["x"], b["x"]]), np.concatenate([a["y"], b["y"]])
+    np.savez(parts[2], x=x, y=y)
+    return parts[:3]
+
+
 def federation(start_nodes: list[str] = NODES) -> Run:
     fed = LocalFederation().start()
-    shards = fmnist.write_shards(fed.root / "data", len(NODES), limit=900, seed=1)
+    shards = _unequal_shards(fed.root / "data")
     for name, shard in zip(NODES, shards, strict=True):
         fed.add_node(name, [{"name": "fm", "type": "npz", "path": str(shard), "tag": "fmnist"}],
                      start=name in start_nodes, env=NODE_ENV, approve=[(PLAN, "SlowMLP")])
