@@ -46,6 +46,7 @@ def _complete_and_identical(state, baseline):
     assert same_params(state.params, baseline.params), "final model differs from the fault-free run"
 
 
+@pytest.mark.slow
 def test_node_sigkilled_mid_round_and_restarted(baseline):
     def fault(run):
         run.wait_event(opened(2))
@@ -69,6 +70,7 @@ def test_aggregator_sigkilled_mid_round_and_restarted(baseline):
     assert '"round_resumed"' in run.logs["agg-fedavg-1"]  # picked up mid-round, not redone
 
 
+@pytest.mark.slow
 def test_broker_sigkilled_then_a_node_restarted_in_a_later_round(baseline):
     """The hard-killed broker loses the retained job spec (newer than its last autosave) and
     the researcher is not there to publish it again: the node restarted afterwards resumes
