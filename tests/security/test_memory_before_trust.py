@@ -75,8 +75,10 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver(federation) -> Iterator[Receiver]:
-    r = Receiver(str(federation.ws.bundle_dir("node-a")))
+def receiver(own_federation) -> Iterator[Receiver]:
+    """A receiver on a broker of its own: the attack traffic and any retained message other
+    tests left on the shared broker stay out of each other's way."""
+    r = Receiver(str(own_federation.ws.bundle_dir("node-a")))
     yield r
     r.stop()
 
@@ -96,8 +98,8 @@ def greedy_chunk(count: int = 2048) -> bytes:
     return head + os.urandom(MIB - 64 - len(head))
 
 
-def _still_serves(federation, clients, receiver: Receiver) -> None:
-    researcher = open_messenger(federation, "res-1", clients)
+def _still_serves(fed, clients, receiver: Receiver) -> None:
+    researcher = open_messenger(fed, "res-1", clients)
     before = sum(1 for x in receiver.lines if x == "got request")
     researcher.send(topics.requests("node-a"), "request", Request(command="ping"))
     assert _wait_count(receiver, "got request", before + 1), f"a valid request was not delivered: {receiver.lines}"
@@ -112,36 +114,39 @@ def _wait_count(receiver: Receiver, line: str, n: int, timeout_s: float = 30.0) 
     return False
 
 
-def test_a_nested_body_is_not_decoded_before_the_signature_is_checked(federation, clients, receiver):
+def test_a_nested_body_is_not_decoded_before_the_signature_is_checked(own_federation, clients, receiver):
+    fed = own_federation
     wire = nested_envelope(4 * MIB)
-    admin = open_transport(federation, "admin-1", clients)
+    admin = open_transport(fed, "admin-1", clients)
     admin.publish(topics.requests("node-a"), wire)
     assert _wait_count(receiver, "dropped", 1, 60), f"the message was not dropped: {receiver.lines}"
-    _still_serves(federation, clients, receiver)
+    _still_serves(fed, clients, receiver)
     growth = receiver.growth_mib()
     print(f"receiver peak growth: {growth:.1f} MiB")
     assert growth < BOUND_MIB, f"a {len(wire) / MIB:.1f} MiB message raised the receiver's peak by {growth:.0f} MiB"
 
 
-def test_a_chunk_claiming_2048_chunks_costs_what_arrived_not_what_it_claims(federation, clients, receiver):
-    admin = open_transport(federation, "admin-1", clients)
+def test_a_chunk_claiming_2048_chunks_costs_what_arrived_not_what_it_claims(own_federation, clients, receiver):
+    fed = own_federation
+    admin = open_transport(fed, "admin-1", clients)
     for _ in range(3):  # three transfers on the same topic: the per-topic budget holds them, or drops
         admin.publish(topics.requests("node-a"), greedy_chunk())
-    _still_serves(federation, clients, receiver)
+    _still_serves(fed, clients, receiver)
     growth = receiver.growth_mib()
     print(f"receiver peak growth: {growth:.1f} MiB")
     assert growth < BOUND_MIB, f"three 1 MiB frames raised the receiver's peak by {growth:.0f} MiB"
 
 
-def test_a_retained_greedy_chunk_costs_nothing_at_connect(federation, clients):
-    admin = open_transport(federation, "admin-1", clients)
+def test_a_retained_greedy_chunk_costs_nothing_at_connect(own_federation, clients):
+    fed = own_federation
+    admin = open_transport(fed, "admin-1", clients)
     topic = topics.chunk(topics.job("greedy-job"), 0)
     admin.publish(topic, greedy_chunk(), retain=True)
     try:
         for _ in range(2):  # every (re)connecting subscriber gets it
-            r = Receiver(str(federation.ws.bundle_dir("node-a")))
+            r = Receiver(str(fed.ws.bundle_dir("node-a")))
             try:
-                _still_serves(federation, clients, r)
+                _still_serves(fed, clients, r)
                 growth = r.growth_mib()
                 print(f"new subscriber peak growth: {growth:.1f} MiB")
                 assert growth < BOUND_MIB, f"a retained 1 MiB frame raised a new subscriber's peak by {growth:.0f} MiB"
