@@ -172,6 +172,7 @@ def test_cancelled_job_stops_everywhere(fed):
         exp.close()
 
 
+@pytest.mark.slow
 def test_researcher_cli_submits_the_example_job_file_and_writes_results(fed, tmp_path):
     import subprocess
     import sys

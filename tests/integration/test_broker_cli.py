@@ -64,6 +64,7 @@ def test_broker_lifecycle_and_live_enrolment():
     assert cli("status", str(root)).returncode == 3
 
 
+@pytest.mark.slow
 def test_node_waiting_for_a_dead_broker_still_stops_on_sigterm(tmp_path):
     """A site started while the broker is down keeps trying, and SIGTERM ends it promptly."""
     import signal as sig

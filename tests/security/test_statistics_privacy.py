@@ -131,6 +131,7 @@ def test_a_huge_bin_count_is_refused_at_once_with_bounded_memory(site):
     assert ask(Identity.load(fed.ws.bundle_dir("curious")), "site-stats", "ping", timeout_s=10).ok
 
 
+@pytest.mark.slow
 def test_a_flood_of_requests_is_queued_or_refused_and_the_node_keeps_serving(site):
     fed, _ = site
     replies: list = []
