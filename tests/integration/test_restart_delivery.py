@@ -30,7 +30,8 @@ def _job(job_id: str) -> JobSpec:
                    aggregator={"name": "fedavg", "identity": "agg-1"})
 
 
-def test_an_update_delivered_before_its_job_is_known_is_folded_when_re_sent(federation, clients, tmp_path):
+def test_an_update_delivered_before_its_job_is_known_is_folded_when_re_sent(own_federation, clients, tmp_path):
+    federation = own_federation  # its retained model and history stay off the shared broker
     """Deterministic: the update reaches the aggregator before the job does (as a resumed
     session delivers it); the node then re-sends it with the same id once the round opens."""
     job_id = f"restart-{int(time.time() * 1000)}"
