@@ -46,10 +46,13 @@ case "$role" in
       need FBM_BUNDLE "the node's bundle folder"
       fbm-node init "$FBM_NODE_DIR" --bundle "$FBM_BUNDLE"
     fi
-    if [ -n "${FBM_SAMPLE_DATA:-}" ] && [ ! -f "$FBM_NODE_DIR/data/sample.csv" ]; then
-      python3 "$HERE/sample_data.py" --out "$FBM_NODE_DIR/data/sample.csv" --seed "$FBM_SAMPLE_DATA"
-      fbm-node dataset add --dir "$FBM_NODE_DIR" --name sample --type csv --path "$FBM_NODE_DIR/data/sample.csv" \
-        --tag sample --target outcome --description "synthetic cohort (seed $FBM_SAMPLE_DATA)"
+    if [ -n "${FBM_SAMPLE_DATA:-}" ]; then
+      # beside the node's folder, not in it: a node refuses datasets inside its own folder (its key)
+      sample_dir="${FBM_SAMPLE_DIR:-${FBM_NODE_DIR%/}-data}"
+      [ -f "$sample_dir/sample.csv" ] || python3 "$HERE/sample_data.py" --out "$sample_dir/sample.csv" --seed "$FBM_SAMPLE_DATA"
+      fbm-node dataset show sample --dir "$FBM_NODE_DIR" >/dev/null 2>&1 ||
+        fbm-node dataset add --dir "$FBM_NODE_DIR" --name sample --type csv --path "$sample_dir/sample.csv" \
+          --tag sample --target outcome --description "synthetic cohort (seed $FBM_SAMPLE_DATA)"
     fi
     exec fbm-node start --dir "$FBM_NODE_DIR" "$@"
     ;;
