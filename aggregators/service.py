@@ -175,7 +175,7 @@ class Checkpoints:
 
     def save_job(self, job: str, wire: bytes | bytearray | memoryview) -> None:
         """The researcher's signed job message as received: a restart resumes the job from it
-        before anything else arrives, and it is re-published verbatim if the broker lost it."""
+        before anything else arrives (the broker may have lost the retained copy)."""
         folder = self._dir(job)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "job.msg.tmp"
@@ -196,10 +196,9 @@ class Checkpoints:
 class JobRunner(threading.Thread):
     """Runs one job's rounds to the end."""
 
-    def __init__(self, spec: JobSpec, service: AggregatorService, wire: bytes | bytearray | memoryview = b"") -> None:
+    def __init__(self, spec: JobSpec, service: AggregatorService) -> None:
         super().__init__(name=f"job-{spec.job_id}", daemon=True)
         self.spec = spec
-        self.wire = wire  # the researcher's signed job message, re-published verbatim after a reconnect
         self.service = service
         self.events: queue.Queue[_Event] = queue.Queue()
         self.declined: set[str] = set()
@@ -597,7 +596,7 @@ class AggregatorService:
             except BadMessage as exc:
                 self.log.warning("job_not_resumed", job=job, reason=str(exc))
                 continue
-            runner = JobRunner(msg.body, self, wire=wire)  # type: ignore[arg-type]
+            runner = JobRunner(msg.body, self)  # type: ignore[arg-type]
             with self._lock:
                 self.runners[job] = runner
             resumed.append(runner)
@@ -728,7 +727,7 @@ class AggregatorService:
             self.log.info("job_already_finished", job=spec.job_id)
             return
         self.checkpoints.save_job(spec.job_id, msg.wire)
-        runner = JobRunner(spec, self, wire=msg.wire)
+        runner = JobRunner(spec, self)
         with self._lock:
             self.runners[spec.job_id] = runner
         self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name)
