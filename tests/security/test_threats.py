@@ -101,7 +101,7 @@ def test_forged_job_model_and_update_injected_past_the_acl_are_rejected(federati
     injector.publish(topics.model("evil"), model_by_researcher)
     injector.publish(topics.update("evil", "node-a"), update_by_b)  # node-b posing as node-a
     assert wait_until(lambda: len(rejected) == 3, 10), rejected
-    assert got.items == []
+    assert [m for m in got.items if m.job == "evil"] == []  # retained messages of other tests' jobs may arrive
     reasons = dict(rejected)
     assert reasons[topics.job("evil")] == Reason.ROLE_NOT_ALLOWED
     assert reasons[topics.model("evil")] == Reason.ROLE_NOT_ALLOWED
