@@ -26,8 +26,9 @@ from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
 from common.errors import BadMessage, TransportError
 from common.identity import Identity
-from common.messages import JobSpec, NodeStatus, Reply
+from common.messages import JobAnswer, JobSpec, NodeStatus, Reply, TrainFailed
 from common.messenger import Messenger
+from common.training.args import TrainingArgs, TrainingArgsError
 from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
@@ -268,14 +269,17 @@ class NodeService:
             job=job,
         )
 
+    def _send_reply(self, reply: Reply, job: str) -> None:
+        """A typed answer about a job (`JobAnswer`, `TrainFailed`) to whoever reads our replies."""
+        self.messenger.send(topics.replies(self.name), "reply", reply, job=job)
+
     def _decline(self, job_id: str, reason: str, msg: Message | None = None, *, sender: str | None = None,
                  msg_id: str = "") -> None:
         """Refuse a job (when it arrives, or later when its plan is rejected) and say why."""
         sender, msg_id = (msg.sender, msg.id) if msg is not None else (sender, msg_id)
         self.log.info("job_declined", job=job_id, reason=reason)
         self.audit.record("job_refused", job=job_id, actor=sender, reason=reason)
-        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg_id,
-                    data={"job": job_id, "status": "declined"})
+        self._send_reply(JobAnswer(job=job_id, status="declined").reply(in_reply_to=msg_id, error=reason), job_id)
 
     def _on_job(self, msg: Message) -> None:
         """A job spec (retained): the decision is the site's (node/jobs.py `SiteJobs.on_job`)."""
@@ -296,6 +300,10 @@ class NodeService:
             CompressionSpec.of(spec.training_args)
         except ValidationError as exc:
             return f"invalid training_args.compression: {exc.errors()[0]['msg']}"
+        try:
+            TrainingArgs.of(spec.training_args)
+        except TrainingArgsError as exc:
+            return str(exc)
         if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
             return f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm"
         return None
@@ -371,9 +379,9 @@ class NodeService:
         privacy = self._reserve_privacy(spec, dataset)
         self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id(spec.plan), actor=sender)
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
-        self._reply("job", job=spec.job_id, in_reply_to=msg_id,
-                    data={"job": spec.job_id, "status": "accepted", "dataset": dataset.name,
-                          "n_samples": dataset.public().n_samples, **({"privacy": privacy} if privacy else {})})
+        answer = JobAnswer(job=spec.job_id, status="accepted", dataset=dataset.name,
+                           n_samples=dataset.public().n_samples, privacy=privacy or None)
+        self._send_reply(answer.reply(in_reply_to=msg_id), spec.job_id)
         self.publish_status()
 
     def _park(self, parked: Parked) -> None:
@@ -384,10 +392,10 @@ class NodeService:
         pid = stored.plan_id
         self.audit.record("job_pending", job=spec.job_id, plan_sha256=pid, actor=parked.sender, dataset=parked.dataset.name)
         self.log.info("job_pending_plan_approval", job=spec.job_id, plan=pid)
-        self._reply("job", job=spec.job_id, ok=False, in_reply_to=parked.msg_id,
-                    error=f"pending: plan {pid[:16]} awaits approval by the admin of node {self.name} "
-                          f"(`fbm-node plan approve {pid[:16]}`)",
-                    data={"job": spec.job_id, "status": "pending", "plan": pid})
+        answer = JobAnswer(job=spec.job_id, status="pending", plan=pid)
+        self._send_reply(answer.reply(in_reply_to=parked.msg_id,
+                                      error=f"pending: plan {pid[:16]} awaits approval by the admin of node "
+                                            f"{self.name} (`fbm-node plan approve {pid[:16]}`)"), spec.job_id)
 
     def review_plans(self) -> None:
         """Act on the admin's decisions: start parked jobs whose plan was approved, drop the
@@ -488,7 +496,7 @@ class NodeService:
                 self.log.exception("round_failed", job=task.job, round=task.round)
                 self.audit.record("round_failed", job=task.job, round_=task.round, error=str(exc))
                 try:
-                    self._reply("train", job=task.job, ok=False, error=str(exc), data={"job": task.job, "round": task.round})
+                    self._send_reply(TrainFailed(job=task.job, round=task.round).reply(str(exc)), task.job)
                 except Exception:  # noqa: BLE001
                     self.log.exception("reply_failed")
 
@@ -512,7 +520,7 @@ class NodeService:
         except TrainingFailed as exc:
             log.warning("training_failed", error=str(exc))
             self.audit.record("round_failed", job=spec.job_id, round_=task.round, dataset=job.dataset.name, error=str(exc))
-            self._reply("train", job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
+            self._send_reply(TrainFailed(job=spec.job_id, round=task.round).reply(str(exc)), spec.job_id)
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
         job.local_state = result.get("local_state") or {}
@@ -683,6 +691,6 @@ class NodeService:
             return
         self.audit.record("job_refused", job=job, reason=str(exc))
         try:
-            self._reply("job", job=job, ok=False, error=f"job refused: {exc}", data={"job": job})
+            self._send_reply(JobAnswer(job=job, status="declined").reply(error=f"job refused: {exc}"), job)
         except Exception:  # noqa: BLE001
             self.log.exception("reply_failed")

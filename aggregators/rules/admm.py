@@ -20,7 +20,6 @@ class ADMM(FedAvg):
     the textbook unweighted mean; true weighs by sample count)."""
 
     name = "admm"
-    local_algorithm = "admm"
 
     def __init__(self, weighted: bool = False, **args: Any) -> None:
         super().__init__(**args)

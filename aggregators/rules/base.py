@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import structlog
 
 from aggregators.rules.functions import Params
+from common.training.args import ALGORITHM_OF_RULE
 
 ENTRY_POINT_GROUP = "fedbiomq.aggregators"
 _RULES: dict[str, type[AggregationRule]] = {}
@@ -36,7 +37,8 @@ class AggregationRule(ABC):
       - `streaming`: True if memory stays O(model) whatever the number of updates; False if
         the rule needs all of them at once (robust statistics) and holds N x model.
       - `local_algorithm`: what the nodes must run locally ("sgd", "fedprox", "scaffold",
-        "admm"); a job whose training_args say otherwise is refused up front.
+        "admm"); a job whose training_args say otherwise is refused up front. The built-in
+        rules take theirs from the one table, `common.training.args.ALGORITHM_OF_RULE`.
     """
 
     name: ClassVar[str]
@@ -50,6 +52,8 @@ class AggregationRule(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:  # declared here, not inherited (helpers like _Buffered have none)
+            if cls.name in ALGORITHM_OF_RULE and "local_algorithm" not in cls.__dict__:
+                cls.local_algorithm = ALGORITHM_OF_RULE[cls.name]
             _RULES[cls.name] = cls
 
     @abstractmethod

@@ -45,4 +45,3 @@ class FedProx(FedAvg):
     """
 
     name = "fedprox"
-    local_algorithm = "fedprox"

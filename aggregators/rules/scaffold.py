@@ -23,7 +23,6 @@ class Scaffold(FedAvg):
     (args: lr_global, default 1; n_nodes: N, default = nodes answering)."""
 
     name = "scaffold"
-    local_algorithm = "scaffold"
 
     def __init__(self, lr_global: float = 1.0, n_nodes: int | None = None, **args: Any) -> None:
         super().__init__(**args)

@@ -15,24 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.training.args import (  # noqa: F401 - re-exported: the names callers import from here
+    ALGORITHM_OF_RULE,
+    LOCAL_ALGORITHMS,
+    LocalError,
+    TrainingArgs,
+    algorithm_of,
+)
+
 Params = dict[str, torch.Tensor]
 
-LOCAL_ALGORITHMS = ("sgd", "fedprox", "scaffold", "admm")
-# The local algorithm each built-in rule needs (third-party rules declare theirs; a job names
-# it in training_args["algorithm"]).
-ALGORITHM_OF_RULE = {"fedprox": "fedprox", "scaffold": "scaffold", "admm": "admm"}
 SCAFFOLD_PREFIX = "c/"
-
-
-class LocalError(ValueError):
-    """The training args ask for something the node cannot do; the message says why."""
-
-
-def algorithm_of(training_args: dict[str, Any]) -> str:
-    algorithm = str(training_args.get("algorithm", "sgd"))
-    if algorithm not in LOCAL_ALGORITHMS:
-        raise LocalError(f"unknown local algorithm {algorithm!r}; known: {', '.join(LOCAL_ALGORITHMS)}")
-    return algorithm
 
 
 def proximal_penalty(model: torch.nn.Module, anchor: Params, strength: float) -> torch.Tensor:
@@ -101,7 +94,7 @@ DP_MODES = ("client", "sample")
 
 def dp_mode(training_args: dict[str, Any]) -> str | None:
     """None (no DP), "client" (`{clip, sigma}`, the default) or "sample" (DP-SGD)."""
-    dp = training_args.get("dp") or None
+    dp = TrainingArgs.of(training_args).dp or None
     if dp is None:
         return None
     mode = str(dp.get("mode", "client"))
@@ -112,17 +105,17 @@ def dp_mode(training_args: dict[str, Any]) -> str | None:
 
 def train_rows(n: int, training_args: dict[str, Any]) -> int:
     """How many of `n` rows are trained on: the rest is the validation split (`validation_split`)."""
-    return n - int(round(n * float(training_args.get("val_fraction", 0.0))))
+    return n - int(round(n * TrainingArgs.of(training_args).val_fraction))
 
 
 def dp_sgd_schedule(n_train: int, training_args: dict[str, Any]) -> tuple[float, int]:
     """(Poisson sample rate q, DP-SGD steps a round) over `n_train` rows: q = batch_size / n,
     ceil(1/q) steps an epoch, at most `max_batches`. The worker runs exactly these steps and
     the node's accountant prices exactly these, so both sides call this one function."""
-    q = min(1.0, int(training_args.get("batch_size", 64)) / max(1, n_train))
-    steps = int(training_args.get("epochs", 1)) * math.ceil(1 / q)
-    max_batches = training_args.get("max_batches")
-    return q, steps if max_batches is None else min(steps, int(max_batches))
+    args = TrainingArgs.of(training_args)
+    q = min(1.0, args.batch_size / max(1, n_train))
+    steps = args.epochs * math.ceil(1 / q)
+    return q, steps if args.max_batches is None else min(steps, args.max_batches)
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
