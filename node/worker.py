@@ -84,12 +84,7 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     """
     targs = task["training_args"]
     args = local.TrainingArgs.of(targs)
-    algorithm = local.algorithm_of(targs)
-    supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
-    if algorithm not in supported:
-        raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
-    if local.dp_mode(targs) == "sample" and algorithm != "sgd":
-        raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
+    _check_algorithm(targs, plan_cls)
     plan = plan_cls(task["model_args"], targs)
     seed = args.seed * 1_000_003 + int(task["round"])
     torch.manual_seed(seed)
@@ -102,25 +97,20 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     if val is not None:
         metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
     start_params = _float_params(model)
-    fit = _local_fit(algorithm, args, start_params, task)
+    state = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
+    algorithm = local.local_algorithm(targs, start_params, state, to_tensors(task.get("extra") or {}))
     start = time.perf_counter()
     model.train()
     if local.dp_mode(targs) == "sample":
         loss_sum, seen, steps = _train_dp_sgd(plan, model, x_train, y_train, args)
     else:
-        loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, args, seed, fit)
+        loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, args, seed, algorithm)
     train_s = time.perf_counter() - start
     if val is not None:
         metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params, extra_out, new_state = _after_local(fit, start_params, _float_params(model), params, steps, args)
-    if local.dp_mode(targs) == "client":
-        # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
-        # data un-noised, so it is not reported
-        delta = {k: params[k] - received[k] for k in params}
-        dp = args.dp or {}
-        noised, _ = local.clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]))
-        params = {k: received[k] + noised[k] for k in params}
+    params, extra_out, new_state = algorithm.finish(start_params, _float_params(model), params, steps)
+    params = local.client_dp(params, received, targs)
     metrics["train_loss"] = loss_sum / max(seen, 1)
     for name in args.report_norms:  # e.g. the input layer, as in the paper's Figure 3
         if name in params:
@@ -142,50 +132,18 @@ def _split(data: datasets.LoadedData, args: local.TrainingArgs):
     return x_all[train_idx], pick(train_idx), (x_all[val_idx], pick(val_idx))
 
 
-@dataclasses.dataclass
-class _Fit:
-    """What the plain loop needs of the local algorithm (FedProx/ADMM anchor, SCAFFOLD controls)."""
-
-    algorithm: str
-    anchor: Params | None = None
-    strength: float = 0.0
-    c_global: Params | None = None
-    c_local: Params | None = None
-    u: Params | None = None  # ADMM's scaled dual
-
-
-def _local_fit(algorithm: str, args: local.TrainingArgs, start: Params, task: dict[str, Any]) -> _Fit:
-    """The node half of FedProx (anchor), ADMM (dual ascent, anchor) and SCAFFOLD (controls)."""
-    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
-    if algorithm == "fedprox":
-        return _Fit(algorithm, start, args.mu)
-    if algorithm == "admm":
-        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start.items()}
-        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
-            u = local.admm_dual(u, state["x"], start)
-        return _Fit(algorithm, {k: start[k] - u[k] for k in start}, args.rho, u=u)
-    if algorithm == "scaffold":
-        extra = to_tensors(task.get("extra") or {})
-        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start.items()}
-        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start.items()}
-        return _Fit(algorithm, c_global=c_global, c_local=c_local)
-    return _Fit(algorithm)
-
-
-def _after_local(fit: _Fit, start: Params, end: Params, params: Params, steps: int,
-                 args: local.TrainingArgs) -> tuple[Params, Params, dict[str, Params]]:
-    """(params to send, extra, local state to keep): SCAFFOLD's new control, ADMM's x_i + u_i."""
-    if fit.algorithm == "scaffold" and fit.c_global is not None and fit.c_local is not None:
-        c_new = local.scaffold_new_control(fit.c_global, fit.c_local, start, end, steps, args.lr)
-        return params, {local.SCAFFOLD_PREFIX + k: c_new[k] - fit.c_local[k] for k in c_new}, {"c": c_new}
-    if fit.algorithm == "admm" and fit.u is not None:
-        u = fit.u  # the server averages x_i + u_i
-        return {k: (v + u[k] if k in u else v) for k, v in params.items()}, {}, {"x": end, "u": u}
-    return params, {}, {}
+def _check_algorithm(targs: dict[str, Any], plan_cls) -> None:
+    """LocalError if the plan or DP-SGD cannot run the job's local algorithm."""
+    algorithm = local.algorithm_of(targs)
+    supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
+    if algorithm not in supported:
+        raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
+    if local.dp_mode(targs) == "sample" and algorithm != "sgd":
+        raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
 
 
 def _train_plain(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
-                 args: local.TrainingArgs, seed: int, fit: _Fit) -> tuple[float, int, int]:
+                 args: local.TrainingArgs, seed: int, algorithm: local.SGD) -> tuple[float, int, int]:
     """Local epochs of shuffled minibatches (the job's seed fixes the order); (loss sum, seen, steps)."""
     optimizer = plan.optimizer(model)
     max_batches, batch_size = args.max_batches, args.batch_size
@@ -198,10 +156,9 @@ def _train_plain(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: t
             y = y_train[index] if y_train is not None else None
             optimizer.zero_grad(set_to_none=True)
             loss = plan.training_step(model, x, y)
-            penalty = local.proximal_penalty(model, fit.anchor, fit.strength) if fit.anchor is not None else None
+            penalty = algorithm.penalty(model)
             (loss + penalty if penalty is not None else loss).backward()
-            if fit.c_global is not None and fit.c_local is not None:
-                local.scaffold_correct_(model, fit.c_global, fit.c_local)
+            algorithm.correct_(model)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
