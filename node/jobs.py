@@ -112,23 +112,12 @@ class Record:
 
 @dataclass(frozen=True)
 class Forget:
-    """Remove the job from the node's database (its kept signed message)."""
+    """Remove the job from the node's database (its kept signed message); if said, also drop
+    its secure-aggregation rounds and held states, and end its training process."""
 
     job: str
-
-
-@dataclass(frozen=True)
-class ForgetSecure:
-    """Drop the job's secure-aggregation rounds and held states."""
-
-    job: str
-
-
-@dataclass(frozen=True)
-class StopTraining:
-    """The job ended: its training process ends too."""
-
-    job: str
+    secure: bool = False
+    training: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,8 +159,7 @@ class Acked:
     round: int
 
 
-Action = (Accept | Park | Decline | Record | Forget | ForgetSecure | StopTraining | PublishStatus | Replay
-          | Train | Resend | Acked)
+Action = Accept | Park | Decline | Record | Forget | PublishStatus | Replay | Train | Resend | Acked
 
 
 @dataclass(frozen=True)
@@ -278,25 +266,23 @@ class SiteJobs:
             return []
         del self.jobs[job_id]
         self._drop_pending(job_id)
-        return [Forget(job_id), StopTraining(job_id), Decline(job_id, self.plan_refusal(job.spec, status)),
-                PublishStatus()]
+        return [Forget(job_id, training=True), Decline(job_id, self.plan_refusal(job.spec, status)), PublishStatus()]
 
     def on_withdrawn(self, job_id: str) -> list[Action]:
         """The job's retained spec was cleared: drop the job and what we owe it."""
         self._drop_pending(job_id)
         removed = self.jobs.pop(job_id, None) or self.parked.pop(job_id, None)
-        actions: list[Action] = [Forget(job_id), ForgetSecure(job_id)]
-        return actions + ([StopTraining(job_id), Record("job_withdrawn", job_id)] if removed else [])
+        actions: list[Action] = [Forget(job_id, secure=True, training=removed is not None)]
+        return actions + ([Record("job_withdrawn", job_id)] if removed else [])
 
     def _ended(self, job_id: str, status: str, sender: str) -> list[Action]:
         """The job is done or failed (its model says so): forget it and what we owe it."""
         self._drop_pending(job_id)
         self.parked.pop(job_id, None)
         job = self.jobs.pop(job_id, None)
-        actions: list[Action] = [Forget(job_id), ForgetSecure(job_id)]
         if job is None:
-            return actions
-        return actions + [StopTraining(job_id), Record(f"job_{status}", job_id, sender), PublishStatus()]
+            return [Forget(job_id, secure=True)]
+        return [Forget(job_id, secure=True, training=True), Record(f"job_{status}", job_id, sender), PublishStatus()]
 
     # --- models, updates, acknowledgements ----------------------------------------------------
 

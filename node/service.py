@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -72,13 +72,7 @@ class _JobOver:
     job: str
 
 
-@dataclass(frozen=True)
-class _Task:
-    job: str
-    round: int
-    params: dict[str, Any]
-    received_at: float
-    extra: dict[str, Any] = field(default_factory=dict)
+_Task = site.Train  # the training thread's work: the round SiteJobs decided to train
 
 
 class NodeService:
@@ -152,11 +146,7 @@ class NodeService:
                 self.audit.record(action.event, job=action.job, actor=action.actor)
                 self.log.info(action.event, job=action.job)
             case site.Forget():
-                self.job_store.forget(action.job)
-            case site.ForgetSecure():
-                self.secure.forget(action.job)
-            case site.StopTraining():
-                self._tasks.put(_JobOver(action.job))
+                self._forget(action)
             case site.PublishStatus():
                 self.publish_status()
             case site.Replay():
@@ -167,6 +157,13 @@ class NodeService:
                 self._resend_soon(action.pending, action.why)
             case site.Acked():
                 self.log.debug("update_acknowledged", job=action.job, round=action.round)
+
+    def _forget(self, action: site.Forget) -> None:
+        self.job_store.forget(action.job)
+        if action.secure:
+            self.secure.forget(action.job)
+        if action.training:
+            self._tasks.put(_JobOver(action.job))
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -459,7 +456,7 @@ class NodeService:
             self.secure.open(spec, task.round, task.params)
             if (early := self.secure.take_early(task.job)) is not None:
                 self._on_secagg_state(early)
-        self._tasks.put(_Task(task.job, task.round, task.params, task.received_at, task.extra))
+        self._tasks.put(task)
 
     # --- training -----------------------------------------------------------------------------
 

@@ -20,7 +20,6 @@ from node.jobs import (
     Acked,
     Decline,
     Forget,
-    ForgetSecure,
     Lookups,
     Park,
     Pending,
@@ -29,7 +28,6 @@ from node.jobs import (
     Replay,
     Resend,
     SiteJobs,
-    StopTraining,
     Train,
 )
 from node.plans import PlanStatus
@@ -229,7 +227,7 @@ def test_the_job_ends_with_its_model(status):
     _accepted(jobs)
     _sent(jobs)
     assert jobs.on_model(_model(open_round=None, status=status), T0) == [
-        Forget("j1"), ForgetSecure("j1"), StopTraining("j1"), Record(f"job_{status}", "j1", AGG), PublishStatus()]
+        Forget("j1", secure=True, training=True), Record(f"job_{status}", "j1", AGG), PublishStatus()]
     assert not jobs.jobs and not jobs.pending
     assert jobs.on_model(_model(), T0) == []  # a stale model later: the job is gone
 
@@ -237,7 +235,7 @@ def test_the_job_ends_with_its_model(status):
 def test_a_parked_job_ends_with_its_model_without_training_to_stop():
     jobs, _ = _site(Site(plans={}))
     jobs.on_job(_job())
-    assert jobs.on_model(_model(open_round=None, status="failed"), T0) == [Forget("j1"), ForgetSecure("j1")]
+    assert jobs.on_model(_model(open_round=None, status="failed"), T0) == [Forget("j1", secure=True)]
     assert not jobs.parked
 
 
@@ -303,7 +301,7 @@ def test_a_revoked_plan_stops_a_running_job():
     _sent(jobs)
     assert jobs.on_plan_decision("j1", PlanStatus.APPROVED) == []
     assert jobs.on_plan_decision("j1", PlanStatus.REVOKED) == [
-        Forget("j1"), StopTraining("j1"), Decline("j1", PLAN.format("revoked")), PublishStatus()]
+        Forget("j1", training=True), Decline("j1", PLAN.format("revoked")), PublishStatus()]
     assert not jobs.jobs and not jobs.pending and jobs.due_resends(T0 + 999, force=True) == []
     assert jobs.on_plan_decision("j1", PlanStatus.REVOKED) == []
 
@@ -316,8 +314,8 @@ def test_withdrawal(held):
     if held != "unknown":
         jobs.on_job(_job())
     actions = jobs.on_withdrawn("j1")
-    tail = [StopTraining("j1"), Record("job_withdrawn", "j1")] if held != "unknown" else []
-    assert actions == [Forget("j1"), ForgetSecure("j1"), *tail]
+    held_here = held != "unknown"
+    assert actions == [Forget("j1", secure=True, training=held_here)] + ([Record("job_withdrawn", "j1")] if held_here else [])
     assert jobs.spec("j1") is None
 
 
