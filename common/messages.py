@@ -277,8 +277,8 @@ class GlobalModel(Body):
     """The global model after `round` rounds (round 0: the initial parameters), retained.
 
     It also carries the job's state, so a node or researcher that was away learns everything
-    from this one retained message: which round is open, for whom, until when, and the
-    history of the closed rounds.
+    from this one retained message: which round is open, for whom, until when. The closed
+    rounds' history has a retained topic of its own (`JobHistory`, researchers only).
     """
 
     round: int = Field(ge=0)
@@ -288,7 +288,6 @@ class GlobalModel(Body):
     open_round: int | None = None
     nodes: list[str] = []
     deadline: float | None = None
-    history: list[RoundClosed] = []
     reason: str = ""
     extra: Tensors = {}  # published with the params (e.g. SCAFFOLD's server control variate)
     selection: str = "all"  # "all": any eligible node may join the open round; else only `nodes`

@@ -70,8 +70,6 @@ class JobState:
         self.round = model.round
         self.open_round = model.open_round
         self.nodes = list(model.nodes) or self.nodes
-        if model.history:  # older aggregators carried it here; now it has its own topic
-            self.history = [h.model_dump() for h in model.history]
         self.params = dict(model.params)
         self.extra = dict(model.extra)
         self.reason = model.reason

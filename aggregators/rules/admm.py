@@ -25,7 +25,7 @@ class ADMM(FedAvg):
         super().__init__(**args)
         self.weighted = bool(weighted)
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         self._like = global_params
         self._acc = zeros_like(global_params)
         self._total = 0.0

@@ -24,7 +24,7 @@ _plugins_loaded = False
 class AggregationRule(ABC):
     """Folds a round's updates into the next global model.
 
-    The aggregator calls `begin_round(global_params, global_extra)`, then `add(...)` for each
+    The aggregator calls `begin_round(global_params)`, then `add(...)` for each
     update as it arrives, then `end_round()`, which returns the new global parameters;
     `model_extra()` is published with them (e.g. SCAFFOLD's server control variate).
 
@@ -57,7 +57,7 @@ class AggregationRule(ABC):
             _RULES[cls.name] = cls
 
     @abstractmethod
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None: ...
+    def begin_round(self, global_params: Params) -> None: ...
 
     @abstractmethod
     def add(self, params: Params, n_samples: int, node: str, extra: Params | None = None) -> None: ...

@@ -30,7 +30,7 @@ class Scaffold(FedAvg):
         self.n_nodes = n_nodes
         self._c: Params = {}
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         super().begin_round(global_params)
         if not self._c:
             self._c = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_params.items()
