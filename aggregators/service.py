@@ -46,18 +46,22 @@ from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
     GlobalModel,
+    JobAnswer,
     JobHistory,
     JobSpec,
     NodeRoundReport,
     NodeStatus,
+    Reply,
     RoundClosed,
     RoundOpened,
     SecAggState,
     Selection,
+    TrainFailed,
     UpdateReceived,
 )
 from common.messenger import Messenger
 from common.settings import TransportSettings
+from common.training.args import TrainingArgs, TrainingArgsError
 
 
 class JobFailure(RuntimeError):
@@ -278,7 +282,10 @@ class JobRunner(threading.Thread):
             rule = get_rule(spec.aggregator.name, spec.aggregator.args)
         except ValueError as exc:
             raise JobFailure(str(exc)) from None
-        algorithm = str(spec.training_args.get("algorithm", "sgd"))
+        try:
+            algorithm = TrainingArgs.of(spec.training_args).algorithm
+        except TrainingArgsError as exc:
+            raise JobFailure(str(exc)) from None
         if rule.local_algorithm != algorithm:
             raise JobFailure(f"rule {rule.name!r} needs the nodes to run the {rule.local_algorithm!r} local algorithm "
                              f"(training_args.algorithm = {rule.local_algorithm!r}); the job asks for {algorithm!r}")
@@ -515,7 +522,7 @@ class JobRunner(threading.Thread):
         if problem is not None:  # e.g. a server step that overflowed: the last good model stays published
             raise JobFailure(f"round {r}: {rule.name} produced an invalid global model ({problem}); not published")
         notes = {**rule.round_notes(), **({"rejected": dict(state.rejected)} if state.rejected else {})}
-        norms = {n: float(new_params[n].double().norm()) for n in self.spec.training_args.get("report_norms") or []
+        norms = {n: float(new_params[n].double().norm()) for n in TrainingArgs.of(self.spec.training_args).report_norms
                  if n in new_params}
         if norms:
             notes["norms"] = norms
@@ -684,21 +691,20 @@ class AggregatorService:
                 runner.events.put(_Event("joined", node=msg.sender))
 
     def _on_reply(self, msg: Message) -> None:
-        reply = msg.body
-        data = reply.data if isinstance(reply.data, dict) else {}
-        runner = self._runner(data.get("job") or msg.job)
-        if runner is None or reply.command not in ("job", "train"):
+        reply: Reply = msg.body  # type: ignore[assignment]
+        try:
+            answer: JobAnswer | TrainFailed | None = JobAnswer.of(reply, msg.job) or TrainFailed.of(reply, msg.job)
+        except ValidationError:
+            return  # not an answer this aggregator can read
+        runner = self._runner(answer.job) if answer is not None else None
+        if runner is None or answer is None:
             return
-        status = data.get("status")
-        if reply.ok:
-            if reply.command == "job" and status == "accepted":  # e.g. its plan was approved late
-                runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
-            return
-        if reply.command == "job" and status == "pending":  # not now; maybe after approval
-            runner.events.put(_Event("dropout", node=msg.sender, dropout="pending", reason=reply.error))
-            return
-        kind: DropKind = "declined" if reply.command == "job" else "failed"
-        runner.events.put(_Event("dropout", node=msg.sender, dropout=kind, reason=reply.error))
+        if isinstance(answer, TrainFailed):
+            runner.events.put(_Event("dropout", node=msg.sender, dropout="failed", reason=reply.error))
+        elif answer.status == "accepted":  # e.g. its plan was approved late
+            runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
+        else:  # pending: not now, maybe after approval
+            runner.events.put(_Event("dropout", node=msg.sender, dropout=answer.status, reason=reply.error))
 
     def _on_update(self, msg: Message) -> None:
         runner = self._runner(topics.job_of(msg.topic))

@@ -28,6 +28,7 @@ from common.secagg.config import SecAggError
 from common.secagg.params import Params, flat_delta, round_config
 from common.secagg.site import SiteSecAgg
 from common.secagg.wire import server_state, site_body
+from common.training.args import TrainingArgs
 
 Send = Callable[[str, str, Body], None]  # (topic, message type, body)
 log = structlog.get_logger("node.secagg")
@@ -47,7 +48,7 @@ def secure_refusal(spec: JobSpec) -> str | None:
     if compressed:
         return ("secure aggregation sums full update deltas; update compression (training_args.compression) "
                 "cannot be combined with it")
-    algorithm = str(spec.training_args.get("algorithm", "sgd"))
+    algorithm = TrainingArgs.of(spec.training_args).algorithm
     if algorithm in PER_NODE_ALGORITHMS:
         return f"secure aggregation hides each node's update; the {algorithm!r} local algorithm needs it seen"
     return None

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +44,13 @@ from common import chunking, topics
 from common.envelope import Message, open_envelope, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
-from common.messages import DatasetInfo, NodeStatus, Update, is_selective
+from common.messages import DatasetInfo, JobSpec, NodeStatus, Update
 from common.training.loader import load_plan_class
+from node import jobs as site
 from node.datasets import LoadedData
+from node.jobs import Lookups, SiteJobs
+from node.plans import PlanStatus
+from node.registry import Dataset
 
 log = structlog.get_logger("simulation")
 
@@ -60,6 +64,18 @@ def synthetic_data(index: int, samples: int, features: int = 10, classes: int = 
     return LoadedData(x, y, {"n_samples": samples, "shape": [features], "n_classes": classes})
 
 
+def _site_jobs(name: str, tag: str, samples: int) -> SiteJobs:
+    """A simulated site decides on jobs and rounds as a real one does (node/jobs.py), with its
+    lookups fixed: zoo plans only (trusted), one dataset with the fleet's tag, no caps, no
+    privacy policy."""
+    dataset = Dataset("sim", "npz", "", [tag], "synthetic", None, None, {"n_samples": samples}, 0.0)
+    return SiteJobs(name, Lookups(
+        refusal=lambda spec: None if spec.plan.zoo is not None else "simulated nodes run zoo plans only",
+        datasets=lambda tags: [dataset] if set(tags) <= {tag} else [],
+        privacy_refusal=lambda spec, ds: None,
+        plan_status=lambda spec: PlanStatus.APPROVED))
+
+
 @dataclass
 class _Sim:
     """One simulated site."""
@@ -67,9 +83,8 @@ class _Sim:
     identity: Identity
     data: LoadedData
     client: mqtt.Client
+    site: SiteJobs
     connected: bool = False
-    jobs: set[str] = field(default_factory=set)
-    trained: set[tuple[str, int]] = field(default_factory=set)
 
 
 class SimulatedFleet:
@@ -87,14 +102,14 @@ class SimulatedFleet:
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
-        self._specs: dict[str, Any] = {}  # job id -> its spec
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
         self.nodes: dict[str, _Sim] = {}
         for i, bundle in enumerate(bundles):
             identity = Identity.load(bundle)
-            self.nodes[identity.name] = _Sim(identity, synthetic_data(i, samples, features), self._client(identity))
+            self.nodes[identity.name] = _Sim(identity, synthetic_data(i, samples, features), self._client(identity),
+                                             _site_jobs(identity.name, tag, samples))
         first = next(iter(self.nodes.values())).identity
         self.trust = TrustStore(first.ca_pem)
         self.host, self.port = first.broker_host, first.broker_port
@@ -235,38 +250,35 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         if msg.type == "job":
-            spec = msg.body
-            if spec.plan.zoo is not None and set(spec.tags) <= {self.tag} and (spec.nodes is None or name in spec.nodes):
-                sim.jobs.add(spec.job_id)
-                self._specs.setdefault(spec.job_id, spec)
+            self._perform(sim, sim.site.on_job(msg))
         elif msg.type == "model":
-            job = topics.job_of(topic) or ""
-            model = msg.body
-            if job not in sim.jobs or model.status != "running" or model.open_round is None:
-                return
-            if is_selective(model.selection) and name not in model.nodes:
-                return
-            if (job, model.open_round) in sim.trained:
-                return
-            sim.trained.add((job, model.open_round))
-            self._train_and_send(sim, job, model)
+            self._perform(sim, sim.site.on_model(msg, time.monotonic()))
 
-    def _train_and_send(self, sim: _Sim, job: str, model) -> None:
+    def _perform(self, sim: _Sim, actions: list[site.Action]) -> None:
+        """What a simulated site does of its decisions: train, and take a held model again. It
+        sends no replies and keeps no updates to re-send (see the module docstring)."""
+        for action in actions:
+            if isinstance(action, site.Train):
+                self._train_and_send(sim, action)
+            elif isinstance(action, site.Replay):
+                self._perform(sim, sim.site.on_model(action.msg, time.monotonic()))
+
+    def _train_and_send(self, sim: _Sim, task: site.Train) -> None:
         from node.worker import train
 
-        spec = self._specs[job]
+        spec = sim.site.jobs[task.job].spec
         plan_cls = self._plan_class(spec)
-        task = {"job": job, "round": model.open_round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
-                "training_args": spec.training_args, "params": dict(model.params), "extra": {}, "local_state": {}}
-        result = train(task, sim.data, plan_cls)
+        args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
+                "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
+        result = train(args, sim.data, plan_cls)
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
-        update = Update(round=model.open_round, params=params, n_samples=result["n_samples"],
+        update = Update(round=task.round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
-        wire = seal(sim.identity, "update", update, job=job, round_=model.open_round)[1]
-        sim.client.publish(topics.update(job, sim.identity.name), wire, qos=1)
+        wire = seal(sim.identity, "update", update, job=task.job, round_=task.round)[1]
+        sim.client.publish(topics.update(task.job, sim.identity.name), wire, qos=1)
         self.updates_sent += 1
 
-    def _plan_class(self, spec) -> Any:
+    def _plan_class(self, spec: JobSpec) -> Any:
         key = spec.plan.zoo
         if key not in self._plan_classes:
             self._plan_classes[key] = load_plan_class(spec.plan)

@@ -33,8 +33,8 @@ from common.identity import Identity
 from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef, Selection
 from common.messenger import Messenger
 from common.settings import TransportSettings
+from common.training.args import ALGORITHM_OF_RULE, TrainingArgs
 from common.training.loader import PlanError, check_ref, load_plan_class, source_sha256
-from common.training.local import ALGORITHM_OF_RULE
 from common.training.plan import TrainingPlan
 
 # what only the job's aggregator says: from any other aggregator identity it is dropped
@@ -70,8 +70,6 @@ class JobState:
         self.round = model.round
         self.open_round = model.open_round
         self.nodes = list(model.nodes) or self.nodes
-        if model.history:  # older aggregators carried it here; now it has its own topic
-            self.history = [h.model_dump() for h in model.history]
         self.params = dict(model.params)
         self.extra = dict(model.extra)
         self.reason = model.reason
@@ -142,6 +140,7 @@ class Experiment:
         self.training_args = {"seed": seed, **(training_args or {})}
         if aggregator in ALGORITHM_OF_RULE:  # the nodes' half of FedProx, SCAFFOLD, ADMM
             self.training_args.setdefault("algorithm", ALGORITHM_OF_RULE[aggregator])
+        TrainingArgs.of(self.training_args)  # TrainingArgsError (a ValueError) before anything is sent
         self.job_id = job_id or new_job_id(self.identity.name)
         self.spec_fields = dict(
             rounds=rounds, tags=list(tags), quorum=quorum, round_deadline_s=round_deadline_s, nodes=nodes,
@@ -311,7 +310,7 @@ class Experiment:
                                round_deadline_s=spec.round_deadline_s, nodes=spec.nodes, stragglers=spec.stragglers,
                                aggregator=spec.aggregator, description=spec.description, selection=spec.selection,
                                secure_aggregation=spec.secure_aggregation)
-        exp.seed = int(spec.training_args.get("seed", 0))
+        exp.seed = TrainingArgs.of(spec.training_args).seed
         exp.mqtt = researcher_settings(mqtt)
         exp._messenger = None
         exp.state = JobState(spec.job_id, rounds=spec.rounds, aggregator=spec.aggregator.identity)
