@@ -7,6 +7,11 @@ every connection (paho's external-loop API over one epoll selector), a message t
 all nodes (the job, the round's model) is checked and decoded once, and training runs in one
 warm interpreter with torch imported once, node after node, with the real `node.worker.train`.
 
+Secure aggregation (issue 20) runs the real protocol per simulated site: each has its own
+`node.secagg.SecureRounds` (the node's), answers the aggregator's retained stage state (decoded
+once for the fleet) on its own `jobs/{job}/secagg/{node}` topic, signed with its own identity.
+`silent` makes chosen sites stop answering at a stage (fault injection for tests, benchmarks).
+
 Limits (by design, see docs/simulation.md): zoo plans only (no sandbox: nothing foreign runs),
 synthetic data made in memory, models small enough to travel unchunked (< 1 MiB), no update
 re-sending (a simulated node that loses its connection skips the round), training serial on
@@ -47,6 +52,11 @@ from common.identity import Identity, TrustStore
 from common.messages import DatasetInfo, NodeStatus, Update, is_selective
 from common.training.loader import load_plan_class
 from node.datasets import LoadedData
+from common.secagg.simulate import DROP_POINTS
+from node.secagg import SecureRounds, as_params
+
+# a site silent from DROP_POINTS[point] sends nothing of that stage or after
+_SECAGG_ORDER = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")
 
 log = structlog.get_logger("simulation")
 
@@ -70,13 +80,15 @@ class _Sim:
     connected: bool = False
     jobs: set[str] = field(default_factory=set)
     trained: set[tuple[str, int]] = field(default_factory=set)
+    secure: SecureRounds | None = None  # its secure-aggregation rounds, one per job
 
 
 class SimulatedFleet:
     """N node identities in one process (see the module docstring)."""
 
     def __init__(self, bundles: list[Path], *, tag: str = "sim", samples: int = 32, features: int = 10,
-                 connect_workers: int = 4, keepalive_s: int = 60) -> None:
+                 connect_workers: int = 4, keepalive_s: int = 60, silent: dict[str, str] | None = None,
+                 keep_updates: bool = False) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < len(bundles) + 256:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, len(bundles) + 1024), hard))
@@ -91,10 +103,15 @@ class SimulatedFleet:
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
+        self.silent = dict(silent or {})  # node -> a DROP_POINTS key
+        self.trained_updates: dict[tuple[str, str, int], tuple[dict[str, torch.Tensor], int]] | None = (
+            {} if keep_updates else None)  # (node, job, round) -> (params, n_samples), for tests
         self.nodes: dict[str, _Sim] = {}
         for i, bundle in enumerate(bundles):
             identity = Identity.load(bundle)
-            self.nodes[identity.name] = _Sim(identity, synthetic_data(i, samples, features), self._client(identity))
+            sim = _Sim(identity, synthetic_data(i, samples, features), self._client(identity))
+            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim))
+            self.nodes[identity.name] = sim
         first = next(iter(self.nodes.values())).identity
         self.trust = TrustStore(first.ca_pem)
         self.host, self.port = first.broker_host, first.broker_port
@@ -206,7 +223,8 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         sim.connected = True
-        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)])
+        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.every("secagg"), 0),
+                          (topics.requests(name), 1)])
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
         status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]
@@ -234,7 +252,11 @@ class SimulatedFleet:
         if msg is None:
             return
         sim = self.nodes[name]
-        if msg.type == "job":
+        if msg.type == "secagg_state":
+            job = topics.job_of(topic) or ""
+            if job in sim.jobs and topic == topics.secagg(job) and sim.secure is not None:
+                sim.secure.on_state(job, msg.body)  # type: ignore[arg-type]
+        elif msg.type == "job":
             spec = msg.body
             if spec.plan.zoo is not None and set(spec.tags) <= {self.tag} and (spec.nodes is None or name in spec.nodes):
                 sim.jobs.add(spec.job_id)
@@ -256,15 +278,36 @@ class SimulatedFleet:
 
         spec = self._specs[job]
         plan_cls = self._plan_class(spec)
+        secure = spec.secure_aggregation is not None
+        assert sim.secure is not None
+        if secure:  # keys and shares need no input: answer them before training, like a node
+            sim.secure.open(spec, model.open_round, as_params(dict(model.params)))
         task = {"job": job, "round": model.open_round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
                 "training_args": spec.training_args, "params": dict(model.params), "extra": {}, "local_state": {}}
         result = train(task, sim.data, plan_cls)
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
+        if self.trained_updates is not None:
+            self.trained_updates[(sim.identity.name, job, model.open_round)] = (params, result["n_samples"])
+        if secure:  # masked, never in the clear
+            sim.secure.set_input(job, model.open_round, params, result["n_samples"])
+            return
         update = Update(round=model.open_round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
         wire = seal(sim.identity, "update", update, job=job, round_=model.open_round)[1]
         sim.client.publish(topics.update(job, sim.identity.name), wire, qos=1)
         self.updates_sent += 1
+
+    def _secagg_sender(self, sim: _Sim) -> Callable[[str, str, Any], None]:
+        """How `sim` sends its stage messages: signed by it, on its own topic (from the loop thread),
+        unless it went silent at that stage."""
+        def send(topic: str, type_: str, body: Any) -> None:
+            silent_from = DROP_POINTS.get(self.silent.get(sim.identity.name, ""), len(_SECAGG_ORDER))
+            if _SECAGG_ORDER.index(type_) >= silent_from:
+                return
+            wire = seal(sim.identity, type_, body, job=topics.job_of(topic), round_=body.round)[1]
+            sim.client.publish(topic, wire, qos=1)
+
+        return send
 
     def _plan_class(self, spec) -> Any:
         key = spec.plan.zoo
