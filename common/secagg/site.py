@@ -93,7 +93,7 @@ class SiteSecAgg:
         cfg = self.config
         self._keys = dict(state.keys)
         participants = sorted(state.keys)
-        self._neighbours = graph.neighbours(participants, cfg.neighbours, cfg.round_seed)[self.me]
+        self._neighbours = graph.neighbours_of(participants, cfg.neighbours, cfg.round_seed, self.me)
         if len(self._neighbours) < cfg.threshold:
             raise SecAggError(f"{len(self._neighbours)} neighbours, fewer than the threshold {cfg.threshold}")
         xs = {v: share_index(participants, v) for v in self._neighbours}
