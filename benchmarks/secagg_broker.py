@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import time
-from pathlib import Path
 
 from benchmarks.procs import timed_job
 from benchmarks.secagg_e2e import FANOUT_TYPES, SITE_TYPES, Meter, cpu_s
@@ -19,16 +18,11 @@ from researcher.experiment import Experiment
 MODEL = {"in_features": 784, "hidden": [32], "n_classes": 10}
 PARAMETERS = 784 * 32 + 32 + 32 * 10 + 10
 TRAINING = {"epochs": 1, "lr": 0.05, "batch_size": 32}
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_s(tid: int) -> float:
     """CPU seconds of one thread of this process."""
-    try:
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return cpu_s(os.getpid(), tid)
 
 
 def secagg_option(n: int) -> dict:

@@ -50,9 +50,9 @@ from common.envelope import Message, open_envelope, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
 from common.messages import DatasetInfo, NodeStatus, Update, is_selective
+from common.secagg.simulate import DROP_POINTS
 from common.training.loader import load_plan_class
 from node.datasets import LoadedData
-from common.secagg.simulate import DROP_POINTS
 from node.secagg import SecureRounds, as_params
 
 # a site silent from DROP_POINTS[point] sends nothing of that stage or after
@@ -306,6 +306,8 @@ class SimulatedFleet:
                 return
             wire = seal(sim.identity, type_, body, job=topics.job_of(topic), round_=body.round)[1]
             sim.client.publish(topic, wire, qos=1)
+            sim.client.loop_write()  # out now: the loop thread may train other sites next (a site trains
+            # while its keys and shares travel; without this they would wait for every training)
 
         return send
 

@@ -37,6 +37,11 @@ def sim():
         fleet = SimulatedFleet(bundles, tag="ssa", samples=40, keep_updates=True)
         fleet.start(timeout_s=60)
         fed.wait_online(set(NAMES), timeout_s=60)
+        warm = Experiment(researcher, plan="logreg", tags=["ssa"], rounds=1, quorum=10, round_deadline_s=60,
+                          model_args={"in_features": 10, "n_classes": 2}, aggregator_identity="agg-ssa")
+        with warm:  # the fleet's first training imports and warms torch: not in a stage's deadline
+            warm.submit()
+            assert warm.watch(timeout_s=120, progress=False).status == "done"
         yield researcher, fleet
     finally:
         if fleet is not None:
@@ -47,7 +52,7 @@ def sim():
 
 def secure_job(researcher, fleet, silent: dict[str, str]):
     fleet.silent = dict(silent)
-    exp = Experiment(researcher, plan="logreg", tags=["ssa"], rounds=1, quorum=5, round_deadline_s=20,
+    exp = Experiment(researcher, plan="logreg", tags=["ssa"], rounds=1, quorum=5, round_deadline_s=30,
                      model_args={"in_features": 10, "n_classes": 2}, seed=5, aggregator_identity="agg-ssa",
                      training_args={"epochs": 1, "lr": 0.2, "batch_size": 8}, secure_aggregation=SECAGG)
     with exp:
