@@ -17,12 +17,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+import torch
+
 from common.messages import Body, JobSpec, SecAggState
 from common.secagg.params import Params, round_config, unflatten_mean
 from common.secagg.server import Deadlines, Failed, Finished, Ignored, Publish, ServerSecAgg
 from common.secagg.wire import site_message, state_body
 
 SECAGG_SENDER = "secagg"  # the node name the rule sees for the one aggregated update
+
+
+def pack(snapshot: dict[str, Any]) -> torch.Tensor:
+    """A server snapshot as one uint8 tensor for the round's checkpoint (torch.save pickles
+    bytes objects slowly; a tensor is written as it is)."""
+    return torch.frombuffer(bytearray(msgpack.packb(snapshot, use_bin_type=True)), dtype=torch.uint8)
+
+
+def unpack(saved: torch.Tensor) -> dict[str, Any]:
+    return msgpack.unpackb(saved.numpy().tobytes(), raw=False, strict_map_key=False)
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,7 @@ class ServerRound:
 
     def __init__(self, spec: JobSpec, round_: int, expected: list[str], reference: Params,
                  start: float, deadline: float, publish: Callable[[SecAggState], None],
-                 save: Callable[[dict[str, Any]], None] | None = None, resume: dict[str, Any] | None = None,
+                 save: Callable[[torch.Tensor], None] | None = None, resume: torch.Tensor | None = None,
                  now: Callable[[], float] = time.time) -> None:
         opt = spec.secure_aggregation
         if opt is None:
@@ -50,7 +63,7 @@ class ServerRound:
         self._save, self._now = save or (lambda _: None), now
         deadlines = Deadlines.split(start, deadline)
         self._server = (ServerSecAgg(cfg, self.expected, deadlines) if resume is None else
-                        ServerSecAgg.resume(cfg, self.expected, deadlines, resume, now()))
+                        ServerSecAgg.resume(cfg, self.expected, deadlines, unpack(resume), now()))
         self.resumed_at = None if resume is None else self._server.state.stage.value
         self.outcome: Outcome | None = None
         self.ignored: list[tuple[str, str]] = []
@@ -72,7 +85,7 @@ class ServerRound:
             if isinstance(a, Publish):
                 stage = a.state.stage
                 if not self._server.finished:  # persist before publish: a published stage is never lost
-                    self._save(self._server.snapshot(self._now()))
+                    self._save(pack(self._server.snapshot(self._now())))
                 deadline = self._server.deadlines.of(stage) if stage.value in ("keys", "shares", "masked", "unmask") else 0.0
                 self._publish(state_body(self.round, a.state, self.expected, deadline))
             elif isinstance(a, Finished):

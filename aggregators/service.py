@@ -357,7 +357,7 @@ class JobRunner(threading.Thread):
         return self._close(state, rule, params)
 
     def _secure_round(self, state: Round, rule: AggregationRule, params, history,
-                      resume: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+                      resume: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
         """Run the round's ServerRound; fold its unmasked mean as ONE update with the total count.
 
         Each stage is checkpointed before it is published; a restarted aggregator resumes from
@@ -485,7 +485,7 @@ class JobRunner(threading.Thread):
                 return True
         return False
 
-    def _save_open(self, state: Round, rule: AggregationRule, secagg: dict[str, Any] | None = None) -> None:
+    def _save_open(self, state: Round, rule: AggregationRule, secagg: torch.Tensor | None = None) -> None:
         """The open round's checkpoint (and its secure-aggregation stage, if any)."""
         with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
             self.service.checkpoints.save_open(self.spec.job_id, {

@@ -95,6 +95,7 @@ class ServerSecAgg:
         self._keys: dict[str, AdvertiseKeys] = {}
         self._boxes: dict[str, dict[str, bytes]] = {}
         self._masked: dict[str, np.ndarray] = {}
+        self._masked_sum: np.ndarray | None = None  # sum of U3's masked inputs: all the server keeps of them
         self._unmask: dict[str, UnmaskShares] = {}
         self._graph: dict[str, frozenset[str]] = {}
         self._share_count: dict[tuple[str, str], int] = {}  # (owner, "b" | "s") -> valid shares held
@@ -105,14 +106,15 @@ class ServerSecAgg:
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """What a restarted server needs to go on from the stage it last published, as plain data
-        (bytes, lists, dicts): that state and, from the unmask stage on, the masked inputs. The
-        open stage's messages are not in it: the sites answer the re-published state again (a
-        site repeats its answer to a stage, so a resumed round is the same round)."""
+        (bytes, lists, dicts): that state and, from the unmask stage on, the ring sum of the
+        masked inputs (one vector, not one per site). The open stage's messages are not in it:
+        the sites answer the re-published state again (a site repeats its answer to a stage, so
+        a resumed round is the same round)."""
         s = self.state
         return {"stage": s.stage.value, "keys": {u: [k.c_pk, k.s_pk] for u, k in s.keys.items()},
                 "routed": s.routed, "share_senders": list(s.share_senders), "masked_senders": list(s.masked_senders),
                 "reason": s.reason, "saved_at": now,
-                "masked": {u: self._masked[u].tobytes() for u in s.masked_senders if u in self._masked}}
+                "masked_sum": b"" if self._masked_sum is None else self._masked_sum.tobytes()}
 
     @classmethod
     def resume(cls, config: SecAggConfig, expected: list[str], deadlines: Deadlines, snap: dict[str, Any],
@@ -126,7 +128,8 @@ class ServerSecAgg:
                                    masked_senders=tuple(snap["masked_senders"]), reason=snap["reason"])
         if keys:
             server._graph = graph.neighbours(sorted(keys), config.neighbours, config.round_seed)
-        server._masked = {u: np.frombuffer(v, dtype=np.uint32) for u, v in snap["masked"].items()}
+        if snap["masked_sum"]:
+            server._masked_sum = np.frombuffer(snap["masked_sum"], dtype=np.uint32).copy()
         return server
 
     @property
@@ -206,6 +209,9 @@ class ServerSecAgg:
                         routed[v][u] = box
             self.state = ServerState(Stage.MASKED, keys=self.state.keys, routed=routed, share_senders=tuple(got))
         else:
+            self._masked_sum = np.zeros(self.config.dim + 1, dtype=np.uint32)
+            for u in got:
+                np.add(self._masked_sum, self._masked.pop(u), out=self._masked_sum)
             self.state = ServerState(Stage.UNMASK, keys=self.state.keys, share_senders=self.state.share_senders,
                                      masked_senders=tuple(got))
         return [Publish(self.state)]
@@ -245,9 +251,9 @@ class ServerSecAgg:
         cfg, t = self.config, self.config.threshold
         alive = list(self.state.masked_senders)
         dropped = sorted(set(self.state.share_senders) - set(alive))
-        total = np.zeros(cfg.dim + 1, dtype=np.uint32)
+        assert self._masked_sum is not None  # set when the masked stage closed
+        total = self._masked_sum.copy()
         for u in alive:
-            np.add(total, self._masked[u], out=total)
             add_mask(total, self._reconstruct(u, "b", t), -1)
         for u in dropped:
             s_u = KeyPair.from_private_bytes(self._reconstruct(u, "s", t))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aggregators.rules import get_rule
+from aggregators.secagg import unpack
 from aggregators.service import JobRunner, _Event
 from common.secagg.config import SecAggConfig
 from common.secagg.encoding import Encoding
@@ -63,7 +64,7 @@ def test_an_aggregator_restarted_mid_round_resumes_it_with_the_same_sum(tmp_path
     with pytest.raises(Crash):
         first._round(1, get_rule("fedavg", {}), ref, [])
     resume = first.service.checkpoints.load_open("j1")
-    assert resume is not None and resume["secagg"]["stage"] == stage
+    assert resume is not None and unpack(resume["secagg"])["stage"] == stage
     # a new process: same checkpoint folder, its own queue; the sites live on (keys in memory)
     second = JobRunner(job, FakeService(tmp_path))  # type: ignore[arg-type]
     second.service.messenger.sites.update(sites)
