@@ -13,7 +13,7 @@ import pytest
 
 from tests.chaos.harness import NODES, run_job, same_params
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(600)]  # a fault-free baseline job too
 ROUNDS = 3
 SECAGG = {"threshold": 2, "neighbours": 2, "clip": 1.0, "max_count": 1000}
 
