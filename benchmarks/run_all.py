@@ -64,14 +64,21 @@ def collect(quick: bool) -> list[tuple[str, str, str, str]]:
         rows.append((f"simulated federation, {r['n']} nodes, tiny model", f"{r['round_s']:.2f} s a round",
                      f"connect {r['connect_s']:.1f} s; target < 5 s at 1000",
                      f"{r['per_node_ms']:.2f} ms per node per round; process RSS {r['fleet_rss_mb']:.0f} MB with N connected"))
-    sa = secagg_broker.table([10, 25] if quick else [10, 25, 100], rounds=4, pairs=1 if quick else 2)
+    rows += secagg_rows(secagg_broker.table([10, 25] if quick else [10, 25, 100], rounds=4, pairs=1 if quick else 2))
+    return rows
+
+
+def secagg_rows(sa: list[dict]) -> list[tuple[str, str, str, str]]:
+    """One row per N from benchmarks/secagg_broker.py's (plain, secure) pairs."""
+    rows = []
     for plain, secure in zip(sa[::2], sa[1::2], strict=True):
         rows.append((f"secure aggregation, {secure['n']} simulated sites (k = {secure['k']}), MLP 25 450 parameters",
                      f"{secure['round_s']:.3f} s a round; a site sends {secure['site_kib']:.1f} KiB, "
                      f"{secure['site_cpu_ms']:.1f} ms CPU",
                      f"plain {plain['round_s']:.3f} s, {plain['site_kib']:.1f} KiB, {plain['site_cpu_ms']:.1f} ms; "
                      f"target <= 2x at 25", f"{secure['round_s'] / plain['round_s']:.2f}x; broker -> sites "
-                     f"{secure['fanout_mib']:.2f} vs {plain['fanout_mib']:.2f} MiB a round"))
+                     f"{secure['fanout_mib']:.2f} vs {plain['fanout_mib']:.2f} MiB a round; load average "
+                     f"{(plain['load'] + secure['load']) / 2:.1f}"))
     return rows
 
 

@@ -48,7 +48,8 @@ def job(fed: LocalFederation, fleet: SimulatedFleet, meter: Meter, n: int, round
     return {"n": n, "mode": "secure" if secure else "plain", "round1_s": state.history[0]["duration_s"],
             "round_s": sum(later) / len(later), "site_kib": sites / n / 1024, "agg_kib": agg_out / 1024,
             "fanout_mib": agg_out * n / 2**20, "site_cpu_ms": 1000 * (thread_cpu_s(tid) - fleet_cpu0) / n / rounds,
-            "agg_cpu_ms": 1000 * (cpu_s(agg) - agg_cpu0) / rounds, "k": secagg_option(n)["neighbours"] if secure else 0}
+            "agg_cpu_ms": 1000 * (cpu_s(agg) - agg_cpu0) / rounds, "k": secagg_option(n)["neighbours"] if secure else 0,
+            "load": os.getloadavg()[0]}
 
 
 def mean_of(runs: list[dict]) -> dict:
@@ -83,8 +84,8 @@ def table(sizes: list[int], rounds: int, pairs: int) -> list[dict]:
           f"aggregator; load average before: {os.getloadavg()[0]:.2f}")
     print("| n | mode | k | round 1 (s) | later rounds (s) | secure / plain | site sends / round (KiB) | "
           "aggregator publishes / round (KiB) | broker -> sites / round (MiB) | CPU / site / round (ms) | "
-          "aggregator CPU / round (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "aggregator CPU / round (ms) | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for n in sizes:
         plain, secure = run(n, rounds, pairs)
@@ -92,7 +93,7 @@ def table(sizes: list[int], rounds: int, pairs: int) -> list[dict]:
             ratio = r["round_s"] / plain["round_s"]
             print(f"| {n} | {r['mode']} | {r['k'] or '-'} | {r['round1_s']:.2f} | {r['round_s']:.3f} | {ratio:.2f}x | "
                   f"{r['site_kib']:.1f} | {r['agg_kib']:.1f} | {r['fanout_mib']:.2f} | {r['site_cpu_ms']:.1f} | "
-                  f"{r['agg_cpu_ms']:.0f} |", flush=True)
+                  f"{r['agg_cpu_ms']:.0f} | {r['load']:.1f} |", flush=True)
         rows += [plain, secure]
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return rows
