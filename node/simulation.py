@@ -3,7 +3,8 @@
 Each simulated node is a real identity (its own certificate), with its own MQTT connection and
 persistent session, its own status, its own signed updates; the broker and the aggregator
 cannot tell it from a real site. What is shared is the process: one event-loop thread drives
-every connection (paho's external-loop API over one epoll selector), a message that reaches
+every connection (paho's external-loop API over one epoll selector; one site trains per turn,
+between reads, so messages keep flowing while the fleet trains), a message that reaches
 all nodes (the job, the round's model) is checked and decoded once, and training runs in one
 warm interpreter with torch imported once, node after node, with the real `node.worker.train`.
 
@@ -31,7 +32,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class SimulatedFleet:
         self._wake_r.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
+        self._trainings: deque[Callable[[], None]] = deque()  # one runs per loop turn, between reads
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
         self._specs: dict[str, Any] = {}  # job id -> its spec
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
@@ -188,7 +190,7 @@ class SimulatedFleet:
     def _loop(self) -> None:
         last_misc = 0.0
         while not self._stop.is_set():
-            for key, mask in self.sel.select(timeout=0.05):
+            for key, mask in self.sel.select(timeout=0 if self._trainings else 0.05):
                 client = key.data
                 if client is None:
                     try:
@@ -209,6 +211,8 @@ class SimulatedFleet:
                     self._pending.get_nowait()()
                 except queue.Empty:
                     break
+            if self._trainings:  # one site's training, then the sockets again: the others' messages
+                self._trainings.popleft()()  # (stage states, acks) are read while the fleet trains
             now = time.monotonic()
             if now - last_misc > 1.0:  # keepalive pings, reconnect bookkeeping
                 for sim in self.nodes.values():
@@ -271,7 +275,10 @@ class SimulatedFleet:
             if (job, model.open_round) in sim.trained:
                 return
             sim.trained.add((job, model.open_round))
-            self._train_and_send(sim, job, model)
+            if self._specs[job].secure_aggregation is not None and sim.secure is not None:
+                # keys and shares need no input: answered now, while the fleet trains (like a node)
+                sim.secure.open(self._specs[job], model.open_round, as_params(dict(model.params)))
+            self._trainings.append(lambda: self._train_and_send(sim, job, model))
 
     def _train_and_send(self, sim: _Sim, job: str, model) -> None:
         from node.worker import train
@@ -280,8 +287,6 @@ class SimulatedFleet:
         plan_cls = self._plan_class(spec)
         secure = spec.secure_aggregation is not None
         assert sim.secure is not None
-        if secure:  # keys and shares need no input: answer them before training, like a node
-            sim.secure.open(spec, model.open_round, as_params(dict(model.params)))
         task = {"job": job, "round": model.open_round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
                 "training_args": spec.training_args, "params": dict(model.params), "extra": {}, "local_state": {}}
         result = train(task, sim.data, plan_cls)
