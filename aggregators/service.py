@@ -210,6 +210,7 @@ class JobRunner(threading.Thread):
         self.current_round = 0
         self._last_model: GlobalModel | None = None
         self._last_history: JobHistory | None = None
+        self._last_secagg: tuple[int, SecAggState] | None = None  # the secure stage last published
         self._history_sent = -1  # rounds in the last published JobHistory
         self._updates: dict[str, Any] = {}  # the update of each node the round told us to fold
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
@@ -357,20 +358,24 @@ class JobRunner(threading.Thread):
             rule.load_state_dict(resume["rule"])
             self.log.info("round_resumed", round=r, answered=state.answered)
         if spec.secure_aggregation is not None:  # the sites' sum is the round's one update
-            return self._secure_round(state, rule, params, history)
+            return self._secure_round(state, rule, params, history, (resume or {}).get("secagg"))
         self._announce(state, rule, params, history)
         self._drive(state, rule, params)
         return self._close(state, rule, params)
 
-    def _secure_round(self, state: Round, rule: AggregationRule, params,
-                      history) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+    def _secure_round(self, state: Round, rule: AggregationRule, params, history,
+                      resume: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
         """Run the round's ServerRound; fold its unmasked mean as ONE update with the total count.
 
-        Not checkpointed mid-round (the sites' keys live in memory only): a restarted aggregator
-        runs the round again. A plain update for this job is never folded."""
+        Each stage is checkpointed before it is published; a restarted aggregator resumes from
+        the last published stage (`resume`) and publishes it again (aggregators/secagg.py). A
+        plain update for this job is never folded."""
         r = state.round
         server = ServerRound(self.spec, r, state.expected, params, state.opened, state.deadline,
-                             lambda st: self._publish_secagg(r, st))
+                             lambda st: self._publish_secagg(r, st), save=lambda snap: self._save_open(state, rule, snap),
+                             resume=resume)
+        if server.resumed_at is not None:
+            self.log.info("secure_round_resumed", round=r, stage=server.resumed_at)
         server.start()  # before the model: a site reading the model finds the key stage open
         self._announce(state, rule, params, history)
         outcome = self._drive_secure(server)
@@ -413,6 +418,7 @@ class JobRunner(threading.Thread):
         return outcome
 
     def _publish_secagg(self, r: int, state: SecAggState) -> None:
+        self._last_secagg = (r, state)
         self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.job_id))
         self.log.info("secagg_stage", round=r, stage=state.stage, reason=state.reason or None)
 
@@ -475,10 +481,7 @@ class JobRunner(threading.Thread):
                     self.log.info("update_folded", round=r, node=action.node, n_samples=update.n_samples)
                 self._perform(more, state, rule, params)
             elif isinstance(action, SaveOpen):
-                with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
-                    self.service.checkpoints.save_open(self.spec.job_id, {
-                        **state.to_dict(), "rule": rule.state_dict(),
-                        "declined": sorted(self.declined), "pending": sorted(self.pending)})
+                self._save_open(state, rule)
             elif isinstance(action, Ack):
                 self._ack(r, action.node)
             elif isinstance(action, Drop):
@@ -488,6 +491,13 @@ class JobRunner(threading.Thread):
             elif isinstance(action, Close):
                 return True
         return False
+
+    def _save_open(self, state: Round, rule: AggregationRule, secagg: torch.Tensor | None = None) -> None:
+        """The open round's checkpoint (and its secure-aggregation stage, if any)."""
+        with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
+            self.service.checkpoints.save_open(self.spec.job_id, {
+                **state.to_dict(), "rule": rule.state_dict(), "declined": sorted(self.declined),
+                "pending": sorted(self.pending), **({"secagg": secagg} if secagg is not None else {})})
 
     def _fold(self, rule: AggregationRule, params, node: str, update) -> str | None:
         """Decode, check and fold one update; why not, if any step refuses it (None if folded).
@@ -554,6 +564,9 @@ class JobRunner(threading.Thread):
         if self._last_model is not None:
             self._send("model", self._last_model, retain=True, round_=self._last_model.round,
                        topic=topics.model(self.spec.job_id))
+        if self._last_secagg is not None:  # the sites answer the open stage again (they repeat answers)
+            self._send("secagg_state", self._last_secagg[1], retain=True, round_=self._last_secagg[0],
+                       topic=topics.secagg(self.spec.job_id))
 
 
 class AggregatorService:

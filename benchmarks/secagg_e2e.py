@@ -32,9 +32,11 @@ SITE_TYPES = {"update", "secagg_keys", "secagg_shares", "secagg_masked", "secagg
 FANOUT_TYPES = {"model", "secagg_state"}  # retained, read by every node
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of a process, or of one of its threads."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        path = Path(f"/proc/{pid}/stat") if tid is None else Path(f"/proc/{pid}/task/{tid}/stat")
+        fields = path.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK

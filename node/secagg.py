@@ -97,7 +97,7 @@ class SiteRound:
             cfg = round_config(self.spec.job_id, self.round, opt.threshold, opt.neighbours, opt.clip,
                                opt.max_count, self._reference, len(body.expected))
             self._site = SiteSecAgg(cfg, self.me, self._delta, self._count)
-        answer = self._site.on_state(server_state(body))
+        answer = self._site.on_state(server_state(body, for_site=self.me))
         if answer is None:
             return
         type_, out = site_body(self.round, answer)

@@ -3,9 +3,15 @@
 Each simulated node is a real identity (its own certificate), with its own MQTT connection and
 persistent session, its own status, its own signed updates; the broker and the aggregator
 cannot tell it from a real site. What is shared is the process: one event-loop thread drives
-every connection (paho's external-loop API over one epoll selector), a message that reaches
+every connection (paho's external-loop API over one epoll selector; one site trains per turn,
+between reads, so messages keep flowing while the fleet trains), a message that reaches
 all nodes (the job, the round's model) is checked and decoded once, and training runs in one
 warm interpreter with torch imported once, node after node, with the real `node.worker.train`.
+
+Secure aggregation (issue 20) runs the real protocol per simulated site: each has its own
+`node.secagg.SecureRounds` (the node's), answers the aggregator's retained stage state (decoded
+once for the fleet) on its own `jobs/{job}/secagg/{node}` topic, signed with its own identity.
+`silent` makes chosen sites stop answering at a stage (fault injection for tests, benchmarks).
 
 Limits (by design, see docs/simulation.md): zoo plans only (no sandbox: nothing foreign runs),
 synthetic data made in memory, models small enough to travel unchunked (< 1 MiB), no update
@@ -26,7 +32,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,12 +51,17 @@ from common.envelope import Message, open_envelope, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
 from common.messages import DatasetInfo, JobSpec, NodeStatus, Update
+from common.secagg.simulate import DROP_POINTS
 from common.training.loader import load_plan_class
 from node import jobs as site
 from node.datasets import LoadedData
 from node.jobs import Lookups, SiteJobs
 from node.plans import PlanStatus
 from node.registry import Dataset
+from node.secagg import SecureRounds, as_params
+
+# a site silent from DROP_POINTS[point] sends nothing of that stage or after
+_SECAGG_ORDER = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")
 
 log = structlog.get_logger("simulation")
 
@@ -85,13 +96,15 @@ class _Sim:
     client: mqtt.Client
     site: SiteJobs
     connected: bool = False
+    secure: SecureRounds | None = None  # its secure-aggregation rounds, one per job
 
 
 class SimulatedFleet:
     """N node identities in one process (see the module docstring)."""
 
     def __init__(self, bundles: list[Path], *, tag: str = "sim", samples: int = 32, features: int = 10,
-                 connect_workers: int = 4, keepalive_s: int = 60) -> None:
+                 connect_workers: int = 4, keepalive_s: int = 60, silent: dict[str, str] | None = None,
+                 keep_updates: bool = False) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < len(bundles) + 256:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, len(bundles) + 1024), hard))
@@ -101,15 +114,21 @@ class SimulatedFleet:
         self._wake_r.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
+        self._trainings: deque[Callable[[], None]] = deque()  # one runs per loop turn, between reads
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
+        self.silent = dict(silent or {})  # node -> a DROP_POINTS key
+        self.trained_updates: dict[tuple[str, str, int], tuple[dict[str, torch.Tensor], int]] | None = (
+            {} if keep_updates else None)  # (node, job, round) -> (params, n_samples), for tests
         self.nodes: dict[str, _Sim] = {}
         for i, bundle in enumerate(bundles):
             identity = Identity.load(bundle)
-            self.nodes[identity.name] = _Sim(identity, synthetic_data(i, samples, features), self._client(identity),
-                                             _site_jobs(identity.name, tag, samples))
+            sim = _Sim(identity, synthetic_data(i, samples, features), self._client(identity),
+                       _site_jobs(identity.name, tag, samples))
+            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim))
+            self.nodes[identity.name] = sim
         first = next(iter(self.nodes.values())).identity
         self.trust = TrustStore(first.ca_pem)
         self.host, self.port = first.broker_host, first.broker_port
@@ -186,7 +205,7 @@ class SimulatedFleet:
     def _loop(self) -> None:
         last_misc = 0.0
         while not self._stop.is_set():
-            for key, mask in self.sel.select(timeout=0.05):
+            for key, mask in self.sel.select(timeout=0 if self._trainings else 0.05):
                 client = key.data
                 if client is None:
                     try:
@@ -207,6 +226,8 @@ class SimulatedFleet:
                     self._pending.get_nowait()()
                 except queue.Empty:
                     break
+            if self._trainings:  # one site's training, then the sockets again: the others' messages
+                self._trainings.popleft()()  # (stage states, acks) are read while the fleet trains
             now = time.monotonic()
             if now - last_misc > 1.0:  # keepalive pings, reconnect bookkeeping
                 for sim in self.nodes.values():
@@ -221,7 +242,8 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         sim.connected = True
-        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)])
+        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.every("secagg"), 0),
+                          (topics.requests(name), 1)])
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
         status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]
@@ -249,7 +271,11 @@ class SimulatedFleet:
         if msg is None:
             return
         sim = self.nodes[name]
-        if msg.type == "job":
+        if msg.type == "secagg_state":
+            job = topics.job_of(topic) or ""
+            if job in sim.site.jobs and topic == topics.secagg(job) and sim.secure is not None:
+                sim.secure.on_state(job, msg.body)  # type: ignore[arg-type]
+        elif msg.type == "job":
             self._perform(sim, sim.site.on_job(msg))
         elif msg.type == "model":
             self._perform(sim, sim.site.on_model(msg, time.monotonic()))
@@ -259,7 +285,11 @@ class SimulatedFleet:
         sends no replies and keeps no updates to re-send (see the module docstring)."""
         for action in actions:
             if isinstance(action, site.Train):
-                self._train_and_send(sim, action)
+                spec = sim.site.jobs[action.job].spec
+                if spec.secure_aggregation is not None and sim.secure is not None:
+                    # keys and shares need no input: answered now, while the fleet trains (like a node)
+                    sim.secure.open(spec, action.round, as_params(dict(action.params)))
+                self._trainings.append(lambda task=action: self._train_and_send(sim, task))
             elif isinstance(action, site.Replay):
                 self._perform(sim, sim.site.on_model(action.msg, time.monotonic()))
 
@@ -272,11 +302,30 @@ class SimulatedFleet:
                 "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
         result = train(args, sim.data, plan_cls)
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
+        if self.trained_updates is not None:
+            self.trained_updates[(sim.identity.name, task.job, task.round)] = (params, result["n_samples"])
+        if spec.secure_aggregation is not None and sim.secure is not None:  # masked, never in the clear
+            sim.secure.set_input(task.job, task.round, params, result["n_samples"])
+            return
         update = Update(round=task.round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
         wire = seal(sim.identity, "update", update, job=task.job, round_=task.round)[1]
         sim.client.publish(topics.update(task.job, sim.identity.name), wire, qos=1)
         self.updates_sent += 1
+
+    def _secagg_sender(self, sim: _Sim) -> Callable[[str, str, Any], None]:
+        """How `sim` sends its stage messages: signed by it, on its own topic (from the loop thread),
+        unless it went silent at that stage."""
+        def send(topic: str, type_: str, body: Any) -> None:
+            silent_from = DROP_POINTS.get(self.silent.get(sim.identity.name, ""), len(_SECAGG_ORDER))
+            if _SECAGG_ORDER.index(type_) >= silent_from:
+                return
+            wire = seal(sim.identity, type_, body, job=topics.job_of(topic), round_=body.round)[1]
+            sim.client.publish(topic, wire, qos=1)
+            sim.client.loop_write()  # out now: the loop thread may train other sites next (a site trains
+            # while its keys and shares travel; without this they would wait for every training)
+
+        return send
 
     def _plan_class(self, spec: JobSpec) -> Any:
         key = spec.plan.zoo
