@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from common import topics
 from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
-from common.errors import BadMessage, TransportError
+from common.errors import BadMessage, Reason, TransportError
 from common.identity import Identity
 from common.messages import JobSpec, NodeStatus, Reply, is_selective
 from common.messenger import Messenger
@@ -50,6 +50,7 @@ from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
 EARLY_MODELS = 4  # models of not-yet-known jobs held until their job arrives (latest per job)
+ENDED = "job_ended:"  # node_state key prefix: jobs that ended here (done, failed, withdrawn)
 
 
 def sandbox_policy(settings: NodeSettings) -> SandboxPolicy:
@@ -97,6 +98,7 @@ class _Pending:
     body: dict[str, Any]
     msg_id: str
     sent_at: float
+    owner: str = ""  # the job's owner: its topics live under that name
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,9 @@ class NodeService:
                                           max_processes=settings.max_training_processes)
         self.log = structlog.get_logger("node").bind(node=self.name)
         self.trainer.on_started = self._training_started
-        self.messenger = Messenger(
-            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
+        self.messenger = Messenger(  # processed message ids survive a restart: a replay is dropped
+            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline")),
+            seen_file=settings.node_dir / "seen.sqlite",
         )
         self.jobs: dict[str, _Job] = {}
         self.parked: dict[str, _Parked] = {}
@@ -166,7 +169,7 @@ class NodeService:
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
-        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
+        m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
@@ -205,7 +208,7 @@ class NodeService:
         broker may have lost their retained specs); each signature is checked again."""
         for stored in self.job_store.all():
             try:
-                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id))
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.sender, stored.job_id))
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
                     raise ValueError("its dataset is gone or the stored message is not this job")
@@ -264,32 +267,41 @@ class NodeService:
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def _reply(self, command: str, *, job: str | None = None, ok: bool = True, error: str = "",
+    def _reply(self, command: str, *, to: str, job: str | None = None, ok: bool = True, error: str = "",
                in_reply_to: str = "", data: dict[str, Any] | None = None) -> None:
+        """Answer `to` (who asked; for a notice about a job, its owner) on its own reply topic."""
         self.messenger.send(
-            topics.replies(self.name), "reply",
+            topics.replies(self.name, to), "reply",
             Reply(command=command, in_reply_to=in_reply_to, ok=ok, error=error, data=data or {}),
             job=job,
         )
 
-    def _decline(self, job_id: str, reason: str, msg: Message | None = None) -> None:
+    def _decline(self, spec: JobSpec, reason: str, msg: Message | None = None) -> None:
         """Refuse a job (when it arrives, or later when its plan is rejected) and say why."""
+        job_id = spec.job_id
         self.log.info("job_declined", job=job_id, reason=reason)
         self.audit.record("job_refused", job=job_id, actor=msg.sender if msg else None, reason=reason)
-        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id if msg else "",
+        self._reply("job", to=spec.owner, job=job_id, ok=False, error=reason, in_reply_to=msg.id if msg else "",
                     data={"job": job_id, "status": "declined"})
 
     def _plan_refusal(self, spec: JobSpec, status: PlanStatus) -> str:
         return f"plan {plan_id(spec.plan)[:16]} was {status} by the admin of node {self.name}"
 
     def _on_job(self, msg: Message) -> None:
-        spec: JobSpec = msg.body  # type: ignore[assignment]
-        if spec.job_id != topics.job_of(msg.topic):
-            self._decline(spec.job_id, "job id does not match its topic", msg)
+        """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
+        (or, for a withdrawal, an admin signer)."""
+        if msg.type == "withdraw":
+            self._on_withdrawal(msg)
             return
+        spec: JobSpec = msg.body  # type: ignore[assignment]
         with self._lock:
-            if spec.job_id in self.jobs or spec.job_id in self.parked:
-                return
+            known = self.jobs.get(spec.job_id) or self.parked.get(spec.job_id)
+        if known is not None:
+            if known.spec.owner != spec.owner:  # the same id under another researcher's name
+                self._drop_foreign(msg, spec.job_id, known.spec.owner)
+            return
+        if self._ended(msg, spec):
+            return
         if spec.nodes is not None and self.name not in spec.nodes:
             self.audit.record("job_not_selected", job=spec.job_id, actor=msg.sender)
             return
@@ -297,33 +309,33 @@ class NodeService:
             check_ref(spec.plan)
             algorithm = algorithm_of(spec.training_args)
         except (PlanError, LocalError) as exc:
-            self._decline(spec.job_id, f"plan refused: {exc}", msg)
+            self._decline(spec, f"plan refused: {exc}", msg)
             return
         if (refusal := secure_refusal(spec)) is not None:  # options it cannot honour: fail closed
-            self._decline(spec.job_id, refusal, msg)
+            self._decline(spec, refusal, msg)
             return
         if (over := cap_refusal(spec, self.settings)) is not None:  # node/caps.py
-            self._decline(spec.job_id, over, msg)
+            self._decline(spec, over, msg)
             return
         try:
             CompressionSpec.of(spec.training_args)
         except ValidationError as exc:
-            self._decline(spec.job_id, f"invalid training_args.compression: {exc.errors()[0]['msg']}", msg)
+            self._decline(spec, f"invalid training_args.compression: {exc.errors()[0]['msg']}", msg)
             return
         if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
-            self._decline(spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm", msg)
+            self._decline(spec, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm", msg)
             return
         matches = self.registry.matching(spec.tags)
         if not matches:
-            self._decline(spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}", msg)
+            self._decline(spec, f"no dataset with tags {sorted(spec.tags)} on node {self.name}", msg)
             return
         refusal = self._privacy_refusal(spec, matches[0])
         if refusal is not None:
-            self._decline(spec.job_id, refusal, msg)
+            self._decline(spec, refusal, msg)
             return
         status = self.plan_status(spec)
         if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
-            self._decline(spec.job_id, self._plan_refusal(spec, status), msg)
+            self._decline(spec, self._plan_refusal(spec, status), msg)
         elif status != PlanStatus.APPROVED:
             self._park(_Parked(spec, matches[0], msg.sender, msg.id, wire=msg.wire))
         else:
@@ -403,7 +415,7 @@ class NodeService:
         privacy = self._reserve_privacy(spec, dataset)
         self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id(spec.plan), actor=sender)
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
-        self._reply("job", job=spec.job_id, in_reply_to=msg_id,
+        self._reply("job", to=spec.owner, job=spec.job_id, in_reply_to=msg_id,
                     data={"job": spec.job_id, "status": "accepted", "dataset": dataset.name,
                           "n_samples": dataset.public().n_samples, **({"privacy": privacy} if privacy else {})})
         self.publish_status()
@@ -421,7 +433,7 @@ class NodeService:
         pid = stored.plan_id
         self.audit.record("job_pending", job=spec.job_id, plan_sha256=pid, actor=parked.sender, dataset=parked.dataset.name)
         self.log.info("job_pending_plan_approval", job=spec.job_id, plan=pid)
-        self._reply("job", job=spec.job_id, ok=False, in_reply_to=parked.msg_id,
+        self._reply("job", to=spec.owner, job=spec.job_id, ok=False, in_reply_to=parked.msg_id,
                     error=f"pending: plan {pid[:16]} awaits approval by the admin of node {self.name} "
                           f"(`fbm-node plan approve {pid[:16]}`)",
                     data={"job": spec.job_id, "status": "pending", "plan": pid})
@@ -444,7 +456,7 @@ class NodeService:
                     self._on_model(p.model)
             else:
                 self.job_store.forget(p.spec.job_id)
-                self._decline(p.spec.job_id, self._plan_refusal(p.spec, status))
+                self._decline(p.spec, self._plan_refusal(p.spec, status))
         for spec in running:
             status = self.plan_status(spec)
             if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
@@ -453,7 +465,7 @@ class NodeService:
                     self._drop_pending(spec.job_id)
                 self.job_store.forget(spec.job_id)
                 self._tasks.put(_JobOver(spec.job_id))
-                self._decline(spec.job_id, self._plan_refusal(spec, status))
+                self._decline(spec, self._plan_refusal(spec, status))
                 self.publish_status()
 
     def _plans_loop(self) -> None:
@@ -477,8 +489,24 @@ class NodeService:
         for key in [k for k in self.pending if k[0] == job and (before_round is None or k[1] < before_round)]:
             del self.pending[key]
 
-    def _on_job_cleared(self, topic: str) -> None:
-        job = topics.job_of(topic)
+    def _drop_foreign(self, msg: Message, job: str, owner: str) -> None:
+        """A message on another owner's topics about a job this node knows: not this job's."""
+        reason = f"job {job!r} belongs to {owner!r}, not to {topics.owner_of(msg.topic)!r}"
+        self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
+                         reason=reason)
+        self.audit.record("message_dropped", job=job, actor=msg.sender, reason=reason)
+
+    def _on_withdrawal(self, msg: Message) -> None:
+        job = topics.job_of(msg.topic) or ""
+        spec = self._job_spec(job)
+        if spec is None:
+            return
+        if spec.owner != topics.owner_of(msg.topic):
+            self._drop_foreign(msg, job, spec.owner)
+            return
+        self._withdrawn(job, msg.sender)
+
+    def _withdrawn(self, job: str, by: str) -> None:
         with self._lock:
             if job:
                 self._drop_pending(job)
@@ -488,8 +516,21 @@ class NodeService:
             self.secure.forget(job)
         if removed:
             self._tasks.put(_JobOver(job))
-            self.audit.record("job_withdrawn", job=job)
-            self.log.info("job_withdrawn", job=job)
+            self._remember_end(job, "withdrawn", removed.spec.owner)
+            self.audit.record("job_withdrawn", job=job, actor=by)
+            self.log.info("job_withdrawn", job=job, by=by)
+
+    def _remember_end(self, job_id: str, status: str, owner: str) -> None:
+        """A job that ended here stays ended: its retained spec (delivered again after a restart,
+        or replayed) is not taken again."""
+        self.state.put(f"{ENDED}{job_id}", {"status": status, "owner": owner})
+
+    def _ended(self, msg: Message, spec: JobSpec) -> bool:
+        ended = self.state.get(f"{ENDED}{spec.job_id}")
+        if ended is not None:
+            self.log.info("job_already_ended", job=spec.job_id, msg_id=msg.id, status=ended[0].get("status"),
+                          owner=spec.owner)
+        return ended is not None
 
     def _job_spec(self, job_id: str) -> JobSpec | None:
         with self._lock:
@@ -501,7 +542,13 @@ class NodeService:
         node/binding.py for the rule). Messages for jobs this node neither runs nor waits on
         are ignored anyway, so they bind nothing."""
         spec = self._job_spec(job_id)
-        return spec is not None and self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
+        if spec is None:
+            return False
+        owner = topics.owner_of(msg.topic)  # None for acks (on our own requests topic)
+        if owner is not None and owner != spec.owner:
+            self._drop_foreign(msg, job_id, spec.owner)
+            return False
+        return self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
 
     def _on_ack(self, msg: Message) -> None:
         """The aggregator holds our update in a checkpoint: stop re-sending it."""
@@ -523,6 +570,7 @@ class NodeService:
         self.secure.forget(job_id)
         if job is not None:
             self._tasks.put(_JobOver(job_id))
+            self._remember_end(job_id, status, job.spec.owner)
             event = f"job_{status}"
             self.audit.record(event, job=job_id, actor=sender)
             self.log.info(event, job=job_id)
@@ -599,7 +647,7 @@ class NodeService:
                 self.log.exception("round_failed", job=task.job, round=task.round)
                 self.audit.record("round_failed", job=task.job, round_=task.round, error=str(exc))
                 try:
-                    self._reply("train", job=task.job, ok=False, error=str(exc), data={"job": task.job, "round": task.round})
+                    self._reply("train", to=job.spec.owner, job=task.job, ok=False, error=str(exc), data={"job": task.job, "round": task.round})
                 except Exception:  # noqa: BLE001
                     self.log.exception("reply_failed")
 
@@ -623,7 +671,7 @@ class NodeService:
         except TrainingFailed as exc:
             log.warning("training_failed", error=str(exc))
             self.audit.record("round_failed", job=spec.job_id, round_=task.round, dataset=job.dataset.name, error=str(exc))
-            self._reply("train", job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
+            self._reply("train", to=spec.owner, job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
         job.local_state = result.get("local_state") or {}
@@ -637,7 +685,7 @@ class NodeService:
         body = {"round": task.round, "params": params, "n_samples": result["n_samples"],
                 "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name,
                 "extra": result.get("extra") or {}}
-        pending = _Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic())
+        pending = _Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic(), spec.owner)
         with self._lock:
             self.pending[(spec.job_id, task.round)] = pending
         sent = time.monotonic()
@@ -669,7 +717,7 @@ class NodeService:
     def _on_secagg_state(self, msg: Message) -> None:
         """The aggregator's secure-aggregation stage for a job (retained): answer it."""
         job_id = topics.job_of(msg.topic) or ""
-        if msg.topic != topics.secagg(job_id):
+        if msg.topic != topics.secagg(topics.owner_of(msg.topic) or "", job_id):
             return
         if self._job_spec(job_id) is None:  # the job (or its acceptance) comes later: kept for then
             self.secure.hold_early(job_id, msg)
@@ -679,7 +727,7 @@ class NodeService:
         self.secure.on_state(job_id, msg.body)  # type: ignore[arg-type]
 
     def _send_update(self, pending: _Pending) -> None:
-        self.messenger.send(topics.update(pending.job, self.name), "update", pending.body,
+        self.messenger.send(topics.update(pending.owner, pending.job, self.name), "update", pending.body,
                             job=pending.job, round_=pending.round, msg_id=pending.msg_id)
 
     def resend_pending(self, force: bool = False) -> None:
@@ -688,7 +736,7 @@ class NodeService:
         with self._lock:
             due = [p for p in self.pending.values() if force or now - p.sent_at >= self.settings.resend_after_s]
             for p in due:
-                self.pending[(p.job, p.round)] = _Pending(p.job, p.round, p.body, p.msg_id, now)
+                self.pending[(p.job, p.round)] = _Pending(p.job, p.round, p.body, p.msg_id, now, p.owner)
         for p in due:
             try:
                 self._send_update(p)
@@ -710,21 +758,21 @@ class NodeService:
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":
-            self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
+            self._reply("ping", to=msg.sender, in_reply_to=msg.id, data={"pong": True, "version": VERSION})
         elif command == "statistics":
             self._queue_statistics(msg)
         elif command == "plan_status":
-            self._reply(command, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
         elif command in ("list_datasets", "search"):
             tags = msg.body.args.get("tags") or []
             found = self.registry.matching(list(tags)) if tags else self.registry.list()
-            self._reply(command, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
         else:
-            self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
 
     def _refuse_statistics(self, msg: Message, reason: str) -> None:
         self.audit.record("statistics_refused", actor=msg.sender, reason=reason, tags=msg.body.args.get("tags"))
-        self._reply("statistics", in_reply_to=msg.id, ok=False, error=reason)
+        self._reply("statistics", to=msg.sender, in_reply_to=msg.id, ok=False, error=reason)
 
     def _queue_statistics(self, msg: Message) -> None:
         """Refuse at once what the policy forbids or what the queue cannot take; queue the rest."""
@@ -776,7 +824,7 @@ class NodeService:
         self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"], pid=pid,
                           confined_to=paths, landlock_abi=sandbox.get("landlock_abi"),
                           queries_today=self.queries.in_last_day(ds.name))
-        self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})
+        self._reply("statistics", to=msg.sender, in_reply_to=msg.id, data={"dataset": ds.name, **stats})
 
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:
         """A researcher asks whether a plan (sha256 or `zoo:NAME`) would run here."""
@@ -791,11 +839,11 @@ class NodeService:
 
     def _on_rejected(self, topic: str, exc: BadMessage) -> None:
         """A malformed job is refused out loud, so its researcher learns why."""
-        job = topics.job_of(topic)
-        if job is None or topic != topics.job(job):
-            return
+        job, owner = topics.job_of(topic), topics.owner_of(topic)
+        if job is None or owner is None or topic != topics.job(owner, job) or exc.reason in (Reason.REPLAYED, Reason.STALE):
+            return  # a replay is only logged: its researcher learnt the answer the first time
         self.audit.record("job_refused", job=job, reason=str(exc))
         try:
-            self._reply("job", job=job, ok=False, error=f"job refused: {exc}", data={"job": job})
+            self._reply("job", to=owner, job=job, ok=False, error=f"job refused: {exc}", data={"job": job})
         except Exception:  # noqa: BLE001
             self.log.exception("reply_failed")

@@ -107,7 +107,7 @@ class SimulatedFleet:
         c.username_pw_set(identity.name)
         c.tls_set(ca_certs=str(identity.ca_path), certfile=str(identity.cert_path), keyfile=str(identity.key_path),
                   cert_reqs=ssl.CERT_REQUIRED)
-        offline = seal(identity, "node_status", NodeStatus(state="offline"))[1]
+        offline = seal(identity, "node_status", NodeStatus(state="offline"), topic=topics.status(identity.name))[1]
         c.will_set(topics.status(identity.name), offline, qos=1, retain=True)
         c.user_data_set(identity.name)
         c.on_connect = self._on_connect
@@ -209,7 +209,8 @@ class SimulatedFleet:
         client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)])
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
-        status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]
+        status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"),
+                      topic=topics.status(name))[1]
         client.publish(topics.status(name), status, qos=1, retain=True)
 
     def _open(self, payload: bytes, topic: str) -> Message | None:
@@ -262,8 +263,9 @@ class SimulatedFleet:
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
         update = Update(round=model.open_round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
-        wire = seal(sim.identity, "update", update, job=job, round_=model.open_round)[1]
-        sim.client.publish(topics.update(job, sim.identity.name), wire, qos=1)
+        topic = topics.update(spec.owner, job, sim.identity.name)
+        wire = seal(sim.identity, "update", update, job=job, round_=model.open_round, topic=topic)[1]
+        sim.client.publish(topic, wire, qos=1)
         self.updates_sent += 1
 
     def _plan_class(self, spec) -> Any:
