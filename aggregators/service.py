@@ -716,20 +716,20 @@ class AggregatorService:
         runner.events.put(_Event("dropout", node=msg.sender, dropout=kind, reason=reply.error))
 
     def _on_update(self, msg: Message) -> None:
-        if self._runner(topics.job_of(msg.topic)) is not None and self._runner_at(msg) is None:
-            return  # on another owner's topics
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:  # not ours, or not known yet: its re-send must still be processed
+        if self._runner(topics.job_of(msg.topic)) is None:  # not ours, or not known yet: its re-send must still be processed
             raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("update", node=msg.sender, message=msg))
 
     def _on_secagg(self, msg: Message) -> None:
         """A site's secure-aggregation message (on its own topic: the sender is checked)."""
-        if self._runner(topics.job_of(msg.topic)) is not None and self._runner_at(msg) is None:
-            return  # on another owner's topics
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:
+        if self._runner(topics.job_of(msg.topic)) is None:
             raise NotReady(f"secure-aggregation message from {msg.sender} for job {msg.job} not run here")
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("secagg", node=msg.sender, message=msg))
 
     def _on_job(self, msg: Message) -> None:

@@ -113,15 +113,18 @@ class OnRound:
         assert not self.errors, self.errors
 
 
-@pytest.fixture(scope="module")
-def undisturbed(sites) -> JobState:
-    """The same job as the attacked ones, with nobody attacking (same seeds: same model)."""
-    exp = _experiment(sites)
+def run_undisturbed(exp: Experiment) -> JobState:
+    """A job like the attacked ones, with nobody attacking (same seeds: same model)."""
     exp.submit()
     state = _finish(exp)
     assert state.status == "done", state.reason
     assert _folded(state) == [SITES] * 3
     return state
+
+
+@pytest.fixture(scope="module")
+def undisturbed(sites) -> JobState:
+    return run_undisturbed(_experiment(sites))
 
 
 def test_an_enrolled_node_outside_the_job_cannot_take_over_its_model(sites, undisturbed):

@@ -12,7 +12,6 @@ of the replies to alice's requests.
 from __future__ import annotations
 
 import json
-import queue
 import ssl
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
-import torch
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -29,11 +27,10 @@ from paho.mqtt.properties import Properties
 
 from common import topics
 from common.identity import Identity
-from common.messenger import Messenger
-from common.settings import TransportSettings
 from researcher import cli as researcher_cli
 from researcher.ask import ask
 from researcher.experiment import Experiment, JobState
+from tests.security.test_hostile_peers import OnRound, _finish, _folded, _same, run_undisturbed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -45,21 +42,6 @@ def _experiment(fed, who: str = "alice", **kw) -> Experiment:
     kw = {"rounds": 3, "round_deadline_s": 60, **kw}
     return Experiment(Identity.load(fed.ws.bundle_dir(who)), plan="mlp", tags=["fmnist"], quorum=2,
                       model_args=MODEL, seed=2, training_args={"epochs": 60, "lr": 0.05, "batch_size": 50}, **kw)
-
-
-def _finish(exp: Experiment, timeout_s: float = 150) -> JobState:
-    try:
-        return exp.watch(timeout_s=timeout_s, progress=False)
-    finally:
-        exp.close()
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _folded(state: JobState) -> list[list[str]]:
-    return [sorted(r["node"] for r in h["reports"]) for h in state.history]
 
 
 class RawClient:
@@ -94,40 +76,6 @@ class RawClient:
         self.c.disconnect()
 
 
-class OnRound:
-    """Calls act(round) as soon as a round of `job` opens, on a thread of its own (timing only:
-    an admin observer; the attacker uses nothing but its own rights)."""
-
-    def __init__(self, fed, job_topic_model: str, act) -> None:
-        self.errors: list[BaseException] = []
-        self._rounds: queue.Queue = queue.Queue()
-        self._seen: set[int] = set()
-        self.m = Messenger(Identity.load(fed.enroll("tenant-clock", "admin")),
-                           TransportSettings(clean_start=True, session_expiry_s=0), client_id=uuid.uuid4().hex[:6])
-        self.m.subscribe(job_topic_model, self._on_model, types={"model"}, retained_chunks=True)
-        self.m.connect()
-        threading.Thread(target=self._loop, args=(act,), daemon=True).start()
-
-    def _on_model(self, msg) -> None:
-        r = msg.body.open_round
-        if r is None or r in self._seen:
-            return
-        self._seen.add(r)
-        self._rounds.put(r)
-
-    def _loop(self, act) -> None:
-        while (r := self._rounds.get()) is not None:
-            try:
-                act(r)
-            except Exception as exc:  # noqa: BLE001 - reported by the test
-                self.errors.append(exc)
-
-    def close(self) -> None:
-        self._rounds.put(None)
-        self.m.close()
-        assert not self.errors, self.errors
-
-
 @pytest.fixture(scope="module")
 def tenants(sites):
     sites.enroll("bob", "researcher")
@@ -136,12 +84,7 @@ def tenants(sites):
 
 @pytest.fixture(scope="module")
 def undisturbed(tenants) -> JobState:
-    exp = _experiment(tenants)
-    exp.submit()
-    state = _finish(exp)
-    assert state.status == "done", state.reason
-    assert _folded(state) == [SITES] * 3
-    return state
+    return run_undisturbed(_experiment(tenants))
 
 
 def _withdraw_cli(fed, who: str, job: str, *extra: str) -> subprocess.CompletedProcess:
@@ -181,7 +124,7 @@ def test_another_researcher_cannot_withdraw_replace_or_clear_a_job(tenants, undi
         finally:
             forged.close()
 
-    clock = OnRound(fed, _model_topic("alice", job), strike)
+    clock = OnRound(fed, job, strike)
     try:
         exp.submit()
         state = _finish(exp)
@@ -219,8 +162,10 @@ def test_another_researcher_reads_nothing_of_a_job_nor_replies_to_others(tenants
     try:
         exp.submit()
         state = _finish(exp)
-        reply = ask(Identity.load(fed.ws.bundle_dir("alice")), "site-1", "list_datasets")
-        assert reply.ok
+        alice = Identity.load(fed.ws.bundle_dir("alice"))
+        assert ask(alice, "site-1", "list_datasets").ok
+        stats = ask(alice, "site-2", "statistics", {"tags": ["fmnist"]})  # answered or refused: to alice alone
+        assert stats.command == "statistics"
         threading.Event().wait(1.0)
     finally:
         raw.close()
@@ -236,10 +181,6 @@ def _log_events(fed, label: str, event: str) -> list[dict]:
 
 def _job_topic(owner: str, job: str) -> str:
     return topics.job(owner, job)
-
-
-def _model_topic(owner: str, job: str) -> str:
-    return topics.model(owner, job)
 
 
 def _alice_job_topics(job: str) -> list[str]:
