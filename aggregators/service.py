@@ -574,9 +574,11 @@ class AggregatorService:
         m = self.messenger
         m.subscribe(topics.every("status"), self._on_status, types={"node_status"})
         m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
-        m.subscribe(topics.every("update"), self._on_update, types={"update"})
+        # updates are only queued to their runner when the handler returns: their ids are not kept
+        # across a restart (a re-send after a crash is folded); the round logic dedupes them
+        m.subscribe(topics.every("update"), self._on_update, types={"update"}, durable=False)
         m.subscribe(topics.every("secagg_site"), self._on_secagg, types={"secagg_keys", "secagg_shares",
-                                                                        "secagg_masked", "secagg_unmask"})
+                                                                        "secagg_masked", "secagg_unmask"}, durable=False)
         m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -717,7 +719,8 @@ class AggregatorService:
 
     def _on_update(self, msg: Message) -> None:
         if self._runner(topics.job_of(msg.topic)) is None:  # not ours, or not known yet: its re-send must still be processed
-            raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
+            self._finished_or_not_ready(msg)
+            return
         runner = self._runner_at(msg)
         if runner is None:  # the job's id under another owner's name (logged)
             return
@@ -726,11 +729,22 @@ class AggregatorService:
     def _on_secagg(self, msg: Message) -> None:
         """A site's secure-aggregation message (on its own topic: the sender is checked)."""
         if self._runner(topics.job_of(msg.topic)) is None:
-            raise NotReady(f"secure-aggregation message from {msg.sender} for job {msg.job} not run here")
+            self._finished_or_not_ready(msg)
+            return
         runner = self._runner_at(msg)
         if runner is None:  # the job's id under another owner's name (logged)
             return
         runner.events.put(_Event("secagg", node=msg.sender, message=msg))
+
+    def _finished_or_not_ready(self, msg: Message) -> None:
+        """A node's message for a job without a runner here: dropped if the job finished here
+        (e.g. a replay), else NotReady (not ours, or not known yet: its re-send is processed)."""
+        job = topics.job_of(msg.topic) or ""
+        if self.checkpoints.finished(job):
+            self.log.warning("message_dropped", topic=msg.topic, reason="job_finished", msg_id=msg.id, type=msg.type,
+                             sender=msg.sender, round=msg.round, detail=f"job {job!r} finished here")
+            return
+        raise NotReady(f"{msg.type} from {msg.sender} for job {msg.job} that this aggregator does not run")
 
     def _on_job(self, msg: Message) -> None:
         """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner

@@ -37,6 +37,7 @@ class _Route:
     handler: Handler
     types: frozenset[str] | None
     on_clear: ClearHandler | None
+    durable: bool = True
 
 
 def check_topic(msg: Message) -> None:
@@ -150,14 +151,19 @@ class Messenger:
         retained_chunks: bool = False,
         on_clear: ClearHandler | None = None,
         qos: int = 1,
+        durable: bool = True,
     ) -> None:
         """Route messages on `topic_filter` (of `types`, if given) to `handler`.
+
+        `durable=False`: the handler only queues the message (its effect is not durable when it
+        returns), so its id is not kept across a restart: a re-send after a crash is processed
+        (the aggregator's updates: its round logic dedupes them once checkpointed).
 
         QoS 1 (the default) queues messages in our session while we are away. Use QoS 0 for
         retained bulk (jobs, models): nothing is queued per offline client, and the latest
         retained copy is delivered when we subscribe again on reconnect.
         """
-        route = _Route(topic_filter, handler, frozenset(types) if types else None, on_clear)
+        route = _Route(topic_filter, handler, frozenset(types) if types else None, on_clear, durable)
         self._routes.append(route)
         self.transport.subscribe(topic_filter, retained_chunks=retained_chunks, qos=qos)
 
@@ -185,9 +191,10 @@ class Messenger:
         if self._seen.in_process(msg.id):
             self.log.info("duplicate_dropped", msg_id=msg.id, topic=msg.topic, sender=msg.sender)
             return
-        taken = [self._call(route.handler, msg) for route in routes if route.types is None or msg.type in route.types]
+        routes = [route for route in routes if route.types is None or msg.type in route.types]
+        taken = [self._call(route.handler, msg) for route in routes]
         if all(taken):  # only a processed message is a duplicate when it comes again
-            self._seen.remember(msg.id)
+            self._seen.remember(msg.id, persist=all(route.durable for route in routes))
 
     def _check_fresh(self, msg: Message) -> None:
         """A live message signed too long ago, or one processed before a restart, is a replay.

@@ -70,13 +70,15 @@ class SeenIds:
         with self._lock:
             return self._db.execute("SELECT 1 FROM seen WHERE msg_id = ?", (msg_id,)).fetchone() is not None
 
-    def remember(self, msg_id: str) -> None:
+    def remember(self, msg_id: str, *, persist: bool = True) -> None:
+        """Remember `msg_id`; with `persist`, also across a restart (only for a message whose
+        effect is durable once its handler returned)."""
         now = time.time()
         with self._lock:
             self._recent[msg_id] = None
             if len(self._recent) > self._window:
                 self._recent.popitem(last=False)
-            if self._db is None:
+            if self._db is None or not persist:
                 return
             self._db.execute("INSERT OR REPLACE INTO seen (msg_id, at) VALUES (?, ?)", (msg_id, now))
             if now - self._last_prune > 600:

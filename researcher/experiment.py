@@ -324,7 +324,7 @@ class Experiment:
         owner = owner or identity.name
         got: queue.Queue[Message] = queue.Queue()
         m = Messenger(identity, researcher_settings(mqtt), client_id=uuid.uuid4().hex[:8])
-        m.subscribe(topics.job(owner, job_id), got.put, types={"job"}, retained_chunks=True)
+        m.subscribe(topics.job(owner, job_id), got.put, types={"job", "withdraw"}, retained_chunks=True)
         m.connect()
         try:
             msg = got.get(timeout=timeout_s)
@@ -332,6 +332,8 @@ class Experiment:
             raise JobError(_not_found(job_id, owner, identity.name)) from None
         finally:
             m.close()
+        if msg.type == "withdraw":
+            raise JobError(f"job {job_id!r} was withdrawn by {msg.sender!r}: its spec is no longer on the broker")
         spec: JobSpec = msg.body  # type: ignore[assignment]
         # its plan source would run here (model()): only the owner's word counts (the messenger
         # checked it too: owner == signer == the topic's owner)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from common import topics
 from common.errors import PublishDenied
 from researcher import cli as researcher_cli
-from researcher.experiment import Experiment
+from researcher.experiment import Experiment, JobError
 from tests.conftest import Inbox, bundle, fast_settings, open_transport
 
 pytestmark = pytest.mark.integration
@@ -48,6 +48,8 @@ def test_the_owner_withdraws_and_nothing_of_the_job_stays_retained(federation, c
     finally:
         exp.close()
     assert list(after) == [topics.job("res-1", job)], sorted(after)  # the notice only: no chunk left
+    with pytest.raises(JobError, match="withdrawn by 'res-1'"):
+        Experiment.attach(bundle(federation, "res-1"), job, timeout_s=3)
     weights = exp.spec().initial_params["net.0.weight"].numpy().tobytes()
     assert weights[:64] not in after[topics.job("res-1", job)]
 

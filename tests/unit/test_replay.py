@@ -95,3 +95,21 @@ def test_the_messenger_drops_stale_and_replayed_live_messages(_ids, tmp_path, mo
     m._on_delivery(Delivery(topic, fresh, True))
     assert dropped == [Reason.REPLAYED] and [g.body.command for g in got] == ["ping"]
     m.close()
+
+
+def test_a_message_whose_handler_only_queued_it_is_not_remembered_across_a_restart(_ids, tmp_path):
+    """The aggregator's updates (durable=False): a re-send after a crash must be processed."""
+    from common.messenger import Messenger, _Route
+    from common.transport import Delivery
+
+    ids, _ = _ids
+    topic = topics.update("res-1", "j1", "node-a")
+    _, wire = seal(ids["node-a"], "update", {"round": 1, "params": {}, "n_samples": 1}, job="j1", round_=1, topic=topic)
+    for expected in (1, 1):  # once per process: a duplicate within it, processed again after the restart
+        m = Messenger(ids["res-1"], seen_file=tmp_path / "seen.sqlite")
+        got: list = []
+        m._routes.append(_Route(topic, got.append, None, None, durable=False))
+        m._on_delivery(Delivery(topic, wire, False))
+        m._on_delivery(Delivery(topic, wire, False))
+        assert len(got) == expected
+        m.close()
