@@ -201,8 +201,10 @@ class Messenger:
         A retained one is the broker's current state: only this process's memory dedupes it
         (common/replay.py says why)."""
         settings = self.transport.settings
-        stale = freshness(msg.ts, time.time(), retained=msg.retained, max_age_s=settings.max_message_age_s,
-                          max_skew_s=settings.max_clock_skew_s)
+        # a node's offline status is its Last Will, sealed when it connected (maybe weeks ago):
+        # statuses are state (the latest wins), not checked for age
+        stale = freshness(msg.ts, time.time(), retained=msg.retained or msg.type == "node_status",
+                          max_age_s=settings.max_message_age_s, max_skew_s=settings.max_clock_skew_s)
         if stale is not None:
             raise stale
         if not msg.retained and not self._seen.in_process(msg.id) and self._seen.ever(msg.id):

@@ -9,7 +9,8 @@ A retained message the broker hands over when we subscribe is the broker's curre
 a replay: its age is not checked (a job submitted a month ago is still the job) and only this
 process's memory dedupes it (after a restart the node must see the retained model again to
 rejoin the open round). A retained message re-published by someone reaches the subscribers
-already connected as a live message, and is checked like one.
+already connected as a live message, and is checked like one. A node's status is not checked
+for age either: its offline status is its Last Will, sealed when it connected.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_another_researcher_cannot_withdraw_replace_or_clear_a_job(tenants, undi
     code, text = outcomes["cli"]
     assert code != 0 and "not yours" in text, text
     # and as a process, once the job is done: still refused, alice's job still on the broker
-    later = _withdraw_cli(fed, "bob", job)
+    later = _withdraw_cli(fed, "bob", job, "--owner", "alice")
     assert later.returncode == 3 and "not yours" in later.stdout + later.stderr, later
     assert Experiment.attach(Identity.load(fed.ws.bundle_dir("alice")), job).state.status == "done"
     # bob's spec and bob's withdrawal under alice's job id reached every receiver, which dropped them
@@ -164,7 +164,7 @@ def test_another_researcher_reads_nothing_of_a_job_nor_replies_to_others(tenants
         state = _finish(exp)
         alice = Identity.load(fed.ws.bundle_dir("alice"))
         assert ask(alice, "site-1", "list_datasets").ok
-        stats = ask(alice, "site-2", "statistics", {"tags": ["fmnist"]})  # answered or refused: to alice alone
+        stats = ask(alice, "site-2", "statistics", {"tags": ["fmnist"]}, timeout_s=90)  # answered or refused: to alice alone
         assert stats.command == "statistics"
         threading.Event().wait(1.0)
     finally:
