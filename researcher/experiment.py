@@ -151,7 +151,7 @@ class Experiment:
             self.training_args.setdefault("algorithm", ALGORITHM_OF_RULE[aggregator])
         self.job_id = job_id or new_job_id(self.identity.name)
         self.owner = self.identity.name  # a job lives under its owner's name (issue 18)
-        self._on_broker = threading.Event()  # our job's spec came back from the broker
+        self._on_broker = threading.Event()  # our job's spec is on the broker, its chunks known here
         self.spec_fields = dict(
             rounds=rounds, tags=list(tags), quorum=quorum, round_deadline_s=round_deadline_s, nodes=nodes,
             stragglers=stragglers,
@@ -191,8 +191,6 @@ class Experiment:
             self._messenger = Messenger(self.identity, self.mqtt, client_id=client_id)
             self._events: queue.Queue[Message] = queue.Queue()
             m = self._messenger
-            m.subscribe(topics.job(self.owner, self.job_id), self._on_job_topic, types={"job", "withdraw"},
-                        retained_chunks=True)
             m.subscribe(topics.history(self.owner, self.job_id), self._events.put, types={"job_history"},
                         retained_chunks=True)
             m.subscribe(topics.model(self.owner, self.job_id), self._events.put, types={"model"}, retained_chunks=True)
@@ -203,7 +201,8 @@ class Experiment:
 
     def _on_job_topic(self, msg: Message) -> None:
         """Our job's spec as the broker holds it (its chunks are now known, for a withdrawal to
-        clear them), or its withdrawal. The messenger checked signer == owner == topic owner."""
+        clear them), or its withdrawal. The messenger checked signer == owner == topic owner.
+        Read only to withdraw a job this process did not submit (a spec may be big)."""
         if msg.type == "job":
             self._on_broker.set()
         elif msg.type == "withdraw":
@@ -219,6 +218,7 @@ class Experiment:
         spec = self.spec()
         self.messenger.send(topics.job(self.owner, self.job_id), "job", spec, job=self.job_id, retain=True)
         self._spec = spec
+        self._on_broker.set()  # and the transport knows how many chunks it left retained
         self.state.status = "submitted"
         return self.job_id
 
@@ -228,7 +228,8 @@ class Experiment:
         The nodes drop the job, the aggregator stops it. JobError if the broker holds no such
         job under our name (only its owner, or an admin, can withdraw it)."""
         topic = topics.job(self.owner, self.job_id)
-        _ = self.messenger  # subscribed to the job's topic: its retained spec (and chunks) come back
+        if not self._on_broker.is_set():  # read it back: then its chunks are known and cleared with it
+            self.messenger.subscribe(topic, self._on_job_topic, types={"job", "withdraw"}, retained_chunks=True)
         if not self._on_broker.wait(timeout_s):
             raise JobError(_not_found(self.job_id, self.owner, self.identity.name))
         self.messenger.send(topic, "withdraw", Withdrawal(job_id=self.job_id, reason=reason), job=self.job_id,
