@@ -41,7 +41,7 @@ from aggregators.rules import AggregationRule, get_rule
 from aggregators.secagg import SECAGG_SENDER, Outcome, ServerRound
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
-from common.envelope import Message, open_envelope
+from common.envelope import Message, open_envelope, peek_header
 from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
@@ -217,7 +217,7 @@ class JobRunner(threading.Thread):
 
     # helpers
     def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None) -> None:
-        self.service.messenger.send(topic or topics.events(self.spec.job_id), type_, body,
+        self.service.messenger.send(topic or topics.events(self.spec.owner, self.spec.job_id), type_, body,
                                     job=self.spec.job_id, round_=round_, retain=retain)
 
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
@@ -225,7 +225,7 @@ class JobRunner(threading.Thread):
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
             self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
-            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.job_id))
+            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.owner, self.spec.job_id))
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
         # unless the round is selective (N names to N nodes would make each round O(N^2))
@@ -234,7 +234,7 @@ class JobRunner(threading.Thread):
                             open_round=open_round, nodes=(nodes or []) if selective else [], deadline=deadline,
                             reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
-        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
+        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.owner, self.spec.job_id))
 
     def run(self) -> None:
         spec = self.spec
@@ -419,7 +419,7 @@ class JobRunner(threading.Thread):
 
     def _publish_secagg(self, r: int, state: SecAggState) -> None:
         self._last_secagg = (r, state)
-        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.job_id))
+        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.owner, self.spec.job_id))
         self.log.info("secagg_stage", round=r, stage=state.stage, reason=state.reason or None)
 
     def _announce(self, state: Round, rule: AggregationRule, params, history) -> None:
@@ -560,13 +560,13 @@ class JobRunner(threading.Thread):
         may have lost them; nodes and aggregator keep the job spec themselves)."""
         if self._last_history is not None:
             self._send("job_history", self._last_history, retain=True, round_=self._last_model.round if self._last_model else 0,
-                       topic=topics.history(self.spec.job_id))
+                       topic=topics.history(self.spec.owner, self.spec.job_id))
         if self._last_model is not None:
             self._send("model", self._last_model, retain=True, round_=self._last_model.round,
-                       topic=topics.model(self.spec.job_id))
+                       topic=topics.model(self.spec.owner, self.spec.job_id))
         if self._last_secagg is not None:  # the sites answer the open stage again (they repeat answers)
             self._send("secagg_state", self._last_secagg[1], retain=True, round_=self._last_secagg[0],
-                       topic=topics.secagg(self.spec.job_id))
+                       topic=topics.secagg(self.spec.owner, self.spec.job_id))
 
 
 class AggregatorService:
@@ -576,7 +576,8 @@ class AggregatorService:
         self.identity = identity
         self.name = identity.name
         self.checkpoints = Checkpoints(Path(state_dir) / "jobs")
-        self.messenger = Messenger(identity, mqtt)
+        # the ids of processed messages survive a restart: a captured update re-published later is a replay
+        self.messenger = Messenger(identity, mqtt, seen_file=Path(state_dir) / "seen.sqlite")
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
         self.nodes: dict[str, NodeStatus] = {}
         self.declared: dict[str, NodeStatus] = {}  # each node's last online status: its datasets
@@ -593,10 +594,12 @@ class AggregatorService:
         m = self.messenger
         m.subscribe(topics.every("status"), self._on_status, types={"node_status"})
         m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
-        m.subscribe(topics.every("update"), self._on_update, types={"update"})
+        # updates are only queued to their runner when the handler returns: their ids are not kept
+        # across a restart (a re-send after a crash is folded); the round logic dedupes them
+        m.subscribe(topics.every("update"), self._on_update, types={"update"}, durable=False)
         m.subscribe(topics.every("secagg_site"), self._on_secagg, types={"secagg_keys", "secagg_shares",
-                                                                        "secagg_masked", "secagg_unmask"})
-        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+                                                                        "secagg_masked", "secagg_unmask"}, durable=False)
+        m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
         for runner in resumed:
@@ -610,8 +613,9 @@ class AggregatorService:
         for job in self.checkpoints.unfinished():
             wire = self.checkpoints.load_job(job) or b""
             try:
-                msg = open_envelope(wire, self.messenger.trust, topics.job(job))
-                if msg.type != "job" or msg.body.job_id != job:  # type: ignore[attr-defined]
+                owner = str(peek_header(wire).get("sender"))  # a job's signer is its owner (checked below)
+                msg = open_envelope(wire, self.messenger.trust, topics.job(owner, job))
+                if msg.type != "job" or msg.body.job_id != job or msg.body.owner != owner:  # type: ignore[attr-defined]
                     raise BadMessage(Reason.WRONG_TOPIC, "the stored message is not this job's spec")
             except BadMessage as exc:
                 self.log.warning("job_not_resumed", job=job, reason=str(exc))
@@ -674,6 +678,17 @@ class AggregatorService:
         with self._lock:
             return self.runners.get(job or "")
 
+    def _runner_at(self, msg: Message) -> JobRunner | None:
+        """The runner of the job `msg`'s topic is about, if the topic names that job's owner: a
+        job id under another researcher's name is not this job (logged and dropped)."""
+        runner = self._runner(topics.job_of(msg.topic))
+        owner = topics.owner_of(msg.topic)
+        if runner is not None and owner != runner.spec.owner:
+            self.log.warning("foreign_owner_dropped", job=runner.spec.job_id, type=msg.type, sender=msg.sender,
+                             msg_id=msg.id, reason=f"the job belongs to {runner.spec.owner!r}, not to {owner!r}")
+            return None
+        return runner
+
     def _on_connected(self, session_present: bool) -> None:
         """After any reconnect, re-publish each running job's model: a hard-killed broker loses
         retained messages newer than its last autosave."""
@@ -712,6 +727,8 @@ class AggregatorService:
         runner = self._runner(answer.job) if answer is not None else None
         if runner is None or answer is None:
             return
+        if topics.addressee_of(msg.topic) != runner.spec.owner:  # a notice about a same-named job of another owner
+            return
         if isinstance(answer, TrainFailed):
             runner.events.put(_Event("dropout", node=msg.sender, dropout="failed", reason=reply.error))
         elif answer.status == "accepted":  # e.g. its plan was approved late
@@ -720,28 +737,49 @@ class AggregatorService:
             runner.events.put(_Event("dropout", node=msg.sender, dropout=answer.status, reason=reply.error))
 
     def _on_update(self, msg: Message) -> None:
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:  # not ours, or not known yet: its re-send must still be processed
-            raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
+        if self._runner(topics.job_of(msg.topic)) is None:  # not ours, or not known yet: its re-send must still be processed
+            self._finished_or_not_ready(msg)
+            return
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("update", node=msg.sender, message=msg))
 
     def _on_secagg(self, msg: Message) -> None:
         """A site's secure-aggregation message (on its own topic: the sender is checked)."""
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:
-            raise NotReady(f"secure-aggregation message from {msg.sender} for job {msg.job} not run here")
+        if self._runner(topics.job_of(msg.topic)) is None:
+            self._finished_or_not_ready(msg)
+            return
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("secagg", node=msg.sender, message=msg))
 
-    def _on_job(self, msg: Message) -> None:
-        spec: JobSpec = msg.body  # type: ignore[assignment]
-        if spec.job_id != topics.job_of(msg.topic):
-            self.log.warning("job_topic_mismatch", job=spec.job_id, topic=msg.topic)
+    def _finished_or_not_ready(self, msg: Message) -> None:
+        """A node's message for a job without a runner here: dropped if the job finished here
+        (e.g. a replay), else NotReady (not ours, or not known yet: its re-send is processed)."""
+        job = topics.job_of(msg.topic) or ""
+        if self.checkpoints.finished(job):
+            self.log.warning("message_dropped", topic=msg.topic, reason="job_finished", msg_id=msg.id, type=msg.type,
+                             sender=msg.sender, round=msg.round, detail=f"job {job!r} finished here")
             return
+        raise NotReady(f"{msg.type} from {msg.sender} for job {msg.job} that this aggregator does not run")
+
+    def _on_job(self, msg: Message) -> None:
+        """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
+        (or, for a withdrawal, an admin signer)."""
+        if msg.type == "withdraw":
+            runner = self._runner_at(msg)
+            if runner is not None:
+                self.log.info("job_withdrawn", job=runner.spec.job_id, by=msg.sender, msg_id=msg.id)
+                runner.events.put(_Event("withdrawn"))
+            return
+        spec: JobSpec = msg.body  # type: ignore[assignment]
         if spec.aggregator.identity not in (None, self.name):
             return
-        with self._lock:
-            if spec.job_id in self.runners:
-                return
+        if self._runner(spec.job_id) is not None:
+            self._runner_at(msg)  # the same id under another owner's name is logged
+            return
         if self.checkpoints.finished(spec.job_id):
             self.log.info("job_already_finished", job=spec.job_id)
             return
@@ -752,7 +790,4 @@ class AggregatorService:
         self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name)
         runner.start()
 
-    def _on_job_cleared(self, topic: str) -> None:
-        runner = self._runner(topics.job_of(topic))
-        if runner is not None:
-            runner.events.put(_Event("withdrawn"))
+

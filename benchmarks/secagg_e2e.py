@@ -50,7 +50,7 @@ class Meter:
         self._lock = threading.Lock()
         self.m = Messenger(Identity.load(fed.enroll("bench-meter", "admin")),
                            TransportSettings(clean_start=True, session_expiry_s=0), client_id="bench-meter")
-        for f in ("fbm/v1/jobs/+/secagg/+", "fbm/v1/jobs/+/secagg", "fbm/v1/jobs/+/updates/+", "fbm/v1/jobs/+/model",
+        for f in ("fbm/v1/jobs/+/+/secagg/+", "fbm/v1/jobs/+/+/secagg", "fbm/v1/jobs/+/+/updates/+", "fbm/v1/jobs/+/+/model",
                   "fbm/v1/nodes/+/requests"):
             self.m.subscribe(f, self._count)
         self.m.connect()

@@ -234,6 +234,16 @@ class JobSpec(Body):
         return self
 
 
+@message("withdraw", "researcher", "admin")
+class Withdrawal(Body):
+    """The job's owner (or an admin) ends it: retained on the job's topic in place of its spec,
+    so a receiver that was away learns it too. Only the owner may write there (ACL); every
+    receiver checks signer == the topic's owner (or an admin) again."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    reason: str = Field(default="", max_length=500)
+
+
 @message("update", "node")
 class Update(Body):
     round: int = Field(ge=1)

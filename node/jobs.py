@@ -68,6 +68,7 @@ class Pending:
     body: dict[str, Any]
     msg_id: str
     sent_at: float
+    owner: str = ""  # the job's owner: its topics live under that name
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class Decline:
     reason: str
     sender: str | None = None
     msg_id: str = ""
+    owner: str = ""  # the job's owner: the refusal is addressed to it
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Forget:
     job: str
     secure: bool = False
     training: bool = False
+    ended: str = ""  # done / failed / withdrawn: the shell remembers the job ended here
 
 
 @dataclass(frozen=True)
@@ -216,23 +219,24 @@ class SiteJobs:
     def on_job(self, msg: Message) -> list[Action]:
         """A job spec arrived (retained): accept, park, decline with the reason, or ignore."""
         spec: JobSpec = msg.body  # type: ignore[assignment]
+        owner = spec.owner
         if spec.job_id != topics.job_of(msg.topic):
-            return [Decline(spec.job_id, "job id does not match its topic", msg.sender, msg.id)]
+            return [Decline(spec.job_id, "job id does not match its topic", msg.sender, msg.id, owner)]
         if spec.job_id in self.jobs or spec.job_id in self.parked:
             return []
         if spec.nodes is not None and self.name not in spec.nodes:
             return [Record("job_not_selected", spec.job_id, msg.sender)]
         if (refusal := self.lookups.refusal(spec)) is not None:
-            return [Decline(spec.job_id, refusal, msg.sender, msg.id)]
+            return [Decline(spec.job_id, refusal, msg.sender, msg.id, owner)]
         matches = self.lookups.datasets(spec.tags)
         if not matches:
             return [Decline(spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}",
-                            msg.sender, msg.id)]
+                            msg.sender, msg.id, owner)]
         if (refusal := self.lookups.privacy_refusal(spec, matches[0])) is not None:
-            return [Decline(spec.job_id, refusal, msg.sender, msg.id)]
+            return [Decline(spec.job_id, refusal, msg.sender, msg.id, owner)]
         status = self.lookups.plan_status(spec)
         if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
-            return [Decline(spec.job_id, self.plan_refusal(spec, status), msg.sender, msg.id)]
+            return [Decline(spec.job_id, self.plan_refusal(spec, status), msg.sender, msg.id, owner)]
         if status != PlanStatus.APPROVED:
             parked = Parked(spec, matches[0], msg.sender, msg.id, wire=msg.wire)
             self.parked[spec.job_id] = parked
@@ -260,20 +264,22 @@ class SiteJobs:
             if status == PlanStatus.APPROVED:
                 replay = [Replay(parked.model)] if parked.model is not None else []
                 return self._accept(parked.spec, parked.dataset, parked.sender, parked.msg_id, parked.wire) + replay
-            return [Forget(job_id), Decline(job_id, self.plan_refusal(parked.spec, status))]
+            return [Forget(job_id), Decline(job_id, self.plan_refusal(parked.spec, status), owner=parked.spec.owner)]
         job = self.jobs.get(job_id)
         if job is None or status not in (PlanStatus.REJECTED, PlanStatus.REVOKED):
             return []
         del self.jobs[job_id]
         self._drop_pending(job_id)
-        return [Forget(job_id, training=True), Decline(job_id, self.plan_refusal(job.spec, status)), PublishStatus()]
+        return [Forget(job_id, training=True), Decline(job_id, self.plan_refusal(job.spec, status), owner=job.spec.owner),
+                PublishStatus()]
 
-    def on_withdrawn(self, job_id: str) -> list[Action]:
-        """The job's retained spec was cleared: drop the job and what we owe it."""
+    def on_withdrawn(self, job_id: str, by: str | None = None) -> list[Action]:
+        """Its owner (or an admin) withdrew the job: drop it and what we owe it."""
         self._drop_pending(job_id)
         removed = self.jobs.pop(job_id, None) or self.parked.pop(job_id, None)
-        actions: list[Action] = [Forget(job_id, secure=True, training=removed is not None)]
-        return actions + ([Record("job_withdrawn", job_id)] if removed else [])
+        actions: list[Action] = [Forget(job_id, secure=True, training=removed is not None,
+                                        ended="withdrawn" if removed is not None else "")]
+        return actions + ([Record("job_withdrawn", job_id, by)] if removed else [])
 
     def _ended(self, job_id: str, status: str, sender: str) -> list[Action]:
         """The job is done or failed (its model says so): forget it and what we owe it."""
@@ -282,7 +288,8 @@ class SiteJobs:
         job = self.jobs.pop(job_id, None)
         if job is None:
             return [Forget(job_id, secure=True)]
-        return [Forget(job_id, secure=True, training=True), Record(f"job_{status}", job_id, sender), PublishStatus()]
+        return [Forget(job_id, secure=True, training=True, ended=status), Record(f"job_{status}", job_id, sender),
+                PublishStatus()]
 
     # --- models, updates, acknowledgements ----------------------------------------------------
 

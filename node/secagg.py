@@ -101,7 +101,7 @@ class SiteRound:
         if answer is None:
             return
         type_, out = site_body(self.round, answer)
-        self.last_sent = (topics.secagg_site(self.spec.job_id, self.me), type_, out)
+        self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
         self.sent_masked = self.sent_masked or type_ == "secagg_masked"
         self._send(*self.last_sent)
         log.info("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from common import topics
 from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
-from common.errors import BadMessage, TransportError
+from common.errors import BadMessage, Reason, TransportError
 from common.identity import Identity
 from common.messages import JobAnswer, JobSpec, NodeStatus, Reply, TrainFailed
 from common.messenger import Messenger
@@ -51,6 +51,7 @@ from node.statistics import StatisticsRefused, check_request
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
+ENDED = "job_ended:"  # node_state key prefix: jobs that ended here (done, failed, withdrawn)
 
 
 def sandbox_policy(settings: NodeSettings) -> SandboxPolicy:
@@ -95,8 +96,9 @@ class NodeService:
                                           max_processes=settings.max_training_processes)
         self.log = structlog.get_logger("node").bind(node=self.name)
         self.trainer.on_started = self._training_started
-        self.messenger = Messenger(
-            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
+        self.messenger = Messenger(  # processed message ids survive a restart: a replay is dropped
+            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline")),
+            seen_file=settings.node_dir / "seen.sqlite",
         )
         # the decisions on jobs (node/jobs.py): one step at a time, under self._lock
         self.site = SiteJobs(self.name, Lookups(refusal=self._spec_refusal, datasets=registry.matching,
@@ -141,7 +143,7 @@ class NodeService:
             case site.Park():
                 self._park(action.parked)
             case site.Decline():
-                self._decline(action.job, action.reason, sender=action.sender, msg_id=action.msg_id)
+                self._decline(action.job, action.reason, sender=action.sender, msg_id=action.msg_id, owner=action.owner)
             case site.Record():
                 self.audit.record(action.event, job=action.job, actor=action.actor)
                 self.log.info(action.event, job=action.job)
@@ -160,6 +162,8 @@ class NodeService:
 
     def _forget(self, action: site.Forget) -> None:
         self.job_store.forget(action.job)
+        if action.ended:
+            self._remember_end(action.job, action.ended)
         if action.secure:
             self.secure.forget(action.job)
         if action.training:
@@ -176,7 +180,7 @@ class NodeService:
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
-        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
+        m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
@@ -215,7 +219,7 @@ class NodeService:
         broker may have lost their retained specs); each signature is checked again."""
         for stored in self.job_store.all():
             try:
-                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id))
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.sender, stored.job_id))
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
                     raise ValueError("its dataset is gone or the stored message is not this job")
@@ -258,28 +262,42 @@ class NodeService:
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def _reply(self, command: str, *, job: str | None = None, ok: bool = True, error: str = "",
+    def _reply(self, command: str, *, to: str, job: str | None = None, ok: bool = True, error: str = "",
                in_reply_to: str = "", data: dict[str, Any] | None = None) -> None:
+        """Answer `to` (who asked; for a notice about a job, its owner) on its own reply topic."""
         self.messenger.send(
-            topics.replies(self.name), "reply",
+            topics.replies(self.name, to), "reply",
             Reply(command=command, in_reply_to=in_reply_to, ok=ok, error=error, data=data or {}),
             job=job,
         )
 
-    def _send_reply(self, reply: Reply, job: str) -> None:
-        """A typed answer about a job (`JobAnswer`, `TrainFailed`) to whoever reads our replies."""
-        self.messenger.send(topics.replies(self.name), "reply", reply, job=job)
+    def _send_reply(self, reply: Reply, job: str, to: str) -> None:
+        """A typed answer about a job (`JobAnswer`, `TrainFailed`) to `to` (its owner, or who asked)."""
+        self.messenger.send(topics.replies(self.name, to), "reply", reply, job=job)
 
     def _decline(self, job_id: str, reason: str, msg: Message | None = None, *, sender: str | None = None,
-                 msg_id: str = "") -> None:
-        """Refuse a job (when it arrives, or later when its plan is rejected) and say why."""
+                 msg_id: str = "", owner: str = "") -> None:
+        """Refuse a job (when it arrives, or later when its plan is rejected) and say why, to
+        its owner (who submitted it)."""
         sender, msg_id = (msg.sender, msg.id) if msg is not None else (sender, msg_id)
         self.log.info("job_declined", job=job_id, reason=reason)
         self.audit.record("job_refused", job=job_id, actor=sender, reason=reason)
-        self._send_reply(JobAnswer(job=job_id, status="declined").reply(in_reply_to=msg_id, error=reason), job_id)
+        reply = JobAnswer(job=job_id, status="declined").reply(in_reply_to=msg_id, error=reason)
+        self._send_reply(reply, job_id, owner or sender or "")
 
     def _on_job(self, msg: Message) -> None:
-        """A job spec (retained): the decision is the site's (node/jobs.py `SiteJobs.on_job`)."""
+        """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
+        (or, for a withdrawal, an admin signer); the decision is the site's (`SiteJobs.on_job`)."""
+        if msg.type == "withdraw":
+            self._on_withdrawal(msg)
+            return
+        spec: JobSpec = msg.body  # type: ignore[assignment]
+        known = self._job_spec(spec.job_id)
+        if known is not None and known.owner != spec.owner:  # the same id under another researcher's name
+            self._drop_foreign(msg, spec.job_id, known.owner)
+            return
+        if self._ended(msg, spec):
+            return
         self._step(self.site.on_job, msg)
 
     def _spec_refusal(self, spec: JobSpec) -> str | None:
@@ -378,7 +396,7 @@ class NodeService:
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
         answer = JobAnswer(job=spec.job_id, status="accepted", dataset=dataset.name,
                            n_samples=dataset.public().n_samples, privacy=privacy or None)
-        self._send_reply(answer.reply(in_reply_to=msg_id), spec.job_id)
+        self._send_reply(answer.reply(in_reply_to=msg_id), spec.job_id, spec.owner)
         self.publish_status()
 
     def _park(self, parked: Parked) -> None:
@@ -392,7 +410,7 @@ class NodeService:
         answer = JobAnswer(job=spec.job_id, status="pending", plan=pid)
         self._send_reply(answer.reply(in_reply_to=parked.msg_id,
                                       error=f"pending: plan {pid[:16]} awaits approval by the admin of node "
-                                            f"{self.name} (`fbm-node plan approve {pid[:16]}`)"), spec.job_id)
+                                            f"{self.name} (`fbm-node plan approve {pid[:16]}`)"), spec.job_id, spec.owner)
 
     def review_plans(self) -> None:
         """Act on the admin's decisions: start parked jobs whose plan was approved, drop the
@@ -421,10 +439,34 @@ class NodeService:
         with self._lock:
             return self.site.job_ids()
 
-    def _on_job_cleared(self, topic: str) -> None:
-        """The job's retained spec was cleared: the job is withdrawn."""
-        if job := topics.job_of(topic):
-            self._step(self.site.on_withdrawn, job)
+    def _drop_foreign(self, msg: Message, job: str, owner: str) -> None:
+        """A message on another owner's topics about a job this node knows: not this job's."""
+        reason = f"job {job!r} belongs to {owner!r}, not to {topics.owner_of(msg.topic)!r}"
+        self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
+                         reason=reason)
+        self.audit.record("message_dropped", job=job, actor=msg.sender, reason=reason)
+
+    def _on_withdrawal(self, msg: Message) -> None:
+        job = topics.job_of(msg.topic) or ""
+        spec = self._job_spec(job)
+        if spec is None:
+            return
+        if spec.owner != topics.owner_of(msg.topic):
+            self._drop_foreign(msg, job, spec.owner)
+            return
+        self._step(self.site.on_withdrawn, job, msg.sender)
+
+    def _remember_end(self, job_id: str, status: str) -> None:
+        """A job that ended here stays ended: its retained spec (delivered again after a restart,
+        or replayed) is not taken again."""
+        self.state.put(f"{ENDED}{job_id}", {"status": status})
+
+    def _ended(self, msg: Message, spec: JobSpec) -> bool:
+        ended = self.state.get(f"{ENDED}{spec.job_id}")
+        if ended is not None:
+            self.log.info("job_already_ended", job=spec.job_id, msg_id=msg.id, status=ended[0].get("status"),
+                          owner=spec.owner)
+        return ended is not None
 
     def _job_spec(self, job_id: str) -> JobSpec | None:
         with self._lock:
@@ -435,7 +477,13 @@ class NodeService:
         node/binding.py for the rule). Messages for jobs this node neither runs nor waits on
         are ignored anyway, so they bind nothing."""
         spec = self._job_spec(job_id)
-        return spec is not None and self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
+        if spec is None:
+            return False
+        owner = topics.owner_of(msg.topic)  # None for acks (on our own requests topic)
+        if owner is not None and owner != spec.owner:
+            self._drop_foreign(msg, job_id, spec.owner)
+            return False
+        return self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
 
     def _on_ack(self, msg: Message) -> None:
         """The aggregator holds our update in a checkpoint: stop re-sending it."""
@@ -493,7 +541,7 @@ class NodeService:
                 self.log.exception("round_failed", job=task.job, round=task.round)
                 self.audit.record("round_failed", job=task.job, round_=task.round, error=str(exc))
                 try:
-                    self._send_reply(TrainFailed(job=task.job, round=task.round).reply(str(exc)), task.job)
+                    self._send_reply(TrainFailed(job=task.job, round=task.round).reply(str(exc)), task.job, job.spec.owner)
                 except Exception:  # noqa: BLE001
                     self.log.exception("reply_failed")
 
@@ -517,7 +565,7 @@ class NodeService:
         except TrainingFailed as exc:
             log.warning("training_failed", error=str(exc))
             self.audit.record("round_failed", job=spec.job_id, round_=task.round, dataset=job.dataset.name, error=str(exc))
-            self._send_reply(TrainFailed(job=spec.job_id, round=task.round).reply(str(exc)), spec.job_id)
+            self._send_reply(TrainFailed(job=spec.job_id, round=task.round).reply(str(exc)), spec.job_id, spec.owner)
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
         job.local_state = result.get("local_state") or {}
@@ -531,7 +579,7 @@ class NodeService:
         body = {"round": task.round, "params": params, "n_samples": result["n_samples"],
                 "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name,
                 "extra": result.get("extra") or {}}
-        pending = Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic())
+        pending = Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic(), spec.owner)
         with self._lock:
             self.site.on_update_sent(pending)
         sent = time.monotonic()
@@ -563,7 +611,7 @@ class NodeService:
     def _on_secagg_state(self, msg: Message) -> None:
         """The aggregator's secure-aggregation stage for a job (retained): answer it."""
         job_id = topics.job_of(msg.topic) or ""
-        if msg.topic != topics.secagg(job_id):
+        if msg.topic != topics.secagg(topics.owner_of(msg.topic) or "", job_id):
             return
         if self._job_spec(job_id) is None:  # the job (or its acceptance) comes later: kept for then
             self.secure.hold_early(job_id, msg)
@@ -573,7 +621,7 @@ class NodeService:
         self.secure.on_state(job_id, msg.body)  # type: ignore[arg-type]
 
     def _send_update(self, pending: Pending) -> None:
-        self.messenger.send(topics.update(pending.job, self.name), "update", pending.body,
+        self.messenger.send(topics.update(pending.owner, pending.job, self.name), "update", pending.body,
                             job=pending.job, round_=pending.round, msg_id=pending.msg_id)
 
     def resend_pending(self, force: bool = False) -> None:
@@ -602,21 +650,21 @@ class NodeService:
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":
-            self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
+            self._reply("ping", to=msg.sender, in_reply_to=msg.id, data={"pong": True, "version": VERSION})
         elif command == "statistics":
             self._queue_statistics(msg)
         elif command == "plan_status":
-            self._reply(command, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
         elif command in ("list_datasets", "search"):
             tags = msg.body.args.get("tags") or []
             found = self.registry.matching(list(tags)) if tags else self.registry.list()
-            self._reply(command, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
         else:
-            self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
 
     def _refuse_statistics(self, msg: Message, reason: str) -> None:
         self.audit.record("statistics_refused", actor=msg.sender, reason=reason, tags=msg.body.args.get("tags"))
-        self._reply("statistics", in_reply_to=msg.id, ok=False, error=reason)
+        self._reply("statistics", to=msg.sender, in_reply_to=msg.id, ok=False, error=reason)
 
     def _queue_statistics(self, msg: Message) -> None:
         """Refuse at once what the policy forbids or what the queue cannot take; queue the rest."""
@@ -668,7 +716,7 @@ class NodeService:
         self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"], pid=pid,
                           confined_to=paths, landlock_abi=sandbox.get("landlock_abi"),
                           queries_today=self.queries.in_last_day(ds.name))
-        self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})
+        self._reply("statistics", to=msg.sender, in_reply_to=msg.id, data={"dataset": ds.name, **stats})
 
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:
         """A researcher asks whether a plan (sha256 or `zoo:NAME`) would run here."""
@@ -683,11 +731,11 @@ class NodeService:
 
     def _on_rejected(self, topic: str, exc: BadMessage) -> None:
         """A malformed job is refused out loud, so its researcher learns why."""
-        job = topics.job_of(topic)
-        if job is None or topic != topics.job(job):
-            return
+        job, owner = topics.job_of(topic), topics.owner_of(topic)
+        if job is None or owner is None or topic != topics.job(owner, job) or exc.reason in (Reason.REPLAYED, Reason.STALE):
+            return  # a replay is only logged: its researcher learnt the answer the first time
         self.audit.record("job_refused", job=job, reason=str(exc))
         try:
-            self._send_reply(JobAnswer(job=job, status="declined").reply(error=f"job refused: {exc}"), job)
+            self._send_reply(JobAnswer(job=job, status="declined").reply(error=f"job refused: {exc}"), job, owner)
         except Exception:  # noqa: BLE001
             self.log.exception("reply_failed")

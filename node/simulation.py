@@ -141,7 +141,7 @@ class SimulatedFleet:
         c.username_pw_set(identity.name)
         c.tls_set(ca_certs=str(identity.ca_path), certfile=str(identity.cert_path), keyfile=str(identity.key_path),
                   cert_reqs=ssl.CERT_REQUIRED)
-        offline = seal(identity, "node_status", NodeStatus(state="offline"))[1]
+        offline = seal(identity, "node_status", NodeStatus(state="offline"), topic=topics.status(identity.name))[1]
         c.will_set(topics.status(identity.name), offline, qos=1, retain=True)
         c.user_data_set(identity.name)
         c.on_connect = self._on_connect
@@ -246,7 +246,8 @@ class SimulatedFleet:
                           (topics.requests(name), 1)])
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
-        status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]
+        status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"),
+                      topic=topics.status(name))[1]
         client.publish(topics.status(name), status, qos=1, retain=True)
 
     def _open(self, payload: bytes, topic: str) -> Message | None:
@@ -273,7 +274,8 @@ class SimulatedFleet:
         sim = self.nodes[name]
         if msg.type == "secagg_state":
             job = topics.job_of(topic) or ""
-            if job in sim.site.jobs and topic == topics.secagg(job) and sim.secure is not None:
+            kept = sim.site.jobs.get(job)
+            if kept is not None and topic == topics.secagg(kept.spec.owner, job) and sim.secure is not None:
                 sim.secure.on_state(job, msg.body)  # type: ignore[arg-type]
         elif msg.type == "job":
             self._perform(sim, sim.site.on_job(msg))
@@ -309,8 +311,9 @@ class SimulatedFleet:
             return
         update = Update(round=task.round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
-        wire = seal(sim.identity, "update", update, job=task.job, round_=task.round)[1]
-        sim.client.publish(topics.update(task.job, sim.identity.name), wire, qos=1)
+        topic = topics.update(spec.owner, task.job, sim.identity.name)
+        wire = seal(sim.identity, "update", update, job=task.job, round_=task.round, topic=topic)[1]
+        sim.client.publish(topic, wire, qos=1)
         self.updates_sent += 1
 
     def _secagg_sender(self, sim: _Sim) -> Callable[[str, str, Any], None]:
@@ -320,7 +323,7 @@ class SimulatedFleet:
             silent_from = DROP_POINTS.get(self.silent.get(sim.identity.name, ""), len(_SECAGG_ORDER))
             if _SECAGG_ORDER.index(type_) >= silent_from:
                 return
-            wire = seal(sim.identity, type_, body, job=topics.job_of(topic), round_=body.round)[1]
+            wire = seal(sim.identity, type_, body, job=topics.job_of(topic), round_=body.round, topic=topic)[1]
             sim.client.publish(topic, wire, qos=1)
             sim.client.loop_write()  # out now: the loop thread may train other sites next (a site trains
             # while its keys and shares travel; without this they would wait for every training)

@@ -107,7 +107,7 @@ def federation(start_nodes: list[str] = NODES) -> Run:
     observer = Messenger(Identity.load(fed.enroll("chaos-observer", "admin")),
                          TransportSettings(clean_start=True, session_expiry_s=0, reconnect_max_s=2),
                          client_id="chaos-observer")
-    observer.subscribe("fbm/v1/jobs/+/events", run.events.put)
+    observer.subscribe("fbm/v1/jobs/+/+/events", run.events.put)
     observer.subscribe("fbm/v1/nodes/+/requests", run.events.put, types={"update_received"})  # acks go to each node
     observer.subscribe("fbm/v1/jobs/+/secagg/+", run.events.put)  # the sites' secure-aggregation messages
     observer.connect()
