@@ -69,14 +69,14 @@ def _job(job_id: str = "j1", *, topic_job: str | None = None, msg_id: str = "m1"
     body = JobSpec(job_id=job_id, owner=RESEARCHER, plan=PlanRef(zoo=spec.pop("zoo", "mlp")), rounds=3,
                    tags=spec.pop("tags", ["cohort"]), **spec)
     return Message("job", msg_id, T0, RESEARCHER, "researcher", job_id, None, body,
-                   topic=topics.job(topic_job or job_id), wire=b"signed:" + job_id.encode())
+                   topic=topics.job(RESEARCHER, topic_job or job_id), wire=b"signed:" + job_id.encode())
 
 
 def _model(job_id: str = "j1", open_round: int | None = 1, *, status: str = "running", selection: str = "all",
            nodes: tuple[str, ...] = (), msg_id: str = "g1") -> Message:
     body = GlobalModel(round=(open_round or 1) - 1, params={}, status=status, open_round=open_round,
                        nodes=list(nodes), selection=selection)
-    return Message("model", msg_id, T0, AGG, "aggregator", job_id, None, body, topic=topics.model(job_id))
+    return Message("model", msg_id, T0, AGG, "aggregator", job_id, None, body, topic=topics.model(RESEARCHER, job_id))
 
 
 def _train(job_id: str = "j1", r: int = 1, now: float = T0) -> Train:
@@ -131,7 +131,7 @@ def test_on_job(case, job, site, expected):
     elif isinstance(expected, Record):
         assert actions == [expected] and jobs.spec("j1") is None
     else:
-        assert actions == [Decline("j1", expected, RESEARCHER, "m1")], case
+        assert actions == [Decline("j1", expected, RESEARCHER, "m1", RESEARCHER)], case
         assert jobs.spec("j1") is None
 
 
@@ -151,8 +151,8 @@ def test_a_job_held_already_is_ignored(held):
 
 def test_a_declined_job_is_answered_again_when_it_comes_again():
     jobs, _ = _site(Site(refusal="no"))
-    assert jobs.on_job(_job()) == [Decline("j1", "no", RESEARCHER, "m1")]
-    assert jobs.on_job(_job(msg_id="m2")) == [Decline("j1", "no", RESEARCHER, "m2")]
+    assert jobs.on_job(_job()) == [Decline("j1", "no", RESEARCHER, "m1", RESEARCHER)]
+    assert jobs.on_job(_job(msg_id="m2")) == [Decline("j1", "no", RESEARCHER, "m2", RESEARCHER)]
 
 
 # --- on_model: train task or nothing -------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_the_job_ends_with_its_model(status):
     _accepted(jobs)
     _sent(jobs)
     assert jobs.on_model(_model(open_round=None, status=status), T0) == [
-        Forget("j1", secure=True, training=True), Record(f"job_{status}", "j1", AGG), PublishStatus()]
+        Forget("j1", secure=True, training=True, ended=status), Record(f"job_{status}", "j1", AGG), PublishStatus()]
     assert not jobs.jobs and not jobs.pending
     assert jobs.on_model(_model(), T0) == []  # a stale model later: the job is gone
 
@@ -289,8 +289,8 @@ def test_plan_decisions_on_parked_jobs():
     assert jobs.on_plan_decision("j1", None) == []
     assert jobs.on_plan_decision("j1", PlanStatus.PENDING) == []
     assert [type(a) for a in jobs.on_plan_decision("j1", PlanStatus.APPROVED)] == [Accept]
-    assert jobs.on_plan_decision("j2", PlanStatus.REJECTED) == [Forget("j2"), Decline("j2", PLAN.format("rejected"))]
-    assert jobs.on_plan_decision("j3", PlanStatus.REVOKED) == [Forget("j3"), Decline("j3", PLAN.format("revoked"))]
+    assert jobs.on_plan_decision("j2", PlanStatus.REJECTED) == [Forget("j2"), Decline("j2", PLAN.format("rejected"), owner=RESEARCHER)]
+    assert jobs.on_plan_decision("j3", PlanStatus.REVOKED) == [Forget("j3"), Decline("j3", PLAN.format("revoked"), owner=RESEARCHER)]
     assert jobs.job_ids() == ["j1"] and not jobs.parked
 
 
@@ -301,7 +301,7 @@ def test_a_revoked_plan_stops_a_running_job():
     _sent(jobs)
     assert jobs.on_plan_decision("j1", PlanStatus.APPROVED) == []
     assert jobs.on_plan_decision("j1", PlanStatus.REVOKED) == [
-        Forget("j1", training=True), Decline("j1", PLAN.format("revoked")), PublishStatus()]
+        Forget("j1", training=True), Decline("j1", PLAN.format("revoked"), owner=RESEARCHER), PublishStatus()]
     assert not jobs.jobs and not jobs.pending and jobs.due_resends(T0 + 999, force=True) == []
     assert jobs.on_plan_decision("j1", PlanStatus.REVOKED) == []
 
@@ -315,7 +315,7 @@ def test_withdrawal(held):
         jobs.on_job(_job())
     actions = jobs.on_withdrawn("j1")
     held_here = held != "unknown"
-    assert actions == [Forget("j1", secure=True, training=held_here)] + ([Record("job_withdrawn", "j1")] if held_here else [])
+    assert actions == [Forget("j1", secure=True, training=held_here, ended="withdrawn" if held_here else "")] + ([Record("job_withdrawn", "j1")] if held_here else [])
     assert jobs.spec("j1") is None
 
 
