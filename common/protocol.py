@@ -72,9 +72,13 @@ class Channel:
         read, write = self.readers.get(role), self.writers.get(role)
         if read is None and write is None:
             return []
+        if read is not None and write is not None and read != write:  # e.g. reads every claim, writes its own
+            return self._rules("read", read) + self._rules("write", write)
         access = "readwrite" if read and write else "read" if read else "write"
-        own = OWN in (read, write)
-        topic = self.topic(**{lvl: ("{me}" if own and lvl == self.named else "+") for lvl in self.levels})
+        return self._rules(access, read or write)  # type: ignore[arg-type]
+
+    def _rules(self, access: str, scope: Access) -> list[tuple[str, str]]:
+        topic = self.topic(**{lvl: ("{me}" if scope == OWN and lvl == self.named else "+") for lvl in self.levels})
         rules = [(access, topic)]
         if self.chunked:
             rules.append((access, f"{topic}/{CHUNK_LEVEL}/+"))
@@ -105,6 +109,15 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
             named="node"),
     Channel("replies", "nodes/{node}/replies", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
             named="node"),
+    # the aggregator fleet: each aggregator's claim on each job (leases, take-overs), its
+    # status, and each job's last durable state for whoever takes the job over
+    Channel("claim", "jobs/{job}/claims/{aggregator}",
+            **_rw({"aggregator": OWN}, {"node": ANY, "researcher": ANY, "aggregator": ANY}),
+            retained=True, named="aggregator"),
+    Channel("checkpoint", "jobs/{job}/checkpoints/{aggregator}", **_rw({"aggregator": OWN}, {"aggregator": ANY}),
+            retained=True, chunked=True, named="aggregator"),
+    Channel("agg_status", "aggregators/{aggregator}/status", **_rw({"aggregator": OWN}, {"researcher": ANY, "aggregator": ANY}),
+            retained=True, named="aggregator"),
 )}
 
 

@@ -65,6 +65,20 @@ def replies(node: str) -> str:
     return _topic("replies", node=node)
 
 
+def claim(job_id: str, aggregator: str) -> str:
+    """`aggregator`'s claim on the job (retained; its own)."""
+    return _topic("claim", job=job_id, aggregator=aggregator)
+
+
+def checkpoint(job_id: str, aggregator: str) -> str:
+    """The job's last durable state as `aggregator` left it (retained; aggregators only)."""
+    return _topic("checkpoint", job=job_id, aggregator=aggregator)
+
+
+def agg_status(aggregator: str) -> str:
+    return _topic("agg_status", aggregator=aggregator)
+
+
 def every(channel: str) -> str:
     """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/model`)."""
     return CHANNELS[channel].filter()
