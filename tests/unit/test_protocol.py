@@ -26,6 +26,14 @@ HAND_WRITTEN = {
                    ("read", f"{P}/jobs/+/secagg/+"), ("write", f"{P}/jobs/+/secagg"), ("write", f"{P}/jobs/+/secagg/c/+")},
     "admin": {("readwrite", f"{P}/#")},
 }
+# the aggregator fleet (issue 23): every claim readable, only its own writable; job state for aggregators only
+HAND_WRITTEN["node"] |= {("read", f"{P}/jobs/+/claims/+")}
+HAND_WRITTEN["researcher"] |= {("read", f"{P}/jobs/+/claims/+"), ("read", f"{P}/aggregators/+/status")}
+HAND_WRITTEN["aggregator"] |= {
+    ("read", f"{P}/jobs/+/claims/+"), ("write", f"{P}/jobs/+/claims/{{me}}"),
+    ("read", f"{P}/jobs/+/checkpoints/+"), ("read", f"{P}/jobs/+/checkpoints/+/c/+"),
+    ("write", f"{P}/jobs/+/checkpoints/{{me}}"), ("write", f"{P}/jobs/+/checkpoints/{{me}}/c/+"),
+    ("read", f"{P}/aggregators/+/status"), ("write", f"{P}/aggregators/{{me}}/status")}
 
 
 @pytest.mark.parametrize("role", protocol.ROLES)
@@ -49,6 +57,10 @@ def test_topics_and_their_writers_come_from_the_table():
     assert topics.writer_of(topics.secagg_site("j1", "site-a")) == "site-a"
     assert topics.writer_of(topics.secagg("j1")) is None
     assert protocol.channel_of(topics.chunk(topics.secagg("j1"), 0)) is None
+    assert topics.writer_of(topics.claim("j1", "agg-1")) == "agg-1"
+    assert topics.writer_of(topics.checkpoint("j1", "agg-1")) == "agg-1"
+    assert topics.writer_of(topics.agg_status("agg-1")) == "agg-1"
+    assert topics.job_of(topics.claim("j1", "agg-1")) == "j1"
 
 
 def test_the_design_doc_shows_the_channel_table_of_the_code():
