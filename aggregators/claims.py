@@ -26,6 +26,9 @@ from common.claims import live, newer
 from common.messages import JobClaim
 
 
+READY_S = 1.0  # after connecting, no new bid this long: the retained claims arrive first
+
+
 @dataclass(frozen=True)
 class Publish:
     """Publish this claim of ours (retained on our claim topic for its job)."""
@@ -117,7 +120,7 @@ class ClaimBook:
     def on_connected(self, now: float) -> list[ClaimAction]:
         """After a (re)connect: what the broker lost is published again, and a bid in progress
         waits a whole settle window again (claims made meanwhile may not have reached us)."""
-        self.ready_at = now + self.timing.settle_s
+        self.ready_at = now + min(self.timing.settle_s, READY_S)
         actions: list[ClaimAction] = [Publish(self._renewed(c, now)) for c in list(self.held.values())]
         if self.bid is not None:
             self.bid.decide_at = now + self.timing.settle_s

@@ -36,8 +36,8 @@ class FleetSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FBM_FLEET_", extra="ignore")
 
     lease_s: float = Field(default=30.0, gt=0, description="a holder that has not renewed its claim this long is gone")
-    settle_s: float = Field(default=4.0, gt=0, description="how long bids for a job are collected before deciding")
-    skew_s: float = Field(default=1.0, ge=0, description="clock difference allowed between machines")
+    settle_s: float = Field(default=2.0, gt=0, description="how long bids for a job are collected before deciding")
+    skew_s: float = Field(default=0.5, ge=0, description="clock difference allowed between machines")
     checkpoint_wait_s: float = Field(default=5.0, gt=0, description="a take-over waits this long for the job's state")
     tick_s: float = Field(default=0.2, gt=0)
 

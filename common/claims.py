@@ -10,7 +10,7 @@ from __future__ import annotations
 from common.messages import JobClaim
 
 LIVE_STATES = frozenset({"bid", "held"})
-SKEW_S = 1.0  # clock difference between machines that nodes and researchers allow (aggregators: FBM_FLEET_SKEW_S)
+SKEW_S = 0.5  # clock difference between machines that nodes and researchers allow (aggregators: FBM_FLEET_SKEW_S)
 
 
 def newer(a: JobClaim | None, b: JobClaim) -> bool:
