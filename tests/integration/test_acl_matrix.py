@@ -30,6 +30,13 @@ TOPICS = {
     "requests/node-b": topics.requests("node-b"),
     "replies/node-a": topics.replies("node-a"),
     "replies/node-b": topics.replies("node-b"),
+    # the aggregator fleet (issue 23): agg-x is another aggregator identity
+    "claim/agg-1": topics.claim(JOB, "agg-1"),
+    "claim/agg-x": topics.claim(JOB, "agg-x"),
+    "checkpoint/agg-1": topics.checkpoint(JOB, "agg-1"),
+    "checkpoint/agg-x": topics.checkpoint(JOB, "agg-x"),
+    "agg_status/agg-1": topics.agg_status("agg-1"),
+    "agg_status/agg-x": topics.agg_status("agg-x"),
 }
 CLIENTS = ["node-a", "node-b", "res-1", "agg-1", "admin-1"]
 
@@ -46,6 +53,12 @@ WRITERS = {
     "requests/node-b": {"res-1", "agg-1"},
     "replies/node-a": {"node-a"},
     "replies/node-b": {"node-b"},
+    "claim/agg-1": {"agg-1"},
+    "claim/agg-x": set(),
+    "checkpoint/agg-1": {"agg-1"},
+    "checkpoint/agg-x": set(),
+    "agg_status/agg-1": {"agg-1"},
+    "agg_status/agg-x": set(),
 }
 # Who receives what is published on each topic.
 READERS = {
@@ -60,6 +73,12 @@ READERS = {
     "requests/node-b": {"node-b"},
     "replies/node-a": {"res-1", "agg-1"},
     "replies/node-b": {"res-1", "agg-1"},
+    "claim/agg-1": {"node-a", "node-b", "res-1", "agg-1"},
+    "claim/agg-x": {"node-a", "node-b", "res-1", "agg-1"},
+    "checkpoint/agg-1": {"agg-1"},  # a job's state: aggregators only
+    "checkpoint/agg-x": {"agg-1"},
+    "agg_status/agg-1": {"res-1", "agg-1"},
+    "agg_status/agg-x": {"res-1", "agg-1"},
 }
 # A topic each client can read, used as its barrier.
 BARRIER = {
