@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from common.claims import live, newer
 from common.messages import JobClaim
 
-
 READY_S = 1.0  # after connecting, no new bid this long: the retained claims arrive first
 
 
