@@ -79,6 +79,7 @@ class ClaimBook:
     claims: dict[str, dict[str, JobClaim]] = field(default_factory=dict)  # job -> aggregator -> newest
     candidates: set[str] = field(default_factory=set)  # jobs this aggregator may run
     held: dict[str, JobClaim] = field(default_factory=dict)
+    ended: dict[str, JobClaim] = field(default_factory=dict)  # our finished claims: re-published on reconnect
     bid: _Bid | None = None
 
     # --- events -------------------------------------------------------------------------------
@@ -114,13 +115,15 @@ class ClaimBook:
         mine = self.held.pop(job, None)
         self.candidates.discard(job)
         epoch = mine.epoch if mine else max((c.epoch for c in self.claims.get(job, {}).values()), default=1)
-        return [Publish(self._claim(job, epoch, "finished", now, mine.since if mine else now))]
+        self.ended[job] = self._claim(job, epoch, "finished", now, mine.since if mine else now)
+        return [Publish(self.ended[job])]
 
     def on_connected(self, now: float) -> list[ClaimAction]:
         """After a (re)connect: what the broker lost is published again, and a bid in progress
         waits a whole settle window again (claims made meanwhile may not have reached us)."""
         self.ready_at = now + min(self.timing.settle_s, READY_S)
         actions: list[ClaimAction] = [Publish(self._renewed(c, now)) for c in list(self.held.values())]
+        actions += [Publish(c) for c in self.ended.values()]  # a hard-killed broker may have lost them
         if self.bid is not None:
             self.bid.decide_at = now + self.timing.settle_s
             b = self.bid

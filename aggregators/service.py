@@ -229,6 +229,7 @@ class JobRunner(threading.Thread):
         self.epoch = epoch  # of our claim: our checkpoints on the broker carry it
         self.shared = spec.aggregator.identity is None  # unpinned: another aggregator may take it over
         self._seq = 0
+        self._shared: JobCheckpoint | None = None  # the last state shared: published again after a reconnect
         self._base: tuple[int, dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any] | None] = (0, {}, [], None)
         self.events: queue.Queue[_Event] = queue.Queue()
         self.declined: set[str] = set()
@@ -370,6 +371,7 @@ class JobRunner(threading.Thread):
         round_, params, history, rule_state = self._base
         state = JobCheckpoint(epoch=self.epoch, seq=self._seq, round=round_, params=params, history=history,
                               rule=rule_state, open=open_state)
+        self._shared = state
         t0 = time.perf_counter()
         self.service.messenger.send(topics.checkpoint(self.spec.job_id, self.service.name), "job_checkpoint", state,
                                     job=self.spec.job_id, round_=round_ + 1, retain=True)
@@ -604,6 +606,9 @@ class JobRunner(threading.Thread):
         if self._last_model is not None:
             self._send("model", self._last_model, retain=True, round_=self._last_model.round,
                        topic=topics.model(self.spec.job_id))
+        if self._shared is not None:  # the state a take-over would resume from
+            self.service.messenger.send(topics.checkpoint(self.spec.job_id, self.service.name), "job_checkpoint",
+                                        self._shared, job=self.spec.job_id, retain=True)
 
 
 class AggregatorService:

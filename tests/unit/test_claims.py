@@ -206,3 +206,12 @@ def test_a_takeover_is_followed_only_after_the_bound_lease_lapsed(change, now, o
     assert (valid_takeover(BOUND, new, now, 0.5) is None) is ok
     assert valid_takeover(None, new, now, 0.5) is not None
     assert valid_takeover(BOUND.model_copy(update={"state": "finished"}), new, now, 0.5) is not None
+
+
+def test_a_reconnect_publishes_again_what_a_hard_killed_broker_may_have_lost():
+    book = ClaimBook("agg-a", T)
+    book.adopt("held-job", 1, now=0.0)
+    book.adopt("done-job", 1, now=0.0)
+    book.on_finished("done-job", now=1.0)
+    states = sorted((a.claim.job, a.claim.state) for a in book.on_connected(2.0) if isinstance(a, Publish))
+    assert states == [("done-job", "finished"), ("held-job", "held")]
