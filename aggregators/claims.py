@@ -152,13 +152,6 @@ class ClaimBook:
     def finished(self, job: str) -> bool:
         return any(c.state == "finished" for c in self.claims.get(job, {}).values())
 
-    def holder(self, job: str, now: float) -> str | None:
-        """Who holds the job now, as far as we know (us included)."""
-        if job in self.held:
-            return self.me
-        holds = [(a, c) for a, c in self.claims.get(job, {}).items() if c.state == "held" and live(c, now, self.timing.skew_s)]
-        return min(holds, key=lambda ac: _rank(*ac))[0] if holds else None
-
     def _decide(self, bid: _Bid, now: float) -> list[ClaimAction]:
         """The settle window passed: hold the job if our bid is the winner, else yield."""
         others = self.claims.get(bid.job, {})

@@ -39,6 +39,8 @@ def valid_takeover(bound: JobClaim | None, new: JobClaim, now: float, skew_s: fl
         return "no claim of the bound aggregator is known, so no lease is known to have lapsed"
     if bound.state == "finished":
         return "the job finished under the bound aggregator"
+    if bound.state == "yielded" and new.epoch >= bound.epoch:
+        return None  # the bound aggregator signed that it gave the job up (two holds after a partition)
     if new.epoch <= bound.epoch:
         return f"claim epoch {new.epoch} is not after the bound aggregator's {bound.epoch}"
     if new.since < bound.lease_until:

@@ -75,7 +75,8 @@ def _log_events(run: Run, label: str, event: str) -> list[dict]:
 
 
 def test_ten_jobs_at_once_each_run_by_exactly_one_aggregator_spread_and_a_late_one_claims_none(fleet, undisturbed):
-    exps = [experiment(fleet, **QUICK) for _ in range(10)]
+    # each node trains one job at a time and starts a process per job: ten jobs need a long deadline
+    exps = [experiment(fleet, **{**QUICK, "deadline_s": 400}) for _ in range(10)]
     for exp in exps:  # at once
         exp.submit()
     states = [finish(fleet, exp, timeout_s=600) for exp in exps]
@@ -94,6 +95,8 @@ def test_ten_jobs_at_once_each_run_by_exactly_one_aggregator_spread_and_a_late_o
     assert _log_events(fleet, "agg-fleet-late", "aggregator_started")
     assert not [m for m in _claims(fleet) if m.sender == "fleet-late"]
     assert not _log_events(fleet, "agg-fleet-late", "job_claimed")
+    listed = fleet.fed.run_cli("researcher", "aggregators", "--bundle", str(fleet.fed.ws.bundle_dir("alice")))
+    assert all(name in listed for name in (*AGGS, "fleet-late")) and "online" in listed, listed
 
 
 def test_the_holder_sigkilled_mid_round_is_taken_over_and_the_model_is_bit_identical(fleet, undisturbed):

@@ -208,6 +208,13 @@ def test_a_takeover_is_followed_only_after_the_bound_lease_lapsed(change, now, o
     assert valid_takeover(BOUND.model_copy(update={"state": "finished"}), new, now, 0.5) is not None
 
 
+def test_a_bound_aggregator_that_yielded_is_left_for_the_hold_of_its_epoch():
+    yielded = BOUND.model_copy(update={"state": "yielded", "issued": 8.0})
+    other = JobClaim(job="j", epoch=1, state="held", since=0.0, lease_until=14.0, issued=9.0)
+    assert valid_takeover(yielded, other, 9.5, 0.5) is None
+    assert valid_takeover(BOUND, other, 9.5, 0.5) is not None
+
+
 def test_a_reconnect_publishes_again_what_a_hard_killed_broker_may_have_lost():
     book = ClaimBook("agg-a", T)
     book.adopt("held-job", 1, now=0.0)
