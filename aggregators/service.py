@@ -63,6 +63,9 @@ from common.messenger import Messenger
 from common.settings import TransportSettings
 
 
+SHARE_ATTEMPTS = 3  # publishing the job's state for a take-over, before the acknowledgements it covers
+
+
 class JobFailure(RuntimeError):
     """The job cannot go on; the message is the reason published in `job_failed`."""
 
@@ -373,8 +376,13 @@ class JobRunner(threading.Thread):
                               rule=rule_state, open=open_state)
         self._shared = state
         t0 = time.perf_counter()
-        self.service.messenger.send(topics.checkpoint(self.spec.job_id, self.service.name), "job_checkpoint", state,
-                                    job=self.spec.job_id, round_=round_ + 1, retain=True)
+        for attempt in range(1, SHARE_ATTEMPTS + 1):
+            try:
+                self.service.messenger.send(topics.checkpoint(self.spec.job_id, self.service.name), "job_checkpoint",
+                                            state, job=self.spec.job_id, round_=round_ + 1, retain=True)
+                break
+            except Exception as exc:  # noqa: BLE001 - the local checkpoint holds; a reconnect publishes it again
+                self.log.warning("state_not_shared", round=round_ + 1, attempt=attempt, error=str(exc))
         self.log.debug("checkpoint_shared", round=round_, open=open_state is not None, seq=self._seq,
                        share_s=round(time.perf_counter() - t0, 4))
 
