@@ -63,9 +63,10 @@ def _collect(bundle: Path, topic_filter: str, type_: str, wait: float) -> dict[s
     except ConnectError as exc:
         _fail(str(exc), 2)
     found: dict[str, Any] = {}
+    deadline = time.monotonic() + wait  # a total, not a quiet spell: aggregators re-publish every few seconds
     try:
-        while True:
-            msg = got.get(timeout=wait)
+        while (left := deadline - time.monotonic()) > 0:
+            msg = got.get(timeout=left)
             found[msg.sender] = msg
     except queue.Empty:
         pass

@@ -27,7 +27,7 @@ from tests.chaos.harness import (
     teardown,
 )
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(1500)]
 AGGS = ("fleet-a", "fleet-b", "fleet-c")
 LEASE_S = 4.0
 ENV = {"FBM_FLEET_LEASE_S": str(LEASE_S), "FBM_FLEET_SETTLE_S": "1", "FBM_FLEET_SKEW_S": "0.1",
