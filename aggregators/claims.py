@@ -173,6 +173,7 @@ class ClaimBook:
         """Bid for the first job (by id) that nobody live holds or bids for (or join a fresh bid)."""
         for job in sorted(self.candidates - set(self.held)):
             if self.finished(job):
+                self.candidates.discard(job)  # for good: a finished job is never run again
                 continue
             found = self._biddable(job, now)
             if found is None:
