@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import time
 from collections import defaultdict
 
@@ -41,6 +43,8 @@ EVERY_FOLD = sorted((r, n) for r in (1, 2) for n in NODES)
 def fleet():
     run = federation(aggregators=AGGS, agg_env=ENV)
     yield run
+    if os.environ.get("FBM_KEEP_LOGS"):  # debugging: the logs outlive the federation
+        shutil.copytree(run.fed.root / "logs", os.environ["FBM_KEEP_LOGS"], dirs_exist_ok=True)
     teardown(run)
 
 
@@ -122,7 +126,7 @@ def test_the_holder_sigkilled_mid_round_is_taken_over_and_the_model_is_bit_ident
 
 
 def test_a_broker_sigkill_in_the_claim_window_leaves_no_job_claimed_twice_or_orphaned(fleet):
-    exps = [experiment(fleet, **QUICK) for _ in range(3)]
+    exps = [experiment(fleet, **{**QUICK, "deadline_s": 300}) for _ in range(3)]  # a loaded machine spawns slowly
     for exp in exps:
         exp.submit()
     mine = {exp.job_id for exp in exps}
