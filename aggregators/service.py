@@ -62,7 +62,6 @@ from common.messages import (
 from common.messenger import Messenger
 from common.settings import TransportSettings
 
-
 SHARE_ATTEMPTS = 3  # publishing the job's state for a take-over, before the acknowledgements it covers
 
 
