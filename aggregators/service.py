@@ -5,6 +5,10 @@ the deadline), fold updates in as they arrive, close when every selected node ha
 or dropped out (at least the quorum), or at the deadline with at least the quorum; then
 checkpoint, publish `round_closed`, and open the next. A restarted aggregator resumes from
 its last checkpoint.
+
+Which jobs it runs is the fleet's decision (aggregators/claims.py, aggregators/fleet.py): an
+unpinned job is claimed by exactly one aggregator, and its durable state is also shared on the
+broker so that another one can take the job over if this one dies.
 """
 
 from __future__ import annotations
