@@ -134,7 +134,7 @@ class Fleet:
         try:
             if isinstance(action, Publish):
                 c = action.claim
-                self.service.messenger.send(topics.claim(c.job, self.service.name), "job_claim", c, job=c.job,
+                self.service.messenger.send(topics.claim(self.service.owner_of(c.job), c.job, self.service.name), "job_claim", c, job=c.job,
                                             retain=True)
                 if c.state != "held" or c.issued == c.since:  # renewals are not news
                     self.log.info("claim_published", job=c.job, epoch=c.epoch, state=c.state, load=c.load,
@@ -163,7 +163,7 @@ class Fleet:
         retained checkpoint, waiting up to checkpoint_wait_s for the previous holder's."""
         with self._state_arrived:
             self._wanted.add(job)
-        topic_filter = CHANNELS["checkpoint"].filter(job=job)
+        topic_filter = CHANNELS["checkpoint"].filter(owner=self.service.owner_of(job), job=job)
         self.service.messenger.subscribe(topic_filter, self.on_checkpoint, types={"job_checkpoint"},
                                          retained_chunks=True, qos=0)
         deadline = time.monotonic() + self.settings.checkpoint_wait_s

@@ -46,25 +46,29 @@ from aggregators.rules import AggregationRule, get_rule
 from aggregators.secagg import SECAGG_SENDER, Outcome, ServerRound
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
-from common.envelope import Message, open_envelope
+from common.envelope import Message, open_envelope, peek_header
 from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
     AggregatorStatus,
     GlobalModel,
+    JobAnswer,
     JobCheckpoint,
     JobHistory,
     JobSpec,
     NodeRoundReport,
     NodeStatus,
+    Reply,
     RoundClosed,
     RoundOpened,
     SecAggState,
     Selection,
+    TrainFailed,
     UpdateReceived,
 )
 from common.messenger import Messenger
 from common.settings import TransportSettings
+from common.training.args import TrainingArgs, TrainingArgsError
 
 SHARE_ATTEMPTS = 3  # publishing the job's state for a take-over, before the acknowledgements it covers
 
@@ -243,13 +247,14 @@ class JobRunner(threading.Thread):
         self.current_round = 0
         self._last_model: GlobalModel | None = None
         self._last_history: JobHistory | None = None
+        self._last_secagg: tuple[int, SecAggState] | None = None  # the secure stage last published
         self._history_sent = -1  # rounds in the last published JobHistory
         self._updates: dict[str, Any] = {}  # the update of each node the round told us to fold
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
     # helpers
     def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None) -> None:
-        self.service.messenger.send(topic or topics.events(self.spec.job_id), type_, body,
+        self.service.messenger.send(topic or topics.events(self.spec.owner, self.spec.job_id), type_, body,
                                     job=self.spec.job_id, round_=round_, retain=retain)
 
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
@@ -257,7 +262,7 @@ class JobRunner(threading.Thread):
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
             self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
-            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.job_id))
+            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.owner, self.spec.job_id))
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
         # unless the round is selective (N names to N nodes would make each round O(N^2))
@@ -266,7 +271,7 @@ class JobRunner(threading.Thread):
                             open_round=open_round, nodes=(nodes or []) if selective else [], deadline=deadline,
                             reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
-        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
+        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.owner, self.spec.job_id))
 
     def run(self) -> None:
         spec = self.spec
@@ -321,7 +326,10 @@ class JobRunner(threading.Thread):
             rule = get_rule(spec.aggregator.name, spec.aggregator.args)
         except ValueError as exc:
             raise JobFailure(str(exc)) from None
-        algorithm = str(spec.training_args.get("algorithm", "sgd"))
+        try:
+            algorithm = TrainingArgs.of(spec.training_args).algorithm
+        except TrainingArgsError as exc:
+            raise JobFailure(str(exc)) from None
         if rule.local_algorithm != algorithm:
             raise JobFailure(f"rule {rule.name!r} needs the nodes to run the {rule.local_algorithm!r} local algorithm "
                              f"(training_args.algorithm = {rule.local_algorithm!r}); the job asks for {algorithm!r}")
@@ -381,7 +389,7 @@ class JobRunner(threading.Thread):
         t0 = time.perf_counter()
         for attempt in range(1, SHARE_ATTEMPTS + 1):
             try:
-                self.service.messenger.send(topics.checkpoint(self.spec.job_id, self.service.name), "job_checkpoint",
+                self.service.messenger.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name), "job_checkpoint",
                                             state, job=self.spec.job_id, round_=round_ + 1, retain=True)
                 break
             except Exception as exc:  # noqa: BLE001 - the local checkpoint holds; a reconnect publishes it again
@@ -421,20 +429,24 @@ class JobRunner(threading.Thread):
             rule.load_state_dict(resume["rule"])
             self.log.info("round_resumed", round=r, answered=state.answered)
         if spec.secure_aggregation is not None:  # the sites' sum is the round's one update
-            return self._secure_round(state, rule, params, history)
+            return self._secure_round(state, rule, params, history, (resume or {}).get("secagg"))
         self._announce(state, rule, params, history)
         self._drive(state, rule, params)
         return self._close(state, rule, params)
 
-    def _secure_round(self, state: Round, rule: AggregationRule, params,
-                      history) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+    def _secure_round(self, state: Round, rule: AggregationRule, params, history,
+                      resume: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
         """Run the round's ServerRound; fold its unmasked mean as ONE update with the total count.
 
-        Not checkpointed mid-round (the sites' keys live in memory only): a restarted aggregator
-        runs the round again. A plain update for this job is never folded."""
+        Each stage is checkpointed before it is published; a restarted aggregator resumes from
+        the last published stage (`resume`) and publishes it again (aggregators/secagg.py). A
+        plain update for this job is never folded."""
         r = state.round
         server = ServerRound(self.spec, r, state.expected, params, state.opened, state.deadline,
-                             lambda st: self._publish_secagg(r, st))
+                             lambda st: self._publish_secagg(r, st), save=lambda snap: self._save_open(state, rule, snap),
+                             resume=resume)
+        if server.resumed_at is not None:
+            self.log.info("secure_round_resumed", round=r, stage=server.resumed_at)
         server.start()  # before the model: a site reading the model finds the key stage open
         self._announce(state, rule, params, history)
         outcome = self._drive_secure(server)
@@ -476,7 +488,8 @@ class JobRunner(threading.Thread):
         return outcome
 
     def _publish_secagg(self, r: int, state: SecAggState) -> None:
-        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.job_id))
+        self._last_secagg = (r, state)
+        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.owner, self.spec.job_id))
         self.log.info("secagg_stage", round=r, stage=state.stage, reason=state.reason or None)
 
     def _announce(self, state: Round, rule: AggregationRule, params, history) -> None:
@@ -537,11 +550,7 @@ class JobRunner(threading.Thread):
                     self.log.info("update_folded", round=r, node=action.node, n_samples=update.n_samples)
                 self._perform(more, state, rule, params)
             elif isinstance(action, SaveOpen):
-                with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
-                    open_state = {**state.to_dict(), "rule": rule.state_dict(),
-                                  "declined": sorted(self.declined), "pending": sorted(self.pending)}
-                    self.service.checkpoints.save_open(self.spec.job_id, open_state)
-                    self._share_state(open_state)
+                self._save_open(state, rule)
             elif isinstance(action, Ack):
                 self._ack(r, action.node)
             elif isinstance(action, Drop):
@@ -551,6 +560,16 @@ class JobRunner(threading.Thread):
             elif isinstance(action, Close):
                 return True
         return False
+
+    def _save_open(self, state: Round, rule: AggregationRule, secagg: torch.Tensor | None = None) -> None:
+        """The open round's checkpoint (and its secure-aggregation stage, if any)."""
+        with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
+            open_state = {**state.to_dict(), "rule": rule.state_dict(), "declined": sorted(self.declined),
+                          "pending": sorted(self.pending)}
+            self.service.checkpoints.save_open(self.spec.job_id,
+                                               {**open_state, **({"secagg": secagg} if secagg is not None else {})})
+            # a take-over redoes a secure round from the last closed one (its stage state is local)
+            self._share_state(open_state if secagg is None and self.spec.secure_aggregation is None else None)
 
     def _fold(self, rule: AggregationRule, params, node: str, update) -> str | None:
         """Decode, check and fold one update; why not, if any step refuses it (None if folded).
@@ -585,7 +604,7 @@ class JobRunner(threading.Thread):
         if problem is not None:  # e.g. a server step that overflowed: the last good model stays published
             raise JobFailure(f"round {r}: {rule.name} produced an invalid global model ({problem}); not published")
         notes = {**rule.round_notes(), **({"rejected": dict(state.rejected)} if state.rejected else {})}
-        norms = {n: float(new_params[n].double().norm()) for n in self.spec.training_args.get("report_norms") or []
+        norms = {n: float(new_params[n].double().norm()) for n in TrainingArgs.of(self.spec.training_args).report_norms
                  if n in new_params}
         if norms:
             notes["norms"] = norms
@@ -613,13 +632,16 @@ class JobRunner(threading.Thread):
         may have lost them; nodes and aggregator keep the job spec themselves)."""
         if self._last_history is not None:
             self._send("job_history", self._last_history, retain=True, round_=self._last_model.round if self._last_model else 0,
-                       topic=topics.history(self.spec.job_id))
+                       topic=topics.history(self.spec.owner, self.spec.job_id))
         if self._last_model is not None:
             self._send("model", self._last_model, retain=True, round_=self._last_model.round,
-                       topic=topics.model(self.spec.job_id))
+                       topic=topics.model(self.spec.owner, self.spec.job_id))
+        if self._last_secagg is not None:  # the sites answer the open stage again (they repeat answers)
+            self._send("secagg_state", self._last_secagg[1], retain=True, round_=self._last_secagg[0],
+                       topic=topics.secagg(self.spec.owner, self.spec.job_id))
         if self._shared is not None:  # the state a take-over would resume from
-            self.service.messenger.send(topics.checkpoint(self.spec.job_id, self.service.name), "job_checkpoint",
-                                        self._shared, job=self.spec.job_id, retain=True)
+            self.service.messenger.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name),
+                                        "job_checkpoint", self._shared, job=self.spec.job_id, retain=True)
 
 
 class AggregatorService:
@@ -630,8 +652,9 @@ class AggregatorService:
         self.identity = identity
         self.name = identity.name
         self.checkpoints = Checkpoints(Path(state_dir) / "jobs")
-        self.messenger = Messenger(identity, mqtt, will=(topics.agg_status(self.name), "aggregator_status",
-                                                         AggregatorStatus(state="offline")))
+        # the ids of processed messages survive a restart: a captured update re-published later is a replay
+        self.messenger = Messenger(identity, mqtt, seen_file=Path(state_dir) / "seen.sqlite",
+                                   will=(topics.agg_status(self.name), "aggregator_status", AggregatorStatus(state="offline")))
         self.fleet = Fleet(self, fleet or FleetSettings())
         self.specs: dict[str, Message] = {}  # unpinned jobs we may claim: their signed spec
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
@@ -650,10 +673,12 @@ class AggregatorService:
         m = self.messenger
         m.subscribe(topics.every("status"), self._on_status, types={"node_status"})
         m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
-        m.subscribe(topics.every("update"), self._on_update, types={"update"})
+        # updates are only queued to their runner when the handler returns: their ids are not kept
+        # across a restart (a re-send after a crash is folded); the round logic dedupes them
+        m.subscribe(topics.every("update"), self._on_update, types={"update"}, durable=False)
         m.subscribe(topics.every("secagg_site"), self._on_secagg, types={"secagg_keys", "secagg_shares",
-                                                                        "secagg_masked", "secagg_unmask"})
-        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+                                                                        "secagg_masked", "secagg_unmask"}, durable=False)
+        m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
         m.subscribe(topics.every("claim"), self.fleet.on_claim, types={"job_claim"})
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -669,8 +694,9 @@ class AggregatorService:
         for job in self.checkpoints.unfinished():
             wire = self.checkpoints.load_job(job) or b""
             try:
-                msg = open_envelope(wire, self.messenger.trust, topics.job(job))
-                if msg.type != "job" or msg.body.job_id != job:  # type: ignore[attr-defined]
+                owner = str(peek_header(wire).get("sender"))  # a job's signer is its owner (checked below)
+                msg = open_envelope(wire, self.messenger.trust, topics.job(owner, job))
+                if msg.type != "job" or msg.body.job_id != job or msg.body.owner != owner:  # type: ignore[attr-defined]
                     raise BadMessage(Reason.WRONG_TOPIC, "the stored message is not this job's spec")
             except BadMessage as exc:
                 self.log.warning("job_not_resumed", job=job, reason=str(exc))
@@ -738,6 +764,17 @@ class AggregatorService:
         with self._lock:
             return self.runners.get(job or "")
 
+    def _runner_at(self, msg: Message) -> JobRunner | None:
+        """The runner of the job `msg`'s topic is about, if the topic names that job's owner: a
+        job id under another researcher's name is not this job (logged and dropped)."""
+        runner = self._runner(topics.job_of(msg.topic))
+        owner = topics.owner_of(msg.topic)
+        if runner is not None and owner != runner.spec.owner:
+            self.log.warning("foreign_owner_dropped", job=runner.spec.job_id, type=msg.type, sender=msg.sender,
+                             msg_id=msg.id, reason=f"the job belongs to {runner.spec.owner!r}, not to {owner!r}")
+            return None
+        return runner
+
     def _on_connected(self, session_present: bool) -> None:
         """After any reconnect, re-publish our claims and each running job's model: a hard-killed
         broker loses retained messages newer than its last autosave."""
@@ -769,45 +806,64 @@ class AggregatorService:
                 runner.events.put(_Event("joined", node=msg.sender))
 
     def _on_reply(self, msg: Message) -> None:
-        reply = msg.body
-        data = reply.data if isinstance(reply.data, dict) else {}
-        runner = self._runner(data.get("job") or msg.job)
-        if runner is None or reply.command not in ("job", "train"):
+        reply: Reply = msg.body  # type: ignore[assignment]
+        try:
+            answer: JobAnswer | TrainFailed | None = JobAnswer.of(reply, msg.job) or TrainFailed.of(reply, msg.job)
+        except ValidationError:
+            return  # not an answer this aggregator can read
+        runner = self._runner(answer.job) if answer is not None else None
+        if runner is None or answer is None:
             return
-        status = data.get("status")
-        if reply.ok:
-            if reply.command == "job" and status == "accepted":  # e.g. its plan was approved late
-                runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
+        if topics.addressee_of(msg.topic) != runner.spec.owner:  # a notice about a same-named job of another owner
             return
-        if reply.command == "job" and status == "pending":  # not now; maybe after approval
-            runner.events.put(_Event("dropout", node=msg.sender, dropout="pending", reason=reply.error))
-            return
-        kind: DropKind = "declined" if reply.command == "job" else "failed"
-        runner.events.put(_Event("dropout", node=msg.sender, dropout=kind, reason=reply.error))
+        if isinstance(answer, TrainFailed):
+            runner.events.put(_Event("dropout", node=msg.sender, dropout="failed", reason=reply.error))
+        elif answer.status == "accepted":  # e.g. its plan was approved late
+            runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
+        else:  # pending: not now, maybe after approval
+            runner.events.put(_Event("dropout", node=msg.sender, dropout=answer.status, reason=reply.error))
 
     def _on_update(self, msg: Message) -> None:
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:  # not ours, or not known yet: its re-send must still be processed
-            raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
+        if self._runner(topics.job_of(msg.topic)) is None:  # not ours, or not known yet: its re-send must still be processed
+            self._finished_or_not_ready(msg)
+            return
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("update", node=msg.sender, message=msg))
 
     def _on_secagg(self, msg: Message) -> None:
         """A site's secure-aggregation message (on its own topic: the sender is checked)."""
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:
-            raise NotReady(f"secure-aggregation message from {msg.sender} for job {msg.job} not run here")
+        if self._runner(topics.job_of(msg.topic)) is None:
+            self._finished_or_not_ready(msg)
+            return
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("secagg", node=msg.sender, message=msg))
 
-    def _on_job(self, msg: Message) -> None:
-        spec: JobSpec = msg.body  # type: ignore[assignment]
-        if spec.job_id != topics.job_of(msg.topic):
-            self.log.warning("job_topic_mismatch", job=spec.job_id, topic=msg.topic)
+    def _finished_or_not_ready(self, msg: Message) -> None:
+        """A node's message for a job without a runner here: dropped if the job finished here
+        (e.g. a replay), else NotReady (not ours, or not known yet: its re-send is processed)."""
+        job = topics.job_of(msg.topic) or ""
+        if self.checkpoints.finished(job):
+            self.log.warning("message_dropped", topic=msg.topic, reason="job_finished", msg_id=msg.id, type=msg.type,
+                             sender=msg.sender, round=msg.round, detail=f"job {job!r} finished here")
             return
+        raise NotReady(f"{msg.type} from {msg.sender} for job {msg.job} that this aggregator does not run")
+
+    def _on_job(self, msg: Message) -> None:
+        """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
+        (or, for a withdrawal, an admin signer)."""
+        if msg.type == "withdraw":
+            self._withdrawn(msg)
+            return
+        spec: JobSpec = msg.body  # type: ignore[assignment]
         if spec.aggregator.identity not in (None, self.name):
             return
-        with self._lock:
-            if spec.job_id in self.runners:
-                return
+        if self._runner(spec.job_id) is not None:
+            self._runner_at(msg)  # the same id under another owner's name is logged
+            return
         if self.checkpoints.finished(spec.job_id):
             self.log.info("job_already_finished", job=spec.job_id)
             return
@@ -860,11 +916,25 @@ class AggregatorService:
             runner.events.put(_Event("handed_over", reason=reason))
         self.log.warning("job_hand_over", job=job, reason=reason)
 
-    def _on_job_cleared(self, topic: str) -> None:
-        job = topics.job_of(topic) or ""
+    def owner_of(self, job: str) -> str:
+        """The owner of a job this aggregator knows (its topics live under that name)."""
+        with self._lock:
+            msg, runner = self.specs.get(job), self.runners.get(job)
+        spec = msg.body if msg is not None else runner.spec if runner is not None else None
+        return spec.owner if spec is not None else ""  # type: ignore[union-attr]
+
+    def _withdrawn(self, msg: Message) -> None:
+        """The owner (or an admin) withdrew the job: nobody is to claim or run it any more."""
+        job = topics.job_of(msg.topic) or ""
+        with self._lock:
+            known = self.specs.get(job)
+        if known is not None and known.body.owner != topics.owner_of(msg.topic):  # type: ignore[union-attr]
+            return  # the same id under another owner's name
         with self._lock:
             self.specs.pop(job, None)
         self.fleet.gone(job)
-        runner = self._runner(job)
+        runner = self._runner_at(msg)
         if runner is not None:
+            self.log.info("job_withdrawn", job=job, by=msg.sender, msg_id=msg.id)
             runner.events.put(_Event("withdrawn"))
+

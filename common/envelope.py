@@ -2,8 +2,10 @@
 
 Wire form: a msgpack map `{v, type, id, ts, sender, job, round, body, cert, sig}` where `body`
 is the msgpack bytes of the typed body, `cert` the sender's DER cert and `sig` an Ed25519
-signature over `[v, type, id, ts, sender, job, round, sha256(body)]`. Signing the body's digest
-rather than the body keeps signing cost flat for a 500 MB model (one sha256 pass).
+signature over `[v, type, id, ts, sender, job, round, sha256(body), topic]`. Signing the body's
+digest rather than the body keeps signing cost flat for a 500 MB model (one sha256 pass). The
+topic is signed but not sent: the receiver checks the signature with the topic the message
+came on, so a message moved to another topic (another job's, another owner's) fails it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from common.errors import BadMessage, Reason
 from common.identity import Identity, Peer, TrustStore
 from common.messages import spec_for
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the topic is signed (issue 18)
 _HEADER_FIELDS = ("v", "type", "id", "ts", "sender", "job", "round")
 
 
@@ -46,12 +48,12 @@ class Message:
     wire: bytes | bytearray | memoryview = b""  # the signed bytes as received (relayed verbatim)
 
 
-def _signed_bytes(header: dict[str, Any], body: bytes) -> bytes:
-    return _signed_digest(header, hashlib.sha256(body).digest())
+def _signed_bytes(header: dict[str, Any], body: bytes, topic: str = "") -> bytes:
+    return _signed_digest(header, hashlib.sha256(body).digest(), topic)
 
 
-def _signed_digest(header: dict[str, Any], digest: bytes) -> bytes:
-    return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest])
+def _signed_digest(header: dict[str, Any], digest: bytes, topic: str) -> bytes:
+    return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest, topic])
 
 
 SLICE = 4 * 1024 * 1024  # body bytes hashed (and handed to the sender) per step
@@ -79,6 +81,7 @@ def seal_parts(
     job: str | None = None,
     round_: int | None = None,
     msg_id: str | None = None,
+    topic: str = "",
 ) -> SealedParts:
     """Validate `body` against its type and produce its envelope as a stream (see SealedParts)."""
     spec = spec_for(type_)
@@ -115,7 +118,7 @@ def seal_parts(
                 piece = view[start : start + SLICE]
                 digest.update(piece)
                 yield piece
-        sig = identity.sign(_signed_digest(header, digest.digest()))
+        sig = identity.sign(_signed_digest(header, digest.digest(), topic))
         yield cert_part + packer.pack(sig)
 
     return SealedParts(header["id"], len(prefix) + body_len + len(cert_part) + sig_len, parts())
@@ -137,9 +140,11 @@ def seal(
     job: str | None = None,
     round_: int | None = None,
     msg_id: str | None = None,
+    topic: str = "",
 ) -> tuple[str, bytes]:
-    """Validate `body` against its type, sign it as `identity`: (message id, wire bytes)."""
-    sealed = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id)
+    """Validate `body` against its type, sign it as `identity` for `topic` (where it will be
+    published): (message id, wire bytes)."""
+    sealed = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id, topic=topic)
     return sealed.msg_id, b"".join(sealed.parts)
 
 
@@ -293,17 +298,23 @@ def _header(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False) -> Message:
-    """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
+@dataclass(frozen=True)
+class Verified:
+    """An envelope whose signature (over its header, its body's sha256 and the topic) and
+    sender's role were checked; its body not decoded yet."""
 
-    Order matters: only the flat header map is read before the signature (over the raw body
-    bytes) and the sender's role are checked; the body is decoded after, so nothing from an
-    unauthenticated sender reaches the msgpack or tensor decoder.
-    """
+    header: dict[str, Any]
+    role: str
+    body_sha256: bytes
+    size: int
+
+
+def verify_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "") -> Verified:
+    """Check an envelope's signature and sender without decoding its body (the audit recorder
+    needs no more); BadMessage with the reason if anything is wrong."""
     fields, body_at = _unpack_envelope(data)
     raw = _header(fields)
-    body_digest = _precomputed_body_digest(data, raw["body"], body_at)
+    body_digest = _precomputed_body_digest(data, raw["body"], body_at) or hashlib.sha256(raw["body"]).digest()
     try:
         spec = spec_for(raw["type"])
     except KeyError:
@@ -313,13 +324,27 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         raise BadMessage(Reason.UNSIGNED, f"{raw['type']} from {raw['sender']!r} is not signed")
     peer: Peer = trust.peer(raw["cert"], raw["sender"])
     try:
-        peer.public_key.verify(sig, _signed_digest(raw, body_digest or hashlib.sha256(raw["body"]).digest()))
+        peer.public_key.verify(sig, _signed_digest(raw, body_digest, topic))
     except InvalidSignature:
-        raise BadMessage(Reason.BAD_SIGNATURE, f"{raw['type']} from {raw['sender']!r}: signature does not match") from None
+        raise BadMessage(Reason.BAD_SIGNATURE, f"{raw['type']} from {raw['sender']!r}: signature does not match "
+                                               f"(altered, or signed for another topic than {topic!r})") from None
     if peer.role not in spec.roles:
         raise BadMessage(
             Reason.ROLE_NOT_ALLOWED, f"a {peer.role} ({peer.name}) may not send {raw['type']!r}"
         )
+    return Verified(raw, peer.role, body_digest, len(memoryview(data)))
+
+
+def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
+                  retained: bool = False) -> Message:
+    """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
+
+    Order matters: only the flat header map is read before the signature (over the raw body
+    bytes) and the sender's role are checked; the body is decoded after, so nothing from an
+    unauthenticated sender reaches the msgpack or tensor decoder.
+    """
+    checked = verify_envelope(data, trust, topic)
+    raw, spec = checked.header, spec_for(checked.header["type"])
     try:
         body = spec.model.model_validate(codec.decode(raw["body"]))
     except ValidationError as exc:
@@ -329,7 +354,7 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         id=raw["id"],
         ts=float(raw["ts"]),
         sender=raw["sender"],
-        role=peer.role,
+        role=checked.role,
         job=raw.get("job"),
         round=raw.get("round"),
         body=body,

@@ -44,8 +44,8 @@ class Capture:
         self.messenger = Messenger(Identity.load(fed.enroll("secagg-observer", "admin")),
                                    TransportSettings(clean_start=True, session_expiry_s=0, reconnect_max_s=2),
                                    client_id="secagg-observer")
-        self.messenger.subscribe("fbm/v1/jobs/+/secagg/+", self.inbox.put)
-        self.messenger.subscribe("fbm/v1/jobs/+/updates/+", self.inbox.put)
+        self.messenger.subscribe("fbm/v1/jobs/+/+/secagg/+", self.inbox.put)
+        self.messenger.subscribe("fbm/v1/jobs/+/+/updates/+", self.inbox.put)
         self.messenger.connect()
 
     def drain(self) -> list:

@@ -57,8 +57,8 @@ def _bundle(fed, name):
 def test_fedavg_three_nodes_two_rounds(fed):
     auditor = Messenger(_bundle(fed, "auditor"), researcher_settings(), client_id="auditor-e2e")
     seen: queue.Queue = queue.Queue()
-    auditor.subscribe("fbm/v1/jobs/+/updates/+", seen.put, types={"update"})
-    auditor.subscribe("fbm/v1/jobs/+/model", seen.put, types={"model"}, retained_chunks=True)
+    auditor.subscribe("fbm/v1/jobs/+/+/updates/+", seen.put, types={"update"})
+    auditor.subscribe("fbm/v1/jobs/+/+/model", seen.put, types={"model"}, retained_chunks=True)
     auditor.connect()
     exp = Experiment(_bundle(fed, "alice"), plan="mlp", tags=["fmnist"], rounds=2, quorum=3,
                      model_args={"hidden": [64]}, training_args={"epochs": 1, "lr": 0.05, "batch_size": 32},
@@ -115,13 +115,13 @@ def _raw_job_replies(fed, job_id: str, wire: bytes) -> list:
     """Publish a hand-made job and collect the nodes' replies about it."""
     replies: queue.Queue = queue.Queue()
     m = Messenger(_bundle(fed, "alice"), researcher_settings(), client_id="alice-raw")
-    m.subscribe("fbm/v1/nodes/+/replies", replies.put, types={"reply"})
+    m.subscribe(topics.replies_to("alice"), replies.put, types={"reply"})
     m.connect()
     try:
-        m.transport.publish(topics.job(job_id), wire, retain=True)
+        m.transport.publish(topics.job("alice", job_id), wire, retain=True)
         got: list = []
         wait_until(lambda: (got.extend(_drain(replies)) or len({r.sender for r in got if r.body.data.get("job") == job_id}) >= 3), 30)
-        m.clear(topics.job(job_id))
+        m.clear(topics.job("alice", job_id))
         return [r for r in got if r.body.data.get("job") == job_id]
     finally:
         m.close()
@@ -137,7 +137,7 @@ def _drain(q: queue.Queue) -> list:
 def test_job_with_unknown_plan_sent_anyway_is_declined_by_nodes(fed):
     spec = {"job_id": "bad-plan-1", "owner": "alice", "plan": PlanRef(zoo="nope").model_dump(), "rounds": 1,
             "tags": ["fmnist"], "initial_params": {}}
-    _, wire = seal(_bundle(fed, "alice"), "job", spec, job="bad-plan-1")
+    _, wire = seal(_bundle(fed, "alice"), "job", spec, job="bad-plan-1", topic=topics.job("alice", "bad-plan-1"))
     replies = _raw_job_replies(fed, "bad-plan-1", wire)
     assert replies and all(not r.body.ok for r in replies)
     assert any("unknown zoo plan 'nope'" in r.body.error for r in replies)
@@ -146,13 +146,14 @@ def test_job_with_unknown_plan_sent_anyway_is_declined_by_nodes(fed):
 def test_malformed_job_spec_is_refused_with_the_reason(fed):
     identity = _bundle(fed, "alice")
     _, wire = seal(identity, "job", {"job_id": "bad-spec-1", "owner": "alice", "plan": {"zoo": "mlp"},
-                                     "rounds": 1, "tags": ["fmnist"]}, job="bad-spec-1")
+                                     "rounds": 1, "tags": ["fmnist"]}, job="bad-spec-1",
+                   topic=topics.job("alice", "bad-spec-1"))
     raw = codec.decode(wire)
     body = codec.decode(raw["body"])
     body["rounds"] = 0  # below the minimum: the schema refuses it
     raw["body"] = codec.encode(body)
     from common.envelope import _signed_bytes
-    raw["sig"] = identity.sign(_signed_bytes(raw, raw["body"]))
+    raw["sig"] = identity.sign(_signed_bytes(raw, raw["body"], topics.job("alice", "bad-spec-1")))
     replies = _raw_job_replies(fed, "bad-spec-1", codec.encode(raw))
     assert replies and all(not r.body.ok for r in replies)
     assert all("bad_body" in r.body.error and "rounds" in r.body.error for r in replies)
