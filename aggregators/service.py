@@ -5,6 +5,10 @@ the deadline), fold updates in as they arrive, close when every selected node ha
 or dropped out (at least the quorum), or at the deadline with at least the quorum; then
 checkpoint, publish `round_closed`, and open the next. A restarted aggregator resumes from
 its last checkpoint.
+
+Which jobs it runs is the fleet's decision (aggregators/claims.py, aggregators/fleet.py): an
+unpinned job is claimed by exactly one aggregator, and its durable state is also shared on the
+broker so that another one can take the job over if this one dies.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import structlog
 import torch
 from pydantic import ValidationError
 
+from aggregators.fleet import Fleet, FleetSettings
 from aggregators.round import (
     Ack,
     Action,
@@ -45,8 +50,10 @@ from common.envelope import Message, open_envelope, peek_header
 from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
+    AggregatorStatus,
     GlobalModel,
     JobAnswer,
+    JobCheckpoint,
     JobHistory,
     JobSpec,
     NodeRoundReport,
@@ -63,16 +70,22 @@ from common.messenger import Messenger
 from common.settings import TransportSettings
 from common.training.args import TrainingArgs, TrainingArgsError
 
+SHARE_ATTEMPTS = 3  # publishing the job's state for a take-over, before the acknowledgements it covers
+
 
 class JobFailure(RuntimeError):
     """The job cannot go on; the message is the reason published in `job_failed`."""
+
+
+class HandedOver(RuntimeError):
+    """Another aggregator holds the job now: stop without a word (it carries the job on)."""
 
 
 @dataclass(frozen=True)
 class _Event:
     """What the service hands a job's runner: an update, a node joining or leaving, withdrawal."""
 
-    kind: Literal["update", "dropout", "joined", "withdrawn", "secagg"]
+    kind: Literal["update", "dropout", "joined", "withdrawn", "secagg", "handed_over"]
     node: str = ""
     message: Message | None = None
     dropout: DropKind = "offline"  # why a node left: offline, failed, declined, pending
@@ -190,6 +203,25 @@ class Checkpoints:
         path = self._dir(job) / "job.msg"
         return path.read_bytes() if path.exists() else None
 
+    def reset(self, job: str) -> None:
+        """Forget the job's rounds here (a take-over writes the fleet's newer state instead)."""
+        for path in self._dir(job).glob("round-*.pt"):
+            path.unlink(missing_ok=True)
+        self.clear_open(job)
+
+    def drop(self, job: str) -> None:
+        """Not ours any more (handed over): never resumed from here."""
+        (self._dir(job) / "job.msg").unlink(missing_ok=True)
+
+    def save_claim(self, job: str, epoch: int) -> None:
+        folder = self._dir(job)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "claim.json").write_text(json.dumps({"epoch": epoch}))
+
+    def load_claim(self, job: str) -> int:
+        path = self._dir(job) / "claim.json"
+        return int(json.loads(path.read_text())["epoch"]) if path.exists() else 1
+
     def unfinished(self) -> list[str]:
         """Jobs claimed here (their message is kept) that have not ended."""
         if not self.root.is_dir():
@@ -200,10 +232,15 @@ class Checkpoints:
 class JobRunner(threading.Thread):
     """Runs one job's rounds to the end."""
 
-    def __init__(self, spec: JobSpec, service: AggregatorService) -> None:
+    def __init__(self, spec: JobSpec, service: AggregatorService, epoch: int = 1) -> None:
         super().__init__(name=f"job-{spec.job_id}", daemon=True)
         self.spec = spec
         self.service = service
+        self.epoch = epoch  # of our claim: our checkpoints on the broker carry it
+        self.shared = spec.aggregator.identity is None  # unpinned: another aggregator may take it over
+        self._seq = 0
+        self._shared: JobCheckpoint | None = None  # the last state shared: published again after a reconnect
+        self._base: tuple[int, dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any] | None] = (0, {}, [], None)
         self.events: queue.Queue[_Event] = queue.Queue()
         self.declined: set[str] = set()
         self.pending: set[str] = set()  # nodes whose admin has not approved the plan yet
@@ -251,6 +288,7 @@ class JobRunner(threading.Thread):
                 self.log.info("job_resumed", round=start)
             if not params:
                 raise JobFailure("the job has no initial parameters")
+            self._base = (start, params, history, checkpoint.get("rule") if checkpoint else None)
             self._send("job_accepted", {"aggregator": self.service.name, "nodes": self.service.eligible(spec)})
             resume = self.service.checkpoints.load_open(spec.job_id)
             for r in range(start + 1, spec.rounds + 1):
@@ -260,6 +298,8 @@ class JobRunner(threading.Thread):
                 history.append(summary.model_dump())
                 t_save = time.perf_counter()
                 self.service.checkpoints.save(spec.job_id, r, params, history, rule_state=rule.carry_over() or None)
+                self._base = (r, params, history, rule.carry_over() or None)
+                self._share_state(None)
                 self.service.checkpoints.clear_open(spec.job_id)
                 self.log.debug("checkpoint_saved", round=r, save_s=round(time.perf_counter() - t_save, 4))
                 self._send("round_closed", summary, round_=r)
@@ -267,7 +307,10 @@ class JobRunner(threading.Thread):
             final = history[-1]["metrics"] if history else {}
             self._send("job_done", {"rounds": spec.rounds, "final_round": spec.rounds, "metrics": final})
             self.service.checkpoints.finish(spec.job_id, "done")
+            self.service.fleet.finished(spec.job_id)
             self.log.info("job_done", rounds=spec.rounds)
+        except HandedOver as exc:
+            self.log.warning("job_handed_over", round=self.current_round, reason=str(exc))
         except JobFailure as exc:
             self._fail(str(exc), params, history)
         except Exception as exc:  # noqa: BLE001 - a bug fails the job loudly, not the service
@@ -307,6 +350,7 @@ class JobRunner(threading.Thread):
         except Exception:  # noqa: BLE001
             self.log.exception("job_failed_not_published")
         self.service.checkpoints.finish(self.spec.job_id, "failed", reason)
+        self.service.fleet.finished(self.spec.job_id)
 
     def _wait_for_nodes(self, deadline: float) -> list[str]:
         needed = max(self.spec.quorum, self.spec.selection.k if self.spec.selection.mode == "at_least" else 1)
@@ -322,9 +366,36 @@ class JobRunner(threading.Thread):
             event = self.events.get(timeout=timeout_s)
         except queue.Empty:
             return
+        self._check_ours(event)
+        self._note_standing(event)
+
+    def _check_ours(self, event: _Event) -> None:
+        """Withdrawn by the researcher (the job fails), or taken over (we stop without a word)."""
         if event.kind == "withdrawn":
             raise JobFailure("the researcher withdrew the job")
-        self._note_standing(event)
+        if event.kind == "handed_over":
+            raise HandedOver(event.reason)
+
+    def _share_state(self, open_state: dict[str, Any] | None) -> None:
+        """Publish the job's last durable state for whoever takes it over (retained, ours;
+        waits for the broker: an acknowledgement it covers goes out only after)."""
+        if not self.shared:
+            return
+        self._seq += 1
+        round_, params, history, rule_state = self._base
+        state = JobCheckpoint(epoch=self.epoch, seq=self._seq, round=round_, params=params, history=history,
+                              rule=rule_state, open=open_state)
+        self._shared = state
+        t0 = time.perf_counter()
+        for attempt in range(1, SHARE_ATTEMPTS + 1):
+            try:
+                self.service.messenger.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name), "job_checkpoint",
+                                            state, job=self.spec.job_id, round_=round_ + 1, retain=True)
+                break
+            except Exception as exc:  # noqa: BLE001 - the local checkpoint holds; a reconnect publishes it again
+                self.log.warning("state_not_shared", round=round_ + 1, attempt=attempt, error=str(exc))
+        self.log.debug("checkpoint_shared", round=round_, open=open_state is not None, seq=self._seq,
+                       share_s=round(time.perf_counter() - t0, 4))
 
     def _note_standing(self, event: _Event) -> None:
         """Declines are for the whole job; a pending plan approval lasts until the node accepts."""
@@ -405,8 +476,7 @@ class JobRunner(threading.Thread):
             except queue.Empty:
                 outcome = server.tick(time.time())
                 continue
-            if event.kind == "withdrawn":
-                raise JobFailure("the researcher withdrew the job")
+            self._check_ours(event)
             self._note_standing(event)
             msg = event.message
             if event.kind == "secagg" and msg is not None and msg.round == getattr(msg.body, "round", None):
@@ -444,8 +514,7 @@ class JobRunner(threading.Thread):
                 event = self.events.get(timeout=state.next_wakeup(time.time()))
             except queue.Empty:
                 continue
-            if event.kind == "withdrawn":
-                raise JobFailure("the researcher withdrew the job")
+            self._check_ours(event)
             self._note_standing(event)
             self._perform(self._step(state, event), state, rule, params)
 
@@ -495,9 +564,12 @@ class JobRunner(threading.Thread):
     def _save_open(self, state: Round, rule: AggregationRule, secagg: torch.Tensor | None = None) -> None:
         """The open round's checkpoint (and its secure-aggregation stage, if any)."""
         with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
-            self.service.checkpoints.save_open(self.spec.job_id, {
-                **state.to_dict(), "rule": rule.state_dict(), "declined": sorted(self.declined),
-                "pending": sorted(self.pending), **({"secagg": secagg} if secagg is not None else {})})
+            open_state = {**state.to_dict(), "rule": rule.state_dict(), "declined": sorted(self.declined),
+                          "pending": sorted(self.pending)}
+            self.service.checkpoints.save_open(self.spec.job_id,
+                                               {**open_state, **({"secagg": secagg} if secagg is not None else {})})
+            # a take-over redoes a secure round from the last closed one (its stage state is local)
+            self._share_state(open_state if secagg is None and self.spec.secure_aggregation is None else None)
 
     def _fold(self, rule: AggregationRule, params, node: str, update) -> str | None:
         """Decode, check and fold one update; why not, if any step refuses it (None if folded).
@@ -567,17 +639,24 @@ class JobRunner(threading.Thread):
         if self._last_secagg is not None:  # the sites answer the open stage again (they repeat answers)
             self._send("secagg_state", self._last_secagg[1], retain=True, round_=self._last_secagg[0],
                        topic=topics.secagg(self.spec.owner, self.spec.job_id))
+        if self._shared is not None:  # the state a take-over would resume from
+            self.service.messenger.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name),
+                                        "job_checkpoint", self._shared, job=self.spec.job_id, retain=True)
 
 
 class AggregatorService:
     """Subscribes to jobs, node statuses, replies and updates; runs a JobRunner per claimed job."""
 
-    def __init__(self, identity: Identity, state_dir: Path, mqtt: TransportSettings | None = None) -> None:
+    def __init__(self, identity: Identity, state_dir: Path, mqtt: TransportSettings | None = None,
+                 fleet: FleetSettings | None = None) -> None:
         self.identity = identity
         self.name = identity.name
         self.checkpoints = Checkpoints(Path(state_dir) / "jobs")
         # the ids of processed messages survive a restart: a captured update re-published later is a replay
-        self.messenger = Messenger(identity, mqtt, seen_file=Path(state_dir) / "seen.sqlite")
+        self.messenger = Messenger(identity, mqtt, seen_file=Path(state_dir) / "seen.sqlite",
+                                   will=(topics.agg_status(self.name), "aggregator_status", AggregatorStatus(state="offline")))
+        self.fleet = Fleet(self, fleet or FleetSettings())
+        self.specs: dict[str, Message] = {}  # unpinned jobs we may claim: their signed spec
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
         self.nodes: dict[str, NodeStatus] = {}
         self.declared: dict[str, NodeStatus] = {}  # each node's last online status: its datasets
@@ -600,10 +679,12 @@ class AggregatorService:
         m.subscribe(topics.every("secagg_site"), self._on_secagg, types={"secagg_keys", "secagg_shares",
                                                                         "secagg_masked", "secagg_unmask"}, durable=False)
         m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
+        m.subscribe(topics.every("claim"), self.fleet.on_claim, types={"job_claim"})
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
         for runner in resumed:
             runner.start()
+        self.fleet.start()
         self._beat_thread.start()
         self.log.info("aggregator_started", resumed=[r.spec.job_id for r in resumed])
 
@@ -620,14 +701,19 @@ class AggregatorService:
             except BadMessage as exc:
                 self.log.warning("job_not_resumed", job=job, reason=str(exc))
                 continue
-            runner = JobRunner(msg.body, self)  # type: ignore[arg-type]
+            runner = JobRunner(msg.body, self, epoch=self.checkpoints.load_claim(job))  # type: ignore[arg-type]
             with self._lock:
                 self.runners[job] = runner
             resumed.append(runner)
+            self.fleet.adopt(job, runner.epoch)  # renewed before its lease lapses; stopped if taken over meanwhile
         return resumed
 
     def stop(self) -> None:
         self._stopped.set()
+        self.fleet.stop()
+        with contextlib.suppress(Exception):  # a clean stop says so at once (the Last Will is for a crash)
+            self.messenger.send(topics.agg_status(self.name), "aggregator_status", AggregatorStatus(state="offline"),
+                                retain=True, timeout_s=2.0)
         self.messenger.close()
         self.beat()
 
@@ -690,8 +776,9 @@ class AggregatorService:
         return runner
 
     def _on_connected(self, session_present: bool) -> None:
-        """After any reconnect, re-publish each running job's model: a hard-killed broker loses
-        retained messages newer than its last autosave."""
+        """After any reconnect, re-publish our claims and each running job's model: a hard-killed
+        broker loses retained messages newer than its last autosave."""
+        self.fleet.connected()
         with self._lock:
             runners = list(self.runners.values())
         for runner in runners:
@@ -769,10 +856,7 @@ class AggregatorService:
         """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
         (or, for a withdrawal, an admin signer)."""
         if msg.type == "withdraw":
-            runner = self._runner_at(msg)
-            if runner is not None:
-                self.log.info("job_withdrawn", job=runner.spec.job_id, by=msg.sender, msg_id=msg.id)
-                runner.events.put(_Event("withdrawn"))
+            self._withdrawn(msg)
             return
         spec: JobSpec = msg.body  # type: ignore[assignment]
         if spec.aggregator.identity not in (None, self.name):
@@ -783,11 +867,74 @@ class AggregatorService:
         if self.checkpoints.finished(spec.job_id):
             self.log.info("job_already_finished", job=spec.job_id)
             return
+        if spec.aggregator.identity is None:  # the fleet decides who runs it (aggregators/claims.py)
+            with self._lock:
+                self.specs[spec.job_id] = msg
+            self.fleet.candidate(spec.job_id)
+            return
+        self._run(msg, epoch=1)
+        self.fleet.adopt(spec.job_id, 1)  # pinned to us: held without a bid, never taken over
+
+    def _run(self, msg: Message, epoch: int) -> None:
+        spec: JobSpec = msg.body  # type: ignore[assignment]
         self.checkpoints.save_job(spec.job_id, msg.wire)
-        runner = JobRunner(spec, self)
+        self.checkpoints.save_claim(spec.job_id, epoch)
+        runner = JobRunner(spec, self, epoch=epoch)
         with self._lock:
             self.runners[spec.job_id] = runner
-        self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name)
+        self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name, epoch=epoch)
         runner.start()
 
+    def run_claimed(self, job: str, epoch: int, previous: str | None) -> None:
+        """The fleet gave us the job: run it; a take-over first fetches the job's last durable
+        state from the broker and resumes from it (the model of the last closed round, the open
+        round's folded updates), so no acknowledged update is lost or folded twice."""
+        with self._lock:
+            msg = self.specs.get(job)
+        if msg is None:  # withdrawn meanwhile: nobody is to run it
+            self.log.warning("claimed_job_unknown", job=job)
+            self.fleet.finished(job)
+            return
+        if epoch > 1:
+            t0 = time.time()
+            state = self.fleet.last_state(job, previous)
+            self.checkpoints.reset(job)
+            if state is not None:
+                if state.round > 0:
+                    self.checkpoints.save(job, state.round, state.params, state.history, rule_state=state.rule)
+                if state.open is not None:
+                    self.checkpoints.save_open(job, state.open)
+            self.log.info("job_taken_over", job=job, epoch=epoch, previous=previous, round=state.round if state else 0,
+                          open=bool(state and state.open), fetch_s=round(time.time() - t0, 3))
+        self._run(msg, epoch)
+
+    def hand_over(self, job: str, reason: str) -> None:
+        """Another aggregator holds the job: our runner stops silently, and it is not resumed here."""
+        self.checkpoints.drop(job)
+        runner = self._runner(job)
+        if runner is not None:
+            runner.events.put(_Event("handed_over", reason=reason))
+        self.log.warning("job_hand_over", job=job, reason=reason)
+
+    def owner_of(self, job: str) -> str:
+        """The owner of a job this aggregator knows (its topics live under that name)."""
+        with self._lock:
+            msg, runner = self.specs.get(job), self.runners.get(job)
+        spec = msg.body if msg is not None else runner.spec if runner is not None else None
+        return spec.owner if spec is not None else ""  # type: ignore[union-attr]
+
+    def _withdrawn(self, msg: Message) -> None:
+        """The owner (or an admin) withdrew the job: nobody is to claim or run it any more."""
+        job = topics.job_of(msg.topic) or ""
+        with self._lock:
+            known = self.specs.get(job)
+        if known is not None and known.body.owner != topics.owner_of(msg.topic):  # type: ignore[union-attr]
+            return  # the same id under another owner's name
+        with self._lock:
+            self.specs.pop(job, None)
+        self.fleet.gone(job)
+        runner = self._runner_at(msg)
+        if runner is not None:
+            self.log.info("job_withdrawn", job=job, by=msg.sender, msg_id=msg.id)
+            runner.events.put(_Event("withdrawn"))
 

@@ -389,3 +389,54 @@ class JobDone(Body):
 class JobFailed(Body):
     reason: str
     round: int = 0
+
+
+# --- the aggregator fleet (docs/design.md, "Aggregators as a fleet") ---------------------------
+
+
+@message("job_claim", "aggregator")
+class JobClaim(Body):
+    """One aggregator's word about one job, retained on `jobs/{job}/claims/{aggregator}`.
+
+    bid: it wants the job (epoch `epoch`), decided after the settle window; held: it runs the
+    job until `lease_until` and renews the lease; finished: the job ended under it (never run
+    again); yielded: it lost the bid or handed the job over. A take-over is a held claim of a
+    higher epoch naming the `previous` holder, made after that holder's lease ran out."""
+
+    job: str = Field(pattern=JOB_ID_PATTERN)
+    epoch: int = Field(ge=1)
+    state: Literal["bid", "held", "finished", "yielded"]
+    load: int = Field(default=0, ge=0)  # jobs it held when it bid: the least loaded wins
+    since: float  # when this epoch's bid was made (the claimer's clock)
+    lease_until: float = 0.0
+    issued: float  # when this message was made: a later one of the same epoch supersedes it
+    previous: str | None = None  # the holder of the epoch before (a take-over)
+
+
+@message("aggregator_status", "aggregator")
+class AggregatorStatus(Body):
+    """An aggregator's retained status on `aggregators/{aggregator}/status` (its Last Will
+    says offline)."""
+
+    state: Literal["online", "offline"]
+    jobs: list[str] = []
+    load: int = 0
+    rules: list[str] = []
+    at: float = 0.0
+    lease_s: float = 0.0
+
+
+@message("job_checkpoint", "aggregator")
+class JobCheckpoint(Body):
+    """A job's last durable state, retained on `jobs/{job}/checkpoints/{aggregator}` for the
+    aggregator that takes the job over: the model after `round` closed rounds with their
+    history and the rule's carried state, and the open round's partial state if any (what
+    was folded and acknowledged). Published before any acknowledgement it covers."""
+
+    epoch: int = Field(ge=1)
+    seq: int = Field(ge=0)
+    round: int = Field(ge=0)
+    params: Tensors
+    history: list[dict[str, Any]] = []
+    rule: dict[str, Any] | None = None
+    open: dict[str, Any] | None = None

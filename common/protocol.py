@@ -119,6 +119,15 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
     # a node's answer goes to the one who asked (or, for a notice about a job, to its owner)
     Channel("replies", "nodes/{node}/replies/{to}", **_rw({"node": OWN}, {"researcher": OWN, "aggregator": ANY}),
             named="node", own={"researcher": "to"}),
+    # the aggregator fleet: each aggregator's claim on each job (leases, take-overs), its
+    # status, and each job's last durable state for whoever takes the job over
+    Channel("claim", "jobs/{owner}/{job}/claims/{aggregator}",
+            **_rw({"aggregator": OWN}, {"node": ANY, "researcher": OWN, "aggregator": ANY}),
+            retained=True, named="aggregator", own=_OWNERS),
+    Channel("checkpoint", "jobs/{owner}/{job}/checkpoints/{aggregator}", **_rw({"aggregator": OWN}, {"aggregator": ANY}),
+            retained=True, chunked=True, named="aggregator"),
+    Channel("agg_status", "aggregators/{aggregator}/status", **_rw({"aggregator": OWN}, {"researcher": ANY, "aggregator": ANY}),
+            retained=True, named="aggregator"),
 )}
 
 

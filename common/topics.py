@@ -72,6 +72,20 @@ def replies_to(me: str) -> str:
     return CHANNELS["replies"].filter(to=_level(me))
 
 
+def claim(owner: str, job_id: str, aggregator: str) -> str:
+    """`aggregator`'s claim on the job (retained; its own)."""
+    return _topic("claim", owner=owner, job=job_id, aggregator=aggregator)
+
+
+def checkpoint(owner: str, job_id: str, aggregator: str) -> str:
+    """The job's last durable state as `aggregator` left it (retained; aggregators only)."""
+    return _topic("checkpoint", owner=owner, job=job_id, aggregator=aggregator)
+
+
+def agg_status(aggregator: str) -> str:
+    return _topic("agg_status", aggregator=aggregator)
+
+
 def every(channel: str) -> str:
     """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/+/model`)."""
     return CHANNELS[channel].filter()

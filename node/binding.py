@@ -6,7 +6,11 @@ ACL cannot tell jobs apart), so a node checks each model and acknowledgement its
 - the job's `aggregator.identity`, when the researcher pinned one;
 - else the aggregator whose model for the job this node took first (trust on first use),
   persisted in the node's database: a restarted node keeps it, and is not misled by another
-  aggregator's retained model published meanwhile.
+  aggregator's retained model published meanwhile;
+- re-bound to another aggregator only by a take-over (docs/design.md, "Aggregators as a
+  fleet"): its signed claim holds the job in a later epoch, bid after the lease of the bound
+  aggregator's newest claim had run out (common/claims.py `valid_takeover`). A holder that
+  renews its lease cannot be displaced this way.
 
 Anything else is logged, audited (once per job, sender and type: a flood does not fill the
 audit trail) and dropped.
@@ -15,8 +19,12 @@ audit trail) and dropped.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
+from common.claims import SKEW_S, newer, valid_takeover
+from common.envelope import Message
+from common.messages import JobClaim
 from node.audit import AuditTrail
 from node.state import NodeState
 
@@ -30,7 +38,30 @@ class JobBindings:
         self.log = log
         self._bound: dict[str, str] = {}
         self._audited: set[tuple[str, str, str]] = set()
+        self._claims: dict[tuple[str, str], JobClaim] = {}  # (job, aggregator) -> its newest claim
         self._lock = threading.Lock()
+
+    def on_claim(self, msg: Message) -> None:
+        """Keep each aggregator's newest claim per job (a take-over is checked against them)."""
+        claim: JobClaim = msg.body  # type: ignore[assignment]
+        key = (claim.job, msg.sender)
+        with self._lock:
+            if newer(self._claims.get(key), claim):
+                self._claims[key] = claim
+
+    def _rebind(self, job: str, bound: str, sender: str) -> bool:
+        """Follow `sender` instead of `bound` if it took the job over (persisted, audited)."""
+        with self._lock:
+            old, new = self._claims.get((job, bound)), self._claims.get((job, sender))
+        why_not = "it made no claim on the job" if new is None else valid_takeover(old, new, time.time(), SKEW_S)
+        if why_not is not None:
+            return False
+        with self._lock:
+            self._bound[job] = sender
+        self.state.put(KEY + job, sender)
+        self.audit.record("job_aggregator_rebound", job=job, actor=sender, previous=bound, epoch=new.epoch)  # type: ignore[union-attr]
+        self.log.info("job_aggregator_rebound", job=job, aggregator=sender, previous=bound, epoch=new.epoch)  # type: ignore[union-attr]
+        return True
 
     def bound(self, job: str) -> str | None:
         """The aggregator the job is bound to, if any yet (from memory, else the database)."""
@@ -56,7 +87,7 @@ class JobBindings:
     def accepts(self, job: str, pinned: str | None, sender: str, type_: str) -> bool:
         """Whether a `type_` message for `job` from aggregator `sender` is to be taken."""
         bound = pinned or self.bound(job) or self._bind(job, sender)
-        if sender == bound:
+        if sender == bound or (pinned is None and self._rebind(job, bound, sender)):
             return True
         reason = f"job {job} is bound to aggregator {bound!r}, not {sender!r}"
         self.log.warning("foreign_aggregator_dropped", job=job, type=type_, sender=sender, bound=bound, reason=reason)

@@ -181,6 +181,8 @@ class NodeService:
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
         m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True, qos=0)
+        # claims before models: a take-over's claim comes before the new aggregator's model
+        m.subscribe(topics.every("claim"), self.bindings.on_claim, types={"job_claim"}, qos=0)
         m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and

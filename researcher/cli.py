@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import sys
+import time
 import tomllib
 import uuid
 from pathlib import Path
@@ -51,27 +52,34 @@ def main(log_level: str) -> None:
     configure_logging(log_level)
 
 
+def _collect(bundle: Path, topic_filter: str, type_: str, wait: float) -> dict[str, Any]:
+    """The newest retained message of `type_` per sender on `topic_filter`, collected for `wait` s."""
+    identity = Identity.load(bundle)
+    got: queue.Queue = queue.Queue()
+    m = Messenger(identity, researcher_settings(), client_id=uuid.uuid4().hex[:8])
+    m.subscribe(topic_filter, got.put, types={type_})
+    try:
+        m.connect()
+    except ConnectError as exc:
+        _fail(str(exc), 2)
+    found: dict[str, Any] = {}
+    deadline = time.monotonic() + wait  # a total, not a quiet spell: aggregators re-publish every few seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            msg = got.get(timeout=left)
+            found[msg.sender] = msg
+    except queue.Empty:
+        pass
+    m.close()
+    return found
+
+
 @main.command()
 @BUNDLE
 @click.option("--wait", default=2.0, show_default=True, help="Seconds to collect node statuses.")
 def nodes(bundle: Path, wait: float) -> None:
     """List the federation's nodes (online or offline) and their datasets."""
-    identity = Identity.load(bundle)
-    got: queue.Queue = queue.Queue()
-    m = Messenger(identity, researcher_settings(), client_id=uuid.uuid4().hex[:8])
-    m.subscribe(topics.every("status"), got.put, types={"node_status"})
-    try:
-        m.connect()
-    except ConnectError as exc:
-        _fail(str(exc), 2)
-    statuses: dict[str, Any] = {}
-    try:
-        while True:
-            msg = got.get(timeout=wait)
-            statuses[msg.sender] = msg
-    except queue.Empty:
-        pass
-    m.close()
+    statuses = _collect(bundle, topics.every("status"), "node_status", wait)
     table = Table("node", "state", "since", "datasets (name: tags, samples)")
     for name, msg in sorted(statuses.items()):
         st = msg.body
@@ -79,6 +87,25 @@ def nodes(bundle: Path, wait: float) -> None:
         sets = "; ".join(f"{d.name}: {','.join(d.tags)}, {d.n_samples}" for d in st.datasets)
         table.add_row(name, st.state, since, sets)
     console.print(table if statuses else "no node has ever connected to this federation")
+
+
+@main.command()
+@BUNDLE
+@click.option("--wait", default=2.0, show_default=True, help="Seconds to collect aggregator statuses.")
+def aggregators(bundle: Path, wait: float) -> None:
+    """List the federation's aggregators: alive or not, the jobs each holds, its load.
+
+    An aggregator publishes its signed status every third of its lease; one silent for longer
+    than its lease is shown as gone (its jobs are taken over by the others)."""
+    statuses = _collect(bundle, topics.every("agg_status"), "aggregator_status", wait)
+    table = Table("aggregator", "state", "last seen", "load", "jobs held")
+    now = time.time()
+    for name, msg in sorted(statuses.items()):
+        st = msg.body
+        state = "gone (lease lapsed)" if st.state == "online" and now - st.at > st.lease_s else st.state
+        seen = dt.datetime.fromtimestamp(st.at or msg.ts).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(name, state, seen, str(st.load), ", ".join(st.jobs))
+    console.print(table if statuses else "no aggregator has ever connected to this federation")
 
 
 @main.command("plan-status")

@@ -29,10 +29,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common import topics
+from common.claims import SKEW_S, newer, valid_takeover
 from common.envelope import Message
 from common.identity import Identity
-from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef, Selection, Withdrawal
+from common.messages import (
+    AggregatorRef,
+    GlobalModel,
+    JobClaim,
+    JobSpec,
+    PlanRef,
+    Selection,
+    Withdrawal,
+)
 from common.messenger import Messenger
+from common.protocol import CHANNELS
 from common.settings import TransportSettings
 from common.training.args import ALGORITHM_OF_RULE, TrainingArgs
 from common.training.loader import PlanError, check_ref, load_plan_class, source_sha256
@@ -65,6 +75,7 @@ class JobState:
     notices: list[dict[str, Any]] = field(default_factory=list)  # node replies (declines, failures)
     aggregator: str | None = None  # the aggregator the job is bound to (pinned, or the first seen)
     dropped: list[dict[str, Any]] = field(default_factory=list)  # messages from other aggregators, ignored
+    aggregators: list[str] = field(default_factory=list)  # those that took the job over, in order
 
     def apply_model(self, model: GlobalModel) -> None:
         self.status = model.status
@@ -190,6 +201,8 @@ class Experiment:
             self._messenger = Messenger(self.identity, self.mqtt, client_id=client_id)
             self._events: queue.Queue[Message] = queue.Queue()
             m = self._messenger
+            # claims first: a take-over's claim comes before the new aggregator's model
+            m.subscribe(CHANNELS["claim"].filter(owner=self.owner, job=self.job_id), self._events.put, types={"job_claim"})
             m.subscribe(topics.history(self.owner, self.job_id), self._events.put, types={"job_history"},
                         retained_chunks=True)
             m.subscribe(topics.model(self.owner, self.job_id), self._events.put, types={"model"}, retained_chunks=True)
@@ -245,7 +258,7 @@ class Experiment:
         """
         if self.state.aggregator is None:
             self.state.aggregator = msg.sender
-        if msg.sender == self.state.aggregator:
+        if msg.sender == self.state.aggregator or self._taken_over(msg.sender):
             return True
         structlog.get_logger("researcher").warning("foreign_aggregator_dropped", job=self.job_id, type=msg.type,
                                                    sender=msg.sender, bound=self.state.aggregator)
@@ -254,7 +267,36 @@ class Experiment:
                                        "reason": f"the job is bound to aggregator {self.state.aggregator!r}"})
         return False
 
+    @property
+    def _pinned(self) -> bool:
+        return self.spec_fields["aggregator"].identity is not None
+
+    @property
+    def _claims(self) -> dict[str, JobClaim]:
+        """Each aggregator's newest claim on the job (created with the messenger's queue)."""
+        if "_claims_seen" not in self.__dict__:
+            self._claims_seen: dict[str, JobClaim] = {}
+        return self._claims_seen
+
+    def _taken_over(self, sender: str) -> bool:
+        """Whether `sender` took the job over from the bound aggregator (common/claims.py):
+        then it is followed from now on. Pinned jobs are never taken over."""
+        bound = self.state.aggregator or ""
+        new = self._claims.get(sender)
+        if self._pinned or new is None or valid_takeover(self._claims.get(bound), new, time.time(), SKEW_S) is not None:
+            return False
+        structlog.get_logger("researcher").info("job_aggregator_rebound", job=self.job_id, aggregator=sender,
+                                                previous=bound, epoch=new.epoch)
+        self.state.aggregator = sender
+        self.state.aggregators.append(sender)
+        return True
+
     def _apply(self, msg: Message) -> None:
+        if msg.type == "job_claim":
+            claim: JobClaim = msg.body  # type: ignore[assignment]
+            if claim.job == self.job_id and newer(self._claims.get(msg.sender), claim):
+                self._claims[msg.sender] = claim
+            return
         if msg.type in AGGREGATOR_TYPES and not self._from_bound_aggregator(msg):
             return
         if msg.type == "model":

@@ -19,6 +19,10 @@ from common.settings import TransportSettings
 from common.transport import Delivery, Transport
 
 configure_logging("warning", json=True)
+# every aggregator started by the tests (in process or spawned: they inherit the environment)
+# claims on one machine's loopback: a short settle window and lease keep tests quick
+os.environ.setdefault("FBM_FLEET_SETTLE_S", "0.5")
+os.environ.setdefault("FBM_FLEET_SKEW_S", "0.1")
 
 IDENTITIES = {
     "node-a": "node",

@@ -94,13 +94,17 @@ def _unequal_shards(folder: Path) -> list[Path]:
     return parts[:3]
 
 
-def federation(start_nodes: list[str] = NODES) -> Run:
+def federation(start_nodes: list[str] = NODES, aggregators: tuple[str, ...] = ("fedavg-1",),
+               agg_env: dict[str, str] | None = None) -> Run:
     fed = LocalFederation().start()
     shards = _unequal_shards(fed.root / "data")
     for name, shard in zip(NODES, shards, strict=True):
         fed.add_node(name, [{"name": "fm", "type": "npz", "path": str(shard), "tag": "fmnist"}],
                      start=name in start_nodes, env=NODE_ENV, approve=[(PLAN, "SlowMLP")])
-    fed.add_aggregator("fedavg-1")
+    for name in aggregators:
+        fed.add_aggregator(name, start=False)
+    for name in aggregators:  # spawned one right after the other: they start at the same moment
+        fed.start_aggregator(name, env=agg_env)
     fed.enroll("alice", "researcher")
     fed.wait_online(set(start_nodes))
     run = Run(fed)
@@ -109,6 +113,7 @@ def federation(start_nodes: list[str] = NODES) -> Run:
                          client_id="chaos-observer")
     observer.subscribe("fbm/v1/jobs/+/+/events", run.events.put)
     observer.subscribe("fbm/v1/nodes/+/requests", run.events.put, types={"update_received"})  # acks go to each node
+    observer.subscribe("fbm/v1/jobs/+/+/claims/+", run.events.put, types={"job_claim"})  # the audit of claims
     observer.subscribe("fbm/v1/jobs/+/secagg/+", run.events.put)  # the sites' secure-aggregation messages
     observer.connect()
     run.observer = observer

@@ -33,6 +33,13 @@ TOPICS = {
     "replies/node-a": topics.replies("node-a", "res-1"),
     "replies/node-b": topics.replies("node-b", "res-1"),
     "replies/node-a to res-2": topics.replies("node-a", "res-2"),
+    # the aggregator fleet (issue 23): agg-x is another aggregator identity
+    "claim/agg-1": topics.claim("res-1", JOB, "agg-1"),
+    "claim/agg-x": topics.claim("res-1", JOB, "agg-x"),
+    "checkpoint/agg-1": topics.checkpoint("res-1", JOB, "agg-1"),
+    "checkpoint/agg-x": topics.checkpoint("res-1", JOB, "agg-x"),
+    "agg_status/agg-1": topics.agg_status("agg-1"),
+    "agg_status/agg-x": topics.agg_status("agg-x"),
 }
 CLIENTS = ["node-a", "node-b", "res-1", "res-2", "agg-1", "admin-1"]
 
@@ -52,6 +59,12 @@ WRITERS = {
     "replies/node-a": {"node-a"},
     "replies/node-b": {"node-b"},
     "replies/node-a to res-2": {"node-a"},
+    "claim/agg-1": {"agg-1"},
+    "claim/agg-x": set(),
+    "checkpoint/agg-1": {"agg-1"},
+    "checkpoint/agg-x": set(),
+    "agg_status/agg-1": {"agg-1"},
+    "agg_status/agg-x": set(),
 }
 # Who receives what is published on each topic: a researcher only its own jobs' and the replies
 # addressed to it (issue 18); nodes no jobs' events.
@@ -70,6 +83,12 @@ READERS = {
     "replies/node-a": {"res-1", "agg-1"},
     "replies/node-b": {"res-1", "agg-1"},
     "replies/node-a to res-2": {"res-2", "agg-1"},
+    "claim/agg-1": {"node-a", "node-b", "res-1", "agg-1"},  # res-1 owns the job
+    "claim/agg-x": {"node-a", "node-b", "res-1", "agg-1"},
+    "checkpoint/agg-1": {"agg-1"},  # a job's state: aggregators only
+    "checkpoint/agg-x": {"agg-1"},
+    "agg_status/agg-1": {"res-1", "res-2", "agg-1"},
+    "agg_status/agg-x": {"res-1", "res-2", "agg-1"},
 }
 # A topic each client can read, used as its barrier.
 BARRIER = {

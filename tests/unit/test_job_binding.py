@@ -50,3 +50,34 @@ def test_a_flood_of_foreign_messages_is_audited_once_per_job_sender_and_type(tmp
     dropped = _events(audit, "foreign_aggregator_dropped")
     assert sorted(e["detail"]["type"] for e in dropped) == ["model", "update_received"]
     assert all("bound to aggregator 'agg-1'" in e["detail"]["reason"] for e in dropped)
+
+
+def _claim_msg(job: str, sender: str, **body):
+    from types import SimpleNamespace
+
+    from common.messages import JobClaim
+
+    return SimpleNamespace(sender=sender, body=JobClaim(job=job, **body))
+
+
+def test_a_takeover_rebinds_only_after_the_bound_lease_lapsed_and_a_renewing_holder_stays(tmp_path):
+    import time
+
+    node, audit = _bindings(tmp_path / "node.db")
+    now = time.time()
+    node.on_claim(_claim_msg("job-4", "agg-1", epoch=1, state="held", since=now - 60, lease_until=now + 20, issued=now))
+    assert node.accepts("job-4", None, "agg-1", "model")
+    # agg-rogue claims a later epoch while agg-1's lease runs: refused (attack 4 stays stopped)
+    node.on_claim(_claim_msg("job-4", "agg-rogue", epoch=2, state="held", since=now, lease_until=now + 30, issued=now,
+                             previous="agg-1"))
+    assert not node.accepts("job-4", None, "agg-rogue", "model")
+    # agg-1 gone: its newest claim lapsed before agg-2 bid
+    node.on_claim(_claim_msg("job-4", "agg-1", epoch=1, state="held", since=now - 60, lease_until=now - 10,
+                             issued=now + 1))  # (a stale copy: older `issued` would be ignored)
+    node.on_claim(_claim_msg("job-4", "agg-2", epoch=2, state="held", since=now - 5, lease_until=now + 25,
+                             issued=now - 5, previous="agg-1"))
+    assert node.accepts("job-4", None, "agg-2", "update_received")
+    assert not node.accepts("job-4", None, "agg-1", "model")  # a zombie of the old holder is refused now
+    assert _bindings(tmp_path / "node.db")[0].bound("job-4") == "agg-2"
+    assert [e["actor"] for e in _events(audit, "job_aggregator_rebound")] == ["agg-2"]
+    assert not node.accepts("job-5", "agg-1", "agg-2", "model")  # pinned jobs are never taken over

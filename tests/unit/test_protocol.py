@@ -32,6 +32,15 @@ EXPECTED = {
                    ("write", f"{P}/jobs/+/+/secagg/c/+")},
     "admin": {("readwrite", f"{P}/#")},
 }
+# the aggregator fleet (issue 23): every claim readable (a researcher: its own jobs'), only its own
+# writable; a job's state for aggregators only
+EXPECTED["node"] |= {("read", f"{P}/jobs/+/+/claims/+")}
+EXPECTED["researcher"] |= {("read", f"{P}/jobs/{{me}}/+/claims/+"), ("read", f"{P}/aggregators/+/status")}
+EXPECTED["aggregator"] |= {
+    ("read", f"{P}/jobs/+/+/claims/+"), ("write", f"{P}/jobs/+/+/claims/{{me}}"),
+    ("read", f"{P}/jobs/+/+/checkpoints/+"), ("read", f"{P}/jobs/+/+/checkpoints/+/c/+"),
+    ("write", f"{P}/jobs/+/+/checkpoints/{{me}}"), ("write", f"{P}/jobs/+/+/checkpoints/{{me}}/c/+"),
+    ("read", f"{P}/aggregators/+/status"), ("write", f"{P}/aggregators/{{me}}/status")}
 
 
 @pytest.mark.parametrize("role", protocol.ROLES)
@@ -58,6 +67,10 @@ def test_topics_and_their_writers_come_from_the_table():
     assert topics.writer_of(topics.secagg_site("ann", "j1", "site-a")) == "site-a"
     assert topics.writer_of(topics.secagg("ann", "j1")) is None
     assert protocol.channel_of(topics.chunk(topics.secagg("ann", "j1"), 0)) is None
+    assert topics.writer_of(topics.claim("ann", "j1", "agg-1")) == "agg-1"
+    assert topics.writer_of(topics.checkpoint("ann", "j1", "agg-1")) == "agg-1"
+    assert topics.writer_of(topics.agg_status("agg-1")) == "agg-1"
+    assert topics.job_of(topics.claim("ann", "j1", "agg-1")) == "j1"
 
 
 def test_the_design_doc_shows_the_channel_table_of_the_code():
