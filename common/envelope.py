@@ -20,10 +20,11 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from pydantic import BaseModel, ValidationError
 
-from common import codec
+from common import codec, sealed
 from common.errors import BadMessage, Reason
 from common.identity import Identity, Peer, TrustStore
 from common.messages import spec_for
+from common.sealed import ContentKey, Keyring, SealError
 
 PROTOCOL_VERSION = 1
 _HEADER_FIELDS = ("v", "type", "id", "ts", "sender", "job", "round")
@@ -44,6 +45,7 @@ class Message:
     topic: str = ""
     retained: bool = False
     wire: bytes | bytearray | memoryview = b""  # the signed bytes as received (relayed verbatim)
+    sealed: bool = False  # the body came encrypted to us (common/sealed.py)
 
 
 def _signed_bytes(header: dict[str, Any], body: bytes) -> bytes:
@@ -52,6 +54,19 @@ def _signed_bytes(header: dict[str, Any], body: bytes) -> bytes:
 
 def _signed_digest(header: dict[str, Any], digest: bytes) -> bytes:
     return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest])
+
+
+def _seal_aad(header: dict[str, Any]) -> bytes:
+    """What a sealed body is bound to: the envelope's header, sender included (common/sealed.py)."""
+    return b"fbm-seal-v1\0" + codec.encode([header[k] for k in _HEADER_FIELDS])
+
+
+@dataclass(frozen=True)
+class SealTo:
+    """Seal the body with `key` for `names` (each wrapped in it): see common/sealed.py."""
+
+    key: ContentKey
+    names: tuple[str, ...]
 
 
 SLICE = 4 * 1024 * 1024  # body bytes hashed (and handed to the sender) per step
@@ -79,8 +94,10 @@ def seal_parts(
     job: str | None = None,
     round_: int | None = None,
     msg_id: str | None = None,
+    seal_to: SealTo | None = None,
 ) -> SealedParts:
-    """Validate `body` against its type and produce its envelope as a stream (see SealedParts)."""
+    """Validate `body` against its type and produce its envelope as a stream (see SealedParts);
+    with `seal_to`, the body is encrypted for those recipients and the ciphertext signed."""
     spec = spec_for(type_)
     if isinstance(body, dict):
         body = spec.model.model_validate(body)
@@ -90,7 +107,7 @@ def seal_parts(
         raise PermissionError(f"a {identity.role} may not send {type_!r} (allowed: {sorted(spec.roles)})")
     body_parts = codec.encode_parts(body.model_dump(mode="python"))  # tensor data referenced, not copied
     body_len = sum(len(p) for p in body_parts)
-    header = {
+    header: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "type": type_,
         "id": msg_id or uuid.uuid4().hex,
@@ -102,23 +119,32 @@ def seal_parts(
     # the msgpack map {**header, body, cert, sig}, written in three pieces around the body
     packer = msgpack.Packer(use_bin_type=True, datetime=False)
     prefix = packer.pack_map_header(len(header) + 3) + b"".join(packer.pack(k) + packer.pack(v) for k, v in header.items())
-    prefix += packer.pack("body") + _bin_header(body_len)
+    plan = sealed.plan(seal_to.key, seal_to.names) if seal_to is not None else None
+    wire_body_len = body_len + (plan.overhead if plan is not None else 0)
+    prefix += packer.pack("body") + _bin_header(wire_body_len)
     cert_part = packer.pack("cert") + packer.pack(identity.cert_der) + packer.pack("sig")
     sig_len = len(packer.pack(b"\0" * 64))  # Ed25519 signatures are 64 bytes
 
     def parts() -> Iterator[bytes | memoryview]:
         yield prefix
         digest = hashlib.sha256()
-        for part in body_parts:
-            view = memoryview(part).cast("B")
-            for start in range(0, len(view), SLICE):
-                piece = view[start : start + SLICE]
-                digest.update(piece)
-                yield piece
+        pieces: Iterator[bytes | memoryview] = _slices(body_parts)
+        if plan is not None:
+            pieces = sealed.seal_stream(plan, _seal_aad(header), pieces)
+        for piece in pieces:
+            digest.update(piece)
+            yield piece
         sig = identity.sign(_signed_digest(header, digest.digest()))
         yield cert_part + packer.pack(sig)
 
-    return SealedParts(header["id"], len(prefix) + body_len + len(cert_part) + sig_len, parts())
+    return SealedParts(header["id"], len(prefix) + wire_body_len + len(cert_part) + sig_len, parts())
+
+
+def _slices(body_parts: list[bytes | memoryview]) -> Iterator[memoryview]:
+    for part in body_parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), SLICE):
+            yield view[start : start + SLICE]
 
 
 def _bin_header(n: int) -> bytes:
@@ -137,10 +163,11 @@ def seal(
     job: str | None = None,
     round_: int | None = None,
     msg_id: str | None = None,
+    seal_to: SealTo | None = None,
 ) -> tuple[str, bytes]:
     """Validate `body` against its type, sign it as `identity`: (message id, wire bytes)."""
-    sealed = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id)
-    return sealed.msg_id, b"".join(sealed.parts)
+    out = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to)
+    return out.msg_id, b"".join(out.parts)
 
 
 _MAX_ENVELOPE_KEYS = 32  # the envelope has 10; a map claiming thousands is not one
@@ -294,12 +321,13 @@ def _header(raw: Any) -> dict[str, Any]:
 
 
 def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False) -> Message:
+                  retained: bool = False, keyring: Keyring | None = None) -> Message:
     """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
 
     Order matters: only the flat header map is read before the signature (over the raw body
-    bytes) and the sender's role are checked; the body is decoded after, so nothing from an
-    unauthenticated sender reaches the msgpack or tensor decoder.
+    bytes) and the sender's role are checked; the body is decrypted (if sealed, with
+    `keyring`) and decoded after, so nothing from an unauthenticated sender reaches the
+    decryptor, the msgpack or the tensor decoder.
     """
     fields, body_at = _unpack_envelope(data)
     raw = _header(fields)
@@ -320,8 +348,9 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         raise BadMessage(
             Reason.ROLE_NOT_ALLOWED, f"a {peer.role} ({peer.name}) may not send {raw['type']!r}"
         )
+    clear = _unsealed(raw, keyring)
     try:
-        body = spec.model.model_validate(codec.decode(raw["body"]))
+        body = spec.model.model_validate(codec.decode(clear))
     except ValidationError as exc:
         raise BadMessage(Reason.BAD_BODY, f"{raw['type']} body invalid: {exc.errors(include_url=False)}") from None
     return Message(
@@ -335,4 +364,19 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         body=body,
         topic=topic,
         retained=retained,
+        sealed=clear is not raw["body"],
     )
+
+
+def _unsealed(raw: dict[str, Any], keyring: Keyring | None) -> bytes | memoryview:
+    """The clear body: the body itself, or its decryption if it is sealed (BadMessage if we
+    cannot open it: sealed for others, or tampered)."""
+    body = raw["body"]
+    if not sealed.is_sealed(body):
+        return body
+    if keyring is None:
+        raise BadMessage(Reason.NOT_A_RECIPIENT, f"{raw['type']} from {raw['sender']!r} is sealed; no key to open it")
+    try:
+        return sealed.open_body(keyring, _seal_aad(raw), body)
+    except SealError as exc:
+        raise BadMessage(Reason(exc.reason), f"{raw['type']} from {raw['sender']!r}: {exc.detail}") from None

@@ -53,6 +53,13 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@message("enc_key", "node", "researcher", "aggregator", "admin")
+class EncKey(Body):
+    """An identity's X25519 public key (common/sealed.py), retained on `keys/{identity}`."""
+
+    key: bytes = Field(min_length=32, max_length=32)
+
+
 # --- nodes -----------------------------------------------------------------------------------
 
 

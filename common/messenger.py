@@ -18,15 +18,23 @@ import structlog
 from pydantic import BaseModel
 
 from common import topics
-from common.envelope import Message, body_span, open_envelope, seal, seal_parts
-from common.errors import BadMessage, NotReady, Reason
+from common.envelope import Message, SealTo, body_span, open_envelope, seal, seal_parts
+from common.errors import BadMessage, NotReady, Reason, TransportError
 from common.identity import Identity, TrustStore
+from common.messages import EncKey
+from common.sealed import ContentKeys, Keyring
 from common.settings import TransportSettings
 from common.transport import Delivery, Transport
 
 Handler = Callable[[Message], None]
 ClearHandler = Callable[[str], None]
 RejectHook = Callable[[str, BadMessage], None]
+KeyHook = Callable[[str], None]
+
+
+class KeyMissing(TransportError):
+    """A message must be sealed for an identity whose encryption key we have not seen yet;
+    like a broker that is away, the sender keeps it and tries again."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,14 @@ class Messenger:
             span_of=body_span,  # the reassembler hashes the body as it arrives (signature check)
         )
         self._dedupe_window = self.transport.settings.dedupe_window
+        # end-to-end sealing (common/sealed.py): our key, everyone's published keys
+        self.keyring = Keyring.of(identity.name, identity.key)
+        self.sealing = self.transport.settings.seal
+        self._keys: dict[str, bytes] = {}
+        self._key_hooks: list[KeyHook] = []
+        self._content_keys = ContentKeys()
+        self.subscribe(topics.every("keys"), self._on_key, types={"enc_key"}, qos=0)
+        self.transport.on_connected(self._publish_key)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -87,6 +103,43 @@ class Messenger:
         """A fresh Last Will (new id) for the next connection."""
         self.transport.set_will(topic, seal(self.identity, type_, body)[1])
 
+    # --- encryption keys ----------------------------------------------------------------------
+
+    def on_key(self, hook: KeyHook) -> None:
+        """Call `hook(name)` when an identity's encryption key becomes known (or changes)."""
+        self._key_hooks.append(hook)
+
+    def knows_key(self, name: str) -> bool:
+        return name in self._keys
+
+    def _publish_key(self, session_present: bool) -> None:
+        wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public))[1]
+        self.transport.publish_stream(topics.keys(self.identity.name), len(wire), [wire], retain=True, wait=False)
+
+    def _on_key(self, msg: Message) -> None:
+        """A key on `keys/{name}`, signed by `name` (the topic check made sure of that)."""
+        key: bytes = msg.body.key  # type: ignore[attr-defined]
+        if self._keys.get(msg.sender) == key:
+            return
+        self._keys[msg.sender] = key
+        self.log.info("enc_key_learned", peer=msg.sender)
+        for hook in list(self._key_hooks):
+            self._call(hook, msg.sender)
+
+    def _seal_to(self, topic: str, to: Collection[str] | None, partial: bool) -> SealTo | None:
+        """Sealing for `to` (None: sent in clear). Every name needs a known key; with `partial`,
+        those without one are left out (and logged), else KeyMissing."""
+        if to is None or not self.sealing:
+            return None
+        names = sorted(set(to))
+        missing = [n for n in names if n not in self._keys]
+        if missing and not partial:
+            raise KeyMissing(f"no encryption key known for {missing} (not online since we connected?)")
+        if missing:
+            self.log.info("sealed_without", topic=topic, missing=missing)
+        keys = {n: self._keys[n] for n in names if n in self._keys}
+        return SealTo(self._content_keys.for_recipients(topic, keys), tuple(keys))
+
     # --- sending ------------------------------------------------------------------------------
 
     def send(
@@ -101,13 +154,18 @@ class Messenger:
         timeout_s: float | None = None,
         msg_id: str | None = None,
         wait: bool = True,
+        to: Collection[str] | None = None,
+        partial: bool = False,
     ) -> str:
         """Seal and publish; returns the message id once the broker acknowledged it (or, with
         `wait=False`, once queued: see Transport.publish_stream).
 
+        With `to` (identity names) the body is encrypted so that only they can read it, unless
+        sealing is off (`TransportSettings.seal`); see `_seal_to` for names without a known key.
         Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
         """
-        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id)
+        seal_to = self._seal_to(topic, to, partial)
+        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to)
         self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s, wait=wait)
         return sealed.msg_id
 
@@ -149,8 +207,8 @@ class Messenger:
                     self._call(route.on_clear, delivery.topic)
             return
         try:
-            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained),
-                          wire=delivery.payload)
+            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained,
+                                        self.keyring), wire=delivery.payload)
             self._check_topic(msg)
         except BadMessage as exc:
             self._rejected(delivery.topic, exc)

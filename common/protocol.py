@@ -72,8 +72,12 @@ class Channel:
         read, write = self.readers.get(role), self.writers.get(role)
         if read is None and write is None:
             return []
+        if read and write and read != write:  # e.g. read every key, write its own: two lines
+            return self._rules("read", read == OWN) + self._rules("write", write == OWN)
         access = "readwrite" if read and write else "read" if read else "write"
-        own = OWN in (read, write)
+        return self._rules(access, OWN in (read, write))
+
+    def _rules(self, access: str, own: bool) -> list[tuple[str, str]]:
         topic = self.topic(**{lvl: ("{me}" if own and lvl == self.named else "+") for lvl in self.levels})
         rules = [(access, topic)]
         if self.chunked:
@@ -101,6 +105,10 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
     Channel("secagg", "jobs/{job}/secagg", **_rw({"aggregator": ANY}, {"node": ANY}), retained=True, chunked=True),
     Channel("status", "nodes/{node}/status", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
             retained=True, named="node"),
+    # every identity's X25519 public key, signed by its certificate key (common/sealed.py)
+    Channel("keys", "keys/{identity}", **_rw({r: OWN for r in ("node", "researcher", "aggregator")},
+                                             {r: ANY for r in ("node", "researcher", "aggregator")}),
+            retained=True, named="identity"),
     Channel("requests", "nodes/{node}/requests", **_rw({"researcher": ANY, "aggregator": ANY}, {"node": OWN}),
             named="node"),
     Channel("replies", "nodes/{node}/replies", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),

@@ -65,6 +65,11 @@ def replies(node: str) -> str:
     return _topic("replies", node=node)
 
 
+def keys(identity: str) -> str:
+    """Where `identity` publishes its encryption key (retained)."""
+    return _topic("keys", identity=identity)
+
+
 def every(channel: str) -> str:
     """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/model`)."""
     return CHANNELS[channel].filter()

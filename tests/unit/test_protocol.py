@@ -26,6 +26,8 @@ HAND_WRITTEN = {
                    ("read", f"{P}/jobs/+/secagg/+"), ("write", f"{P}/jobs/+/secagg"), ("write", f"{P}/jobs/+/secagg/c/+")},
     "admin": {("readwrite", f"{P}/#")},
 }
+for _role in ("node", "researcher", "aggregator"):  # issue 18: every key readable, only one's own writable
+    HAND_WRITTEN[_role] |= {("read", f"{P}/keys/+"), ("write", f"{P}/keys/{{me}}")}
 
 
 @pytest.mark.parametrize("role", protocol.ROLES)
