@@ -102,6 +102,15 @@ def select_nodes(selection: Selection, quorum: int, round_: int, eligible: list[
     return sorted(random.Random(selection.seed * 1_000_003 + round_).sample(sorted(eligible), want))
 
 
+def participants(spec: JobSpec, declared: dict[str, NodeStatus]) -> list[str]:
+    """The nodes of a job, who may read its models: its `nodes` if it lists them, else every
+    node that declared (in its last online status) a dataset with the job's tags."""
+    if spec.nodes is not None:
+        return sorted(spec.nodes)
+    wanted = set(spec.tags)
+    return sorted(n for n, st in declared.items() if any(wanted <= set(d.tags) for d in st.datasets))
+
+
 def check_sample_count(n_samples: int, declared: int | None) -> str | None:
     """Why a sample count cannot be a weight (None if it can).
 
@@ -207,20 +216,39 @@ class JobRunner(threading.Thread):
         self._last_model: GlobalModel | None = None
         self._last_history: JobHistory | None = None
         self._history_sent = -1  # rounds in the last published JobHistory
+        self._model_readers: set[str] = set()  # who the last model was sealed for (with a known key)
         self._updates: dict[str, Any] = {}  # the update of each node the round told us to fold
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
     # helpers
-    def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None) -> None:
+    def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None,
+              to: list[str] | None = None) -> None:
         self.service.messenger.send(topic or topics.events(self.spec.job_id), type_, body,
-                                    job=self.spec.job_id, round_=round_, retain=retain)
+                                    job=self.spec.job_id, round_=round_, retain=retain, to=to, partial=True)
+
+    def _send_model(self, model: GlobalModel) -> None:
+        """The model, sealed for the job's participants (common/sealed.py): its owner and its
+        nodes; each republication looks them up again, so a node that joined gets it."""
+        readers = self.service.model_readers(self.spec)
+        self._model_readers = {n for n in readers if self.service.messenger.knows_key(n)}
+        self._send("model", model, retain=True, round_=model.round, topic=topics.model(self.spec.job_id), to=readers)
+
+    def reseal_for(self, name: str) -> None:
+        """Publish the last model again if `name` may read it but could not (its key or its
+        status arrived after the model): the late-joining node is given the job's content key."""
+        if self._last_model is None or name in self._model_readers:
+            return
+        if name in self.service.model_readers(self.spec) and self.service.messenger.knows_key(name):
+            self.log.info("model_resealed", node=name, round=self._last_model.round)
+            self._send_model(self._last_model)
 
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
                        nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
             self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
-            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.job_id))
+            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.job_id),
+                       to=[self.spec.owner])
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
         # unless the round is selective (N names to N nodes would make each round O(N^2))
@@ -229,7 +257,7 @@ class JobRunner(threading.Thread):
                             open_round=open_round, nodes=(nodes or []) if selective else [], deadline=deadline,
                             reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
-        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.job_id))
+        self._send_model(model)
 
     def run(self) -> None:
         spec = self.spec
@@ -543,10 +571,9 @@ class JobRunner(threading.Thread):
         may have lost them; nodes and aggregator keep the job spec themselves)."""
         if self._last_history is not None:
             self._send("job_history", self._last_history, retain=True, round_=self._last_model.round if self._last_model else 0,
-                       topic=topics.history(self.spec.job_id))
+                       topic=topics.history(self.spec.job_id), to=[self.spec.owner])
         if self._last_model is not None:
-            self._send("model", self._last_model, retain=True, round_=self._last_model.round,
-                       topic=topics.model(self.spec.job_id))
+            self._send_model(self._last_model)
 
 
 class AggregatorService:
@@ -578,6 +605,7 @@ class AggregatorService:
                                                                         "secagg_masked", "secagg_unmask"})
         m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
         m.on_connected(self._on_connected)
+        m.on_key(self._reseal_for)
         m.connect(connect_timeout_s)
         for runner in resumed:
             runner.start()
@@ -590,7 +618,7 @@ class AggregatorService:
         for job in self.checkpoints.unfinished():
             wire = self.checkpoints.load_job(job) or b""
             try:
-                msg = open_envelope(wire, self.messenger.trust, topics.job(job))
+                msg = open_envelope(wire, self.messenger.trust, topics.job(job), keyring=self.messenger.keyring)
                 if msg.type != "job" or msg.body.job_id != job:  # type: ignore[attr-defined]
                     raise BadMessage(Reason.WRONG_TOPIC, "the stored message is not this job's spec")
             except BadMessage as exc:
@@ -636,6 +664,21 @@ class AggregatorService:
             and any(wanted <= set(d.tags) for d in st.datasets)
         )
 
+    def model_readers(self, spec: JobSpec) -> list[str]:
+        """Who may read the job's models: its owner and its nodes (see `participants`)."""
+        with self._lock:
+            declared = dict(self.declared)
+        return [spec.owner, *participants(spec, declared)]
+
+    def _reseal_for(self, name: str) -> None:
+        with self._lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            try:
+                runner.reseal_for(name)
+            except Exception:  # noqa: BLE001 - the next republication carries it
+                self.log.exception("reseal_failed", job=runner.spec.job_id, node=name)
+
     def declared_samples(self, node: str, spec: JobSpec) -> int | None:
         """The size of the node's largest dataset matching the job's tags, per its last online
         status (an update sent just before its node went offline is still weighed by it)."""
@@ -675,6 +718,8 @@ class AggregatorService:
                 self.declared[msg.sender] = status
             runners = list(self.runners.values())
         came_online = status.state == "online" and (previous is None or previous.state != "online")
+        if came_online:
+            self._reseal_for(msg.sender)  # a node of a job whose model it could not read yet
         for runner in runners:
             if status.state == "offline":
                 runner.events.put(_Event("dropout", node=msg.sender, dropout="offline"))

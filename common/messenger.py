@@ -9,6 +9,7 @@ that raised `NotReady` or failed stays deliverable, so its sender's re-send is p
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
@@ -80,6 +81,7 @@ class Messenger:
         self.keyring = Keyring.of(identity.name, identity.key)
         self.sealing = self.transport.settings.seal
         self._keys: dict[str, bytes] = {}
+        self._roles: dict[str, str] = {}
         self._key_hooks: list[KeyHook] = []
         self._content_keys = ContentKeys()
         self.subscribe(topics.every("keys"), self._on_key, types={"enc_key"}, qos=0)
@@ -112,6 +114,21 @@ class Messenger:
     def knows_key(self, name: str) -> bool:
         return name in self._keys
 
+    def keyholders(self, role: str) -> list[str]:
+        """The identities of `role` whose encryption key we know."""
+        return sorted(n for n, r in list(self._roles.items()) if r == role)
+
+    def settle_keys(self, required: Collection[str] = (), timeout_s: float = 5.0, quiet_s: float = 0.5) -> None:
+        """Wait (after connecting) until the retained keys have arrived: every `required` one,
+        and no new key for `quiet_s`; at most `timeout_s`."""
+        deadline, last, count = time.monotonic() + timeout_s, time.monotonic(), -1
+        while time.monotonic() < deadline:
+            if len(self._keys) != count:
+                count, last = len(self._keys), time.monotonic()
+            if all(n in self._keys for n in required) and time.monotonic() - last >= quiet_s:
+                return
+            time.sleep(0.05)
+
     def _publish_key(self, session_present: bool) -> None:
         wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public))[1]
         self.transport.publish_stream(topics.keys(self.identity.name), len(wire), [wire], retain=True, wait=False)
@@ -122,6 +139,7 @@ class Messenger:
         if self._keys.get(msg.sender) == key:
             return
         self._keys[msg.sender] = key
+        self._roles[msg.sender] = msg.role
         self.log.info("enc_key_learned", peer=msg.sender)
         for hook in list(self._key_hooks):
             self._call(hook, msg.sender)
@@ -132,6 +150,8 @@ class Messenger:
         if to is None or not self.sealing:
             return None
         names = sorted(set(to))
+        if not names and not partial:
+            raise KeyMissing(f"nobody to seal {topic} for yet")
         missing = [n for n in names if n not in self._keys]
         if missing and not partial:
             raise KeyMissing(f"no encryption key known for {missing} (not online since we connected?)")

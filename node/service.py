@@ -205,7 +205,8 @@ class NodeService:
         broker may have lost their retained specs); each signature is checked again."""
         for stored in self.job_store.all():
             try:
-                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id))
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id),
+                                    keyring=self.messenger.keyring)
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
                     raise ValueError("its dataset is gone or the stored message is not this job")
@@ -664,7 +665,13 @@ class NodeService:
                       round=task.round, n_samples=result["n_samples"])
 
     def _send_secagg(self, topic: str, type_: str, body: Any) -> None:
-        self.messenger.send(topic, type_, body, job=topics.job_of(topic), round_=body.round)
+        job = topics.job_of(topic) or ""
+        self.messenger.send(topic, type_, body, job=job, round_=body.round, to=self._update_recipients(job))
+
+    def _update_recipients(self, job: str) -> list[str]:
+        """Who this node's updates (plain or masked) of `job` are sealed for: see JobBindings."""
+        spec = self._job_spec(job)
+        return self.bindings.update_recipients(job, spec.aggregator.identity if spec else None)
 
     def _on_secagg_state(self, msg: Message) -> None:
         """The aggregator's secure-aggregation stage for a job (retained): answer it."""
@@ -680,7 +687,8 @@ class NodeService:
 
     def _send_update(self, pending: _Pending) -> None:
         self.messenger.send(topics.update(pending.job, self.name), "update", pending.body,
-                            job=pending.job, round_=pending.round, msg_id=pending.msg_id)
+                            job=pending.job, round_=pending.round, msg_id=pending.msg_id,
+                            to=self._update_recipients(pending.job))
 
     def resend_pending(self, force: bool = False) -> None:
         """Re-send updates the aggregator has not acknowledged (same message id: no double count)."""

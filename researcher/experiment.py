@@ -197,10 +197,21 @@ class Experiment:
     def submit(self) -> str:
         """Publish the job (retained): nodes and aggregators pick it up, now or when they connect."""
         spec = self.spec()
-        self.messenger.send(topics.job(self.job_id), "job", spec, job=self.job_id, retain=True)
+        self.messenger.send(topics.job(self.job_id), "job", spec, job=self.job_id, retain=True,
+                            to=self._job_readers(spec), partial=True)
         self._spec = spec
         self.state.status = "submitted"
         return self.job_id
+
+    def _job_readers(self, spec: JobSpec) -> list[str]:
+        """Who the job is sealed for (common/sealed.py): its owner, its nodes (unlisted: every
+        node whose key is published, as any may take it) and its aggregator (unpinned: every
+        aggregator's). Waits briefly for the retained keys after connecting."""
+        m = self.messenger
+        pinned = [spec.aggregator.identity] if spec.aggregator.identity else []
+        m.settle_keys(required=[*(spec.nodes or []), *pinned])
+        nodes = spec.nodes if spec.nodes is not None else m.keyholders("node")
+        return [self.identity.name, *nodes, *(pinned or m.keyholders("aggregator"))]
 
     def withdraw(self) -> None:
         """Remove the job from the broker; the aggregator stops it."""
