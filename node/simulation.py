@@ -41,10 +41,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common import chunking, topics
-from common.envelope import Message, open_envelope, seal
+from common.envelope import Message, SealTo, open_envelope, peek_header, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
-from common.messages import DatasetInfo, NodeStatus, Update, is_selective
+from common.messages import DatasetInfo, EncKey, NodeStatus, Update, is_selective
+from common.sealed import ContentKeys, Keyring, is_sealed
 from common.training.loader import load_plan_class
 from node.datasets import LoadedData
 
@@ -70,6 +71,10 @@ class _Sim:
     connected: bool = False
     jobs: set[str] = field(default_factory=set)
     trained: set[tuple[str, int]] = field(default_factory=set)
+    keyring: Keyring | None = None
+
+    def __post_init__(self) -> None:
+        self.keyring = Keyring.of(self.identity.name, self.identity.key)
 
 
 class SimulatedFleet:
@@ -91,6 +96,8 @@ class SimulatedFleet:
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
+        self._keys: dict[str, bytes] = {}  # aggregators' (and everyone's) encryption keys
+        self._content_keys = ContentKeys()
         self.nodes: dict[str, _Sim] = {}
         for i, bundle in enumerate(bundles):
             identity = Identity.load(bundle)
@@ -206,23 +213,32 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         sim.connected = True
-        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)])
+        filters = [(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)]
+        if name == next(iter(self.nodes)):  # one node learns the keys for all (to seal updates)
+            filters.append((topics.every("keys"), 0))
+        client.subscribe(filters)
+        assert sim.keyring is not None
+        key = seal(sim.identity, "enc_key", EncKey(key=sim.keyring.public))[1]
+        client.publish(topics.keys(name), key, qos=1, retain=True)
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
         status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]
         client.publish(topics.status(name), status, qos=1, retain=True)
 
-    def _open(self, payload: bytes, topic: str) -> Message | None:
-        """Check and decode a payload once, however many simulated nodes receive it."""
+    def _open(self, payload: bytes, topic: str, sim: _Sim) -> Message | None:
+        """Check and decode a payload once, however many simulated nodes receive it (once per
+        node if it is sealed: each opens it with its own key)."""
         key = hashlib.sha256(payload).digest() + topic.encode()
+        if payload and chunking.frame_kind(payload) == "message" and _sealed(payload):
+            key += b"\0" + sim.identity.name.encode()
         if key in self._decoded:
             return self._decoded[key]
         msg: Message | None = None
         if payload and chunking.frame_kind(payload) == "message":
             try:
-                msg = open_envelope(payload, self.trust, topic)
+                msg = open_envelope(payload, self.trust, topic, keyring=sim.keyring)
             except BadMessage as exc:
-                log.warning("sim_message_dropped", topic=topic, reason=exc.reason)
+                log.warning("sim_message_dropped", topic=topic, node=sim.identity.name, reason=exc.reason)
         self._decoded[key] = msg
         if len(self._decoded) > 256:
             self._decoded.popitem(last=False)
@@ -230,11 +246,13 @@ class SimulatedFleet:
 
     def _on_message(self, client, name, message) -> None:
         topic = message.topic
-        msg = self._open(bytes(message.payload), topic)
+        sim = self.nodes[name]
+        msg = self._open(bytes(message.payload), topic, sim)
         if msg is None:
             return
-        sim = self.nodes[name]
-        if msg.type == "job":
+        if msg.type == "enc_key" and topics.writer_of(topic) == msg.sender:
+            self._keys[msg.sender] = msg.body.key  # type: ignore[attr-defined]
+        elif msg.type == "job":
             spec = msg.body
             if spec.plan.zoo is not None and set(spec.tags) <= {self.tag} and (spec.nodes is None or name in spec.nodes):
                 sim.jobs.add(spec.job_id)
@@ -249,9 +267,9 @@ class SimulatedFleet:
             if (job, model.open_round) in sim.trained:
                 return
             sim.trained.add((job, model.open_round))
-            self._train_and_send(sim, job, model)
+            self._train_and_send(sim, job, model, msg.sender)
 
-    def _train_and_send(self, sim: _Sim, job: str, model) -> None:
+    def _train_and_send(self, sim: _Sim, job: str, model, aggregator: str) -> None:
         from node.worker import train
 
         spec = self._specs[job]
@@ -262,8 +280,13 @@ class SimulatedFleet:
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
         update = Update(round=model.open_round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
-        wire = seal(sim.identity, "update", update, job=job, round_=model.open_round)[1]
-        sim.client.publish(topics.update(job, sim.identity.name), wire, qos=1)
+        topic = topics.update(job, sim.identity.name)
+        if aggregator not in self._keys:  # never in clear: the node skips the round instead
+            log.warning("sim_update_not_sent", node=sim.identity.name, job=job, reason=f"no key of {aggregator}")
+            return
+        to = SealTo(self._content_keys.for_recipients(topic, {aggregator: self._keys[aggregator]}), (aggregator,))
+        wire = seal(sim.identity, "update", update, job=job, round_=model.open_round, seal_to=to)[1]
+        sim.client.publish(topic, wire, qos=1)
         self.updates_sent += 1
 
     def _plan_class(self, spec) -> Any:
@@ -271,3 +294,10 @@ class SimulatedFleet:
         if key not in self._plan_classes:
             self._plan_classes[key] = load_plan_class(spec.plan)
         return self._plan_classes[key]
+
+
+def _sealed(payload: bytes) -> bool:
+    try:
+        return is_sealed(peek_header(payload).get("body") or b"")
+    except BadMessage:
+        return False

@@ -20,10 +20,10 @@ from common.errors import BadMessage, Reason
 from common.identity import Identity, TrustStore
 from common.messages import PlanRef
 from common.messenger import Messenger
+from common.sealed import Keyring
 from common.training.loader import PlanError
 from researcher.experiment import Experiment, researcher_settings
 from scripts import fmnist
-from common.sealed import Keyring
 from tests.conftest import Inbox, open_transport, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -109,6 +109,9 @@ def test_fedavg_three_nodes_two_rounds_and_the_broker_sees_no_tensor(fed, client
             assert window not in stored, f"the broker's persistence file holds the bytes of the {key} tensor"
 
         updates, models = _open_as_recipients(fed, wires)
+        # the running node outside the job got its model too (the ACL lets every node read every
+        # model), and could not open it: logged and dropped, with the reason
+        assert wait_until(lambda: _dropped(fed, "site-other", topics.model(job), "not_a_recipient"), 10)
         for (r, node), update in updates.items():
             for key, window in _windows(update.params).items():
                 assert window not in seen and window not in stored, f"round {r} update of {node}: {key} in clear"
@@ -139,6 +142,13 @@ def test_fedavg_three_nodes_two_rounds_and_the_broker_sees_no_tensor(fed, client
         assert any(n["node"] == "site-other" and "no dataset with tags" in n["error"] for n in declines)
     finally:
         exp.close()
+
+
+def _dropped(fed, node: str, topic: str, reason: str) -> bool:
+    for line in (fed.root / "logs" / f"node-{node}.log").read_text().splitlines():
+        if '"message_dropped"' in line and f'"{topic}"' in line and f'"{reason}"' in line:
+            return True
+    return False
 
 
 def _open_as_recipients(fed, wires):

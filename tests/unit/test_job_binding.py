@@ -50,3 +50,15 @@ def test_a_flood_of_foreign_messages_is_audited_once_per_job_sender_and_type(tmp
     dropped = _events(audit, "foreign_aggregator_dropped")
     assert sorted(e["detail"]["type"] for e in dropped) == ["model", "update_received"]
     assert all("bound to aggregator 'agg-1'" in e["detail"]["reason"] for e in dropped)
+
+
+def test_updates_are_sealed_for_the_aggregator_bound_at_each_send_not_at_the_jobs_start(tmp_path):
+    """Issue 18: the recipients of a job's updates are a lookup. When the binding moves (an
+    aggregator taking the job over), the next re-send goes to the new one."""
+    node, _ = _bindings(tmp_path / "node.db")
+    assert node.update_recipients("job-3", None) == []  # bound to nobody yet: nothing is sent
+    assert node.accepts("job-3", None, "agg-1", "model")
+    assert node.update_recipients("job-3", None) == ["agg-1"]
+    node._bound["job-3"] = "agg-2"  # what a failover does to the binding (another helper's work)
+    assert node.update_recipients("job-3", None) == ["agg-2"]
+    assert node.update_recipients("job-4", "agg-9") == ["agg-9"]  # pinned

@@ -113,3 +113,17 @@ def test_a_clear_message_still_opens_with_a_keyring(fed):
     _, wire = seal(ids["node-a"], "update", Update(round=1, params={"w": torch.ones(2)}, n_samples=1))
     msg = open_envelope(wire, trust, keyring=rings["agg-1"])
     assert not msg.sealed and msg.body.n_samples == 1
+
+
+def test_a_jobs_models_are_for_its_listed_nodes_else_the_nodes_holding_its_tags():
+    from aggregators.service import participants
+    from common.messages import DatasetInfo, JobSpec, NodeStatus, PlanRef
+
+    def status(*tags):
+        return NodeStatus(state="online", datasets=[DatasetInfo(name="d", tags=list(tags), type="npz", n_samples=5)])
+
+    declared = {"n1": status("a", "b"), "n2": status("a"), "n3": status("c")}
+    spec = JobSpec(job_id="j", owner="alice", plan=PlanRef(zoo="mlp"), rounds=1, tags=["a"])
+    assert participants(spec, declared) == ["n1", "n2"]
+    listed = spec.model_copy(update={"nodes": ["n2", "n3"]})
+    assert participants(listed, declared) == ["n2", "n3"]  # n1 holds the tags but is not in the job
