@@ -41,12 +41,13 @@ from aggregators.rules import AggregationRule, get_rule
 from aggregators.secagg import SECAGG_SENDER, Outcome, ServerRound
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
-from common.envelope import Message, open_envelope
+from common.envelope import Message, open_envelope, sealed_content_key, sealed_recipients
 from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
     GlobalModel,
     JobHistory,
+    JobKey,
     JobSpec,
     NodeRoundReport,
     NodeStatus,
@@ -234,13 +235,26 @@ class JobRunner(threading.Thread):
         self._send("model", model, retain=True, round_=model.round, topic=topics.model(self.spec.job_id), to=readers)
 
     def reseal_for(self, name: str) -> None:
-        """Publish the last model again if `name` may read it but could not (its key or its
-        status arrived after the model): the late-joining node is given the job's content key."""
-        if self._last_model is None or name in self._model_readers:
+        """A node of the job whose key or status arrived late: give it the job's content key if
+        the researcher's job was not sealed for it, and publish the last model again if that
+        was not either (the model's content key is the same, now wrapped for it too)."""
+        m = self.service.messenger
+        if name not in self.service.model_readers(self.spec) or not m.knows_key(name):
             return
-        if name in self.service.model_readers(self.spec) and self.service.messenger.knows_key(name):
+        self._give_job_key(name)
+        if self._last_model is not None and name not in self._model_readers:
             self.log.info("model_resealed", node=name, round=self._last_model.round)
             self._send_model(self._last_model)
+
+    def _give_job_key(self, name: str) -> None:
+        wire = self.service.checkpoints.load_job(self.spec.job_id) or b""
+        recipients = sealed_recipients(wire)
+        if not recipients or name in recipients:
+            return
+        key = sealed_content_key(wire, self.service.messenger.keyring)
+        self.service.messenger.send(topics.requests(name), "job_key", JobKey(job_id=self.spec.job_id, key=key),
+                                    job=self.spec.job_id, to=[name])
+        self.log.info("job_key_given", node=name)
 
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
                        nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",

@@ -321,13 +321,14 @@ def _header(raw: Any) -> dict[str, Any]:
 
 
 def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False, keyring: Keyring | None = None) -> Message:
+                  retained: bool = False, keyring: Keyring | None = None, content_key: bytes | None = None) -> Message:
     """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
 
     Order matters: only the flat header map is read before the signature (over the raw body
     bytes) and the sender's role are checked; the body is decrypted (if sealed, with
     `keyring`) and decoded after, so nothing from an unauthenticated sender reaches the
-    decryptor, the msgpack or the tensor decoder.
+    decryptor, the msgpack or the tensor decoder. `content_key` opens a body sealed for others
+    (a key handed on by one of its recipients: see Messenger.reopen).
     """
     fields, body_at = _unpack_envelope(data)
     raw = _header(fields)
@@ -348,7 +349,7 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         raise BadMessage(
             Reason.ROLE_NOT_ALLOWED, f"a {peer.role} ({peer.name}) may not send {raw['type']!r}"
         )
-    clear = _unsealed(raw, keyring)
+    clear = _unsealed(raw, keyring, content_key)
     try:
         body = spec.model.model_validate(codec.decode(clear))
     except ValidationError as exc:
@@ -368,15 +369,41 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
     )
 
 
-def _unsealed(raw: dict[str, Any], keyring: Keyring | None) -> bytes | memoryview:
+def _unsealed(raw: dict[str, Any], keyring: Keyring | None, content_key: bytes | None) -> bytes | memoryview:
     """The clear body: the body itself, or its decryption if it is sealed (BadMessage if we
     cannot open it: sealed for others, or tampered)."""
     body = raw["body"]
     if not sealed.is_sealed(body):
         return body
-    if keyring is None:
+    if keyring is None and content_key is None:
         raise BadMessage(Reason.NOT_A_RECIPIENT, f"{raw['type']} from {raw['sender']!r} is sealed; no key to open it")
     try:
+        if content_key is not None:
+            return sealed.open_with_key(content_key, _seal_aad(raw), body)
+        assert keyring is not None
         return sealed.open_body(keyring, _seal_aad(raw), body)
     except SealError as exc:
         raise BadMessage(Reason(exc.reason), f"{raw['type']} from {raw['sender']!r}: {exc.detail}") from None
+
+
+def sealed_content_key(data: bytes | bytearray | memoryview, keyring: Keyring) -> bytes:
+    """The content key of a sealed envelope we are a recipient of (its signature is NOT checked
+    here: use it on a message already opened, e.g. a stored job); BadMessage if we cannot."""
+    body = _unpack_envelope(data)[0].get("body")
+    if not isinstance(body, (bytes, memoryview)) or not sealed.is_sealed(body):
+        raise BadMessage(Reason.BAD_SEAL, "the message is not sealed")
+    try:
+        return sealed.content_key(keyring, body)
+    except SealError as exc:
+        raise BadMessage(Reason(exc.reason), exc.detail) from None
+
+
+def sealed_recipients(data: bytes | bytearray | memoryview) -> list[str]:
+    """Who a sealed envelope was sealed for ([] if it is clear or unreadable)."""
+    body = _unpack_envelope(data)[0].get("body")
+    if not isinstance(body, (bytes, memoryview)) or not sealed.is_sealed(body):
+        return []
+    try:
+        return sealed.recipients(body)
+    except SealError:
+        return []

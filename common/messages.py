@@ -60,6 +60,15 @@ class EncKey(Body):
     key: bytes = Field(min_length=32, max_length=32)
 
 
+@message("job_key", "aggregator")
+class JobKey(Body):
+    """A job's content key, for a node of the job it was not sealed for (it joined later), sent
+    sealed for that node on its own `requests` topic: with it the node opens the retained job."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    key: bytes = Field(min_length=32, max_length=32)
+
+
 # --- nodes -----------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ Handler = Callable[[Message], None]
 ClearHandler = Callable[[str], None]
 RejectHook = Callable[[str, BadMessage], None]
 KeyHook = Callable[[str], None]
+HELD_BYTES = 256 * 1024 * 1024  # messages sealed for others kept for `reopen`, in all
 
 
 class KeyMissing(TransportError):
@@ -84,6 +85,9 @@ class Messenger:
         self._roles: dict[str, str] = {}
         self._key_hooks: list[KeyHook] = []
         self._content_keys = ContentKeys()
+        self._hold_filters: list[str] = []
+        self._held: OrderedDict[str, tuple[bytes | bytearray | memoryview, bool]] = OrderedDict()
+        self._given: OrderedDict[str, bytes] = OrderedDict()  # content keys handed to us, per topic
         self.subscribe(topics.every("keys"), self._on_key, types={"enc_key"}, qos=0)
         self.transport.on_connected(self._publish_key)
 
@@ -160,6 +164,41 @@ class Messenger:
         keys = {n: self._keys[n] for n in names if n in self._keys}
         return SealTo(self._content_keys.for_recipients(topic, keys), tuple(keys))
 
+    def hold_sealed(self, topic_filter: str) -> None:
+        """Keep the latest message per topic under `topic_filter` that was sealed for others
+        (its signature checked), at most HELD_BYTES in all, so that `reopen` can open it when
+        one of its recipients hands us the content key (a node that joined a job late)."""
+        self._hold_filters.append(topic_filter)
+
+    def _hold(self, topic: str, wire: bytes | bytearray | memoryview, retained: bool) -> None:
+        if not any(topics.matches(f, topic) for f in self._hold_filters) or len(wire) > HELD_BYTES:
+            return
+        self._held.pop(topic, None)
+        self._held[topic] = (wire, retained)
+        while sum(len(w) for w, _ in self._held.values()) > HELD_BYTES:
+            self._held.popitem(last=False)
+        if topic in self._given:  # the key came first
+            self.reopen(topic, self._given[topic])
+
+    def reopen(self, topic: str, key: bytes) -> bool:
+        """Open the held message of `topic` with its content key and deliver it to the routes,
+        as if it had just arrived; False if none is held (the key is kept for when it comes) or
+        it does not open (logged)."""
+        self._given[topic] = key
+        while len(self._given) > 1024:
+            self._given.popitem(last=False)
+        held = self._held.pop(topic, None)
+        if held is None:
+            return False
+        try:
+            msg = replace(open_envelope(held[0], self.trust, topic, held[1], content_key=key), wire=held[0])
+            self._check_topic(msg)
+        except BadMessage as exc:
+            self._rejected(topic, exc)
+            return False
+        self._dispatch(msg, [r for r in self._routes if topics.matches(r.topic_filter, topic)])
+        return True
+
     # --- sending ------------------------------------------------------------------------------
 
     def send(
@@ -222,6 +261,7 @@ class Messenger:
             self.log.warning("no_handler_dropped", topic=delivery.topic)
             return
         if not delivery.payload:
+            self._held.pop(delivery.topic, None)
             for route in routes:
                 if route.on_clear is not None:
                     self._call(route.on_clear, delivery.topic)
@@ -231,8 +271,13 @@ class Messenger:
                                         self.keyring), wire=delivery.payload)
             self._check_topic(msg)
         except BadMessage as exc:
+            if exc.reason == Reason.NOT_A_RECIPIENT:
+                self._hold(delivery.topic, delivery.payload, delivery.retained)
             self._rejected(delivery.topic, exc)
             return
+        self._dispatch(msg, routes)
+
+    def _dispatch(self, msg: Message, routes: list[_Route]) -> None:
         if msg.id in self._seen:
             self.log.info("duplicate_dropped", msg_id=msg.id, topic=msg.topic, sender=msg.sender)
             return

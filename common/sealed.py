@@ -194,21 +194,35 @@ def recipients(body: bytes | bytearray | memoryview) -> list[str]:
     return sorted(_parse(memoryview(body).cast("B"))[0]["w"])
 
 
-def open_body(keyring: Keyring, aad: bytes, body: bytes | bytearray | memoryview) -> memoryview:
-    """The clear body of a sealed one, if `keyring` is among its recipients; else SealError."""
-    header, raw, ciphertext, tag = _parse(memoryview(body).cast("B"))
+def content_key(keyring: Keyring, body: bytes | bytearray | memoryview) -> bytes:
+    """The content key of a sealed body, unwrapped with `keyring` (SealError if not for it):
+    what a recipient hands on to a late one (the aggregator to a node joining a job)."""
+    header = _parse(memoryview(body).cast("B"))[0]
     wrapped = header["w"].get(keyring.name)
     if not isinstance(wrapped, bytes):
         raise SealError("not_a_recipient", f"sealed for {len(header['w'])} recipient(s), not for {keyring.name}")
     try:
         peer = x25519.X25519PublicKey.from_public_bytes(header["e"])
         wk = _wrap_key(keyring.private.exchange(peer), header["s"], keyring.name, header["e"], keyring.public)
-        key = AESGCM(wk).decrypt(_WRAP_NONCE, wrapped, header["s"].encode())
+        return AESGCM(wk).decrypt(_WRAP_NONCE, wrapped, header["s"].encode())
+    except (InvalidTag, ValueError) as exc:
+        raise SealError("bad_seal", f"the wrap for {keyring.name} does not open ({type(exc).__name__})") from None
+
+
+def open_with_key(key: bytes, aad: bytes, body: bytes | bytearray | memoryview) -> memoryview:
+    """The clear body of a sealed one, given its content key; SealError if it does not decrypt."""
+    header, raw, ciphertext, tag = _parse(memoryview(body).cast("B"))
+    try:
         dec = Cipher(algorithms.AES(key), modes.GCM(header["n"], tag)).decryptor()
         dec.authenticate_additional_data(aad + bytes(raw))
         out = bytearray(len(ciphertext) + 15)
         n = dec.update_into(ciphertext, out)
         dec.finalize()
     except (InvalidTag, ValueError) as exc:
-        raise SealError("bad_seal", f"does not decrypt for {keyring.name} ({type(exc).__name__})") from None
+        raise SealError("bad_seal", f"does not decrypt ({type(exc).__name__})") from None
     return memoryview(out)[:n]
+
+
+def open_body(keyring: Keyring, aad: bytes, body: bytes | bytearray | memoryview) -> memoryview:
+    """The clear body of a sealed one, if `keyring` is among its recipients; else SealError."""
+    return open_with_key(content_key(keyring, body), aad, body)

@@ -171,7 +171,8 @@ class NodeService:
         m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
         # acks come on our own topic; every node reading every event would be O(N^2) a round
-        m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received"})
+        m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received", "job_key"})
+        m.hold_sealed(topics.every("job"))  # a job sealed before we joined: its aggregator may give us the key
         m.on_reject(self._on_rejected)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -714,6 +715,11 @@ class NodeService:
     def _on_request(self, msg: Message) -> None:
         if msg.type == "update_received":
             self._on_ack(msg)
+            return
+        if msg.type == "job_key":  # sealed for us by an aggregator: open the job held since it came
+            job_id = msg.body.job_id  # type: ignore[attr-defined]
+            opened = self.messenger.reopen(topics.job(job_id), msg.body.key)  # type: ignore[attr-defined]
+            self.log.info("job_key_received", job=job_id, aggregator=msg.sender, opened=opened)
             return
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)

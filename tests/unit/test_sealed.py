@@ -127,3 +127,21 @@ def test_a_jobs_models_are_for_its_listed_nodes_else_the_nodes_holding_its_tags(
     assert participants(spec, declared) == ["n1", "n2"]
     listed = spec.model_copy(update={"nodes": ["n2", "n3"]})
     assert participants(listed, declared) == ["n2", "n3"]  # n1 holds the tags but is not in the job
+
+
+def test_a_recipient_hands_the_content_key_to_a_late_one_who_then_opens_the_signed_original(fed):
+    """A job sealed before node-b joined: the aggregator (a recipient) gives node-b the job's
+    content key; node-b opens the owner's signed message with it, and only with the right key."""
+    from common.envelope import sealed_content_key, sealed_recipients
+
+    ids, rings, trust = fed
+    params, wire = _sealed_update(ids, rings, to=("agg-1",))
+    assert sealed_recipients(wire) == ["agg-1"]
+    key = sealed_content_key(wire, rings["agg-1"])
+    msg = open_envelope(wire, trust, content_key=key)
+    assert msg.sealed and msg.body.params["w"].numpy().tobytes() == params["w"].numpy().tobytes()
+    with pytest.raises(BadMessage) as err:
+        open_envelope(wire, trust, content_key=bytes(32))
+    assert err.value.reason == Reason.BAD_SEAL
+    with pytest.raises(BadMessage):
+        sealed_content_key(wire, rings["node-b"])
