@@ -122,15 +122,18 @@ class Messenger:
         """The identities of `role` whose encryption key we know."""
         return sorted(n for n, r in list(self._roles.items()) if r == role)
 
-    def settle_keys(self, required: Collection[str] = (), timeout_s: float = 5.0, quiet_s: float = 0.5) -> None:
+    def settle_keys(self, required: Collection[str] = (), timeout_s: float = 5.0, quiet_s: float = 0.5,
+                    roles: Collection[str] = ()) -> bool:
         """Wait (after connecting) until the retained keys have arrived: every `required` one,
-        and no new key for `quiet_s`; at most `timeout_s`."""
+        one at least of each of `roles`, and no new key for `quiet_s`; at most `timeout_s`.
+        False if `required` or `roles` were not all met by then."""
         deadline, last, count = time.monotonic() + timeout_s, time.monotonic(), -1
-        while time.monotonic() < deadline:
+        while True:
             if len(self._keys) != count:
                 count, last = len(self._keys), time.monotonic()
-            if all(n in self._keys for n in required) and time.monotonic() - last >= quiet_s:
-                return
+            met = all(n in self._keys for n in required) and all(self.keyholders(r) for r in roles)
+            if (met and time.monotonic() - last >= quiet_s) or time.monotonic() >= deadline:
+                return met
             time.sleep(0.05)
 
     def _publish_key(self, session_present: bool) -> None:
@@ -271,9 +274,9 @@ class Messenger:
                                         self.keyring), wire=delivery.payload)
             self._check_topic(msg)
         except BadMessage as exc:
-            if exc.reason == Reason.NOT_A_RECIPIENT:
-                self._hold(delivery.topic, delivery.payload, delivery.retained)
             self._rejected(delivery.topic, exc)
+            if exc.reason == Reason.NOT_A_RECIPIENT:  # signed, sealed for others: maybe a key comes
+                self._hold(delivery.topic, delivery.payload, delivery.retained)
             return
         self._dispatch(msg, routes)
 

@@ -206,10 +206,15 @@ class Experiment:
     def _job_readers(self, spec: JobSpec) -> list[str]:
         """Who the job is sealed for (common/sealed.py): its owner, its nodes (unlisted: every
         node whose key is published, as any may take it) and its aggregator (unpinned: every
-        aggregator's). Waits briefly for the retained keys after connecting."""
+        aggregator's). Waits briefly for the retained keys after connecting, and up to 60 s for
+        the pinned aggregator's or, unpinned, for one aggregator's at least: a job no aggregator
+        can read would never run (JobError then)."""
         m = self.messenger
         pinned = [spec.aggregator.identity] if spec.aggregator.identity else []
-        m.settle_keys(required=[*(spec.nodes or []), *pinned])
+        m.settle_keys(required=spec.nodes or [])
+        if m.sealing and not m.settle_keys(required=pinned, roles=[] if pinned else ["aggregator"], timeout_s=60):
+            raise JobError(f"no encryption key of {pinned[0] if pinned else 'any aggregator'} on the broker: "
+                           "start the aggregator first (jobs are sealed for their aggregator)")
         nodes = spec.nodes if spec.nodes is not None else m.keyholders("node")
         return [self.identity.name, *nodes, *(pinned or m.keyholders("aggregator"))]
 
