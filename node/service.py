@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from common import topics
 from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
-from common.errors import BadMessage, TransportError
+from common.errors import BadMessage, Reason, TransportError
 from common.identity import Identity
 from common.messages import JobSpec, NodeStatus, Reply, is_selective
 from common.messenger import Messenger
@@ -807,6 +807,9 @@ class NodeService:
         """A malformed job is refused out loud, so its researcher learns why."""
         job = topics.job_of(topic)
         if job is None or topic != topics.job(job):
+            return
+        if exc.reason == Reason.NOT_A_RECIPIENT:  # not for us (yet: its aggregator may give us the key)
+            self.audit.record("job_sealed_for_others", job=job)
             return
         self.audit.record("job_refused", job=job, reason=str(exc))
         try:
