@@ -211,8 +211,9 @@ class Experiment:
         can read would never run (JobError then)."""
         m = self.messenger
         pinned = [spec.aggregator.identity] if spec.aggregator.identity else []
-        m.settle_keys(required=spec.nodes or [])
-        if m.sealing and not m.settle_keys(required=pinned, roles=[] if pinned else ["aggregator"], timeout_s=60):
+        m.settle_keys(required=spec.nodes or [], quiet_s=0.3)
+        if m.sealing and not m.settle_keys(required=pinned, roles=[] if pinned else ["aggregator"], timeout_s=60,
+                                           quiet_s=0):
             raise JobError(f"no encryption key of {pinned[0] if pinned else 'any aggregator'} on the broker: "
                            "start the aggregator first (jobs are sealed for their aggregator)")
         nodes = spec.nodes if spec.nodes is not None else m.keyholders("node")
