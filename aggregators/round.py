@@ -165,8 +165,7 @@ class Round:
             self.ended = True
             actions = self._flush(now)
             if len(self.answered) < self.policy.quorum:
-                return actions + [Fail(f"round {self.round}: {len(self.answered)} update(s) by the deadline, "
-                                       f"quorum is {self.policy.quorum}")]
+                return actions + [Fail(self._shortfall(now))]
             return actions + [Close()]
         if self.unsaved and now - self.last_event >= LULL_S:
             return self._flush(now)
@@ -184,6 +183,15 @@ class Round:
         return [Close()]
 
     # --- decisions ----------------------------------------------------------------------------
+
+    def _shortfall(self, now: float) -> str:
+        """Why the round failed, in words a researcher can act on."""
+        got = f"round {self.round}: {len(self.answered)} update(s)"
+        if now >= self.deadline:
+            return f"{got} by the deadline, quorum is {self.policy.quorum}"
+        out = sorted(set(self.expected) - set(self.answered))
+        return (f"{got}, quorum is {self.policy.quorum}, and no node is left to wait for: "
+                f"{', '.join(out)} declined the job or failed (their reasons are in the job's events)")
 
     def complete(self) -> bool:
         """Enough updates and nobody left worth waiting for (or stragglers need not be waited)."""

@@ -3,12 +3,22 @@ unmasked weighted mean the rule then folds as ONE update carrying the total coun
 
 Kept out of aggregators/service.py: the round loop only builds a ServerRound, feeds it the
 messages of `jobs/{job}/secagg/+` and its clock, and takes the outcome.
+
+Checkpointed at every stage, before the stage is published (`save`): a restarted aggregator
+resumes the round from the last published stage (`resume`), publishes it again, and the sites,
+which still hold their keys and repeat their answers, answer it again. Nothing secret is saved:
+what the server received (public keys, sealed boxes, masked inputs), which it already holds.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
 
 from common.messages import Body, JobSpec, SecAggState
 from common.secagg.params import Params, round_config, unflatten_mean
@@ -16,6 +26,16 @@ from common.secagg.server import Deadlines, Failed, Finished, Ignored, Publish, 
 from common.secagg.wire import site_message, state_body
 
 SECAGG_SENDER = "secagg"  # the node name the rule sees for the one aggregated update
+
+
+def pack(snapshot: dict[str, Any]) -> torch.Tensor:
+    """A server snapshot as one uint8 tensor for the round's checkpoint (torch.save pickles
+    bytes objects slowly; a tensor is written as it is)."""
+    return torch.frombuffer(bytearray(msgpack.packb(snapshot, use_bin_type=True)), dtype=torch.uint8)
+
+
+def unpack(saved: torch.Tensor) -> dict[str, Any]:
+    return msgpack.unpackb(saved.numpy().tobytes(), raw=False, strict_map_key=False)
 
 
 @dataclass(frozen=True)
@@ -31,14 +51,20 @@ class ServerRound:
     """The aggregator's round over `expected` sites, its stages inside [start, deadline]."""
 
     def __init__(self, spec: JobSpec, round_: int, expected: list[str], reference: Params,
-                 start: float, deadline: float, publish: Callable[[SecAggState], None]) -> None:
+                 start: float, deadline: float, publish: Callable[[SecAggState], None],
+                 save: Callable[[torch.Tensor], None] | None = None, resume: torch.Tensor | None = None,
+                 now: Callable[[], float] = time.time) -> None:
         opt = spec.secure_aggregation
         if opt is None:
             raise ValueError(f"job {spec.job_id} does not use secure aggregation")
         cfg = round_config(spec.job_id, round_, opt.threshold, opt.neighbours, opt.clip, opt.max_count,
                            reference, len(expected))
         self.round, self.expected, self._reference, self._publish = round_, sorted(expected), reference, publish
-        self._server = ServerSecAgg(cfg, self.expected, Deadlines.split(start, deadline))
+        self._save, self._now = save or (lambda _: None), now
+        deadlines = Deadlines.split(start, deadline)
+        self._server = (ServerSecAgg(cfg, self.expected, deadlines) if resume is None else
+                        ServerSecAgg.resume(cfg, self.expected, deadlines, unpack(resume), now()))
+        self.resumed_at = None if resume is None else self._server.state.stage.value
         self.outcome: Outcome | None = None
         self.ignored: list[tuple[str, str]] = []
 
@@ -58,6 +84,8 @@ class ServerRound:
         for a in actions:
             if isinstance(a, Publish):
                 stage = a.state.stage
+                if not self._server.finished:  # persist before publish: a published stage is never lost
+                    self._save(pack(self._server.snapshot(self._now())))
                 deadline = self._server.deadlines.of(stage) if stage.value in ("keys", "shares", "masked", "unmask") else 0.0
                 self._publish(state_body(self.round, a.state, self.expected, deadline))
             elif isinstance(a, Finished):

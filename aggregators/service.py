@@ -41,24 +41,34 @@ from aggregators.rules import AggregationRule, get_rule
 from aggregators.secagg import SECAGG_SENDER, Outcome, ServerRound
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
-from common.envelope import Message, open_envelope, sealed_content_key, sealed_recipients
+from common.envelope import (
+    Message,
+    open_envelope,
+    peek_header,
+    sealed_content_key,
+    sealed_recipients,
+)
 from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
     GlobalModel,
+    JobAnswer,
     JobHistory,
     JobKey,
     JobSpec,
     NodeRoundReport,
     NodeStatus,
+    Reply,
     RoundClosed,
     RoundOpened,
     SecAggState,
     Selection,
+    TrainFailed,
     UpdateReceived,
 )
 from common.messenger import Messenger
 from common.settings import TransportSettings
+from common.training.args import TrainingArgs, TrainingArgsError
 
 
 class JobFailure(RuntimeError):
@@ -216,6 +226,7 @@ class JobRunner(threading.Thread):
         self.current_round = 0
         self._last_model: GlobalModel | None = None
         self._last_history: JobHistory | None = None
+        self._last_secagg: tuple[int, SecAggState] | None = None  # the secure stage last published
         self._history_sent = -1  # rounds in the last published JobHistory
         self._model_readers: set[str] = set()  # who the last model was sealed for (with a known key)
         self._updates: dict[str, Any] = {}  # the update of each node the round told us to fold
@@ -224,7 +235,7 @@ class JobRunner(threading.Thread):
     # helpers
     def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None,
               to: list[str] | None = None) -> None:
-        self.service.messenger.send(topic or topics.events(self.spec.job_id), type_, body,
+        self.service.messenger.send(topic or topics.events(self.spec.owner, self.spec.job_id), type_, body,
                                     job=self.spec.job_id, round_=round_, retain=retain, to=to, partial=True)
 
     def _send_model(self, model: GlobalModel) -> None:
@@ -232,7 +243,7 @@ class JobRunner(threading.Thread):
         nodes; each republication looks them up again, so a node that joined gets it."""
         readers = self.service.model_readers(self.spec)
         self._model_readers = {n for n in readers if self.service.messenger.knows_key(n)}
-        self._send("model", model, retain=True, round_=model.round, topic=topics.model(self.spec.job_id), to=readers)
+        self._send("model", model, retain=True, round_=model.round, topic=topics.model(self.spec.owner, self.spec.job_id), to=readers)
 
     def reseal_for(self, name: str) -> None:
         """A node of the job whose key or status arrived late: give it the job's content key if
@@ -252,7 +263,7 @@ class JobRunner(threading.Thread):
         if not recipients or name in recipients:
             return
         key = sealed_content_key(wire, self.service.messenger.keyring)
-        self.service.messenger.send(topics.requests(name), "job_key", JobKey(job_id=self.spec.job_id, key=key),
+        self.service.messenger.send(topics.requests(name), "job_key", JobKey(job_id=self.spec.job_id, owner=self.spec.owner, key=key),
                                     job=self.spec.job_id, to=[name])
         self.log.info("job_key_given", node=name)
 
@@ -261,7 +272,7 @@ class JobRunner(threading.Thread):
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
             self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
-            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.job_id),
+            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.owner, self.spec.job_id),
                        to=[self.spec.owner])
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
@@ -320,7 +331,10 @@ class JobRunner(threading.Thread):
             rule = get_rule(spec.aggregator.name, spec.aggregator.args)
         except ValueError as exc:
             raise JobFailure(str(exc)) from None
-        algorithm = str(spec.training_args.get("algorithm", "sgd"))
+        try:
+            algorithm = TrainingArgs.of(spec.training_args).algorithm
+        except TrainingArgsError as exc:
+            raise JobFailure(str(exc)) from None
         if rule.local_algorithm != algorithm:
             raise JobFailure(f"rule {rule.name!r} needs the nodes to run the {rule.local_algorithm!r} local algorithm "
                              f"(training_args.algorithm = {rule.local_algorithm!r}); the job asks for {algorithm!r}")
@@ -392,20 +406,24 @@ class JobRunner(threading.Thread):
             rule.load_state_dict(resume["rule"])
             self.log.info("round_resumed", round=r, answered=state.answered)
         if spec.secure_aggregation is not None:  # the sites' sum is the round's one update
-            return self._secure_round(state, rule, params, history)
+            return self._secure_round(state, rule, params, history, (resume or {}).get("secagg"))
         self._announce(state, rule, params, history)
         self._drive(state, rule, params)
         return self._close(state, rule, params)
 
-    def _secure_round(self, state: Round, rule: AggregationRule, params,
-                      history) -> tuple[dict[str, torch.Tensor], RoundClosed]:
+    def _secure_round(self, state: Round, rule: AggregationRule, params, history,
+                      resume: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], RoundClosed]:
         """Run the round's ServerRound; fold its unmasked mean as ONE update with the total count.
 
-        Not checkpointed mid-round (the sites' keys live in memory only): a restarted aggregator
-        runs the round again. A plain update for this job is never folded."""
+        Each stage is checkpointed before it is published; a restarted aggregator resumes from
+        the last published stage (`resume`) and publishes it again (aggregators/secagg.py). A
+        plain update for this job is never folded."""
         r = state.round
         server = ServerRound(self.spec, r, state.expected, params, state.opened, state.deadline,
-                             lambda st: self._publish_secagg(r, st))
+                             lambda st: self._publish_secagg(r, st), save=lambda snap: self._save_open(state, rule, snap),
+                             resume=resume)
+        if server.resumed_at is not None:
+            self.log.info("secure_round_resumed", round=r, stage=server.resumed_at)
         server.start()  # before the model: a site reading the model finds the key stage open
         self._announce(state, rule, params, history)
         outcome = self._drive_secure(server)
@@ -448,7 +466,8 @@ class JobRunner(threading.Thread):
         return outcome
 
     def _publish_secagg(self, r: int, state: SecAggState) -> None:
-        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.job_id))
+        self._last_secagg = (r, state)
+        self._send("secagg_state", state, retain=True, round_=r, topic=topics.secagg(self.spec.owner, self.spec.job_id))
         self.log.info("secagg_stage", round=r, stage=state.stage, reason=state.reason or None)
 
     def _announce(self, state: Round, rule: AggregationRule, params, history) -> None:
@@ -510,10 +529,7 @@ class JobRunner(threading.Thread):
                     self.log.info("update_folded", round=r, node=action.node, n_samples=update.n_samples)
                 self._perform(more, state, rule, params)
             elif isinstance(action, SaveOpen):
-                with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
-                    self.service.checkpoints.save_open(self.spec.job_id, {
-                        **state.to_dict(), "rule": rule.state_dict(),
-                        "declined": sorted(self.declined), "pending": sorted(self.pending)})
+                self._save_open(state, rule)
             elif isinstance(action, Ack):
                 self._ack(r, action.node)
             elif isinstance(action, Drop):
@@ -523,6 +539,13 @@ class JobRunner(threading.Thread):
             elif isinstance(action, Close):
                 return True
         return False
+
+    def _save_open(self, state: Round, rule: AggregationRule, secagg: torch.Tensor | None = None) -> None:
+        """The open round's checkpoint (and its secure-aggregation stage, if any)."""
+        with contextlib.suppress(NotImplementedError):  # such a rule redoes the round after a restart
+            self.service.checkpoints.save_open(self.spec.job_id, {
+                **state.to_dict(), "rule": rule.state_dict(), "declined": sorted(self.declined),
+                "pending": sorted(self.pending), **({"secagg": secagg} if secagg is not None else {})})
 
     def _fold(self, rule: AggregationRule, params, node: str, update) -> str | None:
         """Decode, check and fold one update; why not, if any step refuses it (None if folded).
@@ -557,7 +580,7 @@ class JobRunner(threading.Thread):
         if problem is not None:  # e.g. a server step that overflowed: the last good model stays published
             raise JobFailure(f"round {r}: {rule.name} produced an invalid global model ({problem}); not published")
         notes = {**rule.round_notes(), **({"rejected": dict(state.rejected)} if state.rejected else {})}
-        norms = {n: float(new_params[n].double().norm()) for n in self.spec.training_args.get("report_norms") or []
+        norms = {n: float(new_params[n].double().norm()) for n in TrainingArgs.of(self.spec.training_args).report_norms
                  if n in new_params}
         if norms:
             notes["norms"] = norms
@@ -585,9 +608,12 @@ class JobRunner(threading.Thread):
         may have lost them; nodes and aggregator keep the job spec themselves)."""
         if self._last_history is not None:
             self._send("job_history", self._last_history, retain=True, round_=self._last_model.round if self._last_model else 0,
-                       topic=topics.history(self.spec.job_id), to=[self.spec.owner])
+                       topic=topics.history(self.spec.owner, self.spec.job_id), to=[self.spec.owner])
         if self._last_model is not None:
             self._send_model(self._last_model)
+        if self._last_secagg is not None:  # the sites answer the open stage again (they repeat answers)
+            self._send("secagg_state", self._last_secagg[1], retain=True, round_=self._last_secagg[0],
+                       topic=topics.secagg(self.spec.owner, self.spec.job_id))
 
 
 class AggregatorService:
@@ -597,7 +623,8 @@ class AggregatorService:
         self.identity = identity
         self.name = identity.name
         self.checkpoints = Checkpoints(Path(state_dir) / "jobs")
-        self.messenger = Messenger(identity, mqtt)
+        # the ids of processed messages survive a restart: a captured update re-published later is a replay
+        self.messenger = Messenger(identity, mqtt, seen_file=Path(state_dir) / "seen.sqlite")
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
         self.nodes: dict[str, NodeStatus] = {}
         self.declared: dict[str, NodeStatus] = {}  # each node's last online status: its datasets
@@ -614,10 +641,12 @@ class AggregatorService:
         m = self.messenger
         m.subscribe(topics.every("status"), self._on_status, types={"node_status"})
         m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
-        m.subscribe(topics.every("update"), self._on_update, types={"update"})
+        # updates are only queued to their runner when the handler returns: their ids are not kept
+        # across a restart (a re-send after a crash is folded); the round logic dedupes them
+        m.subscribe(topics.every("update"), self._on_update, types={"update"}, durable=False)
         m.subscribe(topics.every("secagg_site"), self._on_secagg, types={"secagg_keys", "secagg_shares",
-                                                                        "secagg_masked", "secagg_unmask"})
-        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared)
+                                                                        "secagg_masked", "secagg_unmask"}, durable=False)
+        m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
         m.on_connected(self._on_connected)
         m.on_key(self._reseal_for)
         m.connect(connect_timeout_s)
@@ -632,8 +661,9 @@ class AggregatorService:
         for job in self.checkpoints.unfinished():
             wire = self.checkpoints.load_job(job) or b""
             try:
-                msg = open_envelope(wire, self.messenger.trust, topics.job(job), keyring=self.messenger.keyring)
-                if msg.type != "job" or msg.body.job_id != job:  # type: ignore[attr-defined]
+                owner = str(peek_header(wire).get("sender"))  # a job's signer is its owner (checked below)
+                msg = open_envelope(wire, self.messenger.trust, topics.job(owner, job), keyring=self.messenger.keyring)
+                if msg.type != "job" or msg.body.job_id != job or msg.body.owner != owner:  # type: ignore[attr-defined]
                     raise BadMessage(Reason.WRONG_TOPIC, "the stored message is not this job's spec")
             except BadMessage as exc:
                 self.log.warning("job_not_resumed", job=job, reason=str(exc))
@@ -711,6 +741,17 @@ class AggregatorService:
         with self._lock:
             return self.runners.get(job or "")
 
+    def _runner_at(self, msg: Message) -> JobRunner | None:
+        """The runner of the job `msg`'s topic is about, if the topic names that job's owner: a
+        job id under another researcher's name is not this job (logged and dropped)."""
+        runner = self._runner(topics.job_of(msg.topic))
+        owner = topics.owner_of(msg.topic)
+        if runner is not None and owner != runner.spec.owner:
+            self.log.warning("foreign_owner_dropped", job=runner.spec.job_id, type=msg.type, sender=msg.sender,
+                             msg_id=msg.id, reason=f"the job belongs to {runner.spec.owner!r}, not to {owner!r}")
+            return None
+        return runner
+
     def _on_connected(self, session_present: bool) -> None:
         """After any reconnect, re-publish each running job's model: a hard-killed broker loses
         retained messages newer than its last autosave."""
@@ -743,45 +784,67 @@ class AggregatorService:
                 runner.events.put(_Event("joined", node=msg.sender))
 
     def _on_reply(self, msg: Message) -> None:
-        reply = msg.body
-        data = reply.data if isinstance(reply.data, dict) else {}
-        runner = self._runner(data.get("job") or msg.job)
-        if runner is None or reply.command not in ("job", "train"):
+        reply: Reply = msg.body  # type: ignore[assignment]
+        try:
+            answer: JobAnswer | TrainFailed | None = JobAnswer.of(reply, msg.job) or TrainFailed.of(reply, msg.job)
+        except ValidationError:
+            return  # not an answer this aggregator can read
+        runner = self._runner(answer.job) if answer is not None else None
+        if runner is None or answer is None:
             return
-        status = data.get("status")
-        if reply.ok:
-            if reply.command == "job" and status == "accepted":  # e.g. its plan was approved late
-                runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
+        if topics.addressee_of(msg.topic) != runner.spec.owner:  # a notice about a same-named job of another owner
             return
-        if reply.command == "job" and status == "pending":  # not now; maybe after approval
-            runner.events.put(_Event("dropout", node=msg.sender, dropout="pending", reason=reply.error))
-            return
-        kind: DropKind = "declined" if reply.command == "job" else "failed"
-        runner.events.put(_Event("dropout", node=msg.sender, dropout=kind, reason=reply.error))
+        if isinstance(answer, TrainFailed):
+            runner.events.put(_Event("dropout", node=msg.sender, dropout="failed", reason=reply.error))
+        elif answer.status == "accepted":  # e.g. its plan was approved late
+            runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
+        else:  # pending: not now, maybe after approval
+            runner.events.put(_Event("dropout", node=msg.sender, dropout=answer.status, reason=reply.error))
 
     def _on_update(self, msg: Message) -> None:
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:  # not ours, or not known yet: its re-send must still be processed
-            raise NotReady(f"update from {msg.sender} for job {msg.job} that this aggregator does not run")
+        if self._runner(topics.job_of(msg.topic)) is None:  # not ours, or not known yet: its re-send must still be processed
+            self._finished_or_not_ready(msg)
+            return
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("update", node=msg.sender, message=msg))
 
     def _on_secagg(self, msg: Message) -> None:
         """A site's secure-aggregation message (on its own topic: the sender is checked)."""
-        runner = self._runner(topics.job_of(msg.topic))
-        if runner is None:
-            raise NotReady(f"secure-aggregation message from {msg.sender} for job {msg.job} not run here")
+        if self._runner(topics.job_of(msg.topic)) is None:
+            self._finished_or_not_ready(msg)
+            return
+        runner = self._runner_at(msg)
+        if runner is None:  # the job's id under another owner's name (logged)
+            return
         runner.events.put(_Event("secagg", node=msg.sender, message=msg))
 
-    def _on_job(self, msg: Message) -> None:
-        spec: JobSpec = msg.body  # type: ignore[assignment]
-        if spec.job_id != topics.job_of(msg.topic):
-            self.log.warning("job_topic_mismatch", job=spec.job_id, topic=msg.topic)
+    def _finished_or_not_ready(self, msg: Message) -> None:
+        """A node's message for a job without a runner here: dropped if the job finished here
+        (e.g. a replay), else NotReady (not ours, or not known yet: its re-send is processed)."""
+        job = topics.job_of(msg.topic) or ""
+        if self.checkpoints.finished(job):
+            self.log.warning("message_dropped", topic=msg.topic, reason="job_finished", msg_id=msg.id, type=msg.type,
+                             sender=msg.sender, round=msg.round, detail=f"job {job!r} finished here")
             return
+        raise NotReady(f"{msg.type} from {msg.sender} for job {msg.job} that this aggregator does not run")
+
+    def _on_job(self, msg: Message) -> None:
+        """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
+        (or, for a withdrawal, an admin signer)."""
+        if msg.type == "withdraw":
+            runner = self._runner_at(msg)
+            if runner is not None:
+                self.log.info("job_withdrawn", job=runner.spec.job_id, by=msg.sender, msg_id=msg.id)
+                runner.events.put(_Event("withdrawn"))
+            return
+        spec: JobSpec = msg.body  # type: ignore[assignment]
         if spec.aggregator.identity not in (None, self.name):
             return
-        with self._lock:
-            if spec.job_id in self.runners:
-                return
+        if self._runner(spec.job_id) is not None:
+            self._runner_at(msg)  # the same id under another owner's name is logged
+            return
         if self.checkpoints.finished(spec.job_id):
             self.log.info("job_already_finished", job=spec.job_id)
             return
@@ -792,7 +855,4 @@ class AggregatorService:
         self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name)
         runner.start()
 
-    def _on_job_cleared(self, topic: str) -> None:
-        runner = self._runner(topics.job_of(topic))
-        if runner is not None:
-            runner.events.put(_Event("withdrawn"))
+

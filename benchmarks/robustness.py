@@ -51,8 +51,8 @@ class RogueNode:
         identity = Identity.load(fed.enroll(name, "node"))
         self.m = Messenger(identity, TransportSettings(clean_start=True, session_expiry_s=0),
                            will=(topics.status(name), "node_status", NodeStatus(state="offline")))
-        self.m.subscribe("fbm/v1/jobs/+", self._on_job, types={"job"}, retained_chunks=True, qos=0)
-        self.m.subscribe("fbm/v1/jobs/+/model", self._on_model, types={"model"}, retained_chunks=True, qos=0)
+        self.m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, qos=0)
+        self.m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
         self.m.connect()
         info = DatasetInfo(name="fm", tags=["fmnist"], type="npz", n_samples=len(self.data), shape=[1, 28, 28])
         self.m.send(topics.status(name), "node_status", NodeStatus(state="online", datasets=[info]), retain=True)
@@ -79,7 +79,7 @@ class RogueNode:
         local = to_tensors(result["params"])
         poisoned = {k: (model.params[k] + self.scale * (local[k] - model.params[k])).to(model.params[k].dtype)
                     for k in local}
-        self.m.send(topics.update(spec.job_id, self.name), "update",
+        self.m.send(topics.update(spec.owner, spec.job_id, self.name), "update",
                     {"round": model.open_round, "params": poisoned, "n_samples": result["n_samples"],
                      "metrics": result["metrics"], "timings": result["timings"], "dataset": "fm"},
                     job=spec.job_id, round_=model.open_round)

@@ -3,7 +3,8 @@
 Each row compares ours with a baseline measured in the same run (a plain copy, Mosquitto's own
 C clients, the same epochs in a plain torch loop), or states a size. Steps, in order:
 codec, model transfer, aggregation memory, end-to-end overhead (10 and 25 nodes, with the
-25-node federation's start-up and memory), simulated federations.
+25-node federation's start-up and memory), simulated federations, secure aggregation against
+plain FedAvg through the broker (simulated sites; 10 and 25, 100 too in the full set).
 
     python -m benchmarks.run_all            # the full set (about 20-30 minutes on 2 cores)
     python -m benchmarks.run_all --quick    # smaller sizes, for a smoke run (a few minutes)
@@ -36,7 +37,7 @@ def machine() -> str:
 
 def collect(quick: bool) -> list[tuple[str, str, str, str]]:
     """(what, ours, baseline / target, verdict) rows."""
-    from benchmarks import aggregation_memory, codec, e2e, simulation, transfer
+    from benchmarks import aggregation_memory, codec, e2e, secagg_broker, simulation, transfer
     from common.logging import configure_logging
 
     configure_logging("warning")
@@ -66,6 +67,21 @@ def collect(quick: bool) -> list[tuple[str, str, str, str]]:
         rows.append((f"simulated federation, {r['n']} nodes, tiny model", f"{r['round_s']:.2f} s a round",
                      f"connect {r['connect_s']:.1f} s; target < 5 s at 1000",
                      f"{r['per_node_ms']:.2f} ms per node per round; process RSS {r['fleet_rss_mb']:.0f} MB with N connected"))
+    rows += secagg_rows(secagg_broker.table([10, 25] if quick else [10, 25, 100], rounds=4, pairs=1 if quick else 2))
+    return rows
+
+
+def secagg_rows(sa: list[dict]) -> list[tuple[str, str, str, str]]:
+    """One row per N from benchmarks/secagg_broker.py's (plain, secure) pairs."""
+    rows = []
+    for plain, secure in zip(sa[::2], sa[1::2], strict=True):
+        rows.append((f"secure aggregation, {secure['n']} simulated sites (k = {secure['k']}), MLP 25 450 parameters",
+                     f"{secure['round_s']:.3f} s a round; a site sends {secure['site_kib']:.1f} KiB, "
+                     f"{secure['site_cpu_ms']:.1f} ms CPU",
+                     f"plain {plain['round_s']:.3f} s, {plain['site_kib']:.1f} KiB, {plain['site_cpu_ms']:.1f} ms; "
+                     f"target <= 2x at 25", f"{secure['round_s'] / plain['round_s']:.2f}x; broker -> sites "
+                     f"{secure['fanout_mib']:.2f} vs {plain['fanout_mib']:.2f} MiB a round; load average "
+                     f"{(plain['load'] + secure['load']) / 2:.1f}"))
     return rows
 
 

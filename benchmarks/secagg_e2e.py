@@ -34,9 +34,11 @@ SITE_TYPES = {"update", "secagg_keys", "secagg_shares", "secagg_masked", "secagg
 FANOUT_TYPES = {"model", "secagg_state"}  # retained, read by every node
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of a process, or of one of its threads."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        path = Path(f"/proc/{pid}/stat") if tid is None else Path(f"/proc/{pid}/task/{tid}/stat")
+        fields = path.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -53,7 +55,7 @@ class Meter:
                            TransportSettings(clean_start=True, session_expiry_s=0), client_id="bench-meter",
                            on_delivery=self._count)
         self.m.connect()
-        for f in ("fbm/v1/jobs/+/secagg/+", "fbm/v1/jobs/+/secagg", "fbm/v1/jobs/+/updates/+", "fbm/v1/jobs/+/model",
+        for f in ("fbm/v1/jobs/+/+/secagg/+", "fbm/v1/jobs/+/+/secagg", "fbm/v1/jobs/+/+/updates/+", "fbm/v1/jobs/+/+/model",
                   "fbm/v1/nodes/+/requests"):
             self.m.subscribe(f, retained_chunks=True)
 

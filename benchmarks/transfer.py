@@ -127,7 +127,7 @@ def _ours(fed: LocalFederation, size: int, sealed: bool) -> tuple[float, float]:
     from common.messenger import Messenger
     from common.settings import TransportSettings
 
-    topic = topics.update("bench", "bench-node")
+    topic = topics.update("bench", "bench", "bench-node")
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.transfer", "--receive", str(fed.ws.bundle_dir("bench-agg")),
                               topic, str(size)], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None

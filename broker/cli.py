@@ -246,3 +246,74 @@ def renew(workspace: Path, name: str, days: int) -> None:
     except (KeyError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
     console.print(f"renewed [bold]{name}[/bold] for {days} days: copy {bundle / 'identity.crt'} to the site")
+
+
+@main.command()
+@click.argument("workspace", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--job", default=None, help="Print this job's trail (submission to last model) instead of recording.")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The trail's SQLite file (default: WORKSPACE/audit/audit.sqlite).")
+@click.option("--duration", default=0.0, show_default=True, help="Record for this many seconds (0: until SIGTERM/Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="With --job: one JSON object a line.")
+def audit(workspace: Path, job: str | None, db: Path | None, duration: float, as_json: bool) -> None:
+    """Record the header of every message on the broker (type, sender, job, round, size, body
+    sha256, time; never the content) in SQLite, as an admin subscriber; with --job, print the
+    trail of that job.
+
+    \b
+      fbm-broker audit ./fed &                 # the recorder (its identity is enrolled once)
+      fbm-broker audit ./fed --job JOB         # the job's trail
+    """
+    from broker.audit import AuditLog
+
+    ws = Workspace(workspace)
+    log = AuditLog(db or ws.root / "audit" / "audit.sqlite")
+    try:
+        if job is not None:
+            _print_trail(log, job, as_json)
+        else:
+            _record(ws, log, duration)
+    finally:
+        log.close()
+
+
+def _record(ws: Workspace, log, duration: float) -> None:
+    import signal
+    import threading
+
+    from broker.audit import AUDITOR, run_recorder
+
+    if not (ws.bundle_dir(AUDITOR) / "bundle.json").exists():
+        ws.enroll(AUDITOR, "admin")
+        process.reload(ws)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if duration > 0:
+        threading.Timer(duration, stop.set).start()
+    console.print(f"recording every message's header into {ws.root / 'audit'} as {AUDITOR} (Ctrl-C to stop)")
+    run_recorder(log, ws.bundle_dir(AUDITOR), stop)
+    console.print(f"{log.count()} message(s) on the trail")
+
+
+def _print_trail(log, job: str, as_json: bool) -> None:
+    import dataclasses
+    import datetime as dt
+    import json
+
+    from broker.audit import describe
+
+    records = log.trail(job)
+    if not records:
+        _fail(f"no message about job {job!r} on the trail (was `fbm-broker audit WORKSPACE` recording?)")
+    if as_json:
+        for r in records:
+            click.echo(json.dumps({**dataclasses.asdict(r), "event": describe(r)}))
+        return
+    table = Table("time (UTC)", "event", "round", "sender", "bytes", "body sha256", "topic")
+    for r in records:
+        when = dt.datetime.fromtimestamp(r.at, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
+        table.add_row(when, describe(r), "" if r.round is None else str(r.round), r.sender, str(r.size),
+                      r.body_sha256[:16], r.topic.removeprefix("fbm/v1/"))
+    console.print(f"job {job}: {len(records)} message(s)")
+    console.print(table)

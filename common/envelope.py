@@ -2,8 +2,10 @@
 
 Wire form: a msgpack map `{v, type, id, ts, sender, job, round, body, cert, sig}` where `body`
 is the msgpack bytes of the typed body, `cert` the sender's DER cert and `sig` an Ed25519
-signature over `[v, type, id, ts, sender, job, round, sha256(body)]`. Signing the body's digest
-rather than the body keeps signing cost flat for a 500 MB model (one sha256 pass).
+signature over `[v, type, id, ts, sender, job, round, sha256(body), topic]`. Signing the body's
+digest rather than the body keeps signing cost flat for a 500 MB model (one sha256 pass). The
+topic is signed but not sent: the receiver checks the signature with the topic the message
+came on, so a message moved to another topic (another job's, another owner's) fails it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from common.identity import Identity, Peer, TrustStore
 from common.messages import spec_for
 from common.sealed import ContentKey, Keyring, SealError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the topic is signed (issue 18)
 _HEADER_FIELDS = ("v", "type", "id", "ts", "sender", "job", "round")
 
 
@@ -48,12 +50,12 @@ class Message:
     sealed: bool = False  # the body came encrypted to us (common/sealed.py)
 
 
-def _signed_bytes(header: dict[str, Any], body: bytes) -> bytes:
-    return _signed_digest(header, hashlib.sha256(body).digest())
+def _signed_bytes(header: dict[str, Any], body: bytes, topic: str = "") -> bytes:
+    return _signed_digest(header, hashlib.sha256(body).digest(), topic)
 
 
-def _signed_digest(header: dict[str, Any], digest: bytes) -> bytes:
-    return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest])
+def _signed_digest(header: dict[str, Any], digest: bytes, topic: str) -> bytes:
+    return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest, topic])
 
 
 def _seal_aad(header: dict[str, Any]) -> bytes:
@@ -95,6 +97,7 @@ def seal_parts(
     round_: int | None = None,
     msg_id: str | None = None,
     seal_to: SealTo | None = None,
+    topic: str = "",
 ) -> SealedParts:
     """Validate `body` against its type and produce its envelope as a stream (see SealedParts);
     with `seal_to`, the body is encrypted for those recipients and the ciphertext signed."""
@@ -134,7 +137,7 @@ def seal_parts(
         for piece in pieces:
             digest.update(piece)
             yield piece
-        sig = identity.sign(_signed_digest(header, digest.digest()))
+        sig = identity.sign(_signed_digest(header, digest.digest(), topic))
         yield cert_part + packer.pack(sig)
 
     return SealedParts(header["id"], len(prefix) + wire_body_len + len(cert_part) + sig_len, parts())
@@ -164,9 +167,11 @@ def seal(
     round_: int | None = None,
     msg_id: str | None = None,
     seal_to: SealTo | None = None,
+    topic: str = "",
 ) -> tuple[str, bytes]:
-    """Validate `body` against its type, sign it as `identity`: (message id, wire bytes)."""
-    out = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to)
+    """Validate `body` against its type, sign it as `identity` for `topic` (where it will be
+    published): (message id, wire bytes); with `seal_to`, encrypted for those recipients."""
+    out = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to, topic=topic)
     return out.msg_id, b"".join(out.parts)
 
 
@@ -320,19 +325,23 @@ def _header(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False, keyring: Keyring | None = None, content_key: bytes | None = None) -> Message:
-    """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
+@dataclass(frozen=True)
+class Verified:
+    """An envelope whose signature (over its header, its body's sha256 and the topic) and
+    sender's role were checked; its body not decoded yet."""
 
-    Order matters: only the flat header map is read before the signature (over the raw body
-    bytes) and the sender's role are checked; the body is decrypted (if sealed, with
-    `keyring`) and decoded after, so nothing from an unauthenticated sender reaches the
-    decryptor, the msgpack or the tensor decoder. `content_key` opens a body sealed for others
-    (a key handed on by one of its recipients: see Messenger.reopen).
-    """
+    header: dict[str, Any]
+    role: str
+    body_sha256: bytes
+    size: int
+
+
+def verify_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "") -> Verified:
+    """Check an envelope's signature and sender without decoding its body (the audit recorder
+    needs no more); BadMessage with the reason if anything is wrong."""
     fields, body_at = _unpack_envelope(data)
     raw = _header(fields)
-    body_digest = _precomputed_body_digest(data, raw["body"], body_at)
+    body_digest = _precomputed_body_digest(data, raw["body"], body_at) or hashlib.sha256(raw["body"]).digest()
     try:
         spec = spec_for(raw["type"])
     except KeyError:
@@ -342,13 +351,29 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         raise BadMessage(Reason.UNSIGNED, f"{raw['type']} from {raw['sender']!r} is not signed")
     peer: Peer = trust.peer(raw["cert"], raw["sender"])
     try:
-        peer.public_key.verify(sig, _signed_digest(raw, body_digest or hashlib.sha256(raw["body"]).digest()))
+        peer.public_key.verify(sig, _signed_digest(raw, body_digest, topic))
     except InvalidSignature:
-        raise BadMessage(Reason.BAD_SIGNATURE, f"{raw['type']} from {raw['sender']!r}: signature does not match") from None
+        raise BadMessage(Reason.BAD_SIGNATURE, f"{raw['type']} from {raw['sender']!r}: signature does not match "
+                                               f"(altered, or signed for another topic than {topic!r})") from None
     if peer.role not in spec.roles:
         raise BadMessage(
             Reason.ROLE_NOT_ALLOWED, f"a {peer.role} ({peer.name}) may not send {raw['type']!r}"
         )
+    return Verified(raw, peer.role, body_digest, len(memoryview(data)))
+
+
+def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
+                  retained: bool = False, keyring: Keyring | None = None, content_key: bytes | None = None) -> Message:
+    """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
+
+    Order matters: only the flat header map is read before the signature (over the raw body
+    bytes and the topic) and the sender's role are checked; the body is decrypted (if sealed,
+    with `keyring`) and decoded after, so nothing from an unauthenticated sender reaches the
+    decryptor, the msgpack or the tensor decoder. `content_key` opens a body sealed for others
+    (a key handed on by one of its recipients: see Messenger.reopen).
+    """
+    checked = verify_envelope(data, trust, topic)
+    raw, spec = checked.header, spec_for(checked.header["type"])
     clear = _unsealed(raw, keyring, content_key)
     try:
         body = spec.model.model_validate(codec.decode(clear))
@@ -359,7 +384,7 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         id=raw["id"],
         ts=float(raw["ts"]),
         sender=raw["sender"],
-        role=peer.role,
+        role=checked.role,
         job=raw.get("job"),
         round=raw.get("round"),
         body=body,

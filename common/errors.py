@@ -21,6 +21,9 @@ class Reason(StrEnum):
     BAD_CERT = "bad_cert"
     ROLE_NOT_ALLOWED = "role_not_allowed"
     WRONG_TOPIC = "wrong_topic"
+    WRONG_OWNER = "wrong_owner"  # a job signed by someone else than its owner, or not theirs to touch
+    REPLAYED = "replayed"  # a message already processed (the memory survives restarts)
+    STALE = "stale"  # signed too long ago (or in the future) for a live message
     BAD_TENSOR = "bad_tensor"
     BAD_CHUNK = "bad_chunk"
     CHECKSUM_MISMATCH = "checksum_mismatch"

@@ -66,6 +66,7 @@ class JobKey(Body):
     sealed for that node on its own `requests` topic: with it the node opens the retained job."""
 
     job_id: str = Field(pattern=JOB_ID_PATTERN)
+    owner: str = Field(min_length=1, max_length=64)  # the job's topics live under its owner's name
     key: bytes = Field(min_length=32, max_length=32)
 
 
@@ -117,6 +118,49 @@ class Reply(Body):
     error: str = ""
     data: dict[str, Any] = {}
     payload: Tensors = {}
+
+
+class JobAnswer(Body):
+    """A node's answer to a job: the typed `data` of its `job` Reply (ok only when accepted; a
+    pending or declined answer's reason is the reply's `error`)."""
+
+    job: str
+    status: Literal["accepted", "pending", "declined"]
+    dataset: str | None = None  # accepted: which of the node's datasets trains it
+    n_samples: int | None = None
+    privacy: dict[str, Any] | None = None  # accepted under DP: the privacy spend reserved
+    plan: str | None = None  # pending: the plan id awaiting the node admin's approval
+
+    def reply(self, *, in_reply_to: str = "", error: str = "") -> Reply:
+        return Reply(command="job", in_reply_to=in_reply_to, ok=self.status == "accepted", error=error,
+                     data=self.model_dump(exclude_none=True))
+
+    @classmethod
+    def of(cls, reply: Reply, job: str | None = None) -> JobAnswer | None:
+        """The answer a `job` reply carries (None for other replies); one without a status, from
+        an older node, is accepted if ok, else declined; `job` (the envelope's) if it names none."""
+        if reply.command != "job":
+            return None
+        data = {"job": job, "status": "accepted" if reply.ok else "declined", **reply.data}
+        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
+
+
+class TrainFailed(Body):
+    """A node could not train a round of a job: the typed `data` of its failed `train` Reply."""
+
+    job: str
+    round: int
+
+    def reply(self, error: str) -> Reply:
+        return Reply(command="train", ok=False, error=error, data=self.model_dump())
+
+    @classmethod
+    def of(cls, reply: Reply, job: str | None = None) -> TrainFailed | None:
+        """The failure a failed `train` reply reports (None for other replies)."""
+        if reply.command != "train" or reply.ok:
+            return None
+        data = {"job": job, **reply.data}
+        return cls.model_validate({k: v for k, v in data.items() if k in cls.model_fields})
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -207,6 +251,16 @@ class JobSpec(Body):
         return self
 
 
+@message("withdraw", "researcher", "admin")
+class Withdrawal(Body):
+    """The job's owner (or an admin) ends it: retained on the job's topic in place of its spec,
+    so a receiver that was away learns it too. Only the owner may write there (ACL); every
+    receiver checks signer == the topic's owner (or an admin) again."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    reason: str = Field(default="", max_length=500)
+
+
 @message("update", "node")
 class Update(Body):
     round: int = Field(ge=1)
@@ -250,8 +304,8 @@ class GlobalModel(Body):
     """The global model after `round` rounds (round 0: the initial parameters), retained.
 
     It also carries the job's state, so a node or researcher that was away learns everything
-    from this one retained message: which round is open, for whom, until when, and the
-    history of the closed rounds.
+    from this one retained message: which round is open, for whom, until when. The closed
+    rounds' history has a retained topic of its own (`JobHistory`, researchers only).
     """
 
     round: int = Field(ge=0)
@@ -261,7 +315,6 @@ class GlobalModel(Body):
     open_round: int | None = None
     nodes: list[str] = []
     deadline: float | None = None
-    history: list[RoundClosed] = []
     reason: str = ""
     extra: Tensors = {}  # published with the params (e.g. SCAFFOLD's server control variate)
     selection: str = "all"  # "all": any eligible node may join the open round; else only `nodes`

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,6 +24,7 @@ from common.envelope import Message, SealTo, body_span, open_envelope, seal, sea
 from common.errors import BadMessage, NotReady, Reason, TransportError
 from common.identity import Identity, TrustStore
 from common.messages import EncKey
+from common.replay import SeenIds, freshness
 from common.sealed import ContentKeys, Keyring
 from common.settings import TransportSettings
 from common.transport import Delivery, Transport
@@ -45,6 +47,25 @@ class _Route:
     handler: Handler
     types: frozenset[str] | None
     on_clear: ClearHandler | None
+    durable: bool = True
+
+
+def check_topic(msg: Message) -> None:
+    """BadMessage unless `msg` may be on its topic: a topic that names its writer (a node's
+    status, a job's owner) was written by that identity (or, for a job, by an admin); a job's
+    spec names its signer as its owner; a message about a job is on that job's topics."""
+    writer = topics.writer_of(msg.topic)
+    if writer is not None and writer != msg.sender and not (msg.role == "admin" and msg.type == "withdraw"):
+        raise BadMessage(Reason.WRONG_TOPIC, f"{msg.sender!r} sent {msg.type} on {writer!r}'s topic")
+    job = topics.job_of(msg.topic)
+    if job is not None and msg.job is not None and msg.job != job:
+        raise BadMessage(Reason.WRONG_TOPIC, f"message for job {msg.job!r} on the topic of job {job!r}")
+    body_job = getattr(msg.body, "job_id", None)
+    if msg.type in ("job", "withdraw") and body_job != job:
+        raise BadMessage(Reason.WRONG_TOPIC, f"{msg.type} of job {body_job!r} on the topic of job {job!r}")
+    if msg.type == "job" and getattr(msg.body, "owner", None) != msg.sender:
+        raise BadMessage(Reason.WRONG_OWNER,
+                         f"job {body_job!r} names {getattr(msg.body, 'owner', None)!r} as its owner but is signed by {msg.sender!r}")
 
 
 class Messenger:
@@ -58,16 +79,18 @@ class Messenger:
         client_id: str | None = None,
         will: tuple[str, str, BaseModel] | None = None,
         on_reject: RejectHook | None = None,
+        seen_file: Path | None = None,
     ) -> None:
+        """`seen_file`: where the ids of processed messages are kept across restarts (nodes and
+        aggregators); without it they are remembered by this process only."""
         self.identity = identity
         self.trust = TrustStore(identity.ca_pem)
         self.log = structlog.get_logger("messenger").bind(identity=identity.name)
         self._routes: list[_Route] = []
-        self._seen: OrderedDict[str, None] = OrderedDict()
         self._reject_hooks: list[RejectHook] = [on_reject] if on_reject else []
         wire_will = None
         if will is not None:
-            wire_will = (will[0], seal(identity, will[1], will[2])[1])
+            wire_will = (will[0], seal(identity, will[1], will[2], topic=will[0])[1])
         self.transport = Transport(
             identity,
             settings,
@@ -77,7 +100,8 @@ class Messenger:
             on_reject=self._rejected,
             span_of=body_span,  # the reassembler hashes the body as it arrives (signature check)
         )
-        self._dedupe_window = self.transport.settings.dedupe_window
+        settings = self.transport.settings
+        self._seen = SeenIds(settings.dedupe_window, seen_file, keep_s=settings.max_message_age_s + settings.max_clock_skew_s)
         # end-to-end sealing (common/sealed.py): our key, everyone's published keys
         self.keyring = Keyring.of(identity.name, identity.key)
         self.sealing = self.transport.settings.seal
@@ -98,6 +122,7 @@ class Messenger:
 
     def close(self) -> None:
         self.transport.close()
+        self._seen.close()
 
     def on_connected(self, hook: Callable[[bool], None]) -> None:
         self.transport.on_connected(hook)
@@ -107,7 +132,7 @@ class Messenger:
 
     def set_will(self, topic: str, type_: str, body: BaseModel) -> None:
         """A fresh Last Will (new id) for the next connection."""
-        self.transport.set_will(topic, seal(self.identity, type_, body)[1])
+        self.transport.set_will(topic, seal(self.identity, type_, body, topic=topic)[1])
 
     # --- encryption keys ----------------------------------------------------------------------
 
@@ -137,8 +162,9 @@ class Messenger:
             time.sleep(0.05)
 
     def _publish_key(self, session_present: bool) -> None:
-        wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public))[1]
-        self.transport.publish_stream(topics.keys(self.identity.name), len(wire), [wire], retain=True, wait=False)
+        topic = topics.keys(self.identity.name)
+        wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public), topic=topic)[1]
+        self.transport.publish_stream(topic, len(wire), [wire], retain=True, wait=False)
 
     def _on_key(self, msg: Message) -> None:
         """A key on `keys/{name}`, signed by `name` (the topic check made sure of that)."""
@@ -196,6 +222,7 @@ class Messenger:
         try:
             msg = replace(open_envelope(held[0], self.trust, topic, held[1], content_key=key), wire=held[0])
             self._check_topic(msg)
+            self._check_fresh(msg)
         except BadMessage as exc:
             self._rejected(topic, exc)
             return False
@@ -227,7 +254,8 @@ class Messenger:
         Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
         """
         seal_to = self._seal_to(topic, to, partial)
-        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to)
+        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to,
+                            topic=topic)
         self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s, wait=wait)
         return sealed.msg_id
 
@@ -246,14 +274,19 @@ class Messenger:
         retained_chunks: bool = False,
         on_clear: ClearHandler | None = None,
         qos: int = 1,
+        durable: bool = True,
     ) -> None:
         """Route messages on `topic_filter` (of `types`, if given) to `handler`.
+
+        `durable=False`: the handler only queues the message (its effect is not durable when it
+        returns), so its id is not kept across a restart: a re-send after a crash is processed
+        (the aggregator's updates: its round logic dedupes them once checkpointed).
 
         QoS 1 (the default) queues messages in our session while we are away. Use QoS 0 for
         retained bulk (jobs, models): nothing is queued per offline client, and the latest
         retained copy is delivered when we subscribe again on reconnect.
         """
-        route = _Route(topic_filter, handler, frozenset(types) if types else None, on_clear)
+        route = _Route(topic_filter, handler, frozenset(types) if types else None, on_clear, durable)
         self._routes.append(route)
         self.transport.subscribe(topic_filter, retained_chunks=retained_chunks, qos=qos)
 
@@ -265,14 +298,17 @@ class Messenger:
             return
         if not delivery.payload:
             self._held.pop(delivery.topic, None)
-            for route in routes:
-                if route.on_clear is not None:
-                    self._call(route.on_clear, delivery.topic)
+            clear_handlers = [route.on_clear for route in routes if route.on_clear is not None]
+            for on_clear in clear_handlers:
+                self._call(on_clear, delivery.topic)
+            if not clear_handlers:  # e.g. a job's topic: only a signed withdrawal ends a job
+                self.log.info("unsigned_clear_ignored", topic=delivery.topic)
             return
         try:
             msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained,
                                         self.keyring), wire=delivery.payload)
             self._check_topic(msg)
+            self._check_fresh(msg)
         except BadMessage as exc:
             self._rejected(delivery.topic, exc)
             if exc.reason == Reason.NOT_A_RECIPIENT:  # signed, sealed for others: maybe a key comes
@@ -281,26 +317,31 @@ class Messenger:
         self._dispatch(msg, routes)
 
     def _dispatch(self, msg: Message, routes: list[_Route]) -> None:
-        if msg.id in self._seen:
+        if self._seen.in_process(msg.id):
             self.log.info("duplicate_dropped", msg_id=msg.id, topic=msg.topic, sender=msg.sender)
             return
-        taken = [self._call(route.handler, msg) for route in routes if route.types is None or msg.type in route.types]
+        routes = [route for route in routes if route.types is None or msg.type in route.types]
+        taken = [self._call(route.handler, msg) for route in routes]
         if all(taken):  # only a processed message is a duplicate when it comes again
-            self._remember(msg.id)
+            self._seen.remember(msg.id, persist=all(route.durable for route in routes))
 
-    def _remember(self, msg_id: str) -> None:
-        self._seen[msg_id] = None
-        if len(self._seen) > self._dedupe_window:
-            self._seen.popitem(last=False)
+    def _check_fresh(self, msg: Message) -> None:
+        """A live message signed too long ago, or one processed before a restart, is a replay.
+        A retained one is the broker's current state: only this process's memory dedupes it
+        (common/replay.py says why)."""
+        settings = self.transport.settings
+        # a node's offline status is its Last Will, sealed when it connected (maybe weeks ago):
+        # statuses are state (the latest wins), not checked for age
+        stale = freshness(msg.ts, time.time(), retained=msg.retained or msg.type == "node_status",
+                          max_age_s=settings.max_message_age_s, max_skew_s=settings.max_clock_skew_s)
+        if stale is not None:
+            raise stale
+        if not msg.retained and not self._seen.in_process(msg.id) and self._seen.ever(msg.id):
+            raise BadMessage(Reason.REPLAYED, f"{msg.type} {msg.id} from {msg.sender!r} was processed before a restart")
 
     @staticmethod
     def _check_topic(msg: Message) -> None:
-        owner = topics.writer_of(msg.topic)
-        if owner is not None and owner != msg.sender:
-            raise BadMessage(Reason.WRONG_TOPIC, f"{msg.sender!r} sent {msg.type} on {owner!r}'s topic")
-        job = topics.job_of(msg.topic)
-        if job is not None and msg.job is not None and msg.job != job:
-            raise BadMessage(Reason.WRONG_TOPIC, f"message for job {msg.job!r} on the topic of job {job!r}")
+        check_topic(msg)
 
     def _call(self, fn: Callable[[Any], None], arg: Any) -> bool:
         """Run one handler; False if it did not take the message (NotReady, or it failed)."""

@@ -24,9 +24,11 @@ OWN: Access = "own"
 
 @dataclass(frozen=True)
 class Channel:
-    """One kind of topic. `template` names its variable levels in braces ({job}, {node});
-    `named` is the level that names an identity, for OWN access (its own status, its own
-    requests)."""
+    """One kind of topic. `template` names its variable levels in braces ({owner}, {job},
+    {node}); `named` is the level that names the identity that alone may write the topic (its
+    own status, its own updates, its own jobs); `own` says, per role, which level names the
+    identity for that role's OWN access when it is not `named` (a researcher reads the models
+    of jobs under its own name, the replies addressed to it)."""
 
     name: str
     template: str
@@ -36,6 +38,7 @@ class Channel:
     retained: bool = False
     chunked: bool = False  # retained and possibly larger than a chunk: chunks on sub-topics
     named: str | None = None
+    own: dict[str, str] = field(default_factory=dict)
     levels: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,42 +70,48 @@ class Channel:
         """Only the identity the topic names may write it (receivers check the sender)."""
         return self.named is not None and OWN in self.writers.values()
 
+    def own_level(self, role: str) -> str | None:
+        return self.own.get(role, self.named)
+
+    def _rule(self, role: str, access: Access) -> str:
+        mine = self.own_level(role) if access == OWN else None
+        return self.topic(**{lvl: ("{me}" if lvl == mine else "+") for lvl in self.levels})
+
     def acl_rules(self, role: str) -> list[tuple[str, str]]:
         """(access, topic template with {me}) lines of `role` for this channel and its chunks."""
         read, write = self.readers.get(role), self.writers.get(role)
-        if read is None and write is None:
-            return []
-        if read and write and read != write:  # e.g. read every key, write its own: two lines
-            return self._rules("read", read == OWN) + self._rules("write", write == OWN)
-        access = "readwrite" if read and write else "read" if read else "write"
-        return self._rules(access, OWN in (read, write))
-
-    def _rules(self, access: str, own: bool) -> list[tuple[str, str]]:
-        topic = self.topic(**{lvl: ("{me}" if own and lvl == self.named else "+") for lvl in self.levels})
-        rules = [(access, topic)]
+        grants = [("readwrite", self._rule(role, read))] if read is not None and read == write else [
+            *([("read", self._rule(role, read))] if read is not None else []),
+            *([("write", self._rule(role, write))] if write is not None else [])]
         if self.chunked:
-            rules.append((access, f"{topic}/{CHUNK_LEVEL}/+"))
-        return rules
+            grants += [(access, f"{topic}/{CHUNK_LEVEL}/+") for access, topic in grants]
+        return grants
 
 
 def _rw(writers: dict[str, Access], readers: dict[str, Access]) -> dict[str, dict[str, Access]]:
     return {"writers": {**writers, "admin": ANY}, "readers": {**readers, "admin": ANY}}
 
 
+_OWNERS = {"researcher": "owner"}  # a researcher's OWN under jobs/: the jobs it owns
+
+# Every job topic names the job's owner (the researcher who submitted it) before the job id:
+# the broker grants a researcher write on its own jobs only, and read on their models, history
+# and events only; receivers check owner == signer == the topic's owner (issue 18).
 CHANNELS: dict[str, Channel] = {c.name: c for c in (
-    Channel("job", "jobs/{job}", **_rw({"researcher": ANY}, {"node": ANY, "researcher": ANY, "aggregator": ANY}),
-            retained=True, chunked=True),
-    Channel("model", "jobs/{job}/model", **_rw({"aggregator": ANY}, {"node": ANY, "researcher": ANY}),
-            retained=True, chunked=True),
-    Channel("events", "jobs/{job}/events", **_rw({"aggregator": ANY}, {"node": ANY, "researcher": ANY})),
-    Channel("history", "jobs/{job}/history", **_rw({"aggregator": ANY}, {"researcher": ANY}),
-            retained=True, chunked=True),
-    Channel("update", "jobs/{job}/updates/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
+    Channel("job", "jobs/{owner}/{job}", **_rw({"researcher": OWN}, {"node": ANY, "researcher": OWN, "aggregator": ANY}),
+            retained=True, chunked=True, named="owner"),
+    Channel("model", "jobs/{owner}/{job}/model", **_rw({"aggregator": ANY}, {"node": ANY, "researcher": OWN}),
+            retained=True, chunked=True, own=_OWNERS),
+    Channel("events", "jobs/{owner}/{job}/events", **_rw({"aggregator": ANY}, {"researcher": OWN}), own=_OWNERS),
+    Channel("history", "jobs/{owner}/{job}/history", **_rw({"aggregator": ANY}, {"researcher": OWN}),
+            retained=True, chunked=True, own=_OWNERS),
+    Channel("update", "jobs/{owner}/{job}/updates/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
     # secure aggregation (docs/secure-aggregation.md): a site's stage messages, and the server's
     # stage state (public keys, share boxes routed per recipient, survivors), retained so a
     # site that reconnects mid-round finds what it needs
-    Channel("secagg_site", "jobs/{job}/secagg/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
-    Channel("secagg", "jobs/{job}/secagg", **_rw({"aggregator": ANY}, {"node": ANY}), retained=True, chunked=True),
+    Channel("secagg_site", "jobs/{owner}/{job}/secagg/{node}", **_rw({"node": OWN}, {"aggregator": ANY}), named="node"),
+    Channel("secagg", "jobs/{owner}/{job}/secagg", **_rw({"aggregator": ANY}, {"node": ANY}), retained=True,
+            chunked=True),
     Channel("status", "nodes/{node}/status", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
             retained=True, named="node"),
     # every identity's X25519 public key, signed by its certificate key (common/sealed.py)
@@ -111,8 +120,9 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
             retained=True, named="identity"),
     Channel("requests", "nodes/{node}/requests", **_rw({"researcher": ANY, "aggregator": ANY}, {"node": OWN}),
             named="node"),
-    Channel("replies", "nodes/{node}/replies", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
-            named="node"),
+    # a node's answer goes to the one who asked (or, for a notice about a job, to its owner)
+    Channel("replies", "nodes/{node}/replies/{to}", **_rw({"node": OWN}, {"researcher": OWN, "aggregator": ANY}),
+            named="node", own={"researcher": "to"}),
 )}
 
 
@@ -134,11 +144,22 @@ def channel_of(topic: str) -> tuple[Channel, dict[str, str]] | None:
 
 def markdown_table() -> str:
     """The channel table as docs/design.md shows it (a test keeps the two equal)."""
-    def who(access: dict[str, Access]) -> str:
-        return ", ".join(f"{role}{' (its own)' if a == OWN else ''}" for role, a in access.items() if role != "admin")
+    def who(c: Channel, access: dict[str, Access]) -> str:
+        return ", ".join(f"{role}{f' (where {{{c.own_level(role)}}} is itself)' if a == OWN else ''}"
+                         for role, a in access.items() if role != "admin")
 
     lines = ["| topic (`fbm/v1/` omitted) | written by | read by | retained |", "|---|---|---|---|"]
     for c in CHANNELS.values():
         kept = ("yes, chunks on `/c/{i}`" if c.chunked else "yes") if c.retained else "no"
-        lines.append(f"| `{c.template}` | {who(c.writers)} | {who(c.readers)} | {kept} |")
+        lines.append(f"| `{c.template}` | {who(c, c.writers)} | {who(c, c.readers)} | {kept} |")
+    return "\n".join(lines)
+
+
+def acl_markdown() -> str:
+    """Every role's ACL lines as SECURITY.md shows them (a test keeps the two equal); `{me}` is
+    the identity's own name, `+` any one level."""
+    lines = ["| role | access | topic (`fbm/v1/` omitted) |", "|---|---|---|"]
+    for role in ROLES:
+        for access, topic in acl_rules(role):
+            lines.append(f"| {role} | {access} | `{topic.removeprefix(PREFIX + '/')}` |")
     return "\n".join(lines)

@@ -40,6 +40,11 @@ class TransportSettings(BaseSettings):
     seal: bool = Field(default=True, description="encrypt jobs, models and updates end to end to their recipients "
                                                   "(FBM_MQTT_SEAL=false turns it off, for benchmarks only)")
     dedupe_window: int = Field(default=20_000, ge=100, description="message ids remembered to drop duplicates")
+    max_message_age_s: float = Field(
+        default=8 * 24 * 3600.0, gt=0,
+        description="a live (not retained) message signed longer ago is dropped as stale; longer than "
+                    "session_expiry_s, or what our session queued while we were away would be")
+    max_clock_skew_s: float = Field(default=300.0, ge=0, description="how far in the future a signed timestamp may be")
 
     def reassembly_limits(self) -> Limits:
         """What the receiver's chunk reassembler may hold (see chunking.Limits)."""

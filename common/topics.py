@@ -22,35 +22,36 @@ def _topic(channel: str, **levels: str) -> str:
     return CHANNELS[channel].topic(**{k: _level(v) for k, v in levels.items()})
 
 
-def job(job_id: str) -> str:
-    return _topic("job", job=job_id)
+def job(owner: str, job_id: str) -> str:
+    """Where `owner`'s job `job_id` lives (retained; only its owner may write it)."""
+    return _topic("job", owner=owner, job=job_id)
 
 
-def model(job_id: str) -> str:
-    return _topic("model", job=job_id)
+def model(owner: str, job_id: str) -> str:
+    return _topic("model", owner=owner, job=job_id)
 
 
-def update(job_id: str, node: str) -> str:
-    return _topic("update", job=job_id, node=node)
+def update(owner: str, job_id: str, node: str) -> str:
+    return _topic("update", owner=owner, job=job_id, node=node)
 
 
-def history(job_id: str) -> str:
-    """The job's closed rounds with every node's report (retained; researchers read it)."""
-    return _topic("history", job=job_id)
+def history(owner: str, job_id: str) -> str:
+    """The job's closed rounds with every node's report (retained; its owner reads it)."""
+    return _topic("history", owner=owner, job=job_id)
 
 
-def secagg(job_id: str) -> str:
+def secagg(owner: str, job_id: str) -> str:
     """The server's secure-aggregation stage state (retained; nodes read it)."""
-    return _topic("secagg", job=job_id)
+    return _topic("secagg", owner=owner, job=job_id)
 
 
-def secagg_site(job_id: str, node: str) -> str:
+def secagg_site(owner: str, job_id: str, node: str) -> str:
     """A site's secure-aggregation messages (its own; the aggregator reads them)."""
-    return _topic("secagg_site", job=job_id, node=node)
+    return _topic("secagg_site", owner=owner, job=job_id, node=node)
 
 
-def events(job_id: str) -> str:
-    return _topic("events", job=job_id)
+def events(owner: str, job_id: str) -> str:
+    return _topic("events", owner=owner, job=job_id)
 
 
 def status(node: str) -> str:
@@ -61,8 +62,14 @@ def requests(node: str) -> str:
     return _topic("requests", node=node)
 
 
-def replies(node: str) -> str:
-    return _topic("replies", node=node)
+def replies(node: str, to: str) -> str:
+    """`node`'s answers to `to` (who asked, or the owner of the job a notice is about)."""
+    return _topic("replies", node=node, to=to)
+
+
+def replies_to(me: str) -> str:
+    """The filter of every node's replies addressed to `me`."""
+    return CHANNELS["replies"].filter(to=_level(me))
 
 
 def keys(identity: str) -> str:
@@ -71,7 +78,7 @@ def keys(identity: str) -> str:
 
 
 def every(channel: str) -> str:
-    """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/model`)."""
+    """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/+/model`)."""
     return CHANNELS[channel].filter()
 
 
@@ -113,6 +120,18 @@ def writer_of(topic: str) -> str | None:
 
 
 def job_of(topic: str) -> str | None:
-    """The job a `fbm/v1/jobs/{job}...` topic is about."""
+    """The job a `fbm/v1/jobs/{owner}/{job}...` topic is about."""
     parts = topic.split("/")
-    return parts[3] if len(parts) >= 4 and parts[2] == "jobs" else None
+    return parts[4] if len(parts) >= 5 and parts[2] == "jobs" else None
+
+
+def owner_of(topic: str) -> str | None:
+    """The owner named by a `fbm/v1/jobs/{owner}/{job}...` topic."""
+    parts = topic.split("/")
+    return parts[3] if len(parts) >= 5 and parts[2] == "jobs" else None
+
+
+def addressee_of(topic: str) -> str | None:
+    """Whom a node's reply topic `fbm/v1/nodes/{node}/replies/{to}` is addressed to."""
+    levels = CHANNELS["replies"].match(topic)
+    return levels["to"] if levels else None

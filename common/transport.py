@@ -395,6 +395,7 @@ class Transport:
         kind = chunking.frame_kind(payload)
         try:
             if base is not None:  # a retained chunk on its own sub-topic
+                self._note_retained_chunk(base, topic)
                 whole = self._reassembler.add_chunk(base, payload) if kind == "chunk" else None
                 if whole is not None:
                     self._deliver(Delivery(base, whole, retained))
@@ -409,6 +410,13 @@ class Transport:
                 self._deliver(Delivery(topic, whole, retained))
         except BadMessage as exc:
             self.reject(topic, exc)
+
+    def _note_retained_chunk(self, base: str, topic: str) -> None:
+        """Remember how many retained chunks `base` has on the broker, so that a retained
+        publish on `base` from here (a withdrawal's tombstone) clears them all."""
+        index = int(topic.rpartition("/")[2])
+        if index < 100_000:
+            self._retained_chunks[base] = max(self._retained_chunks.get(base, 0), index + 1)
 
     def _deliver(self, delivery: Delivery) -> None:
         if self._on_delivery is not None:

@@ -234,11 +234,12 @@ class Doctor:
         leaks: list[str] = []
         with self._session(ctx, "doctor") as reader, self._session(ctx, "doctor-w") as writer:
             granted = reader.subscribe(own)
-            reader.collect(topics.replies(me), lambda p: leaks.append(topics.replies(me)), wait_s=0)
+            probe_topic = topics.replies(me, "doctor-probe")
+            reader.collect(probe_topic, lambda p: leaks.append(probe_topic), wait_s=0)
             reader.collect("fbm/v1/nodes/+/status", lambda p: leaks.append("fbm/v1/nodes/+/status"), wait_s=0)
-            _, probe = seal(ctx.identity, "reply", Reply(command="doctor", in_reply_to="doctor-probe"))
-            sent = writer.publish(topics.replies(me), probe)
-            forbidden = writer.publish(topics.model("doctor-probe"), b"")
+            _, probe = seal(ctx.identity, "reply", Reply(command="doctor", in_reply_to="doctor-probe"), topic=probe_topic)
+            sent = writer.publish(probe_topic, probe)
+            forbidden = writer.publish(topics.model("doctor-probe", "doctor-probe"), b"")
             time.sleep(1.0)
         if granted is None or granted >= 0x80:
             return CheckResult("topic permissions", "fail", f"may not subscribe to its own requests ({own}): code {granted}",
@@ -247,7 +248,7 @@ class Doctor:
             return CheckResult("topic permissions", "fail", f"may not write its own replies topic (code {sent})",
                                "the broker's ACL lacks this node: the admin runs `fbm-broker reload WORKSPACE`")
         if leaks or (forbidden is not None and forbidden < 0x80):
-            what = sorted(set(leaks)) + ([f"write to {topics.model('doctor-probe')}"] if forbidden is not None and forbidden < 0x80 else [])
+            what = sorted(set(leaks)) + ([f"write to {topics.model('doctor-probe', 'doctor-probe')}"] if forbidden is not None and forbidden < 0x80 else [])
             return CheckResult("topic permissions", "fail", f"the ACL is too open: this node could {'read ' if leaks else ''}{', '.join(what)}",
                                "the broker's acl_file was edited or replaced: regenerate it with `fbm-broker reload WORKSPACE`")
         return CheckResult("topic permissions", "ok", "reads and writes its own topics; other sites' and the models are refused")
@@ -271,7 +272,7 @@ class Doctor:
     def _newest_peer_timestamp(self, ctx: _Context) -> float | None:
         stamps: list[float] = []
         with self._session(ctx) as probe:
-            probe.collect("fbm/v1/jobs/+", lambda payload: stamps.append(_ts(payload)), wait_s=1.0)
+            probe.collect(topics.every("job"), lambda payload: stamps.append(_ts(payload)), wait_s=1.0)
         stamps = [s for s in stamps if s]
         return max(stamps) if stamps else None
 

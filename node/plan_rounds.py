@@ -27,15 +27,16 @@ def fit_round(task: dict[str, Any], x_all: torch.Tensor, y_all: torch.Tensor | N
               received: Params) -> dict[str, Any]:
     """One round of `plan_cls.fit_round` on this site's data (tensors in, tensors out)."""
     targs = task["training_args"]
-    if targs.get("dp"):
+    args = local.TrainingArgs.of(targs)
+    if args.dp:
         raise local.LocalError(f"plan {plan_cls.__name__} does not support client-level DP (training_args.dp)")
     if local.algorithm_of(targs) not in plan_cls.supported_algorithms:
         raise local.LocalError(f"plan {plan_cls.__name__} runs only {', '.join(plan_cls.supported_algorithms)}")
-    seed = int(targs.get("seed", 0)) * 1_000_003 + int(task["round"])
+    seed = args.seed * 1_000_003 + int(task["round"])
     plan = plan_cls(task["model_args"], targs)
-    if targs.get("standardize"):
-        x_all = local.standardize(x_all, targs["standardize"]["mean"], targs["standardize"]["std"])
-    train_idx, val_idx = local.validation_split(len(x_all), float(targs.get("val_fraction", 0.0)), int(targs.get("seed", 0)))
+    if args.standardize:
+        x_all = local.standardize(x_all, args.standardize["mean"], args.standardize["std"])
+    train_idx, val_idx = local.validation_split(len(x_all), args.val_fraction, args.seed)
     x, y = (x_all[train_idx], y_all[train_idx] if y_all is not None else None) if len(val_idx) else (x_all, y_all)
     metrics: dict[str, float] = {}
     if len(val_idx):
@@ -47,7 +48,7 @@ def fit_round(task: dict[str, Any], x_all: torch.Tensor, y_all: torch.Tensor | N
     if len(val_idx):
         metrics.update({f"val_{k}_local": v for k, v in _score(plan, params, x_all[val_idx], y_all, val_idx).items()})
     return {"params": params, "n_samples": len(x), "metrics": metrics, "timings": {"train_s": train_s},
-            "steps": int(targs.get("epochs", 1)), "extra": {}, "local_state": {}}
+            "steps": args.epochs, "extra": {}, "local_state": {}}
 
 
 def _score(plan, params: Params, x: torch.Tensor, y_all: torch.Tensor | None, idx: torch.Tensor) -> dict[str, float]:

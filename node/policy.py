@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from common.training.args import TrainingArgs
+
 
 class StatisticsPolicy(BaseModel):
     """What the site lets federated statistics reveal (node.toml `[statistics]`)."""
@@ -77,13 +79,11 @@ def _dp_fields(dp: dict | None) -> tuple[str | None, float | None, float | None]
 
 def job_ask(rounds: int, quorum: int, training_args: dict) -> JobAsk:
     """A JobAsk from a job's fields; ValueError if its training args are not numbers."""
-    mode, clip, sigma = _dp_fields(training_args.get("dp") or None)
-    max_batches = training_args.get("max_batches")
-    return JobAsk(rounds=int(rounds), quorum=int(quorum), batch_size=int(training_args.get("batch_size", 64)),
-                  max_batches=None if max_batches is None else int(max_batches),
-                  epochs=int(training_args.get("epochs", 1)), dp_clip=clip, dp_sigma=sigma, dp_mode=mode,
-                  algorithm=str(training_args.get("algorithm", "sgd")),
-                  val_fraction=float(training_args.get("val_fraction", 0.0)))
+    args = TrainingArgs.of(training_args)
+    mode, clip, sigma = _dp_fields(args.dp or None)
+    return JobAsk(rounds=int(rounds), quorum=int(quorum), batch_size=args.batch_size, max_batches=args.max_batches,
+                  epochs=args.epochs, dp_clip=clip, dp_sigma=sigma, dp_mode=mode, algorithm=args.algorithm,
+                  val_fraction=args.val_fraction)
 
 
 def schedule_args(ask: JobAsk) -> dict:

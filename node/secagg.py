@@ -28,6 +28,7 @@ from common.secagg.config import SecAggError
 from common.secagg.params import Params, flat_delta, round_config
 from common.secagg.site import SiteSecAgg
 from common.secagg.wire import server_state, site_body
+from common.training.args import TrainingArgs
 
 Send = Callable[[str, str, Body], None]  # (topic, message type, body)
 log = structlog.get_logger("node.secagg")
@@ -47,7 +48,7 @@ def secure_refusal(spec: JobSpec) -> str | None:
     if compressed:
         return ("secure aggregation sums full update deltas; update compression (training_args.compression) "
                 "cannot be combined with it")
-    algorithm = str(spec.training_args.get("algorithm", "sgd"))
+    algorithm = TrainingArgs.of(spec.training_args).algorithm
     if algorithm in PER_NODE_ALGORITHMS:
         return f"secure aggregation hides each node's update; the {algorithm!r} local algorithm needs it seen"
     return None
@@ -96,11 +97,11 @@ class SiteRound:
             cfg = round_config(self.spec.job_id, self.round, opt.threshold, opt.neighbours, opt.clip,
                                opt.max_count, self._reference, len(body.expected))
             self._site = SiteSecAgg(cfg, self.me, self._delta, self._count)
-        answer = self._site.on_state(server_state(body))
+        answer = self._site.on_state(server_state(body, for_site=self.me))
         if answer is None:
             return
         type_, out = site_body(self.round, answer)
-        self.last_sent = (topics.secagg_site(self.spec.job_id, self.me), type_, out)
+        self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
         self.sent_masked = self.sent_masked or type_ == "secagg_masked"
         self._send(*self.last_sent)
         log.info("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)

@@ -14,9 +14,8 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -27,17 +26,20 @@ from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
 from common.errors import BadMessage, Reason, TransportError
 from common.identity import Identity
-from common.messages import JobSpec, NodeStatus, Reply, is_selective
+from common.messages import JobAnswer, JobSpec, NodeStatus, Reply, TrainFailed
 from common.messenger import Messenger
+from common.training.args import TrainingArgs, TrainingArgsError
 from common.training.loader import PlanError, check_ref
 from common.training.local import LocalError, algorithm_of
 from common.training.zoo import ZOO
+from node import jobs as site
 from node.accountant import job_epsilon
 from node.audit import AuditTrail
 from node.binding import JobBindings
 from node.caps import cap_refusal
 from node.config import NodeSettings
 from node.job_store import JobStore
+from node.jobs import Job, Lookups, Parked, Pending, SiteJobs
 from node.plans import PlanStatus, PlanStore, plan_id
 from node.policy import JobAsk, job_ask, policy_refusal
 from node.privacy_budget import PrivacyLedger, QueryLedger
@@ -49,7 +51,7 @@ from node.statistics import StatisticsRefused, check_request
 from node.trainer import Trainer, TrainingFailed
 
 VERSION = "0.1.0"
-EARLY_MODELS = 4  # models of not-yet-known jobs held until their job arrives (latest per job)
+ENDED = "job_ended:"  # node_state key prefix: jobs that ended here (done, failed, withdrawn)
 
 
 def sandbox_policy(settings: NodeSettings) -> SandboxPolicy:
@@ -64,41 +66,6 @@ def _dataset_spec(ds: Dataset) -> dict[str, Any]:
             "labels_found": ds.meta.get("labels"), "n_samples": ds.public().n_samples or None}
 
 
-@dataclass
-class _Job:
-    spec: JobSpec
-    dataset: Dataset
-    trained: set[int] = field(default_factory=set)
-    last_send_s: float = 0.0
-    # what the local algorithm keeps between rounds (SCAFFOLD's c_i, ADMM's x_i and u_i);
-    # in memory: a restarted node starts these afresh, which both algorithms tolerate
-    local_state: dict[str, Any] = field(default_factory=dict)
-    residual: dict[str, Any] = field(default_factory=dict)  # what update compression dropped (error feedback)
-
-
-@dataclass
-class _Parked:
-    """A job waiting for its plan's approval; the latest model is kept so it can join at once."""
-
-    spec: JobSpec
-    dataset: Dataset
-    sender: str
-    msg_id: str
-    model: Any = None
-    wire: bytes | bytearray | memoryview = b""
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """An update sent but not yet acknowledged by the aggregator: re-sent until it is."""
-
-    job: str
-    round: int
-    body: dict[str, Any]
-    msg_id: str
-    sent_at: float
-
-
 @dataclass(frozen=True)
 class _JobOver:
     """Tells the training thread a job ended: its training process ends too."""
@@ -106,13 +73,7 @@ class _JobOver:
     job: str
 
 
-@dataclass(frozen=True)
-class _Task:
-    job: str
-    round: int
-    params: dict[str, Any]
-    received_at: float
-    extra: dict[str, Any] = field(default_factory=dict)
+_Task = site.Train  # the training thread's work: the round SiteJobs decided to train
 
 
 class NodeService:
@@ -135,14 +96,15 @@ class NodeService:
                                           max_processes=settings.max_training_processes)
         self.log = structlog.get_logger("node").bind(node=self.name)
         self.trainer.on_started = self._training_started
-        self.messenger = Messenger(
-            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
+        self.messenger = Messenger(  # processed message ids survive a restart: a replay is dropped
+            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline")),
+            seen_file=settings.node_dir / "seen.sqlite",
         )
-        self.jobs: dict[str, _Job] = {}
-        self.parked: dict[str, _Parked] = {}
-        self.pending: dict[tuple[str, int], _Pending] = {}
+        # the decisions on jobs (node/jobs.py): one step at a time, under self._lock
+        self.site = SiteJobs(self.name, Lookups(refusal=self._spec_refusal, datasets=registry.matching,
+                                                privacy_refusal=self._privacy_refusal, plan_status=self.plan_status),
+                             resend_after_s=settings.resend_after_s)
         self.secure = SecureRounds(self.name, self._send_secagg)  # node/secagg.py
-        self._early_models: OrderedDict[str, Message] = OrderedDict()
         # statistics run one at a time, with a short bounded queue: a flood of requests cannot
         # start a thread each (and each its own copy of the data)
         self._stats_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fbm-node-stats")
@@ -155,6 +117,58 @@ class NodeService:
         self._resend_thread = threading.Thread(target=self._resend_loop, name="fbm-node-resend", daemon=True)
         self._plans_thread = threading.Thread(target=self._plans_loop, name="fbm-node-plans", daemon=True)
 
+    @property
+    def jobs(self) -> dict[str, Job]:
+        return self.site.jobs
+
+    @property
+    def parked(self) -> dict[str, Parked]:
+        return self.site.parked
+
+    @property
+    def pending(self) -> dict[tuple[str, int], Pending]:
+        return self.site.pending
+
+    def _step(self, event: Any, *args: Any) -> None:
+        """One decision (a SiteJobs method) under the lock, then its actions in order, outside it."""
+        with self._lock:
+            actions = event(*args)
+        for action in actions:
+            self._perform(action)
+
+    def _perform(self, action: site.Action) -> None:
+        match action:
+            case site.Accept():
+                self._accept(action.spec, action.dataset, action.sender, action.msg_id, action.wire)
+            case site.Park():
+                self._park(action.parked)
+            case site.Decline():
+                self._decline(action.job, action.reason, sender=action.sender, msg_id=action.msg_id, owner=action.owner)
+            case site.Record():
+                self.audit.record(action.event, job=action.job, actor=action.actor)
+                self.log.info(action.event, job=action.job)
+            case site.Forget():
+                self._forget(action)
+            case site.PublishStatus():
+                self.publish_status()
+            case site.Replay():
+                self._on_model(action.msg)
+            case site.Train():
+                self._queue_round(action)
+            case site.Resend():
+                self._resend_soon(action.pending, action.why)
+            case site.Acked():
+                self.log.debug("update_acknowledged", job=action.job, round=action.round)
+
+    def _forget(self, action: site.Forget) -> None:
+        self.job_store.forget(action.job)
+        if action.ended:
+            self._remember_end(action.job, action.ended)
+        if action.secure:
+            self.secure.forget(action.job)
+        if action.training:
+            self._tasks.put(_JobOver(action.job))
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, connect_timeout_s: float | None = None) -> None:
@@ -166,7 +180,7 @@ class NodeService:
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
         # copies arrive when we (re)subscribe. Control messages below stay QoS 1 in our session.
-        m.subscribe(topics.every("job"), self._on_job, types={"job"}, retained_chunks=True, on_clear=self._on_job_cleared, qos=0)
+        m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("model"), self._on_model, types={"model"}, retained_chunks=True, qos=0)
         m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
@@ -206,7 +220,7 @@ class NodeService:
         broker may have lost their retained specs); each signature is checked again."""
         for stored in self.job_store.all():
             try:
-                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id),
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.sender, stored.job_id),
                                     keyring=self.messenger.keyring)
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
@@ -218,32 +232,16 @@ class NodeService:
                 continue
             spec: JobSpec = msg.body  # type: ignore[assignment]
             with self._lock:
-                if stored.state == "accepted":
-                    self.jobs[spec.job_id] = _Job(spec, dataset)
-                else:
-                    self.parked[spec.job_id] = _Parked(spec, dataset, stored.sender, msg.id, wire=stored.wire)
+                self.site.resume(spec, dataset, stored.state, stored.sender, msg.id, stored.wire)
             self.audit.record("job_resumed", job=spec.job_id, dataset=dataset.name, state=stored.state)
             self.log.info("job_resumed", job=spec.job_id, state=stored.state)
 
-    def _hold_early_model(self, job_id: str, msg: Message) -> None:
-        """A model whose job is not known (yet): kept, latest per job, for when the job arrives."""
-        self._early_models.pop(job_id, None)
-        self._early_models[job_id] = msg
-        while len(self._early_models) > EARLY_MODELS:
-            self._early_models.popitem(last=False)
-
-    def _replay_early_model(self, job_id: str) -> None:
-        with self._lock:
-            early = self._early_models.pop(job_id, None)
-        if early is not None:
-            self._on_model(early)
-
-    def _resend_soon(self, pending: _Pending) -> None:
+    def _resend_soon(self, pending: Pending, why: str = "model_republished") -> None:
         """Re-send one unacknowledged update now, off the delivery thread (it waits for PUBACK)."""
         def resend() -> None:
             try:
                 self._send_update(pending)
-                self.log.info("update_resent", job=pending.job, round=pending.round, why="model_republished")
+                self.log.info("update_resent", job=pending.job, round=pending.round, why=why)
             except Exception as exc:  # noqa: BLE001 - the resend loop tries again
                 self.log.warning("update_resend_failed", job=pending.job, round=pending.round, error=str(exc))
 
@@ -259,77 +257,73 @@ class NodeService:
             state="online",
             datasets=[d.public() for d in self.registry.list()],
             version=VERSION,
-            jobs=sorted(self.jobs),
+            jobs=self._job_ids(),
         )
         self.messenger.set_will(topics.status(self.name), "node_status", NodeStatus(state="offline"))
         self.messenger.send(topics.status(self.name), "node_status", status, retain=True)
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def _reply(self, command: str, *, job: str | None = None, ok: bool = True, error: str = "",
+    def _reply(self, command: str, *, to: str, job: str | None = None, ok: bool = True, error: str = "",
                in_reply_to: str = "", data: dict[str, Any] | None = None) -> None:
+        """Answer `to` (who asked; for a notice about a job, its owner) on its own reply topic."""
         self.messenger.send(
-            topics.replies(self.name), "reply",
+            topics.replies(self.name, to), "reply",
             Reply(command=command, in_reply_to=in_reply_to, ok=ok, error=error, data=data or {}),
             job=job,
         )
 
-    def _decline(self, job_id: str, reason: str, msg: Message | None = None) -> None:
-        """Refuse a job (when it arrives, or later when its plan is rejected) and say why."""
-        self.log.info("job_declined", job=job_id, reason=reason)
-        self.audit.record("job_refused", job=job_id, actor=msg.sender if msg else None, reason=reason)
-        self._reply("job", job=job_id, ok=False, error=reason, in_reply_to=msg.id if msg else "",
-                    data={"job": job_id, "status": "declined"})
+    def _send_reply(self, reply: Reply, job: str, to: str) -> None:
+        """A typed answer about a job (`JobAnswer`, `TrainFailed`) to `to` (its owner, or who asked)."""
+        self.messenger.send(topics.replies(self.name, to), "reply", reply, job=job)
 
-    def _plan_refusal(self, spec: JobSpec, status: PlanStatus) -> str:
-        return f"plan {plan_id(spec.plan)[:16]} was {status} by the admin of node {self.name}"
+    def _decline(self, job_id: str, reason: str, msg: Message | None = None, *, sender: str | None = None,
+                 msg_id: str = "", owner: str = "") -> None:
+        """Refuse a job (when it arrives, or later when its plan is rejected) and say why, to
+        its owner (who submitted it)."""
+        sender, msg_id = (msg.sender, msg.id) if msg is not None else (sender, msg_id)
+        self.log.info("job_declined", job=job_id, reason=reason)
+        self.audit.record("job_refused", job=job_id, actor=sender, reason=reason)
+        reply = JobAnswer(job=job_id, status="declined").reply(in_reply_to=msg_id, error=reason)
+        self._send_reply(reply, job_id, owner or sender or "")
 
     def _on_job(self, msg: Message) -> None:
+        """A job, or its withdrawal. The messenger checked owner == signer == the topic's owner
+        (or, for a withdrawal, an admin signer); the decision is the site's (`SiteJobs.on_job`)."""
+        if msg.type == "withdraw":
+            self._on_withdrawal(msg)
+            return
         spec: JobSpec = msg.body  # type: ignore[assignment]
-        if spec.job_id != topics.job_of(msg.topic):
-            self._decline(spec.job_id, "job id does not match its topic", msg)
+        known = self._job_spec(spec.job_id)
+        if known is not None and known.owner != spec.owner:  # the same id under another researcher's name
+            self._drop_foreign(msg, spec.job_id, known.owner)
             return
-        with self._lock:
-            if spec.job_id in self.jobs or spec.job_id in self.parked:
-                return
-        if spec.nodes is not None and self.name not in spec.nodes:
-            self.audit.record("job_not_selected", job=spec.job_id, actor=msg.sender)
+        if self._ended(msg, spec):
             return
+        self._step(self.site.on_job, msg)
+
+    def _spec_refusal(self, spec: JobSpec) -> str | None:
+        """Why this node's code, config or caps cannot run the job as specified, or None."""
         try:
             check_ref(spec.plan)
             algorithm = algorithm_of(spec.training_args)
         except (PlanError, LocalError) as exc:
-            self._decline(spec.job_id, f"plan refused: {exc}", msg)
-            return
+            return f"plan refused: {exc}"
         if (refusal := secure_refusal(spec)) is not None:  # options it cannot honour: fail closed
-            self._decline(spec.job_id, refusal, msg)
-            return
+            return refusal
         if (over := cap_refusal(spec, self.settings)) is not None:  # node/caps.py
-            self._decline(spec.job_id, over, msg)
-            return
+            return over
         try:
             CompressionSpec.of(spec.training_args)
         except ValidationError as exc:
-            self._decline(spec.job_id, f"invalid training_args.compression: {exc.errors()[0]['msg']}", msg)
-            return
+            return f"invalid training_args.compression: {exc.errors()[0]['msg']}"
+        try:
+            TrainingArgs.of(spec.training_args)
+        except TrainingArgsError as exc:
+            return str(exc)
         if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
-            self._decline(spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm", msg)
-            return
-        matches = self.registry.matching(spec.tags)
-        if not matches:
-            self._decline(spec.job_id, f"no dataset with tags {sorted(spec.tags)} on node {self.name}", msg)
-            return
-        refusal = self._privacy_refusal(spec, matches[0])
-        if refusal is not None:
-            self._decline(spec.job_id, refusal, msg)
-            return
-        status = self.plan_status(spec)
-        if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
-            self._decline(spec.job_id, self._plan_refusal(spec, status), msg)
-        elif status != PlanStatus.APPROVED:
-            self._park(_Parked(spec, matches[0], msg.sender, msg.id, wire=msg.wire))
-        else:
-            self._accept(spec, matches[0], msg.sender, msg.id, msg.wire)
+            return f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm"
+        return None
 
     def _privacy_refusal(self, spec: JobSpec, dataset: Dataset) -> str | None:
         """The site's privacy policy for `dataset` against what the job asks, budget included."""
@@ -397,66 +391,36 @@ class NodeService:
 
     def _accept(self, spec: JobSpec, dataset: Dataset, sender: str, msg_id: str,
                 wire: bytes | bytearray | memoryview) -> None:
-        with self._lock:
-            if spec.job_id in self.jobs:
-                return
-            self.jobs[spec.job_id] = _Job(spec, dataset)
+        """The job is accepted (SiteJobs holds it): keep it, reserve its privacy spend, say so."""
         self.job_store.keep(spec.job_id, "accepted", dataset.name, sender, wire)
         privacy = self._reserve_privacy(spec, dataset)
         self.audit.record("job_accepted", job=spec.job_id, dataset=dataset.name, plan_sha256=plan_id(spec.plan), actor=sender)
         self.log.info("job_accepted", job=spec.job_id, dataset=dataset.name)
-        self._reply("job", job=spec.job_id, in_reply_to=msg_id,
-                    data={"job": spec.job_id, "status": "accepted", "dataset": dataset.name,
-                          "n_samples": dataset.public().n_samples, **({"privacy": privacy} if privacy else {})})
+        answer = JobAnswer(job=spec.job_id, status="accepted", dataset=dataset.name,
+                           n_samples=dataset.public().n_samples, privacy=privacy or None)
+        self._send_reply(answer.reply(in_reply_to=msg_id), spec.job_id, spec.owner)
         self.publish_status()
-        self._replay_early_model(spec.job_id)
 
-    def _park(self, parked: _Parked) -> None:
+    def _park(self, parked: Parked) -> None:
         """Keep the job until the admin decides on its plan; the researcher is told it waits."""
         spec = parked.spec
         stored = self.plans.record_seen(spec.plan, spec.job_id, parked.sender)
-        with self._lock:
-            if spec.job_id in self.parked:
-                return
-            self.parked[spec.job_id] = parked
         self.job_store.keep(spec.job_id, "parked", parked.dataset.name, parked.sender, parked.wire)
         pid = stored.plan_id
         self.audit.record("job_pending", job=spec.job_id, plan_sha256=pid, actor=parked.sender, dataset=parked.dataset.name)
         self.log.info("job_pending_plan_approval", job=spec.job_id, plan=pid)
-        self._reply("job", job=spec.job_id, ok=False, in_reply_to=parked.msg_id,
-                    error=f"pending: plan {pid[:16]} awaits approval by the admin of node {self.name} "
-                          f"(`fbm-node plan approve {pid[:16]}`)",
-                    data={"job": spec.job_id, "status": "pending", "plan": pid})
+        answer = JobAnswer(job=spec.job_id, status="pending", plan=pid)
+        self._send_reply(answer.reply(in_reply_to=parked.msg_id,
+                                      error=f"pending: plan {pid[:16]} awaits approval by the admin of node "
+                                            f"{self.name} (`fbm-node plan approve {pid[:16]}`)"), spec.job_id, spec.owner)
 
     def review_plans(self) -> None:
         """Act on the admin's decisions: start parked jobs whose plan was approved, drop the
         parked or running jobs whose plan was rejected or revoked."""
         with self._lock:
-            parked = list(self.parked.values())
-            running = [j.spec for j in self.jobs.values()]
-        for p in parked:
-            status = self.plan_status(p.spec)
-            if status == PlanStatus.PENDING or status is None:
-                continue
-            with self._lock:
-                self.parked.pop(p.spec.job_id, None)
-            if status == PlanStatus.APPROVED:
-                self._accept(p.spec, p.dataset, p.sender, p.msg_id, p.wire)
-                if p.model is not None:
-                    self._on_model(p.model)
-            else:
-                self.job_store.forget(p.spec.job_id)
-                self._decline(p.spec.job_id, self._plan_refusal(p.spec, status))
-        for spec in running:
-            status = self.plan_status(spec)
-            if status in (PlanStatus.REJECTED, PlanStatus.REVOKED):
-                with self._lock:
-                    self.jobs.pop(spec.job_id, None)
-                    self._drop_pending(spec.job_id)
-                self.job_store.forget(spec.job_id)
-                self._tasks.put(_JobOver(spec.job_id))
-                self._decline(spec.job_id, self._plan_refusal(spec, status))
-                self.publish_status()
+            specs = self.site.awaiting_decision()
+        for spec in specs:
+            self._step(self.site.on_plan_decision, spec.job_id, self.plan_status(spec))
 
     def _plans_loop(self) -> None:
         self.beat()
@@ -469,102 +433,80 @@ class NodeService:
 
     def beat(self, connected: bool | None = None) -> None:
         """Tell the web console (through the database) that this process lives and how it is linked."""
-        with self._lock:
-            jobs = sorted(self.jobs)
+        jobs = self._job_ids()
         link = self.messenger.transport.connected if connected is None else connected
         self.state.beat(link, f"{self.messenger.transport.host}:{self.messenger.transport.port}", jobs)
 
-    def _drop_pending(self, job: str, before_round: int | None = None) -> None:
-        """Forget unacknowledged updates of `job` (of rounds before `before_round`, if given)."""
-        for key in [k for k in self.pending if k[0] == job and (before_round is None or k[1] < before_round)]:
-            del self.pending[key]
-
-    def _on_job_cleared(self, topic: str) -> None:
-        job = topics.job_of(topic)
+    def _job_ids(self) -> list[str]:
         with self._lock:
-            if job:
-                self._drop_pending(job)
-            removed = (self.jobs.pop(job, None) or self.parked.pop(job, None)) if job else None
-        if job:
-            self.job_store.forget(job)
-            self.secure.forget(job)
-        if removed:
-            self._tasks.put(_JobOver(job))
-            self.audit.record("job_withdrawn", job=job)
-            self.log.info("job_withdrawn", job=job)
+            return self.site.job_ids()
+
+    def _drop_foreign(self, msg: Message, job: str, owner: str) -> None:
+        """A message on another owner's topics about a job this node knows: not this job's."""
+        reason = f"job {job!r} belongs to {owner!r}, not to {topics.owner_of(msg.topic)!r}"
+        self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
+                         reason=reason)
+        self.audit.record("message_dropped", job=job, actor=msg.sender, reason=reason)
+
+    def _on_withdrawal(self, msg: Message) -> None:
+        job = topics.job_of(msg.topic) or ""
+        spec = self._job_spec(job)
+        if spec is None:
+            return
+        if spec.owner != topics.owner_of(msg.topic):
+            self._drop_foreign(msg, job, spec.owner)
+            return
+        self._step(self.site.on_withdrawn, job, msg.sender)
+
+    def _remember_end(self, job_id: str, status: str) -> None:
+        """A job that ended here stays ended: its retained spec (delivered again after a restart,
+        or replayed) is not taken again."""
+        self.state.put(f"{ENDED}{job_id}", {"status": status})
+
+    def _ended(self, msg: Message, spec: JobSpec) -> bool:
+        ended = self.state.get(f"{ENDED}{spec.job_id}")
+        if ended is not None:
+            self.log.info("job_already_ended", job=spec.job_id, msg_id=msg.id, status=ended[0].get("status"),
+                          owner=spec.owner)
+        return ended is not None
 
     def _job_spec(self, job_id: str) -> JobSpec | None:
         with self._lock:
-            known = self.jobs.get(job_id) or self.parked.get(job_id)
-        return known.spec if known is not None else None
+            return self.site.spec(job_id)
 
     def _from_bound_aggregator(self, msg: Message, job_id: str) -> bool:
         """Whether a model or an ack for `job_id` comes from the job's aggregator (see
         node/binding.py for the rule). Messages for jobs this node neither runs nor waits on
         are ignored anyway, so they bind nothing."""
         spec = self._job_spec(job_id)
-        return spec is not None and self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
+        if spec is None:
+            return False
+        owner = topics.owner_of(msg.topic)  # None for acks (on our own requests topic)
+        if owner is not None and owner != spec.owner:
+            self._drop_foreign(msg, job_id, spec.owner)
+            return False
+        return self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
 
     def _on_ack(self, msg: Message) -> None:
         """The aggregator holds our update in a checkpoint: stop re-sending it."""
         if not self._from_bound_aggregator(msg, msg.job or ""):
             return
-        if msg.body.node == self.name:
-            with self._lock:
-                acked = self.pending.pop((msg.job or "", msg.body.round), None)
-            if acked is not None:
-                self.log.debug("update_acknowledged", job=msg.job, round=msg.body.round)
-
-    def _job_ended(self, job_id: str, status: str, sender: str) -> None:
-        """The job is done or failed (its model says so): forget it and what we owe it."""
-        with self._lock:
-            self._drop_pending(job_id)
-            self.parked.pop(job_id, None)
-            job = self.jobs.pop(job_id, None)
-        self.job_store.forget(job_id)
-        self.secure.forget(job_id)
-        if job is not None:
-            self._tasks.put(_JobOver(job_id))
-            event = f"job_{status}"
-            self.audit.record(event, job=job_id, actor=sender)
-            self.log.info(event, job=job_id)
-            self.publish_status()
+        self._step(self.site.on_ack, msg.job or "", msg.body.round, msg.body.node)
 
     def _on_model(self, msg: Message) -> None:
-        model = msg.body
-        job_id = topics.job_of(msg.topic)
-        if not self._from_bound_aggregator(msg, job_id or ""):
+        """The job's model (retained): the round to train, if any (`SiteJobs.on_model`)."""
+        if not self._from_bound_aggregator(msg, topics.job_of(msg.topic) or ""):
             return
-        if model.status in ("done", "failed"):
-            self._job_ended(job_id or "", model.status, msg.sender)
-            return
-        with self._lock:
-            job = self.jobs.get(job_id or "")
-            if job is None:
-                if job_id in self.parked:
-                    self.parked[job_id].model = msg  # joins this round if approved in time
-                else:
-                    self._hold_early_model(job_id or "", msg)
-                return
-            if model.status != "running" or model.open_round is None:
-                self._drop_pending(job_id)  # type: ignore[arg-type]
-                return
-            r = model.open_round
-            self._drop_pending(job_id, before_round=r)  # type: ignore[arg-type]  # closed rounds
-            if is_selective(model.selection) and self.name not in model.nodes:
-                return  # not selected for this round
-            # A node that was away (or started late) joins the round that is open now.
-            if r in job.trained:
-                unacked = self.pending.get((job_id, r))  # type: ignore[arg-type]
-                if unacked is not None:  # the model again (a resumed aggregator): re-send at once
-                    self._resend_soon(unacked)
-                return
-            job.trained.add(r)
-        if job.spec.secure_aggregation is not None:  # outside the lock: it may answer the key stage
-            self.secure.open(job.spec, r, model.params)
-            if (early := self.secure.take_early(job_id or "")) is not None:
+        self._step(self.site.on_model, msg, time.monotonic())
+
+    def _queue_round(self, task: site.Train) -> None:
+        """Hand a round to the training thread; a secure job's SiteRound opens first."""
+        spec = self._job_spec(task.job)
+        if spec is not None and spec.secure_aggregation is not None:  # it may answer the key stage
+            self.secure.open(spec, task.round, task.params)
+            if (early := self.secure.take_early(task.job)) is not None:
                 self._on_secagg_state(early)
-        self._tasks.put(_Task(job_id, r, model.params, time.monotonic(), dict(model.extra)))  # type: ignore[arg-type]
+        self._tasks.put(task)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -592,7 +534,7 @@ class NodeService:
                 self.trainer.end_job(task.job)
                 continue
             with self._lock:
-                job = self.jobs.get(task.job)
+                job = self.site.jobs.get(task.job)
             if job is None:
                 continue
             try:
@@ -601,11 +543,11 @@ class NodeService:
                 self.log.exception("round_failed", job=task.job, round=task.round)
                 self.audit.record("round_failed", job=task.job, round_=task.round, error=str(exc))
                 try:
-                    self._reply("train", job=task.job, ok=False, error=str(exc), data={"job": task.job, "round": task.round})
+                    self._send_reply(TrainFailed(job=task.job, round=task.round).reply(str(exc)), task.job, job.spec.owner)
                 except Exception:  # noqa: BLE001
                     self.log.exception("reply_failed")
 
-    def _train_round(self, job: _Job, task: _Task) -> None:
+    def _train_round(self, job: Job, task: _Task) -> None:
         spec = job.spec
         log = self.log.bind(job=spec.job_id, round=task.round)
         wait_s = time.monotonic() - task.received_at
@@ -625,7 +567,7 @@ class NodeService:
         except TrainingFailed as exc:
             log.warning("training_failed", error=str(exc))
             self.audit.record("round_failed", job=spec.job_id, round_=task.round, dataset=job.dataset.name, error=str(exc))
-            self._reply("train", job=spec.job_id, ok=False, error=str(exc), data={"job": spec.job_id, "round": task.round})
+            self._send_reply(TrainFailed(job=spec.job_id, round=task.round).reply(str(exc)), spec.job_id, spec.owner)
             return
         timings = {**result["timings"], "wait_s": wait_s, "prev_send_s": job.last_send_s}
         job.local_state = result.get("local_state") or {}
@@ -639,9 +581,9 @@ class NodeService:
         body = {"round": task.round, "params": params, "n_samples": result["n_samples"],
                 "metrics": result["metrics"], "timings": timings, "dataset": job.dataset.name,
                 "extra": result.get("extra") or {}}
-        pending = _Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic())
+        pending = Pending(spec.job_id, task.round, body, uuid.uuid4().hex, time.monotonic(), spec.owner)
         with self._lock:
-            self.pending[(spec.job_id, task.round)] = pending
+            self.site.on_update_sent(pending)
         sent = time.monotonic()
         try:
             self._send_update(pending)
@@ -654,7 +596,7 @@ class NodeService:
         log.info("update_sent", n_samples=result["n_samples"], train_s=round(result["timings"]["train_s"], 3),
                  train_loss=round(result["metrics"]["train_loss"], 4))
 
-    def _secure_input(self, job: _Job, task: _Task, result: dict[str, Any]) -> None:
+    def _secure_input(self, job: Job, task: _Task, result: dict[str, Any]) -> None:
         """A secure job's trained update goes to its SiteRound (masked), never out in the clear;
         client-level DP noise, if any, was added by the training process before this."""
         spec = job.spec
@@ -677,7 +619,7 @@ class NodeService:
     def _on_secagg_state(self, msg: Message) -> None:
         """The aggregator's secure-aggregation stage for a job (retained): answer it."""
         job_id = topics.job_of(msg.topic) or ""
-        if msg.topic != topics.secagg(job_id):
+        if msg.topic != topics.secagg(topics.owner_of(msg.topic) or "", job_id):
             return
         if self._job_spec(job_id) is None:  # the job (or its acceptance) comes later: kept for then
             self.secure.hold_early(job_id, msg)
@@ -686,19 +628,17 @@ class NodeService:
             return
         self.secure.on_state(job_id, msg.body)  # type: ignore[arg-type]
 
-    def _send_update(self, pending: _Pending) -> None:
-        self.messenger.send(topics.update(pending.job, self.name), "update", pending.body,
+    def _send_update(self, pending: Pending) -> None:
+        self.messenger.send(topics.update(pending.owner, pending.job, self.name), "update", pending.body,
                             job=pending.job, round_=pending.round, msg_id=pending.msg_id,
                             to=self._update_recipients(pending.job))
 
     def resend_pending(self, force: bool = False) -> None:
         """Re-send updates the aggregator has not acknowledged (same message id: no double count)."""
-        now = time.monotonic()
         with self._lock:
-            due = [p for p in self.pending.values() if force or now - p.sent_at >= self.settings.resend_after_s]
-            for p in due:
-                self.pending[(p.job, p.round)] = _Pending(p.job, p.round, p.body, p.msg_id, now)
-        for p in due:
+            due = self.site.due_resends(time.monotonic(), force)
+        for action in due:
+            p = action.pending
             try:
                 self._send_update(p)
                 self.log.info("update_resent", job=p.job, round=p.round)
@@ -718,27 +658,27 @@ class NodeService:
             return
         if msg.type == "job_key":  # sealed for us by an aggregator: open the job held since it came
             job_id = msg.body.job_id  # type: ignore[attr-defined]
-            opened = self.messenger.reopen(topics.job(job_id), msg.body.key)  # type: ignore[attr-defined]
+            opened = self.messenger.reopen(topics.job(msg.body.owner, job_id), msg.body.key)  # type: ignore[attr-defined]
             self.log.info("job_key_received", job=job_id, aggregator=msg.sender, opened=opened)
             return
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)
         if command == "ping":
-            self._reply("ping", in_reply_to=msg.id, data={"pong": True, "version": VERSION})
+            self._reply("ping", to=msg.sender, in_reply_to=msg.id, data={"pong": True, "version": VERSION})
         elif command == "statistics":
             self._queue_statistics(msg)
         elif command == "plan_status":
-            self._reply(command, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, data=self._plan_status_data(msg.body.args))
         elif command in ("list_datasets", "search"):
             tags = msg.body.args.get("tags") or []
             found = self.registry.matching(list(tags)) if tags else self.registry.list()
-            self._reply(command, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, data={"datasets": [d.public().model_dump() for d in found]})
         else:
-            self._reply(command, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
+            self._reply(command, to=msg.sender, in_reply_to=msg.id, ok=False, error=f"unknown command {command!r}")
 
     def _refuse_statistics(self, msg: Message, reason: str) -> None:
         self.audit.record("statistics_refused", actor=msg.sender, reason=reason, tags=msg.body.args.get("tags"))
-        self._reply("statistics", in_reply_to=msg.id, ok=False, error=reason)
+        self._reply("statistics", to=msg.sender, in_reply_to=msg.id, ok=False, error=reason)
 
     def _queue_statistics(self, msg: Message) -> None:
         """Refuse at once what the policy forbids or what the queue cannot take; queue the rest."""
@@ -790,7 +730,7 @@ class NodeService:
         self.audit.record("statistics_sent", actor=msg.sender, dataset=ds.name, rows=stats["n"], pid=pid,
                           confined_to=paths, landlock_abi=sandbox.get("landlock_abi"),
                           queries_today=self.queries.in_last_day(ds.name))
-        self._reply("statistics", in_reply_to=msg.id, data={"dataset": ds.name, **stats})
+        self._reply("statistics", to=msg.sender, in_reply_to=msg.id, data={"dataset": ds.name, **stats})
 
     def _plan_status_data(self, args: dict[str, Any]) -> dict[str, Any]:
         """A researcher asks whether a plan (sha256 or `zoo:NAME`) would run here."""
@@ -805,14 +745,14 @@ class NodeService:
 
     def _on_rejected(self, topic: str, exc: BadMessage) -> None:
         """A malformed job is refused out loud, so its researcher learns why."""
-        job = topics.job_of(topic)
-        if job is None or topic != topics.job(job):
-            return
+        job, owner = topics.job_of(topic), topics.owner_of(topic)
+        if job is None or owner is None or topic != topics.job(owner, job) or exc.reason in (Reason.REPLAYED, Reason.STALE):
+            return  # a replay is only logged: its researcher learnt the answer the first time
         if exc.reason == Reason.NOT_A_RECIPIENT:  # not for us (yet: its aggregator may give us the key)
             self.audit.record("job_sealed_for_others", job=job)
             return
         self.audit.record("job_refused", job=job, reason=str(exc))
         try:
-            self._reply("job", job=job, ok=False, error=f"job refused: {exc}", data={"job": job})
+            self._send_reply(JobAnswer(job=job, status="declined").reply(error=f"job refused: {exc}"), job, owner)
         except Exception:  # noqa: BLE001
             self.log.exception("reply_failed")

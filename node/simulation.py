@@ -3,9 +3,15 @@
 Each simulated node is a real identity (its own certificate), with its own MQTT connection and
 persistent session, its own status, its own signed updates; the broker and the aggregator
 cannot tell it from a real site. What is shared is the process: one event-loop thread drives
-every connection (paho's external-loop API over one epoll selector), a message that reaches
+every connection (paho's external-loop API over one epoll selector; one site trains per turn,
+between reads, so messages keep flowing while the fleet trains), a message that reaches
 all nodes (the job, the round's model) is checked and decoded once, and training runs in one
 warm interpreter with torch imported once, node after node, with the real `node.worker.train`.
+
+Secure aggregation (issue 20) runs the real protocol per simulated site: each has its own
+`node.secagg.SecureRounds` (the node's), answers the aggregator's retained stage state (decoded
+once for the fleet) on its own `jobs/{job}/secagg/{node}` topic, signed with its own identity.
+`silent` makes chosen sites stop answering at a stage (fault injection for tests, benchmarks).
 
 Limits (by design, see docs/simulation.md): zoo plans only (no sandbox: nothing foreign runs),
 synthetic data made in memory, models small enough to travel unchunked (< 1 MiB), no update
@@ -26,10 +32,10 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +50,19 @@ from common import chunking, topics
 from common.envelope import Message, SealTo, open_envelope, peek_header, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
-from common.messages import DatasetInfo, EncKey, NodeStatus, Update, is_selective
+from common.messages import DatasetInfo, EncKey, JobSpec, NodeStatus, Update
 from common.sealed import ContentKeys, Keyring, is_sealed
+from common.secagg.simulate import DROP_POINTS
 from common.training.loader import load_plan_class
+from node import jobs as site
 from node.datasets import LoadedData
+from node.jobs import Lookups, SiteJobs
+from node.plans import PlanStatus
+from node.registry import Dataset
+from node.secagg import SecureRounds, as_params
+
+# a site silent from DROP_POINTS[point] sends nothing of that stage or after
+_SECAGG_ORDER = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")
 
 log = structlog.get_logger("simulation")
 
@@ -61,6 +76,18 @@ def synthetic_data(index: int, samples: int, features: int = 10, classes: int = 
     return LoadedData(x, y, {"n_samples": samples, "shape": [features], "n_classes": classes})
 
 
+def _site_jobs(name: str, tag: str, samples: int) -> SiteJobs:
+    """A simulated site decides on jobs and rounds as a real one does (node/jobs.py), with its
+    lookups fixed: zoo plans only (trusted), one dataset with the fleet's tag, no caps, no
+    privacy policy."""
+    dataset = Dataset("sim", "npz", "", [tag], "synthetic", None, None, {"n_samples": samples}, 0.0)
+    return SiteJobs(name, Lookups(
+        refusal=lambda spec: None if spec.plan.zoo is not None else "simulated nodes run zoo plans only",
+        datasets=lambda tags: [dataset] if set(tags) <= {tag} else [],
+        privacy_refusal=lambda spec, ds: None,
+        plan_status=lambda spec: PlanStatus.APPROVED))
+
+
 @dataclass
 class _Sim:
     """One simulated site."""
@@ -68,9 +95,9 @@ class _Sim:
     identity: Identity
     data: LoadedData
     client: mqtt.Client
+    site: SiteJobs
     connected: bool = False
-    jobs: set[str] = field(default_factory=set)
-    trained: set[tuple[str, int]] = field(default_factory=set)
+    secure: SecureRounds | None = None  # its secure-aggregation rounds, one per job
     keyring: Keyring | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +108,8 @@ class SimulatedFleet:
     """N node identities in one process (see the module docstring)."""
 
     def __init__(self, bundles: list[Path], *, tag: str = "sim", samples: int = 32, features: int = 10,
-                 connect_workers: int = 4, keepalive_s: int = 60) -> None:
+                 connect_workers: int = 4, keepalive_s: int = 60, silent: dict[str, str] | None = None,
+                 keep_updates: bool = False) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < len(bundles) + 256:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, len(bundles) + 1024), hard))
@@ -91,17 +119,24 @@ class SimulatedFleet:
         self._wake_r.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
+        self._trainings: deque[Callable[[], None]] = deque()  # one runs per loop turn, between reads
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
-        self._specs: dict[str, Any] = {}  # job id -> its spec
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
         self._keys: dict[str, bytes] = {}  # aggregators' (and everyone's) encryption keys
         self._content_keys = ContentKeys()
+        self._model_sender: dict[str, str] = {}  # job -> the aggregator of its last model (updates are sealed for it)
+        self.silent = dict(silent or {})  # node -> a DROP_POINTS key
+        self.trained_updates: dict[tuple[str, str, int], tuple[dict[str, torch.Tensor], int]] | None = (
+            {} if keep_updates else None)  # (node, job, round) -> (params, n_samples), for tests
         self.nodes: dict[str, _Sim] = {}
         for i, bundle in enumerate(bundles):
             identity = Identity.load(bundle)
-            self.nodes[identity.name] = _Sim(identity, synthetic_data(i, samples, features), self._client(identity))
+            sim = _Sim(identity, synthetic_data(i, samples, features), self._client(identity),
+                       _site_jobs(identity.name, tag, samples))
+            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim))
+            self.nodes[identity.name] = sim
         first = next(iter(self.nodes.values())).identity
         self.trust = TrustStore(first.ca_pem)
         self.host, self.port = first.broker_host, first.broker_port
@@ -114,7 +149,7 @@ class SimulatedFleet:
         c.username_pw_set(identity.name)
         c.tls_set(ca_certs=str(identity.ca_path), certfile=str(identity.cert_path), keyfile=str(identity.key_path),
                   cert_reqs=ssl.CERT_REQUIRED)
-        offline = seal(identity, "node_status", NodeStatus(state="offline"))[1]
+        offline = seal(identity, "node_status", NodeStatus(state="offline"), topic=topics.status(identity.name))[1]
         c.will_set(topics.status(identity.name), offline, qos=1, retain=True)
         c.user_data_set(identity.name)
         c.on_connect = self._on_connect
@@ -178,7 +213,7 @@ class SimulatedFleet:
     def _loop(self) -> None:
         last_misc = 0.0
         while not self._stop.is_set():
-            for key, mask in self.sel.select(timeout=0.05):
+            for key, mask in self.sel.select(timeout=0 if self._trainings else 0.05):
                 client = key.data
                 if client is None:
                     try:
@@ -199,6 +234,8 @@ class SimulatedFleet:
                     self._pending.get_nowait()()
                 except queue.Empty:
                     break
+            if self._trainings:  # one site's training, then the sockets again: the others' messages
+                self._trainings.popleft()()  # (stage states, acks) are read while the fleet trains
             now = time.monotonic()
             if now - last_misc > 1.0:  # keepalive pings, reconnect bookkeeping
                 for sim in self.nodes.values():
@@ -213,16 +250,18 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         sim.connected = True
-        filters = [(topics.every("job"), 0), (topics.every("model"), 0), (topics.requests(name), 1)]
+        filters = [(topics.every("job"), 0), (topics.every("model"), 0), (topics.every("secagg"), 0),
+                   (topics.requests(name), 1)]
         if name == next(iter(self.nodes)):  # one node learns the keys for all (to seal updates)
             filters.append((topics.every("keys"), 0))
         client.subscribe(filters)
         assert sim.keyring is not None
-        key = seal(sim.identity, "enc_key", EncKey(key=sim.keyring.public))[1]
+        key = seal(sim.identity, "enc_key", EncKey(key=sim.keyring.public), topic=topics.keys(name))[1]
         client.publish(topics.keys(name), key, qos=1, retain=True)
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
-        status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"))[1]
+        status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"),
+                      topic=topics.status(name))[1]
         client.publish(topics.status(name), status, qos=1, retain=True)
 
     def _open(self, payload: bytes, topic: str, sim: _Sim) -> Message | None:
@@ -252,44 +291,71 @@ class SimulatedFleet:
             return
         if msg.type == "enc_key" and topics.writer_of(topic) == msg.sender:
             self._keys[msg.sender] = msg.body.key  # type: ignore[attr-defined]
-        elif msg.type == "job":
-            spec = msg.body
-            if spec.plan.zoo is not None and set(spec.tags) <= {self.tag} and (spec.nodes is None or name in spec.nodes):
-                sim.jobs.add(spec.job_id)
-                self._specs.setdefault(spec.job_id, spec)
-        elif msg.type == "model":
+        elif msg.type == "secagg_state":
             job = topics.job_of(topic) or ""
-            model = msg.body
-            if job not in sim.jobs or model.status != "running" or model.open_round is None:
-                return
-            if is_selective(model.selection) and name not in model.nodes:
-                return
-            if (job, model.open_round) in sim.trained:
-                return
-            sim.trained.add((job, model.open_round))
-            self._train_and_send(sim, job, model, msg.sender)
+            kept = sim.site.jobs.get(job)
+            if kept is not None and topic == topics.secagg(kept.spec.owner, job) and sim.secure is not None:
+                sim.secure.on_state(job, msg.body)  # type: ignore[arg-type]
+        elif msg.type == "job":
+            self._perform(sim, sim.site.on_job(msg))
+        elif msg.type == "model":
+            self._model_sender[topics.job_of(topic) or ""] = msg.sender
+            self._perform(sim, sim.site.on_model(msg, time.monotonic()))
 
-    def _train_and_send(self, sim: _Sim, job: str, model, aggregator: str) -> None:
+    def _perform(self, sim: _Sim, actions: list[site.Action]) -> None:
+        """What a simulated site does of its decisions: train, and take a held model again. It
+        sends no replies and keeps no updates to re-send (see the module docstring)."""
+        for action in actions:
+            if isinstance(action, site.Train):
+                spec = sim.site.jobs[action.job].spec
+                if spec.secure_aggregation is not None and sim.secure is not None:
+                    # keys and shares need no input: answered now, while the fleet trains (like a node)
+                    sim.secure.open(spec, action.round, as_params(dict(action.params)))
+                self._trainings.append(lambda task=action: self._train_and_send(sim, task))
+            elif isinstance(action, site.Replay):
+                self._perform(sim, sim.site.on_model(action.msg, time.monotonic()))
+
+    def _train_and_send(self, sim: _Sim, task: site.Train) -> None:
         from node.worker import train
 
-        spec = self._specs[job]
+        spec = sim.site.jobs[task.job].spec
         plan_cls = self._plan_class(spec)
-        task = {"job": job, "round": model.open_round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
-                "training_args": spec.training_args, "params": dict(model.params), "extra": {}, "local_state": {}}
-        result = train(task, sim.data, plan_cls)
+        args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
+                "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
+        result = train(args, sim.data, plan_cls)
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
-        update = Update(round=model.open_round, params=params, n_samples=result["n_samples"],
+        if self.trained_updates is not None:
+            self.trained_updates[(sim.identity.name, task.job, task.round)] = (params, result["n_samples"])
+        if spec.secure_aggregation is not None and sim.secure is not None:  # masked, never in the clear
+            sim.secure.set_input(task.job, task.round, params, result["n_samples"])
+            return
+        update = Update(round=task.round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
-        topic = topics.update(job, sim.identity.name)
+        topic = topics.update(spec.owner, task.job, sim.identity.name)
+        aggregator = self._model_sender.get(task.job, "")
         if aggregator not in self._keys:  # never in clear: the node skips the round instead
-            log.warning("sim_update_not_sent", node=sim.identity.name, job=job, reason=f"no key of {aggregator}")
+            log.warning("sim_update_not_sent", node=sim.identity.name, job=task.job, reason=f"no key of {aggregator}")
             return
         to = SealTo(self._content_keys.for_recipients(topic, {aggregator: self._keys[aggregator]}), (aggregator,))
-        wire = seal(sim.identity, "update", update, job=job, round_=model.open_round, seal_to=to)[1]
+        wire = seal(sim.identity, "update", update, job=task.job, round_=task.round, seal_to=to, topic=topic)[1]
         sim.client.publish(topic, wire, qos=1)
         self.updates_sent += 1
 
-    def _plan_class(self, spec) -> Any:
+    def _secagg_sender(self, sim: _Sim) -> Callable[[str, str, Any], None]:
+        """How `sim` sends its stage messages: signed by it, on its own topic (from the loop thread),
+        unless it went silent at that stage."""
+        def send(topic: str, type_: str, body: Any) -> None:
+            silent_from = DROP_POINTS.get(self.silent.get(sim.identity.name, ""), len(_SECAGG_ORDER))
+            if _SECAGG_ORDER.index(type_) >= silent_from:
+                return
+            wire = seal(sim.identity, type_, body, job=topics.job_of(topic), round_=body.round, topic=topic)[1]
+            sim.client.publish(topic, wire, qos=1)
+            sim.client.loop_write()  # out now: the loop thread may train other sites next (a site trains
+            # while its keys and shares travel; without this they would wait for every training)
+
+        return send
+
+    def _plan_class(self, spec: JobSpec) -> Any:
         key = spec.plan.zoo
         if key not in self._plan_classes:
             self._plan_classes[key] = load_plan_class(spec.plan)

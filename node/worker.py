@@ -83,44 +83,36 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
     DP-SGD with Opacus (`dp`: mode "sample", noise_multiplier, max_grad_norm).
     """
     targs = task["training_args"]
-    algorithm = local.algorithm_of(targs)
-    supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
-    if algorithm not in supported:
-        raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
-    if local.dp_mode(targs) == "sample" and algorithm != "sgd":
-        raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
+    args = local.TrainingArgs.of(targs)
+    _check_algorithm(targs, plan_cls)
     plan = plan_cls(task["model_args"], targs)
-    seed = int(targs.get("seed", 0)) * 1_000_003 + int(task["round"])
+    seed = args.seed * 1_000_003 + int(task["round"])
     torch.manual_seed(seed)
     model = plan.build_model()
     received = to_tensors(task["params"])
     model.load_state_dict(received)
-    x_train, y_train, val = _split(data, targs)
-    batch_size = int(targs.get("batch_size", 64))
+    x_train, y_train, val = _split(data, args)
+    batch_size = args.batch_size
     metrics: dict[str, float] = {}
     if val is not None:
         metrics.update({f"val_{k}_global": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
     start_params = _float_params(model)
-    fit = _local_fit(algorithm, targs, start_params, task)
+    state = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
+    algorithm = local.local_algorithm(targs, start_params, state, to_tensors(task.get("extra") or {}))
     start = time.perf_counter()
     model.train()
     if local.dp_mode(targs) == "sample":
-        loss_sum, seen, steps = _train_dp_sgd(plan, model, x_train, y_train, targs)
+        loss_sum, seen, steps = _train_dp_sgd(plan, model, x_train, y_train, args)
     else:
-        loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, targs, seed, fit)
+        loss_sum, seen, steps = _train_plain(plan, model, x_train, y_train, args, seed, algorithm)
     train_s = time.perf_counter() - start
     if val is not None:
         metrics.update({f"val_{k}_local": v for k, v in _evaluate(plan, model, *val, batch_size).items()})
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params, extra_out, new_state = _after_local(fit, start_params, _float_params(model), params, steps, targs)
-    if local.dp_mode(targs) == "client":
-        # noise from the OS CSPRNG, never from the job's seed; the pre-clip norm depends on the
-        # data un-noised, so it is not reported
-        delta = {k: params[k] - received[k] for k in params}
-        noised, _ = local.clip_and_noise(delta, float(targs["dp"]["clip"]), float(targs["dp"]["sigma"]))
-        params = {k: received[k] + noised[k] for k in params}
+    params, extra_out, new_state = algorithm.finish(start_params, _float_params(model), params, steps)
+    params = local.client_dp(params, received, targs)
     metrics["train_loss"] = loss_sum / max(seen, 1)
-    for name in targs.get("report_norms") or []:  # e.g. the input layer, as in the paper's Figure 3
+    for name in args.report_norms:  # e.g. the input layer, as in the paper's Figure 3
         if name in params:
             metrics[f"norm:{name}"] = float(params[name].double().norm())
     return {"params": to_arrays(params), "n_samples": len(x_train), "metrics": metrics,
@@ -128,84 +120,50 @@ def train(task: dict[str, Any], data: datasets.LoadedData, plan_cls) -> dict[str
             "local_state": {k: to_arrays(v) for k, v in new_state.items()}}
 
 
-def _split(data: datasets.LoadedData, targs: dict[str, Any]):
+def _split(data: datasets.LoadedData, args: local.TrainingArgs):
     """(x_train, y_train, (x_val, y_val) or None): standardized, the validation split held out."""
     x_all, y_all = data.x, data.y
-    if targs.get("standardize"):
-        x_all = local.standardize(x_all, targs["standardize"]["mean"], targs["standardize"]["std"])
-    train_idx, val_idx = local.validation_split(len(x_all), float(targs.get("val_fraction", 0.0)), int(targs.get("seed", 0)))
+    if args.standardize:
+        x_all = local.standardize(x_all, args.standardize["mean"], args.standardize["std"])
+    train_idx, val_idx = local.validation_split(len(x_all), args.val_fraction, args.seed)
     if not len(val_idx):  # no split: no copy of the dataset
         return x_all, y_all, None
     pick = (lambda idx: y_all[idx] if y_all is not None else None)  # noqa: E731
     return x_all[train_idx], pick(train_idx), (x_all[val_idx], pick(val_idx))
 
 
-@dataclasses.dataclass
-class _Fit:
-    """What the plain loop needs of the local algorithm (FedProx/ADMM anchor, SCAFFOLD controls)."""
-
-    algorithm: str
-    anchor: Params | None = None
-    strength: float = 0.0
-    c_global: Params | None = None
-    c_local: Params | None = None
-    u: Params | None = None  # ADMM's scaled dual
-
-
-def _local_fit(algorithm: str, targs: dict[str, Any], start: Params, task: dict[str, Any]) -> _Fit:
-    """The node half of FedProx (anchor), ADMM (dual ascent, anchor) and SCAFFOLD (controls)."""
-    state: dict[str, Params] = {k: to_tensors(v) for k, v in (task.get("local_state") or {}).items()}
-    if algorithm == "fedprox":
-        return _Fit(algorithm, start, float(targs.get("mu", 0.01)))
-    if algorithm == "admm":
-        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start.items()}
-        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
-            u = local.admm_dual(u, state["x"], start)
-        return _Fit(algorithm, {k: start[k] - u[k] for k in start}, float(targs.get("rho", 0.1)), u=u)
-    if algorithm == "scaffold":
-        extra = to_tensors(task.get("extra") or {})
-        c_global = {k: extra.get(local.SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start.items()}
-        c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start.items()}
-        return _Fit(algorithm, c_global=c_global, c_local=c_local)
-    return _Fit(algorithm)
-
-
-def _after_local(fit: _Fit, start: Params, end: Params, params: Params, steps: int,
-                 targs: dict[str, Any]) -> tuple[Params, Params, dict[str, Params]]:
-    """(params to send, extra, local state to keep): SCAFFOLD's new control, ADMM's x_i + u_i."""
-    if fit.algorithm == "scaffold" and fit.c_global is not None and fit.c_local is not None:
-        c_new = local.scaffold_new_control(fit.c_global, fit.c_local, start, end, steps, float(targs.get("lr", 0.01)))
-        return params, {local.SCAFFOLD_PREFIX + k: c_new[k] - fit.c_local[k] for k in c_new}, {"c": c_new}
-    if fit.algorithm == "admm" and fit.u is not None:
-        u = fit.u  # the server averages x_i + u_i
-        return {k: (v + u[k] if k in u else v) for k, v in params.items()}, {}, {"x": end, "u": u}
-    return params, {}, {}
+def _check_algorithm(targs: dict[str, Any], plan_cls) -> None:
+    """LocalError if the plan or DP-SGD cannot run the job's local algorithm."""
+    algorithm = local.algorithm_of(targs)
+    supported = getattr(plan_cls, "supported_algorithms", local.LOCAL_ALGORITHMS)
+    if algorithm not in supported:
+        raise local.LocalError(f"plan {plan_cls.__name__} does not support the {algorithm!r} local algorithm")
+    if local.dp_mode(targs) == "sample" and algorithm != "sgd":
+        raise local.LocalError(f"DP-SGD runs the plain sgd local algorithm only, not {algorithm!r}")
 
 
 def _train_plain(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
-                 targs: dict[str, Any], seed: int, fit: _Fit) -> tuple[float, int, int]:
+                 args: local.TrainingArgs, seed: int, algorithm: local.SGD) -> tuple[float, int, int]:
     """Local epochs of shuffled minibatches (the job's seed fixes the order); (loss sum, seen, steps)."""
     optimizer = plan.optimizer(model)
-    max_batches = targs.get("max_batches")
-    batch_size = int(targs.get("batch_size", 64))
+    max_batches, batch_size = args.max_batches, args.batch_size
     gen = torch.Generator().manual_seed(seed)
     loss_sum, seen, steps = 0.0, 0, 0
-    for _ in range(int(targs.get("epochs", 1))):
+    for _ in range(args.epochs):
         loss_sum, seen = 0.0, 0
         for index in _batches(len(x_train), batch_size, gen):
             x = x_train[index]
             y = y_train[index] if y_train is not None else None
             optimizer.zero_grad(set_to_none=True)
             loss = plan.training_step(model, x, y)
-            penalty = local.proximal_penalty(model, fit.anchor, fit.strength) if fit.anchor is not None else None
+            penalty = algorithm.penalty(model)
             (loss + penalty if penalty is not None else loss).backward()
-            if fit.c_global is not None and fit.c_local is not None:
-                local.scaffold_correct_(model, fit.c_global, fit.c_local)
+            algorithm.correct_(model)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)
             steps += 1
-            if max_batches is not None and steps >= int(max_batches):
+            if max_batches is not None and steps >= max_batches:
                 break
     return loss_sum, seen, steps
 
@@ -215,7 +173,7 @@ def urandom_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, targs: dict[str, Any]):
+def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, args: local.TrainingArgs):
     """Opacus' per-sample gradients, Poisson-sampled loader and noising optimizer for one round;
     LocalError (with Opacus' reason) for a model it cannot train."""
     try:
@@ -229,8 +187,8 @@ def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, targs: dict[str, Any]):
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise local.LocalError(f"Opacus cannot train this model under DP-SGD: {errors[0]}")
-    dp = targs["dp"]
-    q, steps = local.dp_sgd_schedule(len(dataset), targs)
+    dp = args.dp or {}
+    q, steps = local.dp_sgd_schedule(len(dataset), args.model_dump())
     loader = DPDataLoader(dataset, sample_rate=q, generator=urandom_generator())
     loader.batch_sampler.steps = math.ceil(1 / q)  # the steps the accountant priced (Opacus: int(1/q))
     wrapped = GradSampleModule(model)
@@ -241,12 +199,12 @@ def _dp_sgd_parts(plan, model: torch.nn.Module, dataset, targs: dict[str, Any]):
 
 
 def _train_dp_sgd(plan, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor | None,
-                  targs: dict[str, Any]) -> tuple[float, int, int]:
+                  args: local.TrainingArgs) -> tuple[float, int, int]:
     """Sample-level DP-SGD (Abadi et al. 2016) with Opacus: Poisson batches at q = batch_size / n,
     per-sample clipping, Gaussian noise; exactly `dp_sgd_schedule` steps. Sampling and noise
     both come from generators seeded by os.urandom, never by the job."""
     dataset = TensorDataset(x_train) if y_train is None else TensorDataset(x_train, y_train)
-    wrapped, loader, optimizer, total = _dp_sgd_parts(plan, model, dataset, targs)
+    wrapped, loader, optimizer, total = _dp_sgd_parts(plan, model, dataset, args)
     loss_sum, seen, steps = 0.0, 0, 0
     try:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad: expected

@@ -21,7 +21,7 @@ def ask(identity: Identity, node: str, command: str, args: dict[str, Any] | None
 
     got: queue.Queue = queue.Queue()
     m = Messenger(identity, researcher_settings(mqtt), client_id=uuid.uuid4().hex[:8])
-    m.subscribe(topics.replies(node), got.put, types={"reply"})
+    m.subscribe(topics.replies(node, identity.name), got.put, types={"reply"})
     m.connect()
     try:
         msg_id = uuid.uuid4().hex

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common import topics
-from common.errors import ConnectError
+from common.errors import ConnectError, PublishDenied
 from common.identity import Identity
 from common.logging import configure_logging
 from common.messenger import Messenger
@@ -157,9 +157,9 @@ def _watch(exp: Experiment, out: Path | None) -> None:
     console.print(f"job {exp.job_id} done after {state.round} rounds")
 
 
-def _attach(bundle: Path, job: str) -> Experiment:
+def _attach(bundle: Path, job: str, owner: str | None = None, wait_s: float = 10.0) -> Experiment:
     try:
-        return Experiment.attach(bundle, job)
+        return Experiment.attach(bundle, job, owner=owner, timeout_s=wait_s)
     except JobError as exc:
         _fail(str(exc), 3)
     except ConnectError as exc:
@@ -212,20 +212,40 @@ def results(job: str, bundle: Path, out: Path | None, tensorboard: bool, mlflow:
     exp.close()
 
 
+OWNER = click.option("--owner", default=None,
+                     help="The job's owner, when it is not you (an admin identity may withdraw anyone's job).")
+REASON = click.option("--reason", default="", help="Why (sent, signed, to the nodes and the aggregator).")
+WAIT = click.option("--wait", default=10.0, show_default=True, help="Seconds to wait for the job's spec on the broker.")
+
+
 @main.command(name="cancel")
 @click.argument("job")
 @BUNDLE
-def cancel(job: str, bundle: Path) -> None:
-    """Cancel (withdraw) a job: its retained spec is removed; nodes drop it, the aggregator stops it."""
-    withdraw.callback(job, bundle)  # type: ignore[misc]
+@OWNER
+@REASON
+@WAIT
+def cancel(job: str, bundle: Path, owner: str | None, reason: str, wait: float) -> None:
+    """Cancel (withdraw) a job: see `withdraw`."""
+    withdraw.callback(job, bundle, owner, reason, wait)  # type: ignore[misc]
 
 
 @main.command()
 @click.argument("job")
 @BUNDLE
-def withdraw(job: str, bundle: Path) -> None:
-    """Withdraw a job: its retained spec is removed and the aggregator stops it."""
-    exp = _attach(bundle, job)
-    exp.withdraw()
-    exp.close()
+@OWNER
+@REASON
+@WAIT
+def withdraw(job: str, bundle: Path, owner: str | None, reason: str, wait: float) -> None:
+    """Withdraw one of your jobs: a signed withdrawal replaces its retained spec (whose chunks,
+    plan source and initial parameters included, are cleared); nodes drop it, the aggregator
+    stops it. A job that is not yours is not found (exit 3) and nothing changes."""
+    exp = _attach(bundle, job, owner, wait)
+    try:
+        exp.withdraw(reason, timeout_s=wait)
+    except JobError as exc:
+        _fail(str(exc), 3)
+    except PublishDenied as exc:
+        _fail(f"the broker refused the withdrawal (not your job?): {exc}", 3)
+    finally:
+        exp.close()
     console.print(f"job {job} withdrawn")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import queue
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,11 +31,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common import topics
 from common.envelope import Message
 from common.identity import Identity
-from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef, Selection
+from common.messages import AggregatorRef, GlobalModel, JobSpec, PlanRef, Selection, Withdrawal
 from common.messenger import Messenger
 from common.settings import TransportSettings
+from common.training.args import ALGORITHM_OF_RULE, TrainingArgs
 from common.training.loader import PlanError, check_ref, load_plan_class, source_sha256
-from common.training.local import ALGORITHM_OF_RULE
 from common.training.plan import TrainingPlan
 
 # what only the job's aggregator says: from any other aggregator identity it is dropped
@@ -70,8 +71,6 @@ class JobState:
         self.round = model.round
         self.open_round = model.open_round
         self.nodes = list(model.nodes) or self.nodes
-        if model.history:  # older aggregators carried it here; now it has its own topic
-            self.history = [h.model_dump() for h in model.history]
         self.params = dict(model.params)
         self.extra = dict(model.extra)
         self.reason = model.reason
@@ -101,6 +100,12 @@ def plan_ref(plan: str | Path | type[TrainingPlan] | PlanRef, plan_class: str | 
 
 def new_job_id(owner: str) -> str:
     return f"{owner}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _not_found(job_id: str, owner: str, me: str) -> str:
+    whose = "of yours" if owner == me else f"of {owner!r} that you may read"
+    return (f"no job {job_id!r} {whose} on the broker: withdrawn, never submitted, or not yours "
+            f"(a job lives under its owner's name; only its owner or an admin can see or withdraw it)")
 
 
 def researcher_settings(base: TransportSettings | None = None) -> TransportSettings:
@@ -142,7 +147,10 @@ class Experiment:
         self.training_args = {"seed": seed, **(training_args or {})}
         if aggregator in ALGORITHM_OF_RULE:  # the nodes' half of FedProx, SCAFFOLD, ADMM
             self.training_args.setdefault("algorithm", ALGORITHM_OF_RULE[aggregator])
+        TrainingArgs.of(self.training_args)  # TrainingArgsError (a ValueError) before anything is sent
         self.job_id = job_id or new_job_id(self.identity.name)
+        self.owner = self.identity.name  # a job lives under its owner's name (issue 18)
+        self._on_broker = threading.Event()  # our job's spec is on the broker, its chunks known here
         self.spec_fields = dict(
             rounds=rounds, tags=list(tags), quorum=quorum, round_deadline_s=round_deadline_s, nodes=nodes,
             stragglers=stragglers,
@@ -183,12 +191,22 @@ class Experiment:
             self._messenger = Messenger(self.identity, self.mqtt, client_id=client_id)
             self._events: queue.Queue[Message] = queue.Queue()
             m = self._messenger
-            m.subscribe(topics.history(self.job_id), self._events.put, types={"job_history"}, retained_chunks=True)
-            m.subscribe(topics.model(self.job_id), self._events.put, types={"model"}, retained_chunks=True)
-            m.subscribe(topics.events(self.job_id), self._events.put)
-            m.subscribe(topics.every("replies"), self._on_reply, types={"reply"})
+            m.subscribe(topics.history(self.owner, self.job_id), self._events.put, types={"job_history"},
+                        retained_chunks=True)
+            m.subscribe(topics.model(self.owner, self.job_id), self._events.put, types={"model"}, retained_chunks=True)
+            m.subscribe(topics.events(self.owner, self.job_id), self._events.put)
+            m.subscribe(topics.replies_to(self.identity.name), self._on_reply, types={"reply"})
             m.connect()
         return self._messenger
+
+    def _on_job_topic(self, msg: Message) -> None:
+        """Our job's spec as the broker holds it (its chunks are now known, for a withdrawal to
+        clear them), or its withdrawal. The messenger checked signer == owner == topic owner.
+        Read only to withdraw a job this process did not submit (a spec may be big)."""
+        if msg.type == "job":
+            self._on_broker.set()
+        elif msg.type == "withdraw":
+            self._on_broker.clear()
 
     def _on_reply(self, msg: Message) -> None:
         data = msg.body.data if isinstance(msg.body.data, dict) else {}
@@ -199,8 +217,10 @@ class Experiment:
         """Publish the job (retained): nodes and aggregators pick it up, now or when they connect."""
         spec = self.spec()
         readers = self._job_readers(spec)
-        self.messenger.send(topics.job(self.job_id), "job", spec, job=self.job_id, retain=True, to=readers, partial=True)
+        self.messenger.send(topics.job(self.owner, self.job_id), "job", spec, job=self.job_id, retain=True,
+                            to=readers, partial=True)
         self._spec, self._readers = spec, set(readers)
+        self._on_broker.set()  # and the transport knows how many chunks it left retained
         self.messenger.on_key(self._reseal_for_aggregator)
         self.state.status = "submitted"
         return self.job_id
@@ -229,13 +249,23 @@ class Experiment:
                 or pinned not in (None, name) or self.state.status in ("done", "failed")):
             return
         self._readers.add(name)
-        self.messenger.send(topics.job(self.job_id), "job", spec, job=self.job_id, retain=True,
+        self.messenger.send(topics.job(self.owner, self.job_id), "job", spec, job=self.job_id, retain=True,
                             to=sorted(self._readers), partial=True)
         structlog.get_logger("researcher").info("job_resealed", job=self.job_id, aggregator=name)
 
-    def withdraw(self) -> None:
-        """Remove the job from the broker; the aggregator stops it."""
-        self.messenger.clear(topics.job(self.job_id))
+    def withdraw(self, reason: str = "", timeout_s: float = 10.0) -> None:
+        """End the job with a signed withdrawal, retained on the job's topic in place of its
+        spec; every retained chunk of the spec (plan source, initial parameters) is cleared.
+        The nodes drop the job, the aggregator stops it. JobError if the broker holds no such
+        job under our name (only its owner, or an admin, can withdraw it)."""
+        topic = topics.job(self.owner, self.job_id)
+        if not self._on_broker.is_set():  # read it back: then its chunks are known and cleared with it
+            self.messenger.subscribe(topic, self._on_job_topic, types={"job", "withdraw"}, retained_chunks=True)
+        if not self._on_broker.wait(timeout_s):
+            raise JobError(_not_found(self.job_id, self.owner, self.identity.name))
+        self.messenger.send(topic, "withdraw", Withdrawal(job_id=self.job_id, reason=reason), job=self.job_id,
+                            retain=True)
+        self._on_broker.clear()
 
     def _from_bound_aggregator(self, msg: Message) -> bool:
         """Whether an aggregator's message comes from the one the job is bound to.
@@ -319,30 +349,37 @@ class Experiment:
 
     @classmethod
     def attach(cls, bundle: str | Path | Identity, job_id: str, mqtt: TransportSettings | None = None,
-               timeout_s: float = 10.0) -> Experiment:
-        """An Experiment for a job submitted earlier (maybe by another process), read from the broker."""
+               timeout_s: float = 10.0, owner: str | None = None) -> Experiment:
+        """An Experiment for a job submitted earlier (maybe by another process), read from the
+        broker: one of our own jobs, or (an admin) `owner`'s."""
         identity = bundle if isinstance(bundle, Identity) else Identity.load(bundle)
+        owner = owner or identity.name
         got: queue.Queue[Message] = queue.Queue()
         m = Messenger(identity, researcher_settings(mqtt), client_id=uuid.uuid4().hex[:8])
-        m.subscribe(topics.job(job_id), got.put, types={"job"}, retained_chunks=True)
+        m.subscribe(topics.job(owner, job_id), got.put, types={"job", "withdraw"}, retained_chunks=True)
         m.connect()
         try:
             msg = got.get(timeout=timeout_s)
         except queue.Empty:
-            raise JobError(f"no job {job_id!r} on the broker (withdrawn, or never submitted)") from None
+            raise JobError(_not_found(job_id, owner, identity.name)) from None
         finally:
             m.close()
+        if msg.type == "withdraw":
+            raise JobError(f"job {job_id!r} was withdrawn by {msg.sender!r}: its spec is no longer on the broker")
         spec: JobSpec = msg.body  # type: ignore[assignment]
-        if msg.sender != spec.owner:  # its plan source would run here (model()): only the owner's word counts
+        # its plan source would run here (model()): only the owner's word counts (the messenger
+        # checked it too: owner == signer == the topic's owner)
+        if not msg.sender == spec.owner == topics.owner_of(msg.topic) == owner:
             raise JobError(f"job {job_id!r} names {spec.owner!r} as its owner but is signed by {msg.sender!r}")
         exp = cls.__new__(cls)
-        exp.identity, exp.plan, exp.job_id = identity, spec.plan, spec.job_id
+        exp.identity, exp.plan, exp.job_id, exp.owner = identity, spec.plan, spec.job_id, owner
+        exp._on_broker = threading.Event()
         exp.model_args, exp.training_args = spec.model_args, spec.training_args
         exp.spec_fields = dict(rounds=spec.rounds, tags=spec.tags, quorum=spec.quorum,
                                round_deadline_s=spec.round_deadline_s, nodes=spec.nodes, stragglers=spec.stragglers,
                                aggregator=spec.aggregator, description=spec.description, selection=spec.selection,
                                secure_aggregation=spec.secure_aggregation)
-        exp.seed = int(spec.training_args.get("seed", 0))
+        exp.seed = TrainingArgs.of(spec.training_args).seed
         exp.mqtt = researcher_settings(mqtt)
         exp._messenger = None
         exp._readers = set()

@@ -24,6 +24,7 @@ IDENTITIES = {
     "node-a": "node",
     "node-b": "node",
     "res-1": "researcher",
+    "res-2": "researcher",
     "agg-1": "aggregator",
     "admin-1": "admin",
 }

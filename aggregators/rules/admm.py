@@ -20,13 +20,12 @@ class ADMM(FedAvg):
     the textbook unweighted mean; true weighs by sample count)."""
 
     name = "admm"
-    local_algorithm = "admm"
 
     def __init__(self, weighted: bool = False, **args: Any) -> None:
         super().__init__(**args)
         self.weighted = bool(weighted)
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         self._like = global_params
         self._acc = zeros_like(global_params)
         self._total = 0.0

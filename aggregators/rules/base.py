@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import structlog
 
 from aggregators.rules.functions import Params
+from common.training.args import ALGORITHM_OF_RULE
 
 ENTRY_POINT_GROUP = "fedbiomq.aggregators"
 _RULES: dict[str, type[AggregationRule]] = {}
@@ -23,7 +24,7 @@ _plugins_loaded = False
 class AggregationRule(ABC):
     """Folds a round's updates into the next global model.
 
-    The aggregator calls `begin_round(global_params, global_extra)`, then `add(...)` for each
+    The aggregator calls `begin_round(global_params)`, then `add(...)` for each
     update as it arrives, then `end_round()`, which returns the new global parameters;
     `model_extra()` is published with them (e.g. SCAFFOLD's server control variate).
 
@@ -36,7 +37,8 @@ class AggregationRule(ABC):
       - `streaming`: True if memory stays O(model) whatever the number of updates; False if
         the rule needs all of them at once (robust statistics) and holds N x model.
       - `local_algorithm`: what the nodes must run locally ("sgd", "fedprox", "scaffold",
-        "admm"); a job whose training_args say otherwise is refused up front.
+        "admm"); a job whose training_args say otherwise is refused up front. The built-in
+        rules take theirs from the one table, `common.training.args.ALGORITHM_OF_RULE`.
     """
 
     name: ClassVar[str]
@@ -50,10 +52,12 @@ class AggregationRule(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:  # declared here, not inherited (helpers like _Buffered have none)
+            if cls.name in ALGORITHM_OF_RULE and "local_algorithm" not in cls.__dict__:
+                cls.local_algorithm = ALGORITHM_OF_RULE[cls.name]
             _RULES[cls.name] = cls
 
     @abstractmethod
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None: ...
+    def begin_round(self, global_params: Params) -> None: ...
 
     @abstractmethod
     def add(self, params: Params, n_samples: int, node: str, extra: Params | None = None) -> None: ...

@@ -15,7 +15,7 @@ class FedAvg(AggregationRule):
 
     name = "fedavg"
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         self._like = global_params
         self._acc = zeros_like(global_params)
         self._total = 0.0
@@ -45,4 +45,3 @@ class FedProx(FedAvg):
     """
 
     name = "fedprox"
-    local_algorithm = "fedprox"

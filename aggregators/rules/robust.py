@@ -28,7 +28,7 @@ class _Buffered(AggregationRule):
         super().__init__(**args)
         self.max_updates = int(max_updates)
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         self._like = global_params
         self._updates: list[Params] = []
         self._weights: list[float] = []

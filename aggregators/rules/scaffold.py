@@ -23,7 +23,6 @@ class Scaffold(FedAvg):
     (args: lr_global, default 1; n_nodes: N, default = nodes answering)."""
 
     name = "scaffold"
-    local_algorithm = "scaffold"
 
     def __init__(self, lr_global: float = 1.0, n_nodes: int | None = None, **args: Any) -> None:
         super().__init__(**args)
@@ -31,7 +30,7 @@ class Scaffold(FedAvg):
         self.n_nodes = n_nodes
         self._c: Params = {}
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         super().begin_round(global_params)
         if not self._c:
             self._c = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_params.items()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
-
 
 def _order(participants: list[str], round_seed: bytes) -> list[str]:
     """The participants sorted by a keyed hash: a public, deterministic shuffle."""
@@ -24,17 +22,28 @@ def effective_degree(n: int, k: int) -> int:
     return min(n - 1, k + (k % 2))
 
 
-def neighbours(participants: list[str], k: int, round_seed: bytes) -> dict[str, frozenset[str]]:
-    """Each participant's neighbours: those within k/2 places of it on the shuffled ring."""
+def _ring(participants: list[str], k: int, round_seed: bytes) -> tuple[list[str], int]:
+    """The shuffled order and how many places either side are neighbours (n: all of them)."""
     n = len(set(participants))
     if n != len(participants):
         raise ValueError("duplicate participants")
-    order = _order(participants, round_seed)
-    if effective_degree(n, k) >= n - 1:
-        return {p: frozenset(order) - {p} for p in order}
-    half = (k + 1) // 2
-    out: dict[str, frozenset[str]] = {}
-    for i, p in enumerate(order):
-        idx = np.concatenate([np.arange(i - half, i), np.arange(i + 1, i + half + 1)]) % n
-        out[p] = frozenset(order[j] for j in idx)
-    return out
+    return _order(participants, round_seed), n if effective_degree(n, k) >= n - 1 else (k + 1) // 2
+
+
+def _around(order: list[str], i: int, half: int) -> frozenset[str]:
+    n = len(order)
+    if half >= n:
+        return frozenset(order[:i] + order[i + 1:])
+    return frozenset(order[j % n] for j in range(i - half, i + half + 1) if j != i)
+
+
+def neighbours(participants: list[str], k: int, round_seed: bytes) -> dict[str, frozenset[str]]:
+    """Each participant's neighbours: those within k/2 places of it on the shuffled ring."""
+    order, half = _ring(participants, k, round_seed)
+    return {p: _around(order, i, half) for i, p in enumerate(order)}
+
+
+def neighbours_of(participants: list[str], k: int, round_seed: bytes, who: str) -> frozenset[str]:
+    """One participant's neighbours (what a site needs: O(n log n), not the whole graph)."""
+    order, half = _ring(participants, k, round_seed)
+    return _around(order, order.index(who), half)

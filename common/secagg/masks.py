@@ -23,8 +23,19 @@ def pair_seed(ctx: Context, mine: KeyPair, me: str, their_public: bytes, them: s
 def pairwise_mask(seed: bytes, me: str, other: str, length: int) -> np.ndarray:
     """The pair's mask as `me` adds it: +PRG(seed) if me < other, else -PRG(seed) (in Z_2^32)."""
     stream = prg.expand(seed, length)
-    return stream if me < other else (np.uint32(0) - stream).astype(np.uint32)
+    return stream.copy() if pair_sign(me, other) > 0 else (np.uint32(0) - stream).astype(np.uint32)
 
 
 def self_mask(b: bytes, length: int) -> np.ndarray:
     return prg.expand(b, length)
+
+
+def pair_sign(me: str, other: str) -> int:
+    """+1 if `me` adds the pair's mask, -1 if it subtracts it (the smaller name adds)."""
+    return 1 if me < other else -1
+
+
+def add_mask(acc: np.ndarray, seed: bytes, sign: int) -> None:
+    """acc += sign * PRG(seed) in Z_2^32, in place: one keystream, no copies of the vector."""
+    stream = prg.expand(seed, acc.size)
+    (np.add if sign > 0 else np.subtract)(acc, stream, out=acc)

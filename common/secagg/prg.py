@@ -13,8 +13,8 @@ _NONCE = bytes(16)  # ChaCha20 in `cryptography`: 4-byte counter + 12-byte nonce
 
 
 def expand(seed: bytes, length: int) -> np.ndarray:
-    """`length` pseudo-random uint32 values from a 32-byte seed."""
+    """`length` pseudo-random uint32 values from a 32-byte seed (read-only on little-endian)."""
     if len(seed) != 32:
         raise ValueError("seed must be 32 bytes")
     stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
-    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(stream.update(bytes(4 * length)), dtype="<u4").astype(np.uint32, copy=False)

@@ -8,15 +8,15 @@ masks (s_sk from shares) and decodes the SUM and the total count. It learns noth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from common.secagg import graph, shamir
 from common.secagg.config import SecAggConfig
-from common.secagg.encoding import ring_add, ring_sub
 from common.secagg.keys import KeyPair
-from common.secagg.masks import pair_seed, pairwise_mask, self_mask
+from common.secagg.masks import add_mask, pair_seed, pair_sign
 from common.secagg.site import share_index
 from common.secagg.stages import (
     AdvertiseKeys,
@@ -46,6 +46,10 @@ class Deadlines:
         """Four stages inside [start, end]: keys 20 %, shares 20 %, masked 30 %, unmask 30 %."""
         span = end - start
         return cls(start + 0.2 * span, start + 0.4 * span, start + 0.7 * span, end)
+
+    def shifted(self, by: float) -> Deadlines:
+        return replace(self, keys=self.keys + by, shares=self.shares + by, masked=self.masked + by,
+                       unmask=self.unmask + by)
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,42 @@ class ServerSecAgg:
         self._keys: dict[str, AdvertiseKeys] = {}
         self._boxes: dict[str, dict[str, bytes]] = {}
         self._masked: dict[str, np.ndarray] = {}
+        self._masked_sum: np.ndarray | None = None  # sum of U3's masked inputs: all the server keeps of them
         self._unmask: dict[str, UnmaskShares] = {}
         self._graph: dict[str, frozenset[str]] = {}
+        self._share_count: dict[tuple[str, str], int] = {}  # (owner, "b" | "s") -> valid shares held
 
     def start(self) -> list[Action]:
+        """The current stage, published (again, after a resume: the sites answer it again)."""
         return [Publish(self.state)]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """What a restarted server needs to go on from the stage it last published, as plain data
+        (bytes, lists, dicts): that state and, from the unmask stage on, the ring sum of the
+        masked inputs (one vector, not one per site). The open stage's messages are not in it:
+        the sites answer the re-published state again (a site repeats its answer to a stage, so
+        a resumed round is the same round)."""
+        s = self.state
+        return {"stage": s.stage.value, "keys": {u: [k.c_pk, k.s_pk] for u, k in s.keys.items()},
+                "routed": s.routed, "share_senders": list(s.share_senders), "masked_senders": list(s.masked_senders),
+                "reason": s.reason, "saved_at": now,
+                "masked_sum": b"" if self._masked_sum is None else self._masked_sum.tobytes()}
+
+    @classmethod
+    def resume(cls, config: SecAggConfig, expected: list[str], deadlines: Deadlines, snap: dict[str, Any],
+               now: float) -> ServerSecAgg:
+        """The server of `snapshot`; its stage deadlines moved by the time it was down (the open
+        stage gets back the time it had left when it was saved)."""
+        server = cls(config, expected, deadlines.shifted(max(0.0, now - float(snap["saved_at"]))))
+        keys = {u: AdvertiseKeys(bytes(c), bytes(s)) for u, (c, s) in snap["keys"].items()}
+        server.state = ServerState(Stage(snap["stage"]), keys=keys, routed={r: dict(b) for r, b in snap["routed"].items()},
+                                   share_senders=tuple(snap["share_senders"]),
+                                   masked_senders=tuple(snap["masked_senders"]), reason=snap["reason"])
+        if keys:
+            server._graph = graph.neighbours(sorted(keys), config.neighbours, config.round_seed)
+        if snap["masked_sum"]:
+            server._masked_sum = np.frombuffer(snap["masked_sum"], dtype=np.uint32).copy()
+        return server
 
     @property
     def finished(self) -> bool:
@@ -139,8 +174,17 @@ class ServerSecAgg:
                 return f"masked input of shape {v.shape} {v.dtype}, expected ({self.config.dim + 1},) uint32"
         if isinstance(message, ShareKeys):
             message = ShareKeys({v: b for v, b in message.boxes.items() if v in self._graph[sender]})
+        if isinstance(message, UnmaskShares) and sender not in self._unmask:
+            self._count_shares(sender, message)
         self._received()[sender] = message.vector if isinstance(message, MaskedInput) else message
         return ""
+
+    def _count_shares(self, holder: str, answer: UnmaskShares) -> None:
+        """Keep a count per secret of the shares that will count (held by a neighbour of its owner)."""
+        for kind, shares in (("b", answer.b_shares), ("s", answer.s_shares)):
+            for owner in shares:
+                if holder in self._graph.get(owner, ()):
+                    self._share_count[(owner, kind)] = self._share_count.get((owner, kind), 0) + 1
 
     def _fail(self, reason: str) -> list[Action]:
         self.state = ServerState(Stage.FAILED, reason=reason)
@@ -165,6 +209,9 @@ class ServerSecAgg:
                         routed[v][u] = box
             self.state = ServerState(Stage.MASKED, keys=self.state.keys, routed=routed, share_senders=tuple(got))
         else:
+            self._masked_sum = np.zeros(self.config.dim + 1, dtype=np.uint32)
+            for u in got:
+                np.add(self._masked_sum, self._masked.pop(u), out=self._masked_sum)
             self.state = ServerState(Stage.UNMASK, keys=self.state.keys, share_senders=self.state.share_senders,
                                      masked_senders=tuple(got))
         return [Publish(self.state)]
@@ -172,9 +219,10 @@ class ServerSecAgg:
     def _shares_of(self, owner: str, kind: str) -> list[shamir.Share]:
         participants = sorted(self.state.keys)
         out = []
-        for holder, answer in sorted(self._unmask.items()):
+        for holder in sorted(self._graph[owner] & set(self._unmask)):
+            answer = self._unmask[holder]
             y = (answer.b_shares if kind == "b" else answer.s_shares).get(owner)
-            if y is not None and holder in self._graph[owner]:
+            if y is not None:
                 out.append(shamir.Share.from_bytes(share_index(participants, holder), y))
         return out
 
@@ -184,8 +232,8 @@ class ServerSecAgg:
             return False
         t, alive = self.config.threshold, set(self.state.masked_senders)
         dropped = set(self.state.share_senders) - alive
-        return (all(len(self._shares_of(u, "b")) >= t for u in alive)
-                and all(len(self._shares_of(u, "s")) >= t for u in dropped))
+        return (all(self._share_count.get((u, "b"), 0) >= t for u in alive)
+                and all(self._share_count.get((u, "s"), 0) >= t for u in dropped))
 
     def _finish(self) -> list[Action]:
         try:
@@ -203,17 +251,16 @@ class ServerSecAgg:
         cfg, t = self.config, self.config.threshold
         alive = list(self.state.masked_senders)
         dropped = sorted(set(self.state.share_senders) - set(alive))
-        total = np.zeros(cfg.dim + 1, dtype=np.uint32)
+        assert self._masked_sum is not None  # set when the masked stage closed
+        total = self._masked_sum.copy()
         for u in alive:
-            b = self._reconstruct(u, "b", t)
-            total = ring_sub(ring_add(total, self._masked[u]), self_mask(b, cfg.dim + 1))
+            add_mask(total, self._reconstruct(u, "b", t), -1)
         for u in dropped:
             s_u = KeyPair.from_private_bytes(self._reconstruct(u, "s", t))
             if s_u.public_bytes() != self.state.keys[u].s_pk:
                 raise ValueError(f"shares of {u}'s mask key do not match the key it advertised")
             for v in sorted(self._graph[u] & set(alive)):
-                seed = pair_seed(cfg.context, s_u, u, self.state.keys[v].s_pk, v)
-                total = ring_sub(total, pairwise_mask(seed, v, u, cfg.dim + 1))
+                add_mask(total, pair_seed(cfg.context, s_u, u, self.state.keys[v].s_pk, v), -pair_sign(v, u))
         return total
 
     def _reconstruct(self, owner: str, kind: str, t: int) -> bytes:

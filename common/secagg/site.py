@@ -14,9 +14,8 @@ import numpy as np
 
 from common.secagg import graph, shamir
 from common.secagg.config import SecAggConfig, SecAggError
-from common.secagg.encoding import ring_add
 from common.secagg.keys import KeyPair, agree, open_box, seal
-from common.secagg.masks import pair_seed, pairwise_mask, self_mask
+from common.secagg.masks import add_mask, pair_seed, pair_sign
 from common.secagg.stages import (
     AdvertiseKeys,
     MaskedInput,
@@ -49,6 +48,7 @@ class SiteSecAgg:
         self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (b, s_sk) shares
         self._neighbours: frozenset[str] = frozenset()
         self._keys: dict[str, AdvertiseKeys] = {}
+        self._box_keys: dict[str, bytes] = {}  # one X25519 per neighbour, used to seal and to open
         self._unmasked_for: tuple[str, ...] | None = None
 
     def set_input(self, values: np.ndarray, count: int) -> None:
@@ -84,14 +84,16 @@ class SiteSecAgg:
         return answer
 
     def _box_key(self, other: str) -> bytes:
-        return agree(self.config.context, BOX_PURPOSE, self._c, self.me, self._keys[other].c_pk, other)
+        if other not in self._box_keys:
+            self._box_keys[other] = agree(self.config.context, BOX_PURPOSE, self._c, self.me, self._keys[other].c_pk, other)
+        return self._box_keys[other]
 
     def _share(self, state: ServerState) -> ShareKeys:
         """Stage 1: Shamir-share b_u and s_sk among the neighbours; one box per neighbour."""
         cfg = self.config
         self._keys = dict(state.keys)
         participants = sorted(state.keys)
-        self._neighbours = graph.neighbours(participants, cfg.neighbours, cfg.round_seed)[self.me]
+        self._neighbours = graph.neighbours_of(participants, cfg.neighbours, cfg.round_seed, self.me)
         if len(self._neighbours) < cfg.threshold:
             raise SecAggError(f"{len(self._neighbours)} neighbours, fewer than the threshold {cfg.threshold}")
         xs = {v: share_index(participants, v) for v in self._neighbours}
@@ -113,10 +115,10 @@ class SiteSecAgg:
             half = shamir.SHARE_BYTES
             self._held[sender] = (shamir.Share.from_bytes(mine, plain[:half]),
                                   shamir.Share.from_bytes(mine, plain[half:]))
-        y = ring_add(self._input, self_mask(self._b, self._input.size))
+        y = self._input.copy()
+        add_mask(y, self._b, +1)
         for v in sorted(self._neighbours & set(state.share_senders)):
-            seed = pair_seed(self.config.context, self._s, self.me, self._keys[v].s_pk, v)
-            y = ring_add(y, pairwise_mask(seed, self.me, v, y.size))
+            add_mask(y, pair_seed(self.config.context, self._s, self.me, self._keys[v].s_pk, v), pair_sign(self.me, v))
         return MaskedInput(y)
 
     def _unmask(self, state: ServerState) -> UnmaskShares | None:

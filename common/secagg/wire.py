@@ -69,8 +69,11 @@ def state_body(round_: int, state: ServerState, expected: list[str], deadline: f
         masked_senders=list(state.masked_senders), reason=state.reason)
 
 
-def server_state(body: SecAggState) -> ServerState:
+def server_state(body: SecAggState, for_site: str | None = None) -> ServerState:
+    """The state as the state machines read it; `for_site`: only the boxes routed to that site
+    (what it reads of the n k routed boxes), not a copy of all of them per site."""
+    routed = body.routed if for_site is None else {for_site: body.routed.get(for_site, {})}
     return ServerState(
         Stage(body.stage), keys={s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.keys.items()},
-        routed={r: dict(b) for r, b in body.routed.items()}, share_senders=tuple(body.share_senders),
+        routed={r: dict(b) for r, b in routed.items()}, share_senders=tuple(body.share_senders),
         masked_senders=tuple(body.masked_senders), reason=body.reason)

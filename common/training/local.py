@@ -1,8 +1,10 @@
 """What a node does locally besides plain SGD: the node half of FedProx, SCAFFOLD and ADMM,
 client-level differential privacy, federated standardization, and the validation split.
 
-Pure functions over tensors; `node.worker` calls them around its training loop. The
-aggregator half of each algorithm is in `aggregators/rules/`.
+Pure functions over tensors, and the local algorithms as objects (`SGD`, `FedProx`, `ADMM`,
+`Scaffold`, named as the aggregator's rules they pair with; client-level DP is a post-step,
+`client_dp`); `node.worker` calls them around its training loop. The aggregator half of each
+algorithm is in `aggregators/rules/`.
 """
 
 from __future__ import annotations
@@ -10,29 +12,22 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from common.training.args import (  # noqa: F401 - re-exported: the names callers import from here
+    ALGORITHM_OF_RULE,
+    LOCAL_ALGORITHMS,
+    LocalError,
+    TrainingArgs,
+    algorithm_of,
+)
+
 Params = dict[str, torch.Tensor]
 
-LOCAL_ALGORITHMS = ("sgd", "fedprox", "scaffold", "admm")
-# The local algorithm each built-in rule needs (third-party rules declare theirs; a job names
-# it in training_args["algorithm"]).
-ALGORITHM_OF_RULE = {"fedprox": "fedprox", "scaffold": "scaffold", "admm": "admm"}
 SCAFFOLD_PREFIX = "c/"
-
-
-class LocalError(ValueError):
-    """The training args ask for something the node cannot do; the message says why."""
-
-
-def algorithm_of(training_args: dict[str, Any]) -> str:
-    algorithm = str(training_args.get("algorithm", "sgd"))
-    if algorithm not in LOCAL_ALGORITHMS:
-        raise LocalError(f"unknown local algorithm {algorithm!r}; known: {', '.join(LOCAL_ALGORITHMS)}")
-    return algorithm
 
 
 def proximal_penalty(model: torch.nn.Module, anchor: Params, strength: float) -> torch.Tensor:
@@ -101,7 +96,7 @@ DP_MODES = ("client", "sample")
 
 def dp_mode(training_args: dict[str, Any]) -> str | None:
     """None (no DP), "client" (`{clip, sigma}`, the default) or "sample" (DP-SGD)."""
-    dp = training_args.get("dp") or None
+    dp = TrainingArgs.of(training_args).dp or None
     if dp is None:
         return None
     mode = str(dp.get("mode", "client"))
@@ -112,17 +107,17 @@ def dp_mode(training_args: dict[str, Any]) -> str | None:
 
 def train_rows(n: int, training_args: dict[str, Any]) -> int:
     """How many of `n` rows are trained on: the rest is the validation split (`validation_split`)."""
-    return n - int(round(n * float(training_args.get("val_fraction", 0.0))))
+    return n - int(round(n * TrainingArgs.of(training_args).val_fraction))
 
 
 def dp_sgd_schedule(n_train: int, training_args: dict[str, Any]) -> tuple[float, int]:
     """(Poisson sample rate q, DP-SGD steps a round) over `n_train` rows: q = batch_size / n,
     ceil(1/q) steps an epoch, at most `max_batches`. The worker runs exactly these steps and
     the node's accountant prices exactly these, so both sides call this one function."""
-    q = min(1.0, int(training_args.get("batch_size", 64)) / max(1, n_train))
-    steps = int(training_args.get("epochs", 1)) * math.ceil(1 / q)
-    max_batches = training_args.get("max_batches")
-    return q, steps if max_batches is None else min(steps, int(max_batches))
+    args = TrainingArgs.of(training_args)
+    q = min(1.0, args.batch_size / max(1, n_train))
+    steps = args.epochs * math.ceil(1 / q)
+    return q, steps if args.max_batches is None else min(steps, args.max_batches)
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,3 +139,102 @@ def standardize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.T
     if flat.shape[1] != m.numel():
         raise LocalError(f"standardize: {m.numel()} feature statistics for data of shape {list(x.shape)}")
     return ((flat - m) / s).reshape(x.shape)
+
+
+# --- the local algorithms: the node half of each rule, by the rule's name --------------------
+
+
+class SGD:
+    """Plain local SGD (FedAvg's node half, and of every rule without a node half of its own).
+
+    A local algorithm is made once per round from the training args, the received model and
+    what it kept from the last round; the training loop adds its `penalty` to each batch's loss
+    and calls `correct_` between backward and step; `finish` gives what the node sends (params,
+    extra for the aggregator) and what it keeps for the next round. Each class is named as the
+    aggregator's rule it pairs with (aggregators/rules: FedProx, Scaffold, ADMM).
+    """
+
+    name: ClassVar[str] = "sgd"
+
+    def __init__(self, args: TrainingArgs, start: Params, state: dict[str, Params], extra: Params) -> None:
+        self.args = args
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        return None
+
+    def correct_(self, model: torch.nn.Module) -> None:
+        return None
+
+    def finish(self, start: Params, end: Params, params: Params, steps: int) -> tuple[Params, Params, dict[str, Params]]:
+        """(params to send, extra to send, local state to keep) after `steps` local steps."""
+        return params, {}, {}
+
+
+class FedProx(SGD):
+    """mu/2 ||w - w_global||^2 added to the loss (Li et al. 2020)."""
+
+    name = "fedprox"
+
+    def __init__(self, args: TrainingArgs, start: Params, state: dict[str, Params], extra: Params) -> None:
+        super().__init__(args, start, state, extra)
+        self.anchor, self.strength = start, args.mu
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        return proximal_penalty(model, self.anchor, self.strength)
+
+
+class ADMM(FedProx):
+    """Consensus ADMM, scaled form: dual ascent when the new consensus z arrives, then rho/2
+    ||w - (z - u_i)||^2 in the loss; the node sends x_i + u_i and keeps x_i and u_i."""
+
+    name = "admm"
+
+    def __init__(self, args: TrainingArgs, start: Params, state: dict[str, Params], extra: Params) -> None:
+        super().__init__(args, start, state, extra)
+        u = state.get("u") or {k: torch.zeros_like(v) for k, v in start.items()}
+        if "x" in state:  # the new consensus z arrived: dual ascent with our last x
+            u = admm_dual(u, state["x"], start)
+        self.u, self.anchor, self.strength = u, {k: start[k] - u[k] for k in start}, args.rho
+
+    def finish(self, start: Params, end: Params, params: Params, steps: int) -> tuple[Params, Params, dict[str, Params]]:
+        u = self.u  # the server averages x_i + u_i
+        return {k: (v + u[k] if k in u else v) for k, v in params.items()}, {}, {"x": end, "u": u}
+
+
+class Scaffold(SGD):
+    """SCAFFOLD (Karimireddy et al. 2020): gradients corrected by c - c_i; option II control
+    update; the node sends its control's change as extra and keeps c_i."""
+
+    name = "scaffold"
+
+    def __init__(self, args: TrainingArgs, start: Params, state: dict[str, Params], extra: Params) -> None:
+        super().__init__(args, start, state, extra)
+        self.c_global = {k: extra.get(SCAFFOLD_PREFIX + k, torch.zeros_like(v)) for k, v in start.items()}
+        self.c_local = state.get("c") or {k: torch.zeros_like(v) for k, v in start.items()}
+
+    def correct_(self, model: torch.nn.Module) -> None:
+        scaffold_correct_(model, self.c_global, self.c_local)
+
+    def finish(self, start: Params, end: Params, params: Params, steps: int) -> tuple[Params, Params, dict[str, Params]]:
+        c_new = scaffold_new_control(self.c_global, self.c_local, start, end, steps, self.args.lr)
+        return params, {SCAFFOLD_PREFIX + k: c_new[k] - self.c_local[k] for k in c_new}, {"c": c_new}
+
+
+ALGORITHMS: dict[str, type[SGD]] = {cls.name: cls for cls in (SGD, FedProx, ADMM, Scaffold)}
+
+
+def local_algorithm(training_args: dict[str, Any], start: Params, state: dict[str, Params], extra: Params) -> SGD:
+    """The job's local algorithm for this round (LocalError if the nodes do not run it)."""
+    return ALGORITHMS[algorithm_of(training_args)](TrainingArgs.of(training_args), start, state, extra)
+
+
+def client_dp(params: Params, received: Params, training_args: dict[str, Any]) -> Params:
+    """Client-level DP as a post-step: the round's change clipped and noised (noise from the OS
+    CSPRNG, never the job's seed; the pre-clip norm depends on the data un-noised, so it is not
+    reported). Params unchanged without client-level DP."""
+    if dp_mode(training_args) != "client":
+        return params
+    dp = TrainingArgs.of(training_args).dp or {}
+    delta = {k: params[k] - received[k] for k in params}
+    noised, _ = clip_and_noise(delta, float(dp["clip"]), float(dp["sigma"]))
+    return {k: received[k] + noised[k] for k in params}

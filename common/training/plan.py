@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.training.args import TrainingArgs
+
 
 class TrainingPlan:
     """Base class; override `build_model` and `training_step`, optionally the rest."""
@@ -36,12 +38,12 @@ class TrainingPlan:
         raise NotImplementedError("a training plan must build its model")
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        lr = float(self.training_args.get("lr", 0.01))
-        name = str(self.training_args.get("optimizer", "sgd")).lower()
+        args = TrainingArgs.of(self.training_args)
+        name = args.optimizer.lower()
         if name == "adam":
-            return torch.optim.Adam(model.parameters(), lr=lr)
+            return torch.optim.Adam(model.parameters(), lr=args.lr)
         if name == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=float(self.training_args.get("momentum", 0.0)))
+            return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
         raise ValueError(f"unknown optimizer {name!r} (sgd or adam)")
 
     def training_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -61,17 +61,61 @@ class ConsoleConfig:
     browse_start: Path = field(default_factory=Path.home)
 
 
+@dataclass
+class _Console:
+    """What every page of the console shares: the database, the accounts, the templates."""
+
+    settings: NodeSettings
+    config: ConsoleConfig
+    db: Database
+    accounts: Accounts
+    templates: Jinja2Templates
+    node_name: str
+
+    def session_of(self, request: Request) -> Session:
+        session = self.accounts.session(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            raise _LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+        return session
+
+    async def form_of(self, request: Request, session: Session) -> dict[str, str]:
+        form = await request.form()
+        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+            raise _BadCsrf()
+        return {k: str(v) for k, v in form.items() if isinstance(v, str)}
+
+    def page(self, request: Request, session: Session, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        return self.templates.TemplateResponse(request, name, {
+            "session": session, "node": self.node_name, "flash": self.accounts.flash(session), **context,
+        }, status_code=status_code)
+
+    def done(self, session: Session, to: str, message: str) -> RedirectResponse:
+        self.accounts.flash(session, message)
+        return RedirectResponse(to, status_code=303)
+
+    @staticmethod
+    def actor(session: Session) -> str:
+        return f"ui:{session.username}"
+
+
 def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> FastAPI:
     config = config or ConsoleConfig()
     db = Database(settings.database)
-    accounts = Accounts(db, config.policy)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["when"] = _when
     templates.env.filters["short"] = lambda s, n=16: (s or "")[:n]
     templates.env.filters["visible"] = visible  # control and bidi characters as ⟨U+XXXX⟩ (node/display.py)
     app = FastAPI(title="fedbiomq node console", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    node_name = _node_name(settings)
+    c = _Console(settings, config, db, Accounts(db, config.policy), templates, _node_name(settings))
+    _security(app)
+    for routes in (_login_routes, _dataset_routes, _plan_routes, _job_routes):
+        routes(app, c)
+    return app
+
+
+def _security(app: FastAPI) -> None:
+    """Headers on every response; a missing session goes to the login page, a bad CSRF token is a 403."""
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -94,38 +138,16 @@ def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> F
         return HTMLResponse("<h1>403</h1><p>The form was stale or forged (CSRF token mismatch). "
                             "Go back, reload the page and try again.</p>", status_code=403)
 
-    def session_of(request: Request) -> Session:
-        session = accounts.session(request.cookies.get(SESSION_COOKIE))
-        if session is None:
-            raise _LoginRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
-        return session
 
-    async def form_of(request: Request, session: Session) -> dict[str, str]:
-        form = await request.form()
-        if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
-            raise _BadCsrf()
-        return {k: str(v) for k, v in form.items() if isinstance(v, str)}
-
-    def page(request: Request, session: Session, name: str, status_code: int = 200, **context) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {
-            "session": session, "node": node_name, "flash": accounts.flash(session), **context,
-        }, status_code=status_code)
-
-    def done(session: Session, to: str, message: str) -> RedirectResponse:
-        accounts.flash(session, message)
-        return RedirectResponse(to, status_code=303)
-
-    def actor(session: Session) -> str:
-        return f"ui:{session.username}"
-
-    # --- login / logout ------------------------------------------------------------------------
+def _login_routes(app: FastAPI, c: _Console) -> None:
+    """Log in (CSRF-checked, rate-limited), log out, the home page."""
 
     @app.get("/login", response_class=HTMLResponse)
     async def login_form(request: Request, next: str = "/", error: str = ""):
         token = secrets.token_urlsafe(24)
-        response = templates.TemplateResponse(request, "login.html", {
-            "node": node_name, "csrf": token, "next": _local(next), "error": error, "session": None})
-        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=config.secure_cookies)
+        response = c.templates.TemplateResponse(request, "login.html", {
+            "node": c.node_name, "csrf": token, "next": _local(next), "error": error, "session": None})
+        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=c.config.secure_cookies)
         return response
 
     @app.post("/login")
@@ -136,158 +158,162 @@ def create_app(settings: NodeSettings, config: ConsoleConfig | None = None) -> F
             raise _BadCsrf()
         username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
         client = request.client.host if request.client else "?"
-        audit = AuditTrail(db)
+        audit = AuditTrail(c.db)
         next_path = _local(str(form.get("next", "/")))
-        if accounts.locked_out(username, client):
+        if c.accounts.locked_out(username, client):
             audit.record("ui_login_refused", actor=f"ui:{username}", client=client, reason="too many failed logins")
-            minutes = int(config.policy.failure_window_s // 60)
-            return _login_again(templates, request, node_name, next_path,
-                                f"Too many failed logins: try again in up to {minutes} minutes.", 429, config)
-        session = await run_in_threadpool(accounts.login, username, password, client)
+            minutes = int(c.config.policy.failure_window_s // 60)
+            return _login_again(c.templates, request, c.node_name, next_path,
+                                f"Too many failed logins: try again in up to {minutes} minutes.", 429, c.config)
+        session = await run_in_threadpool(c.accounts.login, username, password, client)
         if session is None:
             audit.record("ui_login_failed", actor=f"ui:{username}", client=client)
-            return _login_again(templates, request, node_name, next_path, "Wrong user name or password.", 401, config)
+            return _login_again(c.templates, request, c.node_name, next_path, "Wrong user name or password.", 401, c.config)
         audit.record("ui_login", actor=f"ui:{username}", client=client)
         response = RedirectResponse(next_path, status_code=303)
-        response.set_cookie(SESSION_COOKIE, session.token, httponly=True, samesite="strict", secure=config.secure_cookies)
+        response.set_cookie(SESSION_COOKIE, session.token, httponly=True, samesite="strict", secure=c.config.secure_cookies)
         response.delete_cookie(LOGIN_COOKIE)
         return response
 
     @app.post("/logout")
     async def logout(request: Request):
-        session = session_of(request)
-        await form_of(request, session)
-        accounts.logout(session.token)
-        AuditTrail(db).record("ui_logout", actor=actor(session))
+        session = c.session_of(request)
+        await c.form_of(request, session)
+        c.accounts.logout(session.token)
+        AuditTrail(c.db).record("ui_logout", actor=c.actor(session))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response
 
     @app.get("/")
     async def home(request: Request):
-        session_of(request)
+        c.session_of(request)
         return RedirectResponse("/datasets", status_code=303)
 
-    # --- datasets ------------------------------------------------------------------------------
+
+def _dataset_routes(app: FastAPI, c: _Console) -> None:
+    """List, add (with a file browser), show and remove datasets."""
 
     @app.get("/datasets", response_class=HTMLResponse)
     async def datasets(request: Request):
-        session = session_of(request)
-        return page(request, session, "datasets.html", datasets=Registry(db).list(), tab="datasets")
+        session = c.session_of(request)
+        return c.page(request, session, "datasets.html", datasets=Registry(c.db).list(), tab="datasets")
 
     @app.get("/datasets/new", response_class=HTMLResponse)
     async def dataset_form(request: Request, browse: str | None = None, path: str = "", error: str = ""):
-        session = session_of(request)
-        listing = views.browse(browse or (str(Path(path).parent) if path else None), config.browse_start)
-        return page(request, session, "dataset_new.html", tab="datasets", listing=listing, types=TYPES,
-                    values={"path": path}, error=error)
+        session = c.session_of(request)
+        listing = views.browse(browse or (str(Path(path).parent) if path else None), c.config.browse_start)
+        return c.page(request, session, "dataset_new.html", tab="datasets", listing=listing, types=TYPES,
+                      values={"path": path}, error=error)
 
     @app.post("/datasets")
     async def dataset_add(request: Request):
-        session = session_of(request)
-        form = await form_of(request, session)
+        session = c.session_of(request)
+        form = await c.form_of(request, session)
         tags = [t.strip() for t in form.get("tags", "").split(",") if t.strip()]
         try:
             ds = await run_in_threadpool(
-                admin.add_dataset, db, actor(session), form.get("name", "").strip(), form.get("type", ""),
+                admin.add_dataset, c.db, c.actor(session), form.get("name", "").strip(), form.get("type", ""),
                 form.get("path", "").strip(), tags, description=form.get("description", ""),
                 target=form.get("target", "").strip() or None, labels=form.get("labels", "").strip() or None)
         except admin.AdminError as exc:
-            listing = views.browse(str(Path(form.get("path", "") or config.browse_start).parent), config.browse_start)
-            return page(request, session, "dataset_new.html", status_code=400, tab="datasets", listing=listing,
-                        types=TYPES, values=form, error=str(exc))
-        return done(session, f"/datasets/{quote(ds.name)}", f"Dataset {ds.name} added: {ds.meta.get('n_samples')} samples.")
+            listing = views.browse(str(Path(form.get("path", "") or c.config.browse_start).parent), c.config.browse_start)
+            return c.page(request, session, "dataset_new.html", status_code=400, tab="datasets", listing=listing,
+                          types=TYPES, values=form, error=str(exc))
+        return c.done(session, f"/datasets/{quote(ds.name)}", f"Dataset {ds.name} added: {ds.meta.get('n_samples')} samples.")
 
     @app.get("/datasets/{name}", response_class=HTMLResponse)
     async def dataset_show(request: Request, name: str):
-        session = session_of(request)
-        ds = Registry(db).get(name)
+        session = c.session_of(request)
+        ds = Registry(c.db).get(name)
         if ds is None:
-            return page(request, session, "missing.html", status_code=404, what=f"dataset {name!r}", tab="datasets")
+            return c.page(request, session, "missing.html", status_code=404, what=f"dataset {name!r}", tab="datasets")
         shown = await run_in_threadpool(views.preview, ds.type, ds.path, target=ds.target, labels=ds.labels)
-        privacy = views.dataset_privacy(settings, db, ds.name)
-        return page(request, session, "dataset.html", tab="datasets", ds=ds, info=ds.public(), preview=shown,
-                    privacy=privacy)
+        privacy = views.dataset_privacy(c.settings, c.db, ds.name)
+        return c.page(request, session, "dataset.html", tab="datasets", ds=ds, info=ds.public(), preview=shown,
+                      privacy=privacy)
 
     @app.post("/datasets/{name}/remove")
     async def dataset_remove(request: Request, name: str):
-        session = session_of(request)
-        await form_of(request, session)
+        session = c.session_of(request)
+        await c.form_of(request, session)
         try:
-            admin.remove_dataset(db, actor(session), name)
+            admin.remove_dataset(c.db, c.actor(session), name)
         except admin.AdminError as exc:
-            return done(session, "/datasets", str(exc))
-        return done(session, "/datasets", f"Dataset {name} removed (its files were left alone).")
+            return c.done(session, "/datasets", str(exc))
+        return c.done(session, "/datasets", f"Dataset {name} removed (its files were left alone).")
 
-    # --- training plans ------------------------------------------------------------------------
+
+def _plan_routes(app: FastAPI, c: _Console) -> None:
+    """List and show training plans; approve, reject or revoke one."""
 
     @app.get("/plans", response_class=HTMLResponse)
     async def plans(request: Request, status: str = ""):
-        session = session_of(request)
+        session = c.session_of(request)
         wanted = PlanStatus(status) if status in {s.value for s in PlanStatus} else None
-        return page(request, session, "plans.html", tab="plans", plans=PlanStore(db).list(wanted), status=status,
-                    statuses=[s.value for s in PlanStatus])
+        return c.page(request, session, "plans.html", tab="plans", plans=PlanStore(c.db).list(wanted), status=status,
+                      statuses=[s.value for s in PlanStatus])
 
     @app.get("/plans/{plan_id}", response_class=HTMLResponse)
     async def plan_show(request: Request, plan_id: str):
-        session = session_of(request)
-        plan = PlanStore(db).get(plan_id)
+        session = c.session_of(request)
+        plan = PlanStore(c.db).get(plan_id)
         if plan is None:
-            return page(request, session, "missing.html", status_code=404, what=f"plan {plan_id!r}", tab="plans")
-        jobs = [s for s in views.summarize_jobs(AuditTrail(db).entries(limit=5000)) if s.plan == plan.plan_id]
-        return page(request, session, "plan.html", tab="plans", plan=plan, code=_highlight(plan.source), jobs=jobs)
+            return c.page(request, session, "missing.html", status_code=404, what=f"plan {plan_id!r}", tab="plans")
+        jobs = [s for s in views.summarize_jobs(AuditTrail(c.db).entries(limit=5000)) if s.plan == plan.plan_id]
+        return c.page(request, session, "plan.html", tab="plans", plan=plan, code=_highlight(plan.source), jobs=jobs)
 
     @app.post("/plans/{plan_id}/{decision}")
     async def plan_decide(request: Request, plan_id: str, decision: str):
-        session = session_of(request)
-        form = await form_of(request, session)
+        session = c.session_of(request)
+        form = await c.form_of(request, session)
         if decision not in DECISIONS:
-            return done(session, "/plans", f"Unknown decision {decision!r}.")
+            return c.done(session, "/plans", f"Unknown decision {decision!r}.")
         try:
-            plan = admin.decide_plan(db, actor(session), plan_id, DECISIONS[decision], form.get("note", ""))
+            plan = admin.decide_plan(c.db, c.actor(session), plan_id, DECISIONS[decision], form.get("note", ""))
         except admin.AdminError as exc:
-            return done(session, "/plans", str(exc))
-        return done(session, f"/plans/{quote(plan.plan_id)}",
-                    f"Plan {plan.plan_id[:16]} ({plan.class_name}) is now {plan.status}; the running node acts on it within seconds.")
+            return c.done(session, "/plans", str(exc))
+        return c.done(session, f"/plans/{quote(plan.plan_id)}",
+                      f"Plan {plan.plan_id[:16]} ({plan.class_name}) is now {plan.status}; the running node acts on it within seconds.")
 
-    # --- jobs, audit, status -------------------------------------------------------------------
+
+def _job_routes(app: FastAPI, c: _Console) -> None:
+    """Jobs, the audit trail, the node's status, the health check."""
 
     @app.get("/jobs", response_class=HTMLResponse)
     async def jobs(request: Request):
-        session = session_of(request)
-        summaries = views.summarize_jobs(AuditTrail(db).entries(limit=5000))
-        return page(request, session, "jobs.html", tab="jobs", jobs=summaries, epsilons=PrivacyLedger(db).by_job())
+        session = c.session_of(request)
+        summaries = views.summarize_jobs(AuditTrail(c.db).entries(limit=5000))
+        return c.page(request, session, "jobs.html", tab="jobs", jobs=summaries, epsilons=PrivacyLedger(c.db).by_job())
 
     @app.get("/jobs/{job}", response_class=HTMLResponse)
     async def job_show(request: Request, job: str):
-        session = session_of(request)
-        entries = AuditTrail(db).entries(job, limit=5000)
+        session = c.session_of(request)
+        entries = AuditTrail(c.db).entries(job, limit=5000)
         summary = next(iter(views.summarize_jobs(entries)), None)
         if summary is None:
-            return page(request, session, "missing.html", status_code=404, what=f"job {job!r}", tab="jobs")
+            return c.page(request, session, "missing.html", status_code=404, what=f"job {job!r}", tab="jobs")
         longest = max((r.train_s or 0 for r in summary.rounds), default=0) or 1
-        return page(request, session, "job.html", tab="jobs", job=summary, entries=entries, longest=longest)
+        return c.page(request, session, "job.html", tab="jobs", job=summary, entries=entries, longest=longest)
 
     @app.get("/audit", response_class=HTMLResponse)
     async def audit(request: Request, event: str = "", job: str = "", actor_: str = "", limit: int = 200):
-        session = session_of(request)
+        session = c.session_of(request)
         actor_filter = request.query_params.get("actor", actor_)
-        entries = AuditTrail(db).entries(job or None, limit=5000)
+        entries = AuditTrail(c.db).entries(job or None, limit=5000)
         shown = [e for e in entries if (not event or event in e["event"]) and (not actor_filter or actor_filter in (e["actor"] or ""))]
         events = sorted({e["event"] for e in entries})
-        return page(request, session, "audit.html", tab="audit", entries=shown[:max(1, min(limit, 5000))],
-                    events=events, filters={"event": event, "job": job, "actor": actor_filter, "limit": limit})
+        return c.page(request, session, "audit.html", tab="audit", entries=shown[:max(1, min(limit, 5000))],
+                      events=events, filters={"event": event, "job": job, "actor": actor_filter, "limit": limit})
 
     @app.get("/status", response_class=HTMLResponse)
     async def status(request: Request):
-        session = session_of(request)
-        return page(request, session, "status.html", tab="status", checks=_status(settings, db))
+        session = c.session_of(request)
+        return c.page(request, session, "status.html", tab="status", checks=_status(c.settings, c.db))
 
     @app.get("/healthz")
     async def healthz() -> Response:
         return Response("ok\n", media_type="text/plain")
-
-    return app
 
 
 def _login_again(templates, request, node_name, next_path, error, code, config) -> HTMLResponse:

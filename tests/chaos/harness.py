@@ -107,21 +107,22 @@ def federation(start_nodes: list[str] = NODES) -> Run:
     observer = Messenger(Identity.load(fed.enroll("chaos-observer", "admin")),
                          TransportSettings(clean_start=True, session_expiry_s=0, reconnect_max_s=2),
                          client_id="chaos-observer")
-    observer.subscribe("fbm/v1/jobs/+/events", run.events.put)
+    observer.subscribe("fbm/v1/jobs/+/+/events", run.events.put)
     observer.subscribe("fbm/v1/nodes/+/requests", run.events.put, types={"update_received"})  # acks go to each node
+    observer.subscribe("fbm/v1/jobs/+/secagg/+", run.events.put)  # the sites' secure-aggregation messages
     observer.connect()
     run.observer = observer
     return run
 
 
 def experiment(run: Run, *, rounds: int = 3, quorum: int = 3, stragglers: str = "wait", deadline_s: float = 90,
-               step_delay_s: float = 0.05) -> Experiment:
+               step_delay_s: float = 0.05, secure_aggregation: dict | None = None) -> Experiment:
     return Experiment(
         Identity.load(run.fed.ws.bundle_dir("alice")), plan=PLAN, plan_class="SlowMLP", tags=["fmnist"],
         rounds=rounds, quorum=quorum, round_deadline_s=deadline_s,
         model_args={"in_features": 784, "hidden": [16], "n_classes": 10},
         training_args={"epochs": 1, "lr": 0.05, "batch_size": 30, "step_delay_s": step_delay_s},
-        seed=3, mqtt=TransportSettings(reconnect_max_s=2),
+        seed=3, mqtt=TransportSettings(reconnect_max_s=2), secure_aggregation=secure_aggregation,
     )
 
 

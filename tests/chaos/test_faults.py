@@ -59,6 +59,7 @@ def test_node_sigkilled_mid_round_and_restarted(baseline):
     assert run.logs["node-site-2"].count('"node_started"') == 2
 
 
+@pytest.mark.slow  # ~55 s with its baseline; the unit test of defect 1 stays in make test
 def test_aggregator_sigkilled_mid_round_and_restarted(baseline):
     def fault(run):
         run.wait_event(acked(2))  # at least one update of round 2 is folded and checkpointed

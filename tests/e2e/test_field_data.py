@@ -26,7 +26,7 @@ from researcher.tracking import mlflow_client
 from scripts import clinical
 from tests.conftest import require_module
 
-pytestmark = pytest.mark.e2e  # the notebook and the trackers run in `make test`
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # ~60 s with the fixture: make test-slow (and CI)
 
 NODES = ["site-1", "site-2", "site-3"]
 SCALE = {"age": [70, 10], "mmse": [25, 5], "abeta": [0.5, 0.5]}  # units the researcher knows

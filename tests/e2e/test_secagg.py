@@ -49,8 +49,8 @@ class Capture:
                                    TransportSettings(clean_start=True, session_expiry_s=0, reconnect_max_s=2),
                                    client_id="secagg-observer")
         self.messenger.keyring = Keyring.of("agg-1", Identity.load(fed.ws.bundle_dir("agg-1")).key)
-        self.messenger.subscribe("fbm/v1/jobs/+/secagg/+", self.inbox.put)
-        self.messenger.subscribe("fbm/v1/jobs/+/updates/+", self.inbox.put)
+        self.messenger.subscribe("fbm/v1/jobs/+/+/secagg/+", self.inbox.put)
+        self.messenger.subscribe("fbm/v1/jobs/+/+/updates/+", self.inbox.put)
         self.messenger.connect()
 
     def drain(self) -> list:

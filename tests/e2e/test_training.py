@@ -111,7 +111,7 @@ def test_fedavg_three_nodes_two_rounds_and_the_broker_sees_no_tensor(fed, client
         updates, models = _open_as_recipients(fed, wires)
         # the running node outside the job got its model too (the ACL lets every node read every
         # model), and could not open it: logged and dropped, with the reason
-        assert wait_until(lambda: _dropped(fed, "site-other", topics.model(job), "not_a_recipient"), 10)
+        assert wait_until(lambda: _dropped(fed, "site-other", topics.model("alice", job), "not_a_recipient"), 10)
         for (r, node), update in updates.items():
             for key, window in _windows(update.params).items():
                 assert window not in seen and window not in stored, f"round {r} update of {node}: {key} in clear"
@@ -186,13 +186,13 @@ def _raw_job_replies(fed, job_id: str, wire: bytes) -> list:
     """Publish a hand-made job and collect the nodes' replies about it."""
     replies: queue.Queue = queue.Queue()
     m = Messenger(_bundle(fed, "alice"), researcher_settings(), client_id="alice-raw")
-    m.subscribe("fbm/v1/nodes/+/replies", replies.put, types={"reply"})
+    m.subscribe(topics.replies_to("alice"), replies.put, types={"reply"})
     m.connect()
     try:
-        m.transport.publish(topics.job(job_id), wire, retain=True)
+        m.transport.publish(topics.job("alice", job_id), wire, retain=True)
         got: list = []
         wait_until(lambda: (got.extend(_drain(replies)) or len({r.sender for r in got if r.body.data.get("job") == job_id}) >= 3), 30)
-        m.clear(topics.job(job_id))
+        m.clear(topics.job("alice", job_id))
         return [r for r in got if r.body.data.get("job") == job_id]
     finally:
         m.close()
@@ -208,7 +208,7 @@ def _drain(q: queue.Queue) -> list:
 def test_job_with_unknown_plan_sent_anyway_is_declined_by_nodes(fed):
     spec = {"job_id": "bad-plan-1", "owner": "alice", "plan": PlanRef(zoo="nope").model_dump(), "rounds": 1,
             "tags": ["fmnist"], "initial_params": {}}
-    _, wire = seal(_bundle(fed, "alice"), "job", spec, job="bad-plan-1")
+    _, wire = seal(_bundle(fed, "alice"), "job", spec, job="bad-plan-1", topic=topics.job("alice", "bad-plan-1"))
     replies = _raw_job_replies(fed, "bad-plan-1", wire)
     assert replies and all(not r.body.ok for r in replies)
     assert any("unknown zoo plan 'nope'" in r.body.error for r in replies)
@@ -217,13 +217,14 @@ def test_job_with_unknown_plan_sent_anyway_is_declined_by_nodes(fed):
 def test_malformed_job_spec_is_refused_with_the_reason(fed):
     identity = _bundle(fed, "alice")
     _, wire = seal(identity, "job", {"job_id": "bad-spec-1", "owner": "alice", "plan": {"zoo": "mlp"},
-                                     "rounds": 1, "tags": ["fmnist"]}, job="bad-spec-1")
+                                     "rounds": 1, "tags": ["fmnist"]}, job="bad-spec-1",
+                   topic=topics.job("alice", "bad-spec-1"))
     raw = codec.decode(wire)
     body = codec.decode(raw["body"])
     body["rounds"] = 0  # below the minimum: the schema refuses it
     raw["body"] = codec.encode(body)
     from common.envelope import _signed_bytes
-    raw["sig"] = identity.sign(_signed_bytes(raw, raw["body"]))
+    raw["sig"] = identity.sign(_signed_bytes(raw, raw["body"], topics.job("alice", "bad-spec-1")))
     replies = _raw_job_replies(fed, "bad-spec-1", codec.encode(raw))
     assert replies and all(not r.body.ok for r in replies)
     assert all("bad_body" in r.body.error and "rounds" in r.body.error for r in replies)

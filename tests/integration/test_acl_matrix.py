@@ -19,56 +19,67 @@ pytestmark = pytest.mark.integration
 
 JOB = "j1"
 TOPICS = {
-    "job": topics.job(JOB),
-    "model": topics.model(JOB),
-    "update/node-a": topics.update(JOB, "node-a"),
-    "update/node-b": topics.update(JOB, "node-b"),
-    "events": topics.events(JOB),
+    "job": topics.job("res-1", JOB),
+    "job of res-2": topics.job("res-2", JOB),
+    "model": topics.model("res-1", JOB),
+    "history": topics.history("res-1", JOB),
+    "update/node-a": topics.update("res-1", JOB, "node-a"),
+    "update/node-b": topics.update("res-1", JOB, "node-b"),
+    "events": topics.events("res-1", JOB),
     "status/node-a": topics.status("node-a"),
     "status/node-b": topics.status("node-b"),
     "requests/node-a": topics.requests("node-a"),
     "requests/node-b": topics.requests("node-b"),
-    "replies/node-a": topics.replies("node-a"),
-    "replies/node-b": topics.replies("node-b"),
+    "replies/node-a": topics.replies("node-a", "res-1"),
+    "replies/node-b": topics.replies("node-b", "res-1"),
+    "replies/node-a to res-2": topics.replies("node-a", "res-2"),
     "keys/node-a": topics.keys("node-a"),
 }
-CLIENTS = ["node-a", "node-b", "res-1", "agg-1", "admin-1"]
+CLIENTS = ["node-a", "node-b", "res-1", "res-2", "agg-1", "admin-1"]
 
-# Who may publish to each topic (admin may do everything).
+# Who may publish to each topic (admin may do everything): a researcher only under its own name.
 WRITERS = {
     "job": {"res-1"},
+    "job of res-2": {"res-2"},
     "model": {"agg-1"},
+    "history": {"agg-1"},
     "update/node-a": {"node-a"},
     "update/node-b": {"node-b"},
     "events": {"agg-1"},
     "status/node-a": {"node-a"},
     "status/node-b": {"node-b"},
-    "requests/node-a": {"res-1", "agg-1"},
-    "requests/node-b": {"res-1", "agg-1"},
+    "requests/node-a": {"res-1", "res-2", "agg-1"},
+    "requests/node-b": {"res-1", "res-2", "agg-1"},
     "replies/node-a": {"node-a"},
     "replies/node-b": {"node-b"},
+    "replies/node-a to res-2": {"node-a"},
     "keys/node-a": {"node-a"},
 }
-# Who receives what is published on each topic.
+# Who receives what is published on each topic: a researcher only its own jobs' and the replies
+# addressed to it (issue 18); nodes no jobs' events.
 READERS = {
     "job": {"node-a", "node-b", "agg-1", "res-1"},
+    "job of res-2": {"node-a", "node-b", "agg-1", "res-2"},
     "model": {"node-a", "node-b", "res-1"},
+    "history": {"res-1"},
     "update/node-a": {"agg-1"},
     "update/node-b": {"agg-1"},
-    "events": {"node-a", "node-b", "res-1"},
-    "status/node-a": {"res-1", "agg-1"},
-    "status/node-b": {"res-1", "agg-1"},
+    "events": {"res-1"},
+    "status/node-a": {"res-1", "res-2", "agg-1"},
+    "status/node-b": {"res-1", "res-2", "agg-1"},
     "requests/node-a": {"node-a"},
     "requests/node-b": {"node-b"},
     "replies/node-a": {"res-1", "agg-1"},
     "replies/node-b": {"res-1", "agg-1"},
-    "keys/node-a": {"node-a", "node-b", "res-1", "agg-1"},
+    "replies/node-a to res-2": {"res-2", "agg-1"},
+    "keys/node-a": {"node-a", "node-b", "res-1", "res-2", "agg-1"},
 }
 # A topic each client can read, used as its barrier.
 BARRIER = {
     "node-a": "requests/node-a",
     "node-b": "requests/node-b",
     "res-1": "replies/node-a",
+    "res-2": "replies/node-a to res-2",
     "agg-1": "update/node-a",
     "admin-1": "job",
 }

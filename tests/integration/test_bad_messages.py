@@ -39,8 +39,8 @@ def test_bad_envelopes_are_dropped_with_reasons_and_the_receiver_stays_up(federa
     node.subscribe(topics.requests("node-a"), got)
 
     raw = open_transport(federation, "res-1", clients)  # publishes bytes as they are
-    _, good = seal(bundle(federation, "res-1"), "request", Request(command="ping"))
     topic = topics.requests("node-a")
+    _, good = seal(bundle(federation, "res-1"), "request", Request(command="ping"), topic=topic)
     cases = [
         (_tamper(good), Reason.BAD_SIGNATURE),
         (_unsign(good), Reason.UNSIGNED),
@@ -52,7 +52,7 @@ def test_bad_envelopes_are_dropped_with_reasons_and_the_receiver_stays_up(federa
     ]
     for payload, _ in cases:
         raw.publish(topic, payload)
-    _, after = seal(bundle(federation, "res-1"), "request", Request(command="still-alive"))
+    _, after = seal(bundle(federation, "res-1"), "request", Request(command="still-alive"), topic=topic)
     raw.publish(topic, after)
 
     assert got.wait_for(lambda items: any(m.body.command == "still-alive" for m in items))
@@ -66,13 +66,13 @@ def test_node_cannot_pose_as_a_researcher(federation, clients):
     aggregator = open_messenger(federation, "agg-1", clients)
     aggregator.on_reject(lambda topic, exc: rejected.append(exc.reason))
     got = Inbox()
-    aggregator.subscribe(topics.update("j9", "node-a"), got)
+    aggregator.subscribe(topics.update("res-1", "j9", "node-a"), got)
     raw = open_transport(federation, "node-a", clients)
     node_identity = bundle(federation, "node-a")
     from common.identity import Identity
     researcher_claim = Identity(**{**node_identity.__dict__, "role": "researcher"})
     _, wire = seal(researcher_claim, "job", {"job_id": "j9", "owner": "node-a", "plan": {"zoo": "mlp"},
-                                             "rounds": 1, "tags": ["x"]})
-    raw.publish(topics.update("j9", "node-a"), wire)
+                                             "rounds": 1, "tags": ["x"]}, topic=topics.update("res-1", "j9", "node-a"))
+    raw.publish(topics.update("res-1", "j9", "node-a"), wire)
     assert got.wait_for(lambda items: False, timeout_s=1) is False
     assert rejected == [Reason.ROLE_NOT_ALLOWED]

@@ -23,9 +23,9 @@ def big_tensor():
 def test_update_of_100mb_arrives_bit_identical(federation, clients, big_tensor):
     inbox = Inbox()
     aggregator = open_messenger(federation, "agg-1", clients)
-    aggregator.subscribe(topics.update("big", "node-a"), inbox)
+    aggregator.subscribe(topics.update("res-1", "big", "node-a"), inbox)
     node = open_messenger(federation, "node-a", clients)
-    node.send(topics.update("big", "node-a"), "update",
+    node.send(topics.update("res-1", "big", "node-a"), "update",
               Update(round=1, params={"w": big_tensor}, n_samples=10), job="big", round_=1)
     assert inbox.wait_for(lambda items: len(items) == 1, timeout_s=60)
     got = inbox.items[0].body.params["w"]
@@ -36,7 +36,7 @@ def test_update_of_100mb_arrives_bit_identical(federation, clients, big_tensor):
 
 def test_retained_model_of_100mb_is_read_by_a_late_subscriber(federation, clients, big_tensor):
     aggregator = open_messenger(federation, "agg-1", clients)
-    topic = topics.model("big-retained")
+    topic = topics.model("res-1", "big-retained")
     aggregator.send(topic, "model", GlobalModel(round=3, params={"w": big_tensor}), job="big-retained",
                     retain=True)
     # a smaller model replaces it and its stale chunks are cleared

@@ -47,15 +47,16 @@ def test_an_update_delivered_before_its_job_is_known_is_folded_when_re_sent(own_
     try:
         assert wait_until(lambda: "node-a" in service.nodes, 10)
         update = {"round": 1, "params": {"w": torch.ones(3), "b": torch.ones(1)}, "n_samples": 10}
-        msg_id, wire = seal(bundle(federation, "node-a"), "update", update, job=job_id, round_=1)
+        msg_id, wire = seal(bundle(federation, "node-a"), "update", update, job=job_id, round_=1,
+                            topic=topics.update("res-1", job_id, "node-a"))
         # 1. delivered first, as a resumed session would: no job yet
-        service.messenger._on_delivery(_delivery(topics.update(job_id, "node-a"), wire))
+        service.messenger._on_delivery(_delivery(topics.update("res-1", job_id, "node-a"), wire))
         # 2. the job arrives, its round opens for node-a
         researcher = open_messenger(federation, "res-1", clients)
-        researcher.send(topics.job(job_id), "job", _job(job_id), job=job_id, retain=True)
+        researcher.send(topics.job("res-1", job_id), "job", _job(job_id), job=job_id, retain=True)
         # 3. the node re-sends the very same message (same id), as it does until acknowledged
         time.sleep(1.0)
-        node.transport.publish(topics.update(job_id, "node-a"), wire)
+        node.transport.publish(topics.update("res-1", job_id, "node-a"), wire)
         assert acks.wait_for(lambda items: any(m.job == job_id for m in items), 6.0), \
             "the re-sent update was dropped as a duplicate of one that was never processed"
     finally:
@@ -72,4 +73,4 @@ def _delivery(topic: str, wire: bytes):
 def researcher_clear(federation, clients, job_id: str) -> None:
     for client in clients:
         if client.identity.name == "res-1":
-            client.clear(topics.job(job_id))
+            client.clear(topics.job("res-1", job_id))

@@ -36,8 +36,8 @@ def main(bundle: str) -> None:
     m = Messenger(identity, TransportSettings(clean_start=True, session_expiry_s=0),
                   on_reject=lambda topic, exc: print(f"dropped {exc.reason}", flush=True))
     say = lambda msg: print(f"got {msg.type}", flush=True)  # noqa: E731
-    m.subscribe("fbm/v1/jobs/+", say, retained_chunks=True, qos=0)  # as node/service.py does
-    m.subscribe("fbm/v1/jobs/+/model", say, retained_chunks=True, qos=0)
+    m.subscribe("fbm/v1/jobs/+/+", say, retained_chunks=True, qos=0)  # as node/service.py does
+    m.subscribe("fbm/v1/jobs/+/+/model", say, retained_chunks=True, qos=0)
     m.subscribe(topics.requests(identity.name), say)
     print(f"base {vm_hwm_kb()}", flush=True)
     m.connect()

@@ -57,7 +57,7 @@ def _sign_raw(identity: Identity, type_: object, body: bytes, **header) -> bytes
     raw = {"v": PROTOCOL_VERSION, "type": type_, "id": uuid.uuid4().hex, "ts": time.time(), "sender": identity.name,
            "job": None, "round": None, **header}
     try:
-        sig = identity.sign(_signed_bytes(raw, body))
+        sig = identity.sign(_signed_bytes(raw, body, "fbm/v1/nodes/node-a/requests"))
     except Exception:  # noqa: BLE001 - a header the signer cannot even serialise: send it unsigned
         sig = b"x"
     return codec.encode({**raw, "body": body, "cert": identity.cert_der, "sig": sig})

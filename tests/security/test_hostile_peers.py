@@ -90,7 +90,7 @@ class OnRound:
         self._seen: set[int] = set()
         self.m = Messenger(Identity.load(fed.enroll("hostile-clock", "admin")),
                            TransportSettings(clean_start=True, session_expiry_s=0), client_id=uuid.uuid4().hex[:6])
-        self.m.subscribe(topics.events(job), self._on_opened, types={"round_opened"})
+        self.m.subscribe(topics.events("alice", job), self._on_opened, types={"round_opened"})
         self.m.connect()
         threading.Thread(target=self._loop, args=(act,), daemon=True).start()
 
@@ -114,15 +114,18 @@ class OnRound:
         assert not self.errors, self.errors
 
 
-@pytest.fixture(scope="module")
-def undisturbed(sites) -> JobState:
-    """The same job as the attacked ones, with nobody attacking (same seeds: same model)."""
-    exp = _experiment(sites)
+def run_undisturbed(exp: Experiment) -> JobState:
+    """A job like the attacked ones, with nobody attacking (same seeds: same model)."""
     exp.submit()
     state = _finish(exp)
     assert state.status == "done", state.reason
     assert _folded(state) == [SITES] * 3
     return state
+
+
+@pytest.fixture(scope="module")
+def undisturbed(sites) -> JobState:
+    return run_undisturbed(_experiment(sites))
 
 
 def test_an_enrolled_node_outside_the_job_cannot_take_over_its_model(sites, undisturbed):
@@ -135,7 +138,7 @@ def test_an_enrolled_node_outside_the_job_cannot_take_over_its_model(sites, undi
     evil = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v for k, v in exp.initial_params().items()}
 
     def send(r: int) -> None:
-        intruder.m.send(topics.update(exp.job_id, "intruder"), "update",
+        intruder.m.send(topics.update("alice", exp.job_id, "intruder"), "update",
                         {"round": r, "params": evil, "n_samples": 10**15}, job=exp.job_id, round_=r)
 
     state = _run_beside(fed, exp, send, intruder)
@@ -179,10 +182,10 @@ def test_a_second_aggregator_cannot_end_or_acknowledge_another_aggregators_job(s
         for node in SITES:
             rogue.m.send(topics.requests(node), "update_received", UpdateReceived(round=r, node=node),
                          job=exp.job_id, round_=r)
-        rogue.m.send(topics.model(exp.job_id), "model",
+        rogue.m.send(topics.model("alice", exp.job_id), "model",
                      GlobalModel(round=3, params=evil, aggregator="agg-rogue", status="done"),
                      job=exp.job_id, round_=3, retain=True)
-        rogue.m.send(topics.events(exp.job_id), "job_failed", {"reason": "forged", "round": r}, job=exp.job_id)
+        rogue.m.send(topics.events("alice", exp.job_id), "job_failed", {"reason": "forged", "round": r}, job=exp.job_id)
 
     state = _run_beside(fed, exp, strike, rogue)
     assert state.status == "done", state.reason
@@ -213,7 +216,7 @@ def test_one_broken_scaffold_update_is_rejected_and_the_job_goes_on(sites):
         last = f"c/{floats[-1]}"  # the last one: the earlier deltas would already be summed
         extra[last] = {1: torch.zeros(3), 2: torch.full_like(start[floats[-1]], float("nan")),
                        3: torch.full_like(start[floats[-1]], float("inf"))}[r]
-        bad.m.send(topics.update(exp.job_id, "site-bad"), "update",
+        bad.m.send(topics.update("alice", exp.job_id, "site-bad"), "update",
                    {"round": r, "params": start, "n_samples": 100, "extra": extra}, job=exp.job_id, round_=r)
 
     state = _run_beside(fed, exp, send, bad)

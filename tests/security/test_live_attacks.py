@@ -48,8 +48,8 @@ def test_a_replayed_update_is_never_folded_twice(sites):
             opened.set()
 
     mallory = _mallory(fed, on_delivery)
-    mallory.subscribe(f"fbm/v1/jobs/{exp.job_id}/updates/+", qos=1)
-    mallory.subscribe(topics.events(exp.job_id), qos=1)
+    mallory.subscribe(f"fbm/v1/jobs/{exp.owner}/{exp.job_id}/updates/+", qos=1)
+    mallory.subscribe(topics.events(exp.owner, exp.job_id), qos=1)
     exp.submit()
     assert opened.wait(60), "round 2 never opened"
     for topic, payloads in captured.items():  # round 1's updates, replayed into round 2, twice
@@ -80,7 +80,7 @@ def _junk(rng: random.Random, signer: Identity) -> bytes:
            "ts": time.time(), "sender": signer.name, "job": None, "round": None}
     body = rng.choice([rng.randbytes(30), msgpack.packb({"command": 5}), msgpack.packb({"command": "x" * 500}),
                        msgpack.packb({"params": msgpack.ExtType(1, rng.randbytes(20))})])
-    sig = signer.sign(_signed_bytes(raw, body))
+    sig = signer.sign(_signed_bytes(raw, body, topics.requests("site-1")))
     if kind == 3:
         sig = bytes(b ^ 1 for b in sig)  # tampered
     return codec.encode({**raw, "body": body, "cert": signer.cert_der, "sig": sig})

@@ -140,7 +140,7 @@ def test_a_chunk_claiming_2048_chunks_costs_what_arrived_not_what_it_claims(own_
 def test_a_retained_greedy_chunk_costs_nothing_at_connect(own_federation, clients):
     fed = own_federation
     admin = open_transport(fed, "admin-1", clients)
-    topic = topics.chunk(topics.job("greedy-job"), 0)
+    topic = topics.chunk(topics.job("res-1", "greedy-job"), 0)
     admin.publish(topic, greedy_chunk(), retain=True)
     try:
         for _ in range(2):  # every (re)connecting subscriber gets it

@@ -52,7 +52,7 @@ def _answer(fed, clients, node: str, training_args: dict, rounds: int = 1) -> di
     """Submit a job for `node` alone and return the node's answer to it."""
     inbox = Inbox()
     watcher = open_messenger(fed, "mallory", clients, settings=fast_settings(), client_id=f"w{time.monotonic_ns()}")
-    watcher.subscribe(topics.replies(node), inbox, types={"reply"})
+    watcher.subscribe(topics.replies(node, "mallory"), inbox, types={"reply"})
     exp = Experiment(Identity.load(fed.ws.bundle_dir("mallory")), plan="logreg", tags=["cohort"], nodes=[node],
                      rounds=rounds, quorum=1, model_args={"in_features": 4, "n_classes": 2},
                      training_args={"lr": 0.5, "optimizer": "sgd", **training_args})

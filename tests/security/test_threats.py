@@ -68,8 +68,12 @@ def test_no_party_can_take_over_another_partys_session(federation, clients):
 
 
 def test_a_node_cannot_post_a_job_or_a_model_or_as_another_node(federation, clients):
-    for who, topic in [("node-a", topics.job("t1")), ("agg-1", topics.job("t1")), ("node-a", topics.model("t1")),
-                       ("node-b", topics.update("t1", "node-a")), ("node-b", topics.replies("node-a"))]:
+    for who, topic in [("node-a", topics.job("node-a", "t1")), ("agg-1", topics.job("res-1", "t1")),
+                       ("node-a", topics.model("res-1", "t1")), ("node-b", topics.update("res-1", "t1", "node-a")),
+                       ("node-b", topics.replies("node-a", "res-1")),
+                       # a researcher writes only under its own name (issue 18): not another's job
+                       # nor its chunks, so it can neither replace, withdraw nor clear it
+                       ("res-2", topics.job("res-1", "t1")), ("res-2", topics.chunk(topics.job("res-1", "t1"), 0))]:
         sender = open_transport(federation, who, clients)
         with pytest.raises(PublishDenied):
             sender.publish(topic, b"refused before anyone reads it")
@@ -82,31 +86,46 @@ def test_forged_job_model_and_update_injected_past_the_acl_are_rejected(federati
     node = open_messenger(federation, "node-a", clients)
     node.on_reject(lambda topic, exc: rejected.append((topic, exc.reason)))
     got = Inbox()
-    node.subscribe("fbm/v1/jobs/+", got, types={"job"})
-    node.subscribe("fbm/v1/jobs/+/model", got, types={"model"})
+    node.subscribe(topics.every("job"), got, types={"job", "withdraw"})
+    node.subscribe(topics.every("model"), got, types={"model"})
     aggregator = open_messenger(federation, "agg-1", clients)
     aggregator.on_reject(lambda topic, exc: rejected.append((topic, exc.reason)))
-    aggregator.subscribe("fbm/v1/jobs/+/updates/+", got, types={"update"})
+    aggregator.subscribe(topics.every("update"), got, types={"update"})
     injector = open_transport(federation, "admin-1", clients)
 
     spec = JobSpec(job_id="evil", owner="node-b", plan={"zoo": "mlp"}, rounds=1, tags=["x"])
+    res2 = bundle(federation, "res-2")
+    t_job, t_model = topics.job("node-b", "evil"), topics.model("node-b", "evil")
+    t_update = topics.update("node-b", "evil", "node-a")
     # valid certs and signatures, but the certs say node / researcher: seal() would refuse, so
     # the forger claims another role locally
-    _, job_by_node = seal(_claiming(bundle(federation, "node-b"), "researcher"), "job", spec, job="evil")
+    _, job_by_node = seal(_claiming(bundle(federation, "node-b"), "researcher"), "job", spec, job="evil", topic=t_job)
     _, model_by_researcher = seal(_claiming(bundle(federation, "res-1"), "aggregator"), "model",
-                                  {"round": 0, "params": {}, "status": "running"}, job="evil")
+                                  {"round": 0, "params": {}, "status": "running"}, job="evil", topic=t_model)
     _, update_by_b = seal(bundle(federation, "node-b"), "update", {"round": 1, "params": {}, "n_samples": 1},
-                          job="evil", round_=1)
-    injector.publish(topics.job("evil"), job_by_node)
-    injector.publish(topics.model("evil"), model_by_researcher)
-    injector.publish(topics.update("evil", "node-a"), update_by_b)  # node-b posing as node-a
-    assert wait_until(lambda: len(rejected) == 3, 10), rejected
-    assert got.items == []
-    reasons = dict(rejected)
-    assert reasons[topics.job("evil")] == Reason.ROLE_NOT_ALLOWED
-    assert reasons[topics.model("evil")] == Reason.ROLE_NOT_ALLOWED
-    assert reasons[topics.update("evil", "node-a")] == Reason.WRONG_TOPIC
-    injector.publish(topics.job("evil"), b"", retain=True)
+                          job="evil", round_=1, topic=t_update)  # node-b posing as node-a
+    # researcher res-2 signs a job naming res-1 its owner, a job of its own on res-1's topic, and
+    # a withdrawal of res-1's job (issue 18: owner == signer == the topic's owner, or an admin)
+    t_lie, t_other, t_withdraw = topics.job("res-2", "evil2"), topics.job("res-1", "evil3"), topics.job("res-1", "evil4")
+    _, owner_lie = seal(res2, "job", spec.model_copy(update={"owner": "res-1", "job_id": "evil2"}), job="evil2",
+                        topic=t_lie)
+    _, on_other_topic = seal(res2, "job", spec.model_copy(update={"owner": "res-2", "job_id": "evil3"}), job="evil3",
+                             topic=t_other)
+    _, withdraw_other = seal(res2, "withdraw", {"job_id": "evil4"}, job="evil4", topic=t_withdraw)
+    # and a valid job of res-2's, signed for its own topic, moved to another job's topic: the
+    # topic is signed (issue 18)
+    _, moved = seal(res2, "job", spec.model_copy(update={"owner": "res-2", "job_id": "evil5"}), job="evil5",
+                    topic=topics.job("res-2", "evil5"))
+    sent = {t_job: job_by_node, t_model: model_by_researcher, t_update: update_by_b, t_lie: owner_lie,
+            t_other: on_other_topic, t_withdraw: withdraw_other, topics.job("res-2", "evil6"): moved}
+    for topic, wire in sent.items():
+        injector.publish(topic, wire)
+    assert wait_until(lambda: len(rejected) == len(sent), 10), rejected
+    assert [m for m in got.items if m.topic in sent] == []  # (other tests' retained withdrawals may arrive)
+    assert dict(rejected) == {
+        t_job: Reason.ROLE_NOT_ALLOWED, t_model: Reason.ROLE_NOT_ALLOWED, t_update: Reason.WRONG_TOPIC,
+        t_lie: Reason.WRONG_OWNER, t_other: Reason.WRONG_TOPIC, t_withdraw: Reason.WRONG_TOPIC,
+        topics.job("res-2", "evil6"): Reason.BAD_SIGNATURE}
 
 
 def _claiming(identity: Identity, role: str) -> Identity:

@@ -67,7 +67,7 @@ def test_each_kind_of_bad_envelope_has_its_reason(fed):
     cases = {
         Reason.NOT_MSGPACK: b"\xc1",
         Reason.BAD_ENVELOPE: codec.encode("hello"),
-        Reason.BAD_VERSION: _mutate(wire, v=2),
+        Reason.BAD_VERSION: _mutate(wire, v=1),  # version 1 did not sign the topic
         Reason.UNKNOWN_TYPE: _mutate(wire, type="launch_missiles"),
         Reason.UNSIGNED: _mutate(wire, sig=None),
         Reason.BAD_SIGNATURE: _mutate(wire, round=5),

@@ -81,3 +81,32 @@ def test_standardize_uses_the_given_statistics_and_keeps_the_shape():
 def test_unknown_algorithm_is_named():
     with pytest.raises(local.LocalError, match="known: sgd"):
         local.algorithm_of({"algorithm": "fedsomething"})
+
+
+def test_local_algorithms_are_objects_named_as_their_rules():
+    from aggregators.rules.base import _RULES
+
+    assert set(local.ALGORITHMS) == set(local.LOCAL_ALGORITHMS)
+    for rule, algorithm in local.ALGORITHM_OF_RULE.items():  # node and server halves share names
+        assert local.ALGORITHMS[algorithm].__name__ == _RULES[rule].__name__
+
+
+def test_local_algorithm_halves():
+    start, end = {"w": T([1.0])}, {"w": T([0.5])}
+    args = {"mu": 0.5, "rho": 0.2, "lr": 0.1}
+    sgd = local.local_algorithm(args, start, {}, {})
+    assert sgd.penalty(torch.nn.Linear(1, 1)) is None and sgd.finish(start, end, end, 3) == (end, {}, {})
+    admm = local.local_algorithm({**args, "algorithm": "admm"}, start, {"u": {"w": T([0.1])}, "x": {"w": T([2.0])}}, {})
+    assert torch.allclose(admm.u["w"], T([1.1])) and admm.strength == 0.2  # u + x - z
+    sent, extra, kept = admm.finish(start, end, end, 3)
+    assert torch.allclose(sent["w"], T([1.6])) and extra == {} and set(kept) == {"x", "u"}
+    scaffold = local.local_algorithm({**args, "algorithm": "scaffold"}, start, {}, {local.SCAFFOLD_PREFIX + "w": T([0.2])})
+    sent, extra, kept = scaffold.finish(start, end, end, 10)
+    assert torch.allclose(kept["c"]["w"], T([-0.2 + 0.5])) and torch.allclose(extra["c/w"], kept["c"]["w"])
+
+
+def test_client_dp_is_a_post_step():
+    received, params = {"w": T([0.0, 0.0])}, {"w": T([3.0, 4.0])}
+    assert local.client_dp(params, received, {}) is params
+    clipped = local.client_dp(params, received, {"dp": {"clip": 1.0, "sigma": 0.0}})
+    assert torch.allclose(clipped["w"], T([0.6, 0.8]))

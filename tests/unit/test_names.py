@@ -51,8 +51,10 @@ def test_bad_names_are_refused_at_every_entry_point(workspace, tmp_path, name):
         workspace.enroll_request(_csr(name), "node")
     with pytest.raises(ValueError):
         acl_text({name: "node"})
-    for build in (topics.status, topics.requests, topics.replies, topics.job, topics.model, topics.events,
-                  topics.history, lambda n: topics.update("job-1", n), lambda n: topics.update(n, "site-1")):
+    for build in (topics.status, topics.requests, lambda n: topics.replies(n, "r"), lambda n: topics.replies("s", n),
+                  lambda n: topics.job("r", n), lambda n: topics.job(n, "j"), lambda n: topics.model("r", n),
+                  lambda n: topics.events("r", n), lambda n: topics.history("r", n),
+                  lambda n: topics.update("r", "job-1", n), lambda n: topics.update("r", n, "site-1")):
         with pytest.raises(ValueError):
             build(name)
     with pytest.raises(AccountError):
@@ -62,5 +64,5 @@ def test_bad_names_are_refused_at_every_entry_point(workspace, tmp_path, name):
 
 def test_good_names_still_pass(workspace):
     assert validate_identity_name("alice.b_c-1") == "alice.b_c-1"
-    assert topics.update("alice-20260101-000000-abcdef", "site-1").endswith("/updates/site-1")
+    assert topics.update("alice", "alice-20260101-000000-abcdef", "site-1").endswith("/updates/site-1")
     assert "user site-1\n" in acl_text({"site-1": "node"})

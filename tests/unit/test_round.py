@@ -85,7 +85,9 @@ def test_every_remaining_node_failing_ends_the_round_early():
     _update(r, "a", T0 + 1)
     r.on_dropout("b", "failed")
     r.on_dropout("c", "declined")
-    assert isinstance(r.on_tick(T0 + 2)[-1], Fail)  # not at the deadline: nobody left could answer
+    assert r.on_tick(T0 + 2)[-1] == Fail(  # not at the deadline: nobody left could answer, and it says so
+        "round 1: 1 update(s), quorum is 2, and no node is left to wait for: b, c declined the job or "
+        "failed (their reasons are in the job's events)")
 
 
 def test_an_offline_node_is_still_awaited_if_it_may_come_back():

@@ -92,7 +92,7 @@ def test_the_secure_sum_is_folded_as_one_update_and_a_plain_update_never(tmp_pat
     assert summary.notes["secure_aggregation"] == {"included": SITES, "dropped": [], "total_count": total}
     assert [r.node for r in summary.reports] == ["secagg"] and summary.reports[0].n_samples == total
     states = [b for t, ty, b in runner.service.messenger.sent if ty == "secagg_state"]
-    assert states[-1].stage == "done" and all(t == topics.secagg("j1") for t, ty, _ in runner.service.messenger.sent
+    assert states[-1].stage == "done" and all(t == topics.secagg("r", "j1") for t, ty, _ in runner.service.messenger.sent
                                                if ty == "secagg_state")
 
 

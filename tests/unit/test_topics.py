@@ -10,11 +10,11 @@ def test_matches():
 
 
 def test_writers_and_chunk_topics():
-    assert topics.writer_of(topics.update("j", "n1")) == "n1"
+    assert topics.writer_of(topics.update("o", "j", "n1")) == "n1"
     assert topics.writer_of(topics.status("n1")) == "n1"
-    assert topics.writer_of(topics.replies("n1")) == "n1"
+    assert topics.writer_of(topics.replies("n1", "o")) == "n1"
     assert topics.writer_of(topics.requests("n1")) is None
-    assert topics.writer_of(topics.model("j")) is None
-    assert topics.base_of_chunk(topics.chunk(topics.model("j"), 12)) == topics.model("j")
-    assert topics.base_of_chunk(topics.model("j")) is None
-    assert topics.job_of(topics.events("j7")) == "j7"
+    assert topics.writer_of(topics.model("o", "j")) is None
+    assert topics.base_of_chunk(topics.chunk(topics.model("o", "j"), 12)) == topics.model("o", "j")
+    assert topics.base_of_chunk(topics.model("o", "j")) is None
+    assert topics.job_of(topics.events("o", "j7")) == "j7"

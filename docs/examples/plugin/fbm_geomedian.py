@@ -32,7 +32,7 @@ class GeometricMedian(AggregationRule):
     def __init__(self, iterations: int = 10, eps: float = 1e-6) -> None:
         self.iterations, self.eps = int(iterations), float(eps)
 
-    def begin_round(self, global_params: Params, global_extra: Params | None = None) -> None:
+    def begin_round(self, global_params: Params) -> None:
         self._like, self._updates, self._weights = global_params, [], []
 
     def add(self, params: Params, n_samples: int, node: str, extra: Params | None = None) -> None:
