@@ -46,7 +46,13 @@ from aggregators.rules import AggregationRule, get_rule
 from aggregators.secagg import SECAGG_SENDER, Outcome, ServerRound
 from common import topics
 from common.compression import CompressionError, CompressionSpec, decode_update
-from common.envelope import Message, open_envelope, peek_header
+from common.envelope import (
+    Message,
+    open_envelope,
+    peek_header,
+    sealed_content_key,
+    sealed_recipients,
+)
 from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
@@ -55,6 +61,7 @@ from common.messages import (
     JobAnswer,
     JobCheckpoint,
     JobHistory,
+    JobKey,
     JobSpec,
     NodeRoundReport,
     NodeStatus,
@@ -117,6 +124,15 @@ def select_nodes(selection: Selection, quorum: int, round_: int, eligible: list[
         return list(eligible)
     want = min(len(eligible), max(selection.k, quorum, math.ceil(selection.fraction * len(eligible))))
     return sorted(random.Random(selection.seed * 1_000_003 + round_).sample(sorted(eligible), want))
+
+
+def participants(spec: JobSpec, declared: dict[str, NodeStatus]) -> list[str]:
+    """The nodes of a job, who may read its models: its `nodes` if it lists them, else every
+    node that declared (in its last online status) a dataset with the job's tags."""
+    if spec.nodes is not None:
+        return sorted(spec.nodes)
+    wanted = set(spec.tags)
+    return sorted(n for n, st in declared.items() if any(wanted <= set(d.tags) for d in st.datasets))
 
 
 def check_sample_count(n_samples: int, declared: int | None) -> str | None:
@@ -249,20 +265,52 @@ class JobRunner(threading.Thread):
         self._last_history: JobHistory | None = None
         self._last_secagg: tuple[int, SecAggState] | None = None  # the secure stage last published
         self._history_sent = -1  # rounds in the last published JobHistory
+        self._model_readers: set[str] = set()  # who the last model was sealed for (with a known key)
         self._updates: dict[str, Any] = {}  # the update of each node the round told us to fold
         self.log = structlog.get_logger("aggregator").bind(job=spec.job_id, aggregator=service.name)
 
     # helpers
-    def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None) -> None:
+    def _send(self, type_: str, body: Any, *, retain: bool = False, round_: int | None = None, topic: str | None = None,
+              to: list[str] | None = None) -> None:
         self.service.messenger.send(topic or topics.events(self.spec.owner, self.spec.job_id), type_, body,
-                                    job=self.spec.job_id, round_=round_, retain=retain)
+                                    job=self.spec.job_id, round_=round_, retain=retain, to=to, partial=True)
+
+    def _send_model(self, model: GlobalModel) -> None:
+        """The model, sealed for the job's participants (common/sealed.py): its owner and its
+        nodes; each republication looks them up again, so a node that joined gets it."""
+        readers = self.service.model_readers(self.spec)
+        self._model_readers = {n for n in readers if self.service.messenger.knows_key(n)}
+        self._send("model", model, retain=True, round_=model.round, topic=topics.model(self.spec.owner, self.spec.job_id), to=readers)
+
+    def reseal_for(self, name: str) -> None:
+        """A node of the job whose key or status arrived late: give it the job's content key if
+        the researcher's job was not sealed for it, and publish the last model again if that
+        was not either (the model's content key is the same, now wrapped for it too)."""
+        m = self.service.messenger
+        if name not in self.service.model_readers(self.spec) or not m.knows_key(name):
+            return
+        self._give_job_key(name)
+        if self._last_model is not None and name not in self._model_readers:
+            self.log.info("model_resealed", node=name, round=self._last_model.round)
+            self._send_model(self._last_model)
+
+    def _give_job_key(self, name: str) -> None:
+        wire = self.service.checkpoints.load_job(self.spec.job_id) or b""
+        recipients = sealed_recipients(wire)
+        if not recipients or name in recipients:
+            return
+        key = sealed_content_key(wire, self.service.messenger.keyring)
+        self.service.messenger.send(topics.requests(name), "job_key", JobKey(job_id=self.spec.job_id, owner=self.spec.owner, key=key),
+                                    job=self.spec.job_id, to=[name])
+        self.log.info("job_key_given", node=name)
 
     def _publish_model(self, round_: int, params, history, *, status: str = "running", open_round: int | None = None,
                        nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
             self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
-            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.owner, self.spec.job_id))
+            self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.owner, self.spec.job_id),
+                       to=[self.spec.owner])
             self._history_sent = len(history)
         # every node reads the model every round: it carries no history, and no node list
         # unless the round is selective (N names to N nodes would make each round O(N^2))
@@ -271,7 +319,7 @@ class JobRunner(threading.Thread):
                             open_round=open_round, nodes=(nodes or []) if selective else [], deadline=deadline,
                             reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
-        self._send("model", model, retain=True, round_=round_, topic=topics.model(self.spec.owner, self.spec.job_id))
+        self._send_model(model)
 
     def run(self) -> None:
         spec = self.spec
@@ -389,8 +437,7 @@ class JobRunner(threading.Thread):
         t0 = time.perf_counter()
         for attempt in range(1, SHARE_ATTEMPTS + 1):
             try:
-                self.service.messenger.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name), "job_checkpoint",
-                                            state, job=self.spec.job_id, round_=round_ + 1, retain=True)
+                self._send_checkpoint(state, round_ + 1)
                 break
             except Exception as exc:  # noqa: BLE001 - the local checkpoint holds; a reconnect publishes it again
                 self.log.warning("state_not_shared", round=round_ + 1, attempt=attempt, error=str(exc))
@@ -632,16 +679,22 @@ class JobRunner(threading.Thread):
         may have lost them; nodes and aggregator keep the job spec themselves)."""
         if self._last_history is not None:
             self._send("job_history", self._last_history, retain=True, round_=self._last_model.round if self._last_model else 0,
-                       topic=topics.history(self.spec.owner, self.spec.job_id))
+                       topic=topics.history(self.spec.owner, self.spec.job_id), to=[self.spec.owner])
         if self._last_model is not None:
-            self._send("model", self._last_model, retain=True, round_=self._last_model.round,
-                       topic=topics.model(self.spec.owner, self.spec.job_id))
+            self._send_model(self._last_model)
         if self._last_secagg is not None:  # the sites answer the open stage again (they repeat answers)
             self._send("secagg_state", self._last_secagg[1], retain=True, round_=self._last_secagg[0],
                        topic=topics.secagg(self.spec.owner, self.spec.job_id))
         if self._shared is not None:  # the state a take-over would resume from
-            self.service.messenger.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name),
-                                        "job_checkpoint", self._shared, job=self.spec.job_id, retain=True)
+            self._send_checkpoint(self._shared, self._shared.round + 1)
+
+    def _send_checkpoint(self, state: JobCheckpoint, round_: int) -> None:
+        """The job's durable state, retained for a take-over and sealed for the aggregators whose
+        key we know (it holds the model and the open round's partial sums: issue 18)."""
+        m = self.service.messenger
+        m.send(topics.checkpoint(self.spec.owner, self.spec.job_id, self.service.name), "job_checkpoint", state,
+               job=self.spec.job_id, round_=round_, retain=True, to=[self.service.name, *m.keyholders("aggregator")],
+               partial=True)
 
 
 class AggregatorService:
@@ -681,6 +734,7 @@ class AggregatorService:
         m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
         m.subscribe(topics.every("claim"), self.fleet.on_claim, types={"job_claim"})
         m.on_connected(self._on_connected)
+        m.on_key(self._reseal_for)
         m.connect(connect_timeout_s)
         for runner in resumed:
             runner.start()
@@ -695,7 +749,7 @@ class AggregatorService:
             wire = self.checkpoints.load_job(job) or b""
             try:
                 owner = str(peek_header(wire).get("sender"))  # a job's signer is its owner (checked below)
-                msg = open_envelope(wire, self.messenger.trust, topics.job(owner, job))
+                msg = open_envelope(wire, self.messenger.trust, topics.job(owner, job), keyring=self.messenger.keyring)
                 if msg.type != "job" or msg.body.job_id != job or msg.body.owner != owner:  # type: ignore[attr-defined]
                     raise BadMessage(Reason.WRONG_TOPIC, "the stored message is not this job's spec")
             except BadMessage as exc:
@@ -745,6 +799,21 @@ class AggregatorService:
             and (spec.nodes is None or name in spec.nodes)
             and any(wanted <= set(d.tags) for d in st.datasets)
         )
+
+    def model_readers(self, spec: JobSpec) -> list[str]:
+        """Who may read the job's models: its owner and its nodes (see `participants`)."""
+        with self._lock:
+            declared = dict(self.declared)
+        return [spec.owner, *participants(spec, declared)]
+
+    def _reseal_for(self, name: str) -> None:
+        with self._lock:
+            runners = list(self.runners.values())
+        for runner in runners:
+            try:
+                runner.reseal_for(name)
+            except Exception:  # noqa: BLE001 - the next republication carries it
+                self.log.exception("reseal_failed", job=runner.spec.job_id, node=name)
 
     def declared_samples(self, node: str, spec: JobSpec) -> int | None:
         """The size of the node's largest dataset matching the job's tags, per its last online
@@ -797,6 +866,8 @@ class AggregatorService:
                 self.declared[msg.sender] = status
             runners = list(self.runners.values())
         came_online = status.state == "online" and (previous is None or previous.state != "online")
+        if came_online:
+            self._reseal_for(msg.sender)  # a node of a job whose model it could not read yet
         for runner in runners:
             if status.state == "offline":
                 runner.events.put(_Event("dropout", node=msg.sender, dropout="offline"))

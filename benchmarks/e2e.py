@@ -6,14 +6,17 @@ node start-up time (all connected), the time until every node's training process
 (a site's node runs for days: jobs meet warm nodes), job wall time (submit -> done), pure compute (the same N x R local epochs,
 sequential, 1 thread, no federation), their ratio, per-round overhead, peak RSS of every
 process of the federation (broker, nodes and their training children, aggregator), and the
-final model's test accuracy.
+final model's test accuracy. With `--seal both` (the default) each N runs twice, jobs, models
+and updates sealed end to end (the product's default, issue 18) and in clear
+(FBM_MQTT_SEAL=false for every process), so the cost of encryption is in one run.
 
-    python -m benchmarks.e2e [--nodes 10 25] [--rounds 5]
+    python -m benchmarks.e2e [--nodes 10 25] [--rounds 5] [--seal both|on|off]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 
@@ -68,7 +71,21 @@ def wait_ready(fed: LocalFederation, names: list[str], timeout_s: float = 600) -
         time.sleep(0.5)
 
 
-def run(n: int, rounds: int) -> dict[str, float]:
+def run(n: int, rounds: int, sealed: bool = True) -> dict[str, float]:
+    """One federation of `n` nodes and one job; `sealed` False turns end-to-end sealing off in
+    every process it starts (and in the researcher here)."""
+    saved = os.environ.get("FBM_MQTT_SEAL")
+    os.environ["FBM_MQTT_SEAL"] = "true" if sealed else "false"
+    try:
+        return {**_run(n, rounds), "sealed": float(sealed)}
+    finally:
+        if saved is None:
+            os.environ.pop("FBM_MQTT_SEAL", None)
+        else:
+            os.environ["FBM_MQTT_SEAL"] = saved
+
+
+def _run(n: int, rounds: int) -> dict[str, float]:
     fed = LocalFederation().start()
     try:
         shards = fmnist.write_shards(fed.root / "data", n)
@@ -106,17 +123,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 25])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seal", choices=["both", "on", "off"], default="both")
     args = parser.parse_args()
     configure_logging("warning")
+    modes = {"both": [True, False], "on": [True], "off": [False]}[args.seal]
     rows = []
     for n in args.nodes:
-        rows.append(run(n, args.rounds))
-        print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
+        for sealed in modes:
+            rows.append(run(n, args.rounds, sealed))
+            print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
     print(f"\nMLP 784-128-10, batch 64, SGD lr 0.01, 1 epoch/round, {args.rounds} rounds, IID Fashion-MNIST shards")
-    print(f"{'N':>4} {'start s':>8} {'ready s':>8} {'wall s':>8} {'compute s':>10} {'wall/compute':>13} {'overhead/round s':>17} "
+    print(f"{'N':>4} {'sealed':>6} {'start s':>8} {'ready s':>8} {'wall s':>8} {'compute s':>10} {'wall/compute':>13} {'overhead/round s':>17} "
           f"{'sum node train s':>17} {'peak RSS GB':>12} {'peak PSS GB':>12} {'accuracy':>9}")
     for r in rows:
-        print(f"{r['n']:>4} {r['startup_s']:>8.1f} {r['ready_s']:>8.1f} {r['wall_s']:>8.1f} {r['compute_s']:>10.1f} {r['ratio']:>12.2f}x "
+        print(f"{r['n']:>4} {'yes' if r['sealed'] else 'no':>6} {r['startup_s']:>8.1f} {r['ready_s']:>8.1f} {r['wall_s']:>8.1f} {r['compute_s']:>10.1f} {r['ratio']:>12.2f}x "
               f"{r['overhead_per_round_s']:>17.2f} {r['node_train_sum_s']:>17.1f} {r['peak_rss_gb']:>12.2f} {r['peak_pss_gb']:>12.2f} {r['accuracy']:>9.4f}")
 
 

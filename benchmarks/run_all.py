@@ -50,6 +50,9 @@ def collect(quick: bool) -> list[tuple[str, str, str, str]]:
                      f"C clients {r['c_chunked_mb_s']:.0f} MB/s chunked"
                      + (f", {r['c_single_mb_s']:.0f} MB/s one message" if r["mb"] <= 200 else ""),
                      f"{r['ratio']:.0%} of C (target >= 80%); receiver peak {r['receiver_extra_copies']:.1f} payload copies"))
+        rows.append((f"model transfer {r['mb']} MB, sealed end to end", f"{r['sealed_mb_s']:.0f} MB/s", "same C clients",
+                     f"{r['sealed_ratio']:.0%} of C (target >= 80%); receiver peak "
+                     f"{r['sealed_receiver_extra_copies']:.1f} payload copies"))
     for r in aggregation_memory.measure([10, 100] if quick else [10, 100, 1000]):
         rows.append((f"FedAvg memory, {r['n']} updates of 10 MB", f"{r['peak_above_base_mb']:.0f} MB above baseline",
                      "target < 100 MB at N = 1000", f"{r['model_sizes']:.1f} model sizes; {r['seconds']:.1f} s"))

@@ -19,9 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from broker.local import LocalFederation
+from common.envelope import peek_header
+from common.errors import BadMessage
 from common.identity import Identity
-from common.messenger import Messenger
 from common.settings import TransportSettings
+from common.transport import Transport
 from researcher.experiment import Experiment
 from scripts import fmnist
 
@@ -43,23 +45,29 @@ def cpu_s(pid: int, tid: int | None = None) -> float:
 
 
 class Meter:
-    """An admin identity counting the signed bytes of every message of the job, by type."""
+    """An admin identity counting the signed bytes of every message of the job, by type. It
+    reads the envelope's header only: bodies are sealed for their recipients (issue 18)."""
 
     def __init__(self, fed: LocalFederation) -> None:
         self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._lock = threading.Lock()
-        self.m = Messenger(Identity.load(fed.enroll("bench-meter", "admin")),
-                           TransportSettings(clean_start=True, session_expiry_s=0), client_id="bench-meter")
+        self.m = Transport(Identity.load(fed.enroll("bench-meter", "admin")),
+                           TransportSettings(clean_start=True, session_expiry_s=0), client_id="bench-meter",
+                           on_delivery=self._count)
+        self.m.connect()
         for f in ("fbm/v1/jobs/+/+/secagg/+", "fbm/v1/jobs/+/+/secagg", "fbm/v1/jobs/+/+/updates/+", "fbm/v1/jobs/+/+/model",
                   "fbm/v1/nodes/+/requests"):
-            self.m.subscribe(f, self._count)
-        self.m.connect()
+            self.m.subscribe(f, retained_chunks=True)
 
-    def _count(self, msg) -> None:
-        if msg.retained:  # an earlier job's retained copy
+    def _count(self, delivery) -> None:
+        if delivery.retained or not delivery.payload:  # an earlier job's retained copy
+            return
+        try:
+            header = peek_header(delivery.payload)
+        except BadMessage:
             return
         with self._lock:
-            self.bytes[msg.job or ""][msg.type] += len(msg.wire)
+            self.bytes[header.get("job") or ""][header.get("type")] += len(delivery.payload)
 
 
 def job(fed: LocalFederation, n: int, rounds: int, secure: bool, meter: Meter, names: list[str]) -> dict[str, float]:

@@ -13,8 +13,12 @@ For each size (10, 100, 500 MB) and in the same run, on the same TLS broker:
   decoded tensor in the receiver's hands. The receiver reports its peak RSS above its
   baseline in payload copies: about 2 (the reassembled message and the tensor msgpack copies
   out of it).
+- ours, sealed (issue 18, on by default in the product): the same, with the update encrypted
+  end to end for the receiving aggregator (AES-256-GCM under a content key wrapped with X25519,
+  common/sealed.py) before it is signed; the receiver checks, decrypts and decodes. One more
+  payload copy at the receiver (the decrypted body).
 
-    python -m benchmarks.transfer [--sizes 10 100 500]
+    python -m benchmarks.transfer [--sizes 10 100 500] [--seal both|on|off]
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def receive(bundle: str, topic: str, nbytes: int) -> None:
     def on_update(msg) -> None:
         result["at"] = time.time()
         result["ok"] = msg.body.params["w"].numel() * 4 == nbytes
+        result["sealed"] = msg.sealed
         got.set()
 
     torch.zeros(1)  # torch's own start-up memory is baseline, not payload
@@ -113,7 +118,7 @@ def _c_clients(fed: LocalFederation, name: str, payload: Path, chunked: Path | N
     return time.perf_counter() - start
 
 
-def _ours(fed: LocalFederation, size: int) -> tuple[float, float]:
+def _ours(fed: LocalFederation, size: int, sealed: bool) -> tuple[float, float]:
     import torch
 
     from common import topics
@@ -131,19 +136,22 @@ def _ours(fed: LocalFederation, size: int) -> tuple[float, float]:
             break
     tensor = torch.randn(size // 4)
     sender = Messenger(Identity.load(fed.ws.bundle_dir("bench-node")),
-                       TransportSettings(clean_start=True, session_expiry_s=0, publish_timeout_s=600))
+                       TransportSettings(clean_start=True, session_expiry_s=0, publish_timeout_s=600, seal=sealed))
     sender.connect()
+    sender.settle_keys(["bench-agg"], quiet_s=0)
     start = time.time()
-    sender.send(topic, "update", Update(round=1, params={"w": tensor}, n_samples=1), job="bench", round_=1)
+    sender.send(topic, "update", Update(round=1, params={"w": tensor}, n_samples=1), job="bench", round_=1,
+                to=["bench-agg"])
     report = next(json.loads(line) for line in child.stdout if line.startswith("{"))
     child.wait(60)
     sender.close()
-    if not report.get("ok"):
-        raise RuntimeError(f"the receiver got a wrong tensor: {report}")
+    if not report.get("ok") or report.get("sealed") != sealed:
+        raise RuntimeError(f"the receiver got a wrong tensor, or sealed={report.get('sealed')}: {report}")
     return report["at"] - start, report["extra_copies"]
 
 
-def measure(sizes_mb: list[int]) -> list[dict]:
+def measure(sizes_mb: list[int], seal: str = "both") -> list[dict]:
+    """One row per size; `seal` (both, on, off) says which of our two transfers to time."""
     root = Path(tempfile.mkdtemp(prefix="fbm-transfer-"))
     os.chmod(root, 0o755)
     ws = Workspace(root / "federation")
@@ -163,11 +171,14 @@ def measure(sizes_mb: list[int]) -> list[dict]:
                 handle.write(os.urandom(size))
             single_s = _c_clients(fed, "bench-admin", payload, None) if mb <= 200 else float("nan")
             chunked_s = _c_clients(fed, "bench-admin", payload, pub_chunks)
-            ours_s, copies = _ours(fed, size)
+            clear_s, copies = _ours(fed, size, False) if seal != "on" else (float("nan"), float("nan"))
+            sealed_s, sealed_copies = _ours(fed, size, True) if seal != "off" else (float("nan"), float("nan"))
             payload.unlink()
             best_c = min(chunked_s, single_s) if mb <= 200 else chunked_s
             rows.append({"mb": mb, "c_single_mb_s": mb / single_s, "c_chunked_mb_s": mb / chunked_s,
-                         "ours_mb_s": mb / ours_s, "ratio": best_c / ours_s, "receiver_extra_copies": copies})
+                         "ours_mb_s": mb / clear_s, "ratio": best_c / clear_s, "receiver_extra_copies": copies,
+                         "sealed_mb_s": mb / sealed_s, "sealed_ratio": best_c / sealed_s,
+                         "sealed_receiver_extra_copies": sealed_copies})
             print(json.dumps({k: round(v, 3) for k, v in rows[-1].items()}), flush=True)
     finally:
         fed.stop()
@@ -181,16 +192,19 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500])
+    parser.add_argument("--seal", choices=["both", "on", "off"], default="both",
+                        help="time our transfer in clear, sealed end to end, or both (default)")
     args = parser.parse_args()
     from common.logging import configure_logging
 
     configure_logging("warning")
-    rows = measure(args.sizes)
-    print(f"\n{'size':>7} {'C 1 msg MB/s':>13} {'C chunked MB/s':>19} {'fedbiomq MB/s':>14} {'ours/best C':>12} "
-          f"{'receiver peak (payload copies)':>31}")
+    rows = measure(args.sizes, args.seal)
+    print(f"\n{'size':>7} {'C 1 msg MB/s':>13} {'C chunked MB/s':>15} {'ours clear MB/s':>16} {'/best C':>8} "
+          f"{'ours sealed MB/s':>17} {'/best C':>8} {'receiver copies clear/sealed':>29}")
     for r in rows:
-        print(f"{r['mb']:>5}MB {r['c_single_mb_s']:>13.0f} {r['c_chunked_mb_s']:>19.0f} {r['ours_mb_s']:>14.0f} "
-              f"{r['ratio']:>11.0%} {r['receiver_extra_copies']:>31.2f}")
+        print(f"{r['mb']:>5}MB {r['c_single_mb_s']:>13.0f} {r['c_chunked_mb_s']:>15.0f} {r['ours_mb_s']:>16.0f} "
+              f"{r['ratio']:>8.0%} {r['sealed_mb_s']:>17.0f} {r['sealed_ratio']:>8.0%} "
+              f"{r['receiver_extra_copies']:>14.2f} / {r['sealed_receiver_extra_copies']:.2f}")
 
 
 if __name__ == "__main__":

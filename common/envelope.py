@@ -22,10 +22,11 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from pydantic import BaseModel, ValidationError
 
-from common import codec
+from common import codec, sealed
 from common.errors import BadMessage, Reason
 from common.identity import Identity, Peer, TrustStore
 from common.messages import spec_for
+from common.sealed import ContentKey, Keyring, SealError
 
 PROTOCOL_VERSION = 2  # 2: the topic is signed (issue 18)
 _HEADER_FIELDS = ("v", "type", "id", "ts", "sender", "job", "round")
@@ -46,6 +47,7 @@ class Message:
     topic: str = ""
     retained: bool = False
     wire: bytes | bytearray | memoryview = b""  # the signed bytes as received (relayed verbatim)
+    sealed: bool = False  # the body came encrypted to us (common/sealed.py)
 
 
 def _signed_bytes(header: dict[str, Any], body: bytes, topic: str = "") -> bytes:
@@ -54,6 +56,19 @@ def _signed_bytes(header: dict[str, Any], body: bytes, topic: str = "") -> bytes
 
 def _signed_digest(header: dict[str, Any], digest: bytes, topic: str) -> bytes:
     return codec.encode([*(header[k] for k in _HEADER_FIELDS), digest, topic])
+
+
+def _seal_aad(header: dict[str, Any]) -> bytes:
+    """What a sealed body is bound to: the envelope's header, sender included (common/sealed.py)."""
+    return b"fbm-seal-v1\0" + codec.encode([header[k] for k in _HEADER_FIELDS])
+
+
+@dataclass(frozen=True)
+class SealTo:
+    """Seal the body with `key` for `names` (each wrapped in it): see common/sealed.py."""
+
+    key: ContentKey
+    names: tuple[str, ...]
 
 
 SLICE = 4 * 1024 * 1024  # body bytes hashed (and handed to the sender) per step
@@ -81,9 +96,11 @@ def seal_parts(
     job: str | None = None,
     round_: int | None = None,
     msg_id: str | None = None,
+    seal_to: SealTo | None = None,
     topic: str = "",
 ) -> SealedParts:
-    """Validate `body` against its type and produce its envelope as a stream (see SealedParts)."""
+    """Validate `body` against its type and produce its envelope as a stream (see SealedParts);
+    with `seal_to`, the body is encrypted for those recipients and the ciphertext signed."""
     spec = spec_for(type_)
     if isinstance(body, dict):
         body = spec.model.model_validate(body)
@@ -93,7 +110,7 @@ def seal_parts(
         raise PermissionError(f"a {identity.role} may not send {type_!r} (allowed: {sorted(spec.roles)})")
     body_parts = codec.encode_parts(body.model_dump(mode="python"))  # tensor data referenced, not copied
     body_len = sum(len(p) for p in body_parts)
-    header = {
+    header: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "type": type_,
         "id": msg_id or uuid.uuid4().hex,
@@ -105,23 +122,32 @@ def seal_parts(
     # the msgpack map {**header, body, cert, sig}, written in three pieces around the body
     packer = msgpack.Packer(use_bin_type=True, datetime=False)
     prefix = packer.pack_map_header(len(header) + 3) + b"".join(packer.pack(k) + packer.pack(v) for k, v in header.items())
-    prefix += packer.pack("body") + _bin_header(body_len)
+    plan = sealed.plan(seal_to.key, seal_to.names) if seal_to is not None else None
+    wire_body_len = body_len + (plan.overhead if plan is not None else 0)
+    prefix += packer.pack("body") + _bin_header(wire_body_len)
     cert_part = packer.pack("cert") + packer.pack(identity.cert_der) + packer.pack("sig")
     sig_len = len(packer.pack(b"\0" * 64))  # Ed25519 signatures are 64 bytes
 
     def parts() -> Iterator[bytes | memoryview]:
         yield prefix
         digest = hashlib.sha256()
-        for part in body_parts:
-            view = memoryview(part).cast("B")
-            for start in range(0, len(view), SLICE):
-                piece = view[start : start + SLICE]
-                digest.update(piece)
-                yield piece
+        pieces: Iterator[bytes | memoryview] = _slices(body_parts)
+        if plan is not None:
+            pieces = sealed.seal_stream(plan, _seal_aad(header), pieces)
+        for piece in pieces:
+            digest.update(piece)
+            yield piece
         sig = identity.sign(_signed_digest(header, digest.digest(), topic))
         yield cert_part + packer.pack(sig)
 
-    return SealedParts(header["id"], len(prefix) + body_len + len(cert_part) + sig_len, parts())
+    return SealedParts(header["id"], len(prefix) + wire_body_len + len(cert_part) + sig_len, parts())
+
+
+def _slices(body_parts: list[bytes | memoryview]) -> Iterator[memoryview]:
+    for part in body_parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), SLICE):
+            yield view[start : start + SLICE]
 
 
 def _bin_header(n: int) -> bytes:
@@ -140,12 +166,13 @@ def seal(
     job: str | None = None,
     round_: int | None = None,
     msg_id: str | None = None,
+    seal_to: SealTo | None = None,
     topic: str = "",
 ) -> tuple[str, bytes]:
     """Validate `body` against its type, sign it as `identity` for `topic` (where it will be
-    published): (message id, wire bytes)."""
-    sealed = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id, topic=topic)
-    return sealed.msg_id, b"".join(sealed.parts)
+    published): (message id, wire bytes); with `seal_to`, encrypted for those recipients."""
+    out = seal_parts(identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to, topic=topic)
+    return out.msg_id, b"".join(out.parts)
 
 
 _MAX_ENVELOPE_KEYS = 32  # the envelope has 10; a map claiming thousands is not one
@@ -336,17 +363,20 @@ def verify_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, top
 
 
 def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False) -> Message:
+                  retained: bool = False, keyring: Keyring | None = None, content_key: bytes | None = None) -> Message:
     """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
 
     Order matters: only the flat header map is read before the signature (over the raw body
-    bytes) and the sender's role are checked; the body is decoded after, so nothing from an
-    unauthenticated sender reaches the msgpack or tensor decoder.
+    bytes and the topic) and the sender's role are checked; the body is decrypted (if sealed,
+    with `keyring`) and decoded after, so nothing from an unauthenticated sender reaches the
+    decryptor, the msgpack or the tensor decoder. `content_key` opens a body sealed for others
+    (a key handed on by one of its recipients: see Messenger.reopen).
     """
     checked = verify_envelope(data, trust, topic)
     raw, spec = checked.header, spec_for(checked.header["type"])
+    clear = _unsealed(raw, keyring, content_key)
     try:
-        body = spec.model.model_validate(codec.decode(raw["body"]))
+        body = spec.model.model_validate(codec.decode(clear))
     except ValidationError as exc:
         raise BadMessage(Reason.BAD_BODY, f"{raw['type']} body invalid: {exc.errors(include_url=False)}") from None
     return Message(
@@ -360,4 +390,45 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
         body=body,
         topic=topic,
         retained=retained,
+        sealed=clear is not raw["body"],
     )
+
+
+def _unsealed(raw: dict[str, Any], keyring: Keyring | None, content_key: bytes | None) -> bytes | memoryview:
+    """The clear body: the body itself, or its decryption if it is sealed (BadMessage if we
+    cannot open it: sealed for others, or tampered)."""
+    body = raw["body"]
+    if not sealed.is_sealed(body):
+        return body
+    if keyring is None and content_key is None:
+        raise BadMessage(Reason.NOT_A_RECIPIENT, f"{raw['type']} from {raw['sender']!r} is sealed; no key to open it")
+    try:
+        if content_key is not None:
+            return sealed.open_with_key(content_key, _seal_aad(raw), body)
+        assert keyring is not None
+        return sealed.open_body(keyring, _seal_aad(raw), body)
+    except SealError as exc:
+        raise BadMessage(Reason(exc.reason), f"{raw['type']} from {raw['sender']!r}: {exc.detail}") from None
+
+
+def sealed_content_key(data: bytes | bytearray | memoryview, keyring: Keyring) -> bytes:
+    """The content key of a sealed envelope we are a recipient of (its signature is NOT checked
+    here: use it on a message already opened, e.g. a stored job); BadMessage if we cannot."""
+    body = _unpack_envelope(data)[0].get("body")
+    if not isinstance(body, (bytes, memoryview)) or not sealed.is_sealed(body):
+        raise BadMessage(Reason.BAD_SEAL, "the message is not sealed")
+    try:
+        return sealed.content_key(keyring, body)
+    except SealError as exc:
+        raise BadMessage(Reason(exc.reason), exc.detail) from None
+
+
+def sealed_recipients(data: bytes | bytearray | memoryview) -> list[str]:
+    """Who a sealed envelope was sealed for ([] if it is clear or unreadable)."""
+    body = _unpack_envelope(data)[0].get("body")
+    if not isinstance(body, (bytes, memoryview)) or not sealed.is_sealed(body):
+        return []
+    try:
+        return sealed.recipients(body)
+    except SealError:
+        return []

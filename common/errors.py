@@ -28,6 +28,8 @@ class Reason(StrEnum):
     BAD_CHUNK = "bad_chunk"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     TOO_LARGE = "too_large"
+    NOT_A_RECIPIENT = "not_a_recipient"  # sealed for others (common/sealed.py)
+    BAD_SEAL = "bad_seal"  # sealed, but malformed or it does not decrypt
 
 
 class BadMessage(Exception):

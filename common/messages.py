@@ -53,6 +53,23 @@ def registered_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+@message("enc_key", "node", "researcher", "aggregator", "admin")
+class EncKey(Body):
+    """An identity's X25519 public key (common/sealed.py), retained on `keys/{identity}`."""
+
+    key: bytes = Field(min_length=32, max_length=32)
+
+
+@message("job_key", "aggregator")
+class JobKey(Body):
+    """A job's content key, for a node of the job it was not sealed for (it joined later), sent
+    sealed for that node on its own `requests` topic: with it the node opens the retained job."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    owner: str = Field(min_length=1, max_length=64)  # the job's topics live under its owner's name
+    key: bytes = Field(min_length=32, max_length=32)
+
+
 # --- nodes -----------------------------------------------------------------------------------
 
 

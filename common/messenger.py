@@ -10,6 +10,7 @@ that raised `NotReady` or failed stays deliverable, so its sender's re-send is p
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,16 +20,25 @@ import structlog
 from pydantic import BaseModel
 
 from common import topics
-from common.envelope import Message, body_span, open_envelope, seal, seal_parts
-from common.errors import BadMessage, NotReady, Reason
+from common.envelope import Message, SealTo, body_span, open_envelope, seal, seal_parts
+from common.errors import BadMessage, NotReady, Reason, TransportError
 from common.identity import Identity, TrustStore
+from common.messages import EncKey
 from common.replay import SeenIds, freshness
+from common.sealed import ContentKeys, Keyring
 from common.settings import TransportSettings
 from common.transport import Delivery, Transport
 
 Handler = Callable[[Message], None]
 ClearHandler = Callable[[str], None]
 RejectHook = Callable[[str, BadMessage], None]
+KeyHook = Callable[[str], None]
+HELD_BYTES = 256 * 1024 * 1024  # messages sealed for others kept for `reopen`, in all
+
+
+class KeyMissing(TransportError):
+    """A message must be sealed for an identity whose encryption key we have not seen yet;
+    like a broker that is away, the sender keeps it and tries again."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,18 @@ class Messenger:
         )
         settings = self.transport.settings
         self._seen = SeenIds(settings.dedupe_window, seen_file, keep_s=settings.max_message_age_s + settings.max_clock_skew_s)
+        # end-to-end sealing (common/sealed.py): our key, everyone's published keys
+        self.keyring = Keyring.of(identity.name, identity.key)
+        self.sealing = self.transport.settings.seal
+        self._keys: dict[str, bytes] = {}
+        self._roles: dict[str, str] = {}
+        self._key_hooks: list[KeyHook] = []
+        self._content_keys = ContentKeys()
+        self._hold_filters: list[str] = []
+        self._held: OrderedDict[str, tuple[bytes | bytearray | memoryview, bool]] = OrderedDict()
+        self._given: OrderedDict[str, bytes] = OrderedDict()  # content keys handed to us, per topic
+        self.subscribe(topics.every("keys"), self._on_key, types={"enc_key"}, qos=0)
+        self.transport.on_connected(self._publish_key)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -112,6 +134,101 @@ class Messenger:
         """A fresh Last Will (new id) for the next connection."""
         self.transport.set_will(topic, seal(self.identity, type_, body, topic=topic)[1])
 
+    # --- encryption keys ----------------------------------------------------------------------
+
+    def on_key(self, hook: KeyHook) -> None:
+        """Call `hook(name)` when an identity's encryption key becomes known (or changes)."""
+        self._key_hooks.append(hook)
+
+    def knows_key(self, name: str) -> bool:
+        return name in self._keys
+
+    def keyholders(self, role: str) -> list[str]:
+        """The identities of `role` whose encryption key we know."""
+        return sorted(n for n, r in list(self._roles.items()) if r == role)
+
+    def settle_keys(self, required: Collection[str] = (), timeout_s: float = 5.0, quiet_s: float = 0.5,
+                    roles: Collection[str] = ()) -> bool:
+        """Wait (after connecting) until the retained keys have arrived: every `required` one,
+        one at least of each of `roles`, and no new key for `quiet_s`; at most `timeout_s`.
+        False if `required` or `roles` were not all met by then."""
+        deadline, last, count = time.monotonic() + timeout_s, time.monotonic(), -1
+        while True:
+            if len(self._keys) != count:
+                count, last = len(self._keys), time.monotonic()
+            met = all(n in self._keys for n in required) and all(self.keyholders(r) for r in roles)
+            if (met and time.monotonic() - last >= quiet_s) or time.monotonic() >= deadline:
+                return met
+            time.sleep(0.05)
+
+    def _publish_key(self, session_present: bool) -> None:
+        topic = topics.keys(self.identity.name)
+        wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public), topic=topic)[1]
+        self.transport.publish_stream(topic, len(wire), [wire], retain=True, wait=False)
+
+    def _on_key(self, msg: Message) -> None:
+        """A key on `keys/{name}`, signed by `name` (the topic check made sure of that)."""
+        key: bytes = msg.body.key  # type: ignore[attr-defined]
+        if self._keys.get(msg.sender) == key:
+            return
+        self._keys[msg.sender] = key
+        self._roles[msg.sender] = msg.role
+        self.log.info("enc_key_learned", peer=msg.sender)
+        for hook in list(self._key_hooks):
+            self._call(hook, msg.sender)
+
+    def _seal_to(self, topic: str, to: Collection[str] | None, partial: bool) -> SealTo | None:
+        """Sealing for `to` (None: sent in clear). Every name needs a known key; with `partial`,
+        those without one are left out (and logged), else KeyMissing."""
+        if to is None or not self.sealing:
+            return None
+        names = sorted(set(to))
+        if not names and not partial:
+            raise KeyMissing(f"nobody to seal {topic} for yet")
+        missing = [n for n in names if n not in self._keys]
+        if missing and not partial:
+            raise KeyMissing(f"no encryption key known for {missing} (not online since we connected?)")
+        if missing:
+            self.log.info("sealed_without", topic=topic, missing=missing)
+        keys = {n: self._keys[n] for n in names if n in self._keys}
+        return SealTo(self._content_keys.for_recipients(topic, keys), tuple(keys))
+
+    def hold_sealed(self, topic_filter: str) -> None:
+        """Keep the latest message per topic under `topic_filter` that was sealed for others
+        (its signature checked), at most HELD_BYTES in all, so that `reopen` can open it when
+        one of its recipients hands us the content key (a node that joined a job late)."""
+        self._hold_filters.append(topic_filter)
+
+    def _hold(self, topic: str, wire: bytes | bytearray | memoryview, retained: bool) -> None:
+        if not any(topics.matches(f, topic) for f in self._hold_filters) or len(wire) > HELD_BYTES:
+            return
+        self._held.pop(topic, None)
+        self._held[topic] = (wire, retained)
+        while sum(len(w) for w, _ in self._held.values()) > HELD_BYTES:
+            self._held.popitem(last=False)
+        if topic in self._given:  # the key came first
+            self.reopen(topic, self._given[topic])
+
+    def reopen(self, topic: str, key: bytes) -> bool:
+        """Open the held message of `topic` with its content key and deliver it to the routes,
+        as if it had just arrived; False if none is held (the key is kept for when it comes) or
+        it does not open (logged)."""
+        self._given[topic] = key
+        while len(self._given) > 1024:
+            self._given.popitem(last=False)
+        held = self._held.pop(topic, None)
+        if held is None:
+            return False
+        try:
+            msg = replace(open_envelope(held[0], self.trust, topic, held[1], content_key=key), wire=held[0])
+            self._check_topic(msg)
+            self._check_fresh(msg)
+        except BadMessage as exc:
+            self._rejected(topic, exc)
+            return False
+        self._dispatch(msg, [r for r in self._routes if topics.matches(r.topic_filter, topic)])
+        return True
+
     # --- sending ------------------------------------------------------------------------------
 
     def send(
@@ -126,13 +243,19 @@ class Messenger:
         timeout_s: float | None = None,
         msg_id: str | None = None,
         wait: bool = True,
+        to: Collection[str] | None = None,
+        partial: bool = False,
     ) -> str:
         """Seal and publish; returns the message id once the broker acknowledged it (or, with
         `wait=False`, once queued: see Transport.publish_stream).
 
+        With `to` (identity names) the body is encrypted so that only they can read it, unless
+        sealing is off (`TransportSettings.seal`); see `_seal_to` for names without a known key.
         Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
         """
-        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id, topic=topic)
+        seal_to = self._seal_to(topic, to, partial)
+        sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to,
+                            topic=topic)
         self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s, wait=wait)
         return sealed.msg_id
 
@@ -174,6 +297,7 @@ class Messenger:
             self.log.warning("no_handler_dropped", topic=delivery.topic)
             return
         if not delivery.payload:
+            self._held.pop(delivery.topic, None)
             clear_handlers = [route.on_clear for route in routes if route.on_clear is not None]
             for on_clear in clear_handlers:
                 self._call(on_clear, delivery.topic)
@@ -181,13 +305,18 @@ class Messenger:
                 self.log.info("unsigned_clear_ignored", topic=delivery.topic)
             return
         try:
-            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained),
-                          wire=delivery.payload)
+            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained,
+                                        self.keyring), wire=delivery.payload)
             self._check_topic(msg)
             self._check_fresh(msg)
         except BadMessage as exc:
             self._rejected(delivery.topic, exc)
+            if exc.reason == Reason.NOT_A_RECIPIENT:  # signed, sealed for others: maybe a key comes
+                self._hold(delivery.topic, delivery.payload, delivery.retained)
             return
+        self._dispatch(msg, routes)
+
+    def _dispatch(self, msg: Message, routes: list[_Route]) -> None:
         if self._seen.in_process(msg.id):
             self.log.info("duplicate_dropped", msg_id=msg.id, topic=msg.topic, sender=msg.sender)
             return

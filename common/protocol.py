@@ -114,6 +114,10 @@ CHANNELS: dict[str, Channel] = {c.name: c for c in (
             chunked=True),
     Channel("status", "nodes/{node}/status", **_rw({"node": OWN}, {"researcher": ANY, "aggregator": ANY}),
             retained=True, named="node"),
+    # every identity's X25519 public key, signed by its certificate key (common/sealed.py)
+    Channel("keys", "keys/{identity}", **_rw({r: OWN for r in ("node", "researcher", "aggregator")},
+                                             {r: ANY for r in ("node", "researcher", "aggregator")}),
+            retained=True, named="identity"),
     Channel("requests", "nodes/{node}/requests", **_rw({"researcher": ANY, "aggregator": ANY}, {"node": OWN}),
             named="node"),
     # a node's answer goes to the one who asked (or, for a notice about a job, to its owner)

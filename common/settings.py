@@ -37,6 +37,8 @@ class TransportSettings(BaseSettings):
                     "never above reassembly_max_bytes); the sender is unknown until the signature is checked")
     reassembly_topic_max_partial: int = Field(default=4, ge=1, description="incomplete chunked messages one topic may have at once")
     reassembly_max_partial: int = Field(default=4096, ge=1, description="incomplete chunked messages in all")
+    seal: bool = Field(default=True, description="encrypt jobs, models and updates end to end to their recipients "
+                                                  "(FBM_MQTT_SEAL=false turns it off, for benchmarks only)")
     dedupe_window: int = Field(default=20_000, ge=100, description="message ids remembered to drop duplicates")
     max_message_age_s: float = Field(
         default=8 * 24 * 3600.0, gt=0,

@@ -86,6 +86,11 @@ def agg_status(aggregator: str) -> str:
     return _topic("agg_status", aggregator=aggregator)
 
 
+def keys(identity: str) -> str:
+    """Where `identity` publishes its encryption key (retained)."""
+    return _topic("keys", identity=identity)
+
+
 def every(channel: str) -> str:
     """The filter of every topic of `channel` (e.g. every job's model: `fbm/v1/jobs/+/+/model`)."""
     return CHANNELS[channel].filter()

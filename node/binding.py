@@ -84,6 +84,13 @@ class JobBindings:
             self.log.info("job_aggregator_bound", job=job, aggregator=aggregator)
         return bound
 
+    def update_recipients(self, job: str, pinned: str | None) -> list[str]:
+        """Who this node's updates of `job` are sealed for (common/sealed.py): the aggregator the
+        job is bound to NOW, looked up at every send (and re-send), never kept from the job's
+        start: an aggregator that takes the job over is the one its re-sent updates go to."""
+        bound = pinned or self.bound(job)
+        return [bound] if bound else []
+
     def accepts(self, job: str, pinned: str | None, sender: str, type_: str) -> bool:
         """Whether a `type_` message for `job` from aggregator `sender` is to be taken."""
         bound = pinned or self.bound(job) or self._bind(job, sender)

@@ -187,7 +187,8 @@ class NodeService:
         m.subscribe(topics.every("secagg"), self._on_secagg_state, types={"secagg_state"}, retained_chunks=True, qos=0)
         # no subscription to the jobs' events topics: a job's end is in its model (status), and
         # acks come on our own topic; every node reading every event would be O(N^2) a round
-        m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received"})
+        m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received", "job_key"})
+        m.hold_sealed(topics.every("job"))  # a job sealed before we joined: its aggregator may give us the key
         m.on_reject(self._on_rejected)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -221,7 +222,8 @@ class NodeService:
         broker may have lost their retained specs); each signature is checked again."""
         for stored in self.job_store.all():
             try:
-                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.sender, stored.job_id))
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.sender, stored.job_id),
+                                    keyring=self.messenger.keyring)
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
                     raise ValueError("its dataset is gone or the stored message is not this job")
@@ -608,7 +610,13 @@ class NodeService:
                       round=task.round, n_samples=result["n_samples"])
 
     def _send_secagg(self, topic: str, type_: str, body: Any) -> None:
-        self.messenger.send(topic, type_, body, job=topics.job_of(topic), round_=body.round)
+        job = topics.job_of(topic) or ""
+        self.messenger.send(topic, type_, body, job=job, round_=body.round, to=self._update_recipients(job))
+
+    def _update_recipients(self, job: str) -> list[str]:
+        """Who this node's updates (plain or masked) of `job` are sealed for: see JobBindings."""
+        spec = self._job_spec(job)
+        return self.bindings.update_recipients(job, spec.aggregator.identity if spec else None)
 
     def _on_secagg_state(self, msg: Message) -> None:
         """The aggregator's secure-aggregation stage for a job (retained): answer it."""
@@ -624,7 +632,8 @@ class NodeService:
 
     def _send_update(self, pending: Pending) -> None:
         self.messenger.send(topics.update(pending.owner, pending.job, self.name), "update", pending.body,
-                            job=pending.job, round_=pending.round, msg_id=pending.msg_id)
+                            job=pending.job, round_=pending.round, msg_id=pending.msg_id,
+                            to=self._update_recipients(pending.job))
 
     def resend_pending(self, force: bool = False) -> None:
         """Re-send updates the aggregator has not acknowledged (same message id: no double count)."""
@@ -648,6 +657,11 @@ class NodeService:
     def _on_request(self, msg: Message) -> None:
         if msg.type == "update_received":
             self._on_ack(msg)
+            return
+        if msg.type == "job_key":  # sealed for us by an aggregator: open the job held since it came
+            job_id = msg.body.job_id  # type: ignore[attr-defined]
+            opened = self.messenger.reopen(topics.job(msg.body.owner, job_id), msg.body.key)  # type: ignore[attr-defined]
+            self.log.info("job_key_received", job=job_id, aggregator=msg.sender, opened=opened)
             return
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)
@@ -736,6 +750,9 @@ class NodeService:
         job, owner = topics.job_of(topic), topics.owner_of(topic)
         if job is None or owner is None or topic != topics.job(owner, job) or exc.reason in (Reason.REPLAYED, Reason.STALE):
             return  # a replay is only logged: its researcher learnt the answer the first time
+        if exc.reason == Reason.NOT_A_RECIPIENT:  # not for us (yet: its aggregator may give us the key)
+            self.audit.record("job_sealed_for_others", job=job)
+            return
         self.audit.record("job_refused", job=job, reason=str(exc))
         try:
             self._send_reply(JobAnswer(job=job, status="declined").reply(error=f"job refused: {exc}"), job, owner)

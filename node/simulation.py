@@ -47,10 +47,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from common import chunking, topics
-from common.envelope import Message, open_envelope, seal
+from common.envelope import Message, SealTo, open_envelope, peek_header, seal
 from common.errors import BadMessage
 from common.identity import Identity, TrustStore
-from common.messages import DatasetInfo, JobSpec, NodeStatus, Update
+from common.messages import DatasetInfo, EncKey, JobSpec, NodeStatus, Update
+from common.sealed import ContentKeys, Keyring, is_sealed
 from common.secagg.simulate import DROP_POINTS
 from common.training.loader import load_plan_class
 from node import jobs as site
@@ -97,6 +98,10 @@ class _Sim:
     site: SiteJobs
     connected: bool = False
     secure: SecureRounds | None = None  # its secure-aggregation rounds, one per job
+    keyring: Keyring | None = None
+
+    def __post_init__(self) -> None:
+        self.keyring = Keyring.of(self.identity.name, self.identity.key)
 
 
 class SimulatedFleet:
@@ -119,6 +124,9 @@ class SimulatedFleet:
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
+        self._keys: dict[str, bytes] = {}  # aggregators' (and everyone's) encryption keys
+        self._content_keys = ContentKeys()
+        self._model_sender: dict[str, str] = {}  # job -> the aggregator of its last model (updates are sealed for it)
         self.silent = dict(silent or {})  # node -> a DROP_POINTS key
         self.trained_updates: dict[tuple[str, str, int], tuple[dict[str, torch.Tensor], int]] | None = (
             {} if keep_updates else None)  # (node, job, round) -> (params, n_samples), for tests
@@ -242,25 +250,34 @@ class SimulatedFleet:
             return
         sim = self.nodes[name]
         sim.connected = True
-        client.subscribe([(topics.every("job"), 0), (topics.every("model"), 0), (topics.every("secagg"), 0),
-                          (topics.requests(name), 1)])
+        filters = [(topics.every("job"), 0), (topics.every("model"), 0), (topics.every("secagg"), 0),
+                   (topics.requests(name), 1)]
+        if name == next(iter(self.nodes)):  # one node learns the keys for all (to seal updates)
+            filters.append((topics.every("keys"), 0))
+        client.subscribe(filters)
+        assert sim.keyring is not None
+        key = seal(sim.identity, "enc_key", EncKey(key=sim.keyring.public), topic=topics.keys(name))[1]
+        client.publish(topics.keys(name), key, qos=1, retain=True)
         info = DatasetInfo(name="sim", tags=[self.tag], type="npz", n_samples=len(sim.data),
                            shape=list(sim.data.meta["shape"]), n_classes=sim.data.meta.get("n_classes"))
         status = seal(sim.identity, "node_status", NodeStatus(state="online", datasets=[info], version="sim"),
                       topic=topics.status(name))[1]
         client.publish(topics.status(name), status, qos=1, retain=True)
 
-    def _open(self, payload: bytes, topic: str) -> Message | None:
-        """Check and decode a payload once, however many simulated nodes receive it."""
+    def _open(self, payload: bytes, topic: str, sim: _Sim) -> Message | None:
+        """Check and decode a payload once, however many simulated nodes receive it (once per
+        node if it is sealed: each opens it with its own key)."""
         key = hashlib.sha256(payload).digest() + topic.encode()
+        if payload and chunking.frame_kind(payload) == "message" and _sealed(payload):
+            key += b"\0" + sim.identity.name.encode()
         if key in self._decoded:
             return self._decoded[key]
         msg: Message | None = None
         if payload and chunking.frame_kind(payload) == "message":
             try:
-                msg = open_envelope(payload, self.trust, topic)
+                msg = open_envelope(payload, self.trust, topic, keyring=sim.keyring)
             except BadMessage as exc:
-                log.warning("sim_message_dropped", topic=topic, reason=exc.reason)
+                log.warning("sim_message_dropped", topic=topic, node=sim.identity.name, reason=exc.reason)
         self._decoded[key] = msg
         if len(self._decoded) > 256:
             self._decoded.popitem(last=False)
@@ -268,11 +285,13 @@ class SimulatedFleet:
 
     def _on_message(self, client, name, message) -> None:
         topic = message.topic
-        msg = self._open(bytes(message.payload), topic)
+        sim = self.nodes[name]
+        msg = self._open(bytes(message.payload), topic, sim)
         if msg is None:
             return
-        sim = self.nodes[name]
-        if msg.type == "secagg_state":
+        if msg.type == "enc_key" and topics.writer_of(topic) == msg.sender:
+            self._keys[msg.sender] = msg.body.key  # type: ignore[attr-defined]
+        elif msg.type == "secagg_state":
             job = topics.job_of(topic) or ""
             kept = sim.site.jobs.get(job)
             if kept is not None and topic == topics.secagg(kept.spec.owner, job) and sim.secure is not None:
@@ -280,6 +299,7 @@ class SimulatedFleet:
         elif msg.type == "job":
             self._perform(sim, sim.site.on_job(msg))
         elif msg.type == "model":
+            self._model_sender[topics.job_of(topic) or ""] = msg.sender
             self._perform(sim, sim.site.on_model(msg, time.monotonic()))
 
     def _perform(self, sim: _Sim, actions: list[site.Action]) -> None:
@@ -312,7 +332,12 @@ class SimulatedFleet:
         update = Update(round=task.round, params=params, n_samples=result["n_samples"],
                         metrics=result["metrics"], timings=result["timings"], dataset="sim")
         topic = topics.update(spec.owner, task.job, sim.identity.name)
-        wire = seal(sim.identity, "update", update, job=task.job, round_=task.round, topic=topic)[1]
+        aggregator = self._model_sender.get(task.job, "")
+        if aggregator not in self._keys:  # never in clear: the node skips the round instead
+            log.warning("sim_update_not_sent", node=sim.identity.name, job=task.job, reason=f"no key of {aggregator}")
+            return
+        to = SealTo(self._content_keys.for_recipients(topic, {aggregator: self._keys[aggregator]}), (aggregator,))
+        wire = seal(sim.identity, "update", update, job=task.job, round_=task.round, seal_to=to, topic=topic)[1]
         sim.client.publish(topic, wire, qos=1)
         self.updates_sent += 1
 
@@ -335,3 +360,10 @@ class SimulatedFleet:
         if key not in self._plan_classes:
             self._plan_classes[key] = load_plan_class(spec.plan)
         return self._plan_classes[key]
+
+
+def _sealed(payload: bytes) -> bool:
+    try:
+        return is_sealed(peek_header(payload).get("body") or b"")
+    except BadMessage:
+        return False

@@ -174,6 +174,7 @@ class Experiment:
         self._messenger: Messenger | None = None
         self.state = JobState(self.job_id, rounds=rounds, aggregator=aggregator_identity)
         self._spec: JobSpec | None = None  # the submitted (or attached) spec, exactly as signed
+        self._readers: set[str] = set()  # who the submitted job is sealed for
 
     # --- the job ------------------------------------------------------------------------------
 
@@ -228,11 +229,42 @@ class Experiment:
     def submit(self) -> str:
         """Publish the job (retained): nodes and aggregators pick it up, now or when they connect."""
         spec = self.spec()
-        self.messenger.send(topics.job(self.owner, self.job_id), "job", spec, job=self.job_id, retain=True)
-        self._spec = spec
+        readers = self._job_readers(spec)
+        self.messenger.send(topics.job(self.owner, self.job_id), "job", spec, job=self.job_id, retain=True,
+                            to=readers, partial=True)
+        self._spec, self._readers = spec, set(readers)
         self._on_broker.set()  # and the transport knows how many chunks it left retained
+        self.messenger.on_key(self._reseal_for_aggregator)
         self.state.status = "submitted"
         return self.job_id
+
+    def _job_readers(self, spec: JobSpec) -> list[str]:
+        """Who the job is sealed for (common/sealed.py): its owner, its nodes (unlisted: every
+        node whose key is published, as any may take it) and its aggregator (unpinned: every
+        aggregator's). Waits briefly for the retained keys after connecting."""
+        m = self.messenger
+        pinned = [spec.aggregator.identity] if spec.aggregator.identity else []
+        m.settle_keys(required=[*(spec.nodes or []), *pinned], quiet_s=0.3)
+        aggregators = pinned or m.keyholders("aggregator")
+        if m.sealing and not all(m.knows_key(a) for a in aggregators or ["?"]):
+            structlog.get_logger("researcher").warning(
+                "job_sealed_without_aggregator", job=spec.job_id, pinned=pinned or None,
+                reason="no key of the job's aggregator yet: it is sealed for it when its key comes, while we are connected")
+        nodes = spec.nodes if spec.nodes is not None else m.keyholders("node")
+        return [self.identity.name, *nodes, *aggregators]
+
+    def _reseal_for_aggregator(self, name: str) -> None:
+        """An aggregator of the job whose key came after the submit (it started later): the
+        job is published again, sealed for it too (same content key, one more wrap)."""
+        spec = self._spec
+        pinned = spec.aggregator.identity if spec is not None else None
+        if (spec is None or name in self._readers or name not in self.messenger.keyholders("aggregator")
+                or pinned not in (None, name) or self.state.status in ("done", "failed")):
+            return
+        self._readers.add(name)
+        self.messenger.send(topics.job(self.owner, self.job_id), "job", spec, job=self.job_id, retain=True,
+                            to=sorted(self._readers), partial=True)
+        structlog.get_logger("researcher").info("job_resealed", job=self.job_id, aggregator=name)
 
     def withdraw(self, reason: str = "", timeout_s: float = 10.0) -> None:
         """End the job with a signed withdrawal, retained on the job's topic in place of its
@@ -392,6 +424,7 @@ class Experiment:
         exp.seed = TrainingArgs.of(spec.training_args).seed
         exp.mqtt = researcher_settings(mqtt)
         exp._messenger = None
+        exp._readers = set()
         exp.state = JobState(spec.job_id, rounds=spec.rounds, aggregator=spec.aggregator.identity)
         exp._spec = spec
         exp.poll(2.0)

@@ -16,6 +16,7 @@ import torch
 from broker.local import LocalFederation
 from common.identity import Identity
 from common.messenger import Messenger
+from common.sealed import Keyring
 from node import datasets
 from node.loaders import prepare
 from researcher.experiment import Experiment, researcher_settings
@@ -119,6 +120,8 @@ def test_monai_network_on_two_modalities(fed):
 def test_dicom_nothing_identifying_leaves_the_node(fed):
     captured: queue.Queue = queue.Queue()
     auditor = Messenger(Identity.load(fed.ws.bundle_dir("auditor")), researcher_settings(), client_id="dicom-audit")
+    # updates are sealed for the aggregator (issue 18): the audit reads them with its key
+    auditor.keyring = Keyring.of("fedavg-1", Identity.load(fed.ws.bundle_dir("fedavg-1")).key)
     auditor.subscribe("fbm/v1/#", captured.put)  # chunk sub-topics included
     auditor.connect()
     targs = {**IMG_TARGS, "modalities": ["MR"], "covariates": [], "epochs": 3}

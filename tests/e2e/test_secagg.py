@@ -21,6 +21,7 @@ import torch
 from broker.local import LocalFederation
 from common.identity import Identity
 from common.messenger import Messenger
+from common.sealed import Keyring
 from common.secagg.encoding import Encoding
 from common.secagg.params import flat_delta
 from common.settings import TransportSettings
@@ -36,7 +37,10 @@ ROUNDS = 2
 
 
 class Capture:
-    """An admin identity subscribed to every site's secure-aggregation and update topics."""
+    """An admin identity subscribed to every site's secure-aggregation and update topics, which
+    opens them with the aggregator's key: since issue 18 they are sealed for the aggregator, so
+    this plays the honest-but-curious aggregator, the party secure aggregation is against (what
+    an admin without that key sees: tests/e2e/test_training.py's capture test)."""
 
     def __init__(self, fed: LocalFederation) -> None:
         self.inbox: queue.Queue = queue.Queue()
@@ -44,6 +48,7 @@ class Capture:
         self.messenger = Messenger(Identity.load(fed.enroll("secagg-observer", "admin")),
                                    TransportSettings(clean_start=True, session_expiry_s=0, reconnect_max_s=2),
                                    client_id="secagg-observer")
+        self.messenger.keyring = Keyring.of("agg-1", Identity.load(fed.ws.bundle_dir("agg-1")).key)
         self.messenger.subscribe("fbm/v1/jobs/+/+/secagg/+", self.inbox.put)
         self.messenger.subscribe("fbm/v1/jobs/+/+/updates/+", self.inbox.put)
         self.messenger.connect()

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from broker import process
 from broker.local import LocalFederation
 from common import codec, topics
-from common.envelope import seal
-from common.identity import Identity
+from common.envelope import open_envelope, seal
+from common.errors import BadMessage, Reason
+from common.identity import Identity, TrustStore
 from common.messages import PlanRef
 from common.messenger import Messenger
+from common.sealed import Keyring
 from common.training.loader import PlanError
 from researcher.experiment import Experiment, researcher_settings
 from scripts import fmnist
-from tests.conftest import wait_until
+from tests.conftest import Inbox, open_transport, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +60,34 @@ def _bundle(fed, name):
     return Identity.load(fed.ws.bundle_dir(name))
 
 
-def test_fedavg_three_nodes_two_rounds(fed):
-    auditor = Messenger(_bundle(fed, "auditor"), researcher_settings(), client_id="auditor-e2e")
-    seen: queue.Queue = queue.Queue()
-    auditor.subscribe("fbm/v1/jobs/+/+/updates/+", seen.put, types={"update"})
-    auditor.subscribe("fbm/v1/jobs/+/+/model", seen.put, types={"model"}, retained_chunks=True)
-    auditor.connect()
+def _windows(tensors: dict) -> dict[str, bytes]:
+    """A 64-byte window (or the whole, if shorter) of each tensor's raw bytes, from its middle:
+    float32 values drawn at random, so found anywhere only if the tensor is there in clear."""
+    out = {}
+    for key, t in tensors.items():
+        raw = np.ascontiguousarray(np.asarray(t)).tobytes()
+        if len(raw) >= 16:
+            mid = max(0, len(raw) // 2 - 32)
+            out[key] = raw[mid : mid + 64]
+    return out
+
+
+def _persistence(fed) -> bytes:
+    """The broker's persistence file, written now (SIGUSR1 makes Mosquitto save it)."""
+    db = fed.ws.broker_dir / "data" / "mosquitto.db"
+    before = db.stat().st_mtime_ns if db.exists() else 0
+    os.kill(process.read_pid(fed.ws), signal.SIGUSR1)
+    assert wait_until(lambda: db.exists() and db.stat().st_mtime_ns != before, 10), "no persistence file written"
+    time.sleep(0.5)  # let it finish writing
+    return db.read_bytes()
+
+
+def test_fedavg_three_nodes_two_rounds_and_the_broker_sees_no_tensor(fed, clients):
+    """Also the capture test of issue 18: an admin subscribed to every topic for the whole job,
+    and the broker's persistence file after it, hold no byte window of any update or model
+    tensor; the aggregator opens the updates and the researcher the models, bit-identical."""
+    capture = Inbox()
+    open_transport(fed, "auditor", clients, capture).subscribe("fbm/v1/#")
     exp = Experiment(_bundle(fed, "alice"), plan="mlp", tags=["fmnist"], rounds=2, quorum=3,
                      model_args={"hidden": [64]}, training_args={"epochs": 1, "lr": 0.05, "batch_size": 32},
                      round_deadline_s=120)
@@ -71,15 +99,26 @@ def test_fedavg_three_nodes_two_rounds(fed):
         assert [h["round"] for h in state.history] == [1, 2]
         assert all(sorted(r["node"] for r in h["reports"]) == NODES for h in state.history)
 
-        updates, models = {}, {}
-        while not seen.empty():
-            msg = seen.get()
-            if msg.job != job:
-                continue
-            if msg.type == "update":
-                updates[(msg.round, msg.sender)] = msg.body
-            else:
-                models[msg.body.round] = msg.body
+        wires = [d for d in capture.items if d.payload and topics.job_of(d.topic) == job]
+        seen = b"".join(bytes(d.payload) for d in capture.items)
+        stored = _persistence(fed)
+        secrets = {f"initial {k}": w for k, w in _windows(initial).items()}
+        secrets |= {f"final {k}": w for k, w in _windows(state.params).items()}
+        for key, window in secrets.items():
+            assert window not in seen, f"the admin capture holds the bytes of the {key} tensor"
+            assert window not in stored, f"the broker's persistence file holds the bytes of the {key} tensor"
+
+        updates, models = _open_as_recipients(fed, wires)
+        # the running node outside the job got its model too (the ACL lets every node read every
+        # model), and could not open it: logged and dropped, with the reason
+        assert wait_until(lambda: _dropped(fed, "site-other", topics.model("alice", job), "not_a_recipient"), 10)
+        for (r, node), update in updates.items():
+            for key, window in _windows(update.params).items():
+                assert window not in seen and window not in stored, f"round {r} update of {node}: {key} in clear"
+        assert models[0].params.keys() == initial.keys()
+        for key in initial:  # the round-0 model the researcher opens is her initial model, bit for bit
+            assert models[0].params[key].numpy().tobytes() == initial[key].numpy().tobytes()
+            assert models[2].params[key].numpy().tobytes() == state.params[key].numpy().tobytes()
         round1 = [updates[(1, n)] for n in NODES]
         assert len({u.n_samples for u in round1}) == 3  # unequal shards
         total = sum(u.n_samples for u in round1)
@@ -103,7 +142,39 @@ def test_fedavg_three_nodes_two_rounds(fed):
         assert any(n["node"] == "site-other" and "no dataset with tags" in n["error"] for n in declines)
     finally:
         exp.close()
-        auditor.close()
+
+
+def _dropped(fed, node: str, topic: str, reason: str) -> bool:
+    for line in (fed.root / "logs" / f"node-{node}.log").read_text().splitlines():
+        if '"message_dropped"' in line and f'"{topic}"' in line and f'"{reason}"' in line:
+            return True
+    return False
+
+
+def _open_as_recipients(fed, wires):
+    """Each captured update opened by the job's aggregator, each model by the researcher and
+    by a node of the job (the same bytes), and neither by a node that is not in the job."""
+    trust = TrustStore(_bundle(fed, "alice").ca_pem)
+    ring = {n: Keyring.of(n, _bundle(fed, n).key) for n in ("fedavg-1", "alice", "site-1", "site-other")}
+    updates, models = {}, {}
+    for d in wires:
+        kind = "update" if "/updates/" in d.topic else "model" if d.topic.endswith("/model") else None
+        if kind is None:
+            continue
+        reader = ring["fedavg-1"] if kind == "update" else ring["alice"]
+        msg = open_envelope(d.payload, trust, d.topic, keyring=reader)
+        assert msg.sealed, f"{kind} of {msg.sender} crossed the broker in clear"
+        for outsider in ("site-other", "alice" if kind == "update" else "fedavg-1"):
+            with pytest.raises(BadMessage) as err:
+                open_envelope(d.payload, trust, d.topic, keyring=ring[outsider])
+            assert err.value.reason == Reason.NOT_A_RECIPIENT, outsider
+        if kind == "update":
+            updates[(msg.round, msg.sender)] = msg.body
+            continue
+        models[msg.body.round] = msg.body
+        again = open_envelope(d.payload, trust, d.topic, keyring=ring["site-1"]).body
+        assert all(again.params[k].numpy().tobytes() == msg.body.params[k].numpy().tobytes() for k in again.params)
+    return updates, models
 
 
 def test_unknown_zoo_plan_is_refused_at_submit(fed):

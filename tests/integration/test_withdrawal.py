@@ -69,7 +69,7 @@ def test_another_researcher_can_neither_withdraw_nor_clear_a_job(federation, cli
                 other.publish(topic, b"", retain=True)
         still = _retained(federation, clients, "res-1", job)
         assert sum(1 for t in still if "/c/" in t) >= 5
-        assert torch.equal(Experiment.attach(bundle(federation, "admin-1"), job, owner="res-1").spec().initial_params[
+        assert torch.equal(Experiment.attach(bundle(federation, "res-1"), job).spec().initial_params[
             "net.0.weight"], exp.spec().initial_params["net.0.weight"])
     finally:
         exp.close()

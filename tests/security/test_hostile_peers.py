@@ -79,9 +79,10 @@ class Peer:
 
 
 class OnRound:
-    """Calls act(round) as soon as a round of `job` opens (its model is the first sign), on a
-    thread of its own. Only the timing comes from here (an admin observer): the attackers
-    need no more than their own role's rights to strike."""
+    """Calls act(round) as soon as a round of `job` opens (its `round_opened` event: the model,
+    the first sign, is sealed for the job's participants since issue 18), on a thread of its
+    own. Only the timing comes from here (an admin observer): the attackers need no more than
+    their own role's rights to strike."""
 
     def __init__(self, fed, job: str, act: Callable[[int], None]) -> None:
         self.errors: list[BaseException] = []
@@ -89,13 +90,13 @@ class OnRound:
         self._seen: set[int] = set()
         self.m = Messenger(Identity.load(fed.enroll("hostile-clock", "admin")),
                            TransportSettings(clean_start=True, session_expiry_s=0), client_id=uuid.uuid4().hex[:6])
-        self.m.subscribe(topics.model("alice", job), self._on_model, types={"model"}, retained_chunks=True)
+        self.m.subscribe(topics.events("alice", job), self._on_opened, types={"round_opened"})
         self.m.connect()
         threading.Thread(target=self._loop, args=(act,), daemon=True).start()
 
-    def _on_model(self, msg) -> None:
-        r = msg.body.open_round
-        if msg.sender != "agg-1" or r is None or r in self._seen:
+    def _on_opened(self, msg) -> None:
+        r = msg.body.round
+        if msg.sender != "agg-1" or r in self._seen:
             return
         self._seen.add(r)
         self._rounds.put(r)

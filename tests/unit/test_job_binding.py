@@ -81,3 +81,15 @@ def test_a_takeover_rebinds_only_after_the_bound_lease_lapsed_and_a_renewing_hol
     assert _bindings(tmp_path / "node.db")[0].bound("job-4") == "agg-2"
     assert [e["actor"] for e in _events(audit, "job_aggregator_rebound")] == ["agg-2"]
     assert not node.accepts("job-5", "agg-1", "agg-2", "model")  # pinned jobs are never taken over
+
+
+def test_updates_are_sealed_for_the_aggregator_bound_at_each_send_not_at_the_jobs_start(tmp_path):
+    """Issue 18: the recipients of a job's updates are a lookup. When the binding moves (an
+    aggregator taking the job over), the next re-send goes to the new one."""
+    node, _ = _bindings(tmp_path / "node.db")
+    assert node.update_recipients("job-3", None) == []  # bound to nobody yet: nothing is sent
+    assert node.accepts("job-3", None, "agg-1", "model")
+    assert node.update_recipients("job-3", None) == ["agg-1"]
+    node._bound["job-3"] = "agg-2"  # what a failover does to the binding (another helper's work)
+    assert node.update_recipients("job-3", None) == ["agg-2"]
+    assert node.update_recipients("job-4", "agg-9") == ["agg-9"]  # pinned

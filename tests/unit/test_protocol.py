@@ -41,6 +41,8 @@ EXPECTED["aggregator"] |= {
     ("read", f"{P}/jobs/+/+/checkpoints/+"), ("read", f"{P}/jobs/+/+/checkpoints/+/c/+"),
     ("write", f"{P}/jobs/+/+/checkpoints/{{me}}"), ("write", f"{P}/jobs/+/+/checkpoints/{{me}}/c/+"),
     ("read", f"{P}/aggregators/+/status"), ("write", f"{P}/aggregators/{{me}}/status")}
+for _role in ("node", "researcher", "aggregator"):  # issue 18: every key readable, only one's own writable
+    EXPECTED[_role] |= {("read", f"{P}/keys/+"), ("write", f"{P}/keys/{{me}}")}
 
 
 @pytest.mark.parametrize("role", protocol.ROLES)

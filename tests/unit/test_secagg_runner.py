@@ -49,6 +49,9 @@ class FakeMessenger:
                 site.on_state(state)
         return "id"
 
+    def knows_key(self, name: str) -> bool:
+        return True
+
 
 class FakeService:
     def __init__(self, root: Path) -> None:
@@ -59,6 +62,9 @@ class FakeService:
 
     def declared_samples(self, node: str, spec: JobSpec) -> int:
         return 100
+
+    def model_readers(self, spec: JobSpec) -> list[str]:
+        return [spec.owner, *SITES]
 
 
 def runner_with_sites(tmp_path: Path, job: JobSpec, live: list[str]):
