@@ -294,12 +294,13 @@ def _header(raw: Any) -> dict[str, Any]:
 
 
 def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False) -> Message:
+                  retained: bool = False, torch_tensors: bool = True) -> Message:
     """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
 
     Order matters: only the flat header map is read before the signature (over the raw body
     bytes) and the sender's role are checked; the body is decoded after, so nothing from an
-    unauthenticated sender reaches the msgpack or tensor decoder.
+    unauthenticated sender reaches the msgpack or tensor decoder. `torch_tensors`: see
+    `common.codec.decode`.
     """
     fields, body_at = _unpack_envelope(data)
     raw = _header(fields)
@@ -321,7 +322,7 @@ def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic
             Reason.ROLE_NOT_ALLOWED, f"a {peer.role} ({peer.name}) may not send {raw['type']!r}"
         )
     try:
-        body = spec.model.model_validate(codec.decode(raw["body"]))
+        body = spec.model.model_validate(codec.decode(raw["body"], torch_tensors))
     except ValidationError as exc:
         raise BadMessage(Reason.BAD_BODY, f"{raw['type']} body invalid: {exc.errors(include_url=False)}") from None
     return Message(

@@ -48,8 +48,12 @@ class Messenger:
         client_id: str | None = None,
         will: tuple[str, str, BaseModel] | None = None,
         on_reject: RejectHook | None = None,
+        torch_tensors: bool = True,
     ) -> None:
+        """`torch_tensors` false: tensors in received bodies are numpy-held (`common.codec`),
+        and receiving never imports torch (the node process)."""
         self.identity = identity
+        self.torch_tensors = torch_tensors
         self.trust = TrustStore(identity.ca_pem)
         self.log = structlog.get_logger("messenger").bind(identity=identity.name)
         self._routes: list[_Route] = []
@@ -149,8 +153,8 @@ class Messenger:
                     self._call(route.on_clear, delivery.topic)
             return
         try:
-            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained),
-                          wire=delivery.payload)
+            msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained,
+                                        torch_tensors=self.torch_tensors), wire=delivery.payload)
             self._check_topic(msg)
         except BadMessage as exc:
             self._rejected(delivery.topic, exc)

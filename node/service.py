@@ -29,9 +29,8 @@ from common.errors import BadMessage, TransportError
 from common.identity import Identity
 from common.messages import JobSpec, NodeStatus, Reply, is_selective
 from common.messenger import Messenger
+from common.training.catalog import ZOO_ALGORITHMS, LocalError, algorithm_of
 from common.training.loader import PlanError, check_ref
-from common.training.local import LocalError, algorithm_of
-from common.training.zoo import ZOO
 from node.accountant import job_epsilon
 from node.audit import AuditTrail
 from node.binding import JobBindings
@@ -135,8 +134,9 @@ class NodeService:
                                           max_processes=settings.max_training_processes)
         self.log = structlog.get_logger("node").bind(node=self.name)
         self.trainer.on_started = self._training_started
-        self.messenger = Messenger(
-            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline"))
+        self.messenger = Messenger(  # tensors stay numpy in the node: only training processes import torch
+            identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline")),
+            torch_tensors=False,
         )
         self.jobs: dict[str, _Job] = {}
         self.parked: dict[str, _Parked] = {}
@@ -205,7 +205,7 @@ class NodeService:
         broker may have lost their retained specs); each signature is checked again."""
         for stored in self.job_store.all():
             try:
-                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id))
+                msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.job_id), torch_tensors=False)
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
                     raise ValueError("its dataset is gone or the stored message is not this job")
@@ -310,7 +310,7 @@ class NodeService:
         except ValidationError as exc:
             self._decline(spec.job_id, f"invalid training_args.compression: {exc.errors()[0]['msg']}", msg)
             return
-        if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
+        if spec.plan.zoo is not None and algorithm not in ZOO_ALGORITHMS[spec.plan.zoo]:
             self._decline(spec.job_id, f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm", msg)
             return
         matches = self.registry.matching(spec.tags)
@@ -361,7 +361,9 @@ class NodeService:
             return "DP-SGD: this node cannot run it (opacus is not installed: pip install 'fedbiomq[dp]')"
         if spec.plan.zoo is None:
             return None
-        from opacus.validators import ModuleValidator
+        from opacus.validators import ModuleValidator  # torch: DP-SGD jobs on zoo plans only
+
+        from common.training.zoo import ZOO
 
         try:
             model = ZOO[spec.plan.zoo](spec.model_args, spec.training_args).build_model()

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 
 from node.answers import MAX_TEXT, AnswerRefused, check_failure, check_result, check_statistics
 from node.sandbox import SandboxPolicy, python_read_paths
 from node.statistics import StatisticsRefused
 from node.training_process import ChildFailed, TrainingProcess
-from node.worker import to_tensors
 
 ANSWER_SLACK_BYTES = 64 << 20  # metrics, timings and headers on top of the tensors
 
@@ -107,7 +105,7 @@ class Trainer:
         key = _job_key(task)
         log = self.log.bind(job=key[0], round=task.get("round"))
         child = self._child_for(key, log)
-        sent = to_tensors(task["params"])
+        sent = task["params"]
         try:
             size = child.send(task)
             answer = child.answer(4 * size + ANSWER_SLACK_BYTES, timeout_s)
@@ -150,7 +148,7 @@ class Trainer:
             raise TrainingFailed(f"the statistics process's answer was refused: {exc}") from exc
         return checked, child.pid, paths, sandbox
 
-    def _checked(self, answer: Any, sent: dict[str, torch.Tensor], task: dict[str, Any], key, child, log) -> dict[str, Any]:
+    def _checked(self, answer: Any, sent: dict[str, Any], task: dict[str, Any], key, child, log) -> dict[str, Any]:
         try:
             if isinstance(answer, dict) and answer.get("ok") is False:
                 error, trace = check_failure(answer)

@@ -95,7 +95,7 @@ class TrainingProcess:
 
     def _read(self, max_bytes: int, deadline: float, doing: str) -> Any:
         try:
-            return recv_frame(self.sock, max_bytes, deadline)
+            return recv_frame(self.sock, max_bytes, deadline, torch_tensors=False)  # the node: no torch
         except FrameError as exc:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=2 if "closed" in str(exc) else 0)

@@ -10,30 +10,23 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 
+from common.training.catalog import (  # noqa: F401 - re-exported: where plans and tests look for them
+    ALGORITHM_OF_RULE,
+    DP_MODES,
+    LOCAL_ALGORITHMS,
+    SCAFFOLD_PREFIX,
+    LocalError,
+    algorithm_of,
+    dp_mode,
+    dp_sgd_schedule,
+    train_rows,
+)
+
 Params = dict[str, torch.Tensor]
-
-LOCAL_ALGORITHMS = ("sgd", "fedprox", "scaffold", "admm")
-# The local algorithm each built-in rule needs (third-party rules declare theirs; a job names
-# it in training_args["algorithm"]).
-ALGORITHM_OF_RULE = {"fedprox": "fedprox", "scaffold": "scaffold", "admm": "admm"}
-SCAFFOLD_PREFIX = "c/"
-
-
-class LocalError(ValueError):
-    """The training args ask for something the node cannot do; the message says why."""
-
-
-def algorithm_of(training_args: dict[str, Any]) -> str:
-    algorithm = str(training_args.get("algorithm", "sgd"))
-    if algorithm not in LOCAL_ALGORITHMS:
-        raise LocalError(f"unknown local algorithm {algorithm!r}; known: {', '.join(LOCAL_ALGORITHMS)}")
-    return algorithm
-
 
 def proximal_penalty(model: torch.nn.Module, anchor: Params, strength: float) -> torch.Tensor:
     """strength/2 * ||w - anchor||^2 over the trainable parameters (FedProx's mu, ADMM's rho)."""
@@ -94,35 +87,6 @@ def clip_and_noise(delta: Params, clip: float, sigma: float,
     for k, v in floats.items():
         out[k] = (v.double() * factor + noise(tuple(v.shape)).double() * (sigma * clip)).to(v.dtype)
     return out, norm
-
-
-DP_MODES = ("client", "sample")
-
-
-def dp_mode(training_args: dict[str, Any]) -> str | None:
-    """None (no DP), "client" (`{clip, sigma}`, the default) or "sample" (DP-SGD)."""
-    dp = training_args.get("dp") or None
-    if dp is None:
-        return None
-    mode = str(dp.get("mode", "client"))
-    if mode not in DP_MODES:
-        raise LocalError(f"training_args.dp mode {mode!r} is not one of {', '.join(DP_MODES)}")
-    return mode
-
-
-def train_rows(n: int, training_args: dict[str, Any]) -> int:
-    """How many of `n` rows are trained on: the rest is the validation split (`validation_split`)."""
-    return n - int(round(n * float(training_args.get("val_fraction", 0.0))))
-
-
-def dp_sgd_schedule(n_train: int, training_args: dict[str, Any]) -> tuple[float, int]:
-    """(Poisson sample rate q, DP-SGD steps a round) over `n_train` rows: q = batch_size / n,
-    ceil(1/q) steps an epoch, at most `max_batches`. The worker runs exactly these steps and
-    the node's accountant prices exactly these, so both sides call this one function."""
-    q = min(1.0, int(training_args.get("batch_size", 64)) / max(1, n_train))
-    steps = int(training_args.get("epochs", 1)) * math.ceil(1 / q)
-    max_batches = training_args.get("max_batches")
-    return q, steps if max_batches is None else min(steps, int(max_batches))
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
