@@ -158,10 +158,9 @@ class NodeService:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, connect_timeout_s: float | None = None) -> None:
-        """Connect at once; a warm training process starts meanwhile on the training thread (a
-        round that arrives first waits for it), so a restarted site is back in ~1 s, not ~4.
-        It may read no dataset until a job is assigned to it."""
-        self._train_thread.start()
+        """Connect at once; the training template (torch imported, no key, dataset or plan)
+        starts once connected, on the training thread (a round that arrives first waits for
+        it): the node process itself imports no torch, so a site is online in well under 1 s."""
         self._resume_jobs()  # before subscribing: a model delivered at once finds its job
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
@@ -175,6 +174,7 @@ class NodeService:
         m.on_reject(self._on_rejected)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
+        self._train_thread.start()  # after connecting: the template's torch import does not delay it
         self._resend_thread.start()
         self._plans_thread.start()
         self.audit.record("node_started", actor=self.name)
