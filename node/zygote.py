@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import socket
 import sys
@@ -82,6 +83,8 @@ def _fork(ctrl: socket.socket, fd: int, request: dict[str, Any]) -> int:
 def serve(ctrl: socket.socket) -> None:
     """Say warm, then fork one training process per request until the node closes the socket."""
     worker.preimport()
+    gc.collect()
+    gc.freeze()  # the collector never writes to the template's objects: forks keep sharing their pages
     send_frame(ctrl, {"warm": True, "pid": os.getpid()})
     while True:
         try:
