@@ -37,6 +37,17 @@ class ChildFailed(RuntimeError):
         self.died = died
 
 
+def _reap(proc: subprocess.Popen | ForkedChild | None, scratch: str) -> None:
+    """Wait for `proc` to end (killed after 5 s), then remove its scratch folder."""
+    if proc is not None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 class ForkedChild:
     """A process the template forked and the node adopted: `subprocess.Popen`'s poll, wait, kill."""
 
@@ -121,12 +132,7 @@ class Zygote:
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()  # the template ends when its socket closes
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        _reap(self.proc, self.scratch)
 
 
 class TrainingProcess:
@@ -206,12 +212,6 @@ class TrainingProcess:
         for sock in (self.sock, self._child_end):
             with contextlib.suppress(OSError):
                 sock.close()
-        if self.proc is not None:
-            if kill:
-                self.proc.kill()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.proc is not None and kill:
+            self.proc.kill()
+        _reap(self.proc, self.scratch)
