@@ -81,8 +81,10 @@ def _e2e(quick: bool) -> list[Row]:
 def _simulation(quick: bool) -> list[Row]:
     from benchmarks import simulation
 
-    return [(f"simulated federation, {r['n']} nodes, tiny model", f"{r['round_s']:.2f} s a round",
-             f"connect {r['connect_s']:.1f} s; target <= 10 s a round at 10,000 (1 ms per node)",
+    target = "target <= 10 s a round at 10,000 (1 ms per node)"
+    return [(f"simulated federation, {r['n']} nodes, tiny model", "FAILED", target, r["failed"]) if "failed" in r else
+            (f"simulated federation, {r['n']} nodes, tiny model", f"{r['round_s']:.2f} s a round",
+             f"connect {r['connect_s']:.1f} s; {target}",
              f"{r['per_node_ms']:.2f} ms per node per round; process RSS {r['fleet_rss_mb']:.0f} MB with N connected")
             for r in simulation.measure([100, 1000] if quick else [100, 1000, 10000], 3)]
 
@@ -104,7 +106,10 @@ def collect(quick: bool, steps: list[str] | None = None) -> list[Row]:
     configure_logging("warning")
     rows: list[Row] = []
     for name in steps or list(STEPS):
-        rows.extend(STEPS[name][0](quick))
+        try:
+            rows.extend(STEPS[name][0](quick))
+        except Exception as exc:  # noqa: BLE001 - one failed step must not lose the others' figures
+            rows.append((f"{STEPS[name][1][0]}... (step {name})", "FAILED", f"{type(exc).__name__}: {exc}"[:200], ""))
     return rows
 
 
