@@ -580,7 +580,7 @@ class JobRunner(threading.Thread):
 
     def _standing(self, state: Round, node: str) -> Standing:
         """What the job knows of `node`; eligibility is asked only where the round needs it."""
-        eligible = node in state.expected or (not state.policy.selective and node in self.service.eligible(self.spec))
+        eligible = state.is_expected(node) or (not state.policy.selective and node in self.service.eligible(self.spec))
         return Standing(eligible=eligible, declined=node in self.declined, pending=node in self.pending)
 
     def _perform(self, actions: list[Action], state: Round, rule: AggregationRule, params) -> bool:

@@ -62,7 +62,12 @@ def run(n: int, rounds: int) -> dict:
 def measure(ns: list[int], rounds: int) -> list[dict]:
     rows = []
     for n in ns:
-        rows.append(run(n, rounds))
+        try:
+            rows.append(run(n, rounds))
+        except Exception as exc:  # noqa: BLE001 - the sizes measured so far still count
+            rows.append({"n": n, "failed": f"{type(exc).__name__}: {exc}"[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            break
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     return rows
 
@@ -77,6 +82,9 @@ def main() -> None:
     print(f"\ntiny model (logistic regression, 10 features), 32 samples per node, {args.rounds} rounds, real TLS broker")
     print(f"{'N':>6} {'connect s':>10} {'1st round s':>12} {'round s':>8} {'ms/node/round':>14} {'fleet RSS MB':>13}")
     for r in rows:
+        if "failed" in r:
+            print(f"{r['n']:>6} failed: {r['failed']}")
+            continue
         print(f"{r['n']:>6} {r['connect_s']:>10.1f} {r['first_round_s']:>12.2f} {r['round_s']:>8.2f} "
               f"{r['per_node_ms']:>14.2f} {r['fleet_rss_mb']:>13.0f}")
 

@@ -18,10 +18,12 @@ The aggregator rebuilds full parameters as `global + change` and checks them as 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-import torch
+import numpy as np
 from pydantic import BaseModel, Field
+
+from common.codec import as_float, from_float, is_floating, like, nbytes
 
 RAW, SCALE, INDEX, VALUE = "raw", "scale", "idx", "val"
 _SEP = "::"
@@ -50,85 +52,98 @@ def _key(name: str, part: str) -> str:
     return f"{name}{_SEP}{part}"
 
 
-def compress(delta: dict[str, torch.Tensor], spec: CompressionSpec) -> dict[str, torch.Tensor]:
-    """The wire tensors for a model change (floating tensors compressed, others whole)."""
-    out: dict[str, torch.Tensor] = {}
+def _compress_one(name: str, d: np.ndarray, spec: CompressionSpec) -> dict[str, np.ndarray]:
+    if spec.kind == "float16":
+        return {_key(name, VALUE): d.astype(np.float16)}
+    if spec.kind == "int8":
+        scale = float(np.abs(d).max()) / 127.0 if d.size else 0.0
+        q = np.zeros(d.shape, np.int8) if scale == 0 else np.clip(np.rint(d / d.dtype.type(scale)), -127, 127).astype(np.int8)
+        return {_key(name, VALUE): q, _key(name, SCALE): np.array([scale], dtype=np.float32)}
+    flat = d.reshape(-1)
+    k = max(1, math.ceil(spec.fraction * flat.size)) if flat.size else 0
+    idx = np.argpartition(-np.abs(flat), k - 1)[:k] if k else np.zeros(0, np.int64)
+    return {_key(name, INDEX): idx.astype(np.int32), _key(name, VALUE): flat[idx].astype(np.float16)}
+
+
+def compress(delta: dict[str, Any], spec: CompressionSpec) -> dict[str, Any]:
+    """The wire tensors for a model change (floating tensors compressed, others whole); torch
+    tensors or numpy-held ones (`common.codec.TorchArray`), like the change's."""
+    out: dict[str, Any] = {}
     for name, d in delta.items():
-        if not d.is_floating_point() or spec.kind == "none":
+        if not is_floating(d) or spec.kind == "none":
             out[_key(name, RAW)] = d
-        elif spec.kind == "float16":
-            out[_key(name, VALUE)] = d.to(torch.float16)
-        elif spec.kind == "int8":
-            scale = float(d.abs().max()) / 127.0 if d.numel() else 0.0
-            q = torch.zeros_like(d, dtype=torch.int8) if scale == 0 else (d / scale).round_().clamp_(-127, 127).to(torch.int8)
-            out[_key(name, VALUE)] = q
-            out[_key(name, SCALE)] = torch.tensor([scale], dtype=torch.float32)
-        else:
-            flat = d.reshape(-1)
-            k = max(1, math.ceil(spec.fraction * flat.numel())) if flat.numel() else 0
-            idx = flat.abs().topk(k, sorted=False).indices if k else torch.zeros(0, dtype=torch.int64)
-            out[_key(name, INDEX)] = idx.to(torch.int32)
-            out[_key(name, VALUE)] = flat[idx].to(torch.float16)
+            continue
+        for key, arr in _compress_one(name, as_float(d), spec).items():
+            out[key] = like(arr, d)
     return out
 
 
-def decompress(wire: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-               spec: CompressionSpec) -> dict[str, torch.Tensor]:
-    """The change rebuilt at `reference`'s names, shapes and dtypes; CompressionError if it cannot be."""
+def _decompress_one(name: str, wire: dict[str, Any], ref: Any, spec: CompressionSpec) -> np.ndarray:
+    """One floating tensor's change as numpy values of `ref`'s shape and (float) dtype."""
+    shape, target = tuple(ref.shape), as_float(ref).dtype
+    value = wire.get(_key(name, VALUE))
+    if value is None:
+        raise CompressionError(f"{name}: no values")
+    value = as_float(value)
+    if spec.kind in ("float16", "none"):
+        if value.shape != shape:
+            raise CompressionError(f"{name}: shape {list(value.shape)}, expected {list(shape)}")
+        return value.astype(target)
+    if spec.kind == "int8":
+        scale = wire.get(_key(name, SCALE))
+        scale = None if scale is None else as_float(scale)
+        if scale is None or scale.size != 1 or value.dtype != np.int8 or value.shape != shape:
+            raise CompressionError(f"{name}: int8 values of shape {list(value.shape)} with scale {scale}")
+        return value.astype(target) * scale.astype(target).reshape(())
+    idx = wire.get(_key(name, INDEX))
+    idx = None if idx is None else as_float(idx)
+    if idx is None or idx.ndim != 1 or value.shape != idx.shape or idx.dtype.kind not in "iu":
+        raise CompressionError(f"{name}: top-k indices and values disagree")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= math.prod(shape)):
+        raise CompressionError(f"{name}: top-k index out of range")
+    dense = np.zeros(math.prod(shape), dtype=target)
+    dense[idx.astype(np.int64)] = value.astype(target)
+    return dense.reshape(shape)
+
+
+def decompress(wire: dict[str, Any], reference: dict[str, Any], spec: CompressionSpec) -> dict[str, Any]:
+    """The change rebuilt at `reference`'s names, shapes and dtypes (and tensor kind: torch or
+    numpy-held); CompressionError if it cannot be."""
     names = {k.split(_SEP, 1)[0] for k in wire}
     if _SEP not in "".join(wire) or names != set(reference):
         raise CompressionError(f"compressed update names {sorted(names)[:5]} do not match the model's")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for name, ref in reference.items():
         raw = wire.get(_key(name, RAW))
-        if raw is not None:
-            if raw.shape != ref.shape:
-                raise CompressionError(f"{name}: shape {list(raw.shape)}, expected {list(ref.shape)}")
-            out[name] = raw
-            continue
-        value = wire.get(_key(name, VALUE))
-        if value is None:
-            raise CompressionError(f"{name}: no values")
-        if spec.kind == "float16" or (spec.kind == "none"):
-            if value.shape != ref.shape:
-                raise CompressionError(f"{name}: shape {list(value.shape)}, expected {list(ref.shape)}")
-            out[name] = value.to(ref.dtype)
-        elif spec.kind == "int8":
-            scale = wire.get(_key(name, SCALE))
-            if scale is None or scale.numel() != 1 or value.dtype != torch.int8 or value.shape != ref.shape:
-                raise CompressionError(f"{name}: int8 values of shape {list(value.shape)} with scale {scale}")
-            out[name] = value.to(ref.dtype) * scale.to(ref.dtype)
+        if raw is None:
+            out[name] = from_float(_decompress_one(name, wire, ref, spec), ref)
+        elif tuple(raw.shape) != tuple(ref.shape):
+            raise CompressionError(f"{name}: shape {list(raw.shape)}, expected {list(ref.shape)}")
         else:
-            idx = wire.get(_key(name, INDEX))
-            if idx is None or idx.ndim != 1 or value.shape != idx.shape:
-                raise CompressionError(f"{name}: top-k indices and values disagree")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= ref.numel()):
-                raise CompressionError(f"{name}: top-k index out of range")
-            dense = torch.zeros(ref.numel(), dtype=ref.dtype)
-            dense[idx.long()] = value.to(ref.dtype)
-            out[name] = dense.reshape(ref.shape)
+            out[name] = raw
     return out
 
 
-def encode_update(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], spec: CompressionSpec,
-                  residual: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Node side: (wire tensors, the new residual) for trained `params` against the received model."""
-    delta = {n: (p - reference[n]) if p.is_floating_point() else p for n, p in params.items()}
+def encode_update(params: dict[str, Any], reference: dict[str, Any], spec: CompressionSpec,
+                  residual: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Node side: (wire tensors, the new residual) for trained `params` against the received
+    model; numpy (no torch needed) for torch tensors or numpy-held ones alike."""
+    delta = {n: from_float(as_float(p) - as_float(reference[n]), p) if is_floating(p) else p for n, p in params.items()}
     if spec.feedback and residual:
-        delta = {n: d + residual[n] if n in residual else d for n, d in delta.items()}
+        delta = {n: from_float(as_float(d) + as_float(residual[n]), d) if n in residual else d for n, d in delta.items()}
     wire = compress(delta, spec)
     if not spec.feedback:
         return wire, {}
     sent = decompress(wire, delta, spec)
-    return wire, {n: delta[n] - sent[n] for n in delta if delta[n].is_floating_point()}
+    return wire, {n: from_float(as_float(delta[n]) - as_float(sent[n]), delta[n]) for n in delta if is_floating(delta[n])}
 
 
-def decode_update(wire: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                  spec: CompressionSpec) -> dict[str, torch.Tensor]:
+def decode_update(wire: dict[str, Any], reference: dict[str, Any], spec: CompressionSpec) -> dict[str, Any]:
     """Aggregator side: full parameters (reference + change)."""
     delta = decompress(wire, reference, spec)
-    return {n: reference[n] + d if reference[n].is_floating_point() else d for n, d in delta.items()}
+    return {n: from_float(as_float(reference[n]) + as_float(d), reference[n]) if is_floating(reference[n]) else d
+            for n, d in delta.items()}
 
 
-def wire_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def wire_bytes(tensors: dict[str, Any]) -> int:
+    return sum(nbytes(t) for t in tensors.values())

@@ -363,20 +363,22 @@ def verify_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, top
 
 
 def open_envelope(data: bytes | bytearray | memoryview, trust: TrustStore, topic: str = "",
-                  retained: bool = False, keyring: Keyring | None = None, content_key: bytes | None = None) -> Message:
+                  retained: bool = False, keyring: Keyring | None = None, content_key: bytes | None = None,
+                  torch_tensors: bool = True) -> Message:
     """Check and decode wire bytes; BadMessage with the reason if anything is wrong.
 
     Order matters: only the flat header map is read before the signature (over the raw body
     bytes and the topic) and the sender's role are checked; the body is decrypted (if sealed,
     with `keyring`) and decoded after, so nothing from an unauthenticated sender reaches the
     decryptor, the msgpack or the tensor decoder. `content_key` opens a body sealed for others
-    (a key handed on by one of its recipients: see Messenger.reopen).
+    (a key handed on by one of its recipients: see Messenger.reopen). `torch_tensors`: see
+    `common.codec.decode`.
     """
     checked = verify_envelope(data, trust, topic)
     raw, spec = checked.header, spec_for(checked.header["type"])
     clear = _unsealed(raw, keyring, content_key)
     try:
-        body = spec.model.model_validate(codec.decode(clear))
+        body = spec.model.model_validate(codec.decode(clear, torch_tensors))
     except ValidationError as exc:
         raise BadMessage(Reason.BAD_BODY, f"{raw['type']} body invalid: {exc.errors(include_url=False)}") from None
     return Message(

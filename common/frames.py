@@ -55,8 +55,10 @@ def _read_into(sock: socket.socket, view: memoryview, deadline: float | None) ->
         got += n
 
 
-def recv_frame(sock: socket.socket, max_bytes: int, deadline: float | None = None) -> Any:
-    """Read one frame and decode it; FrameError if it is malformed, bigger than `max_bytes` or late."""
+def recv_frame(sock: socket.socket, max_bytes: int, deadline: float | None = None, *,
+               torch_tensors: bool = True) -> Any:
+    """Read one frame and decode it; FrameError if it is malformed, bigger than `max_bytes` or late.
+    `torch_tensors` false: tensors come out numpy-held (`common.codec.decode`), torch not imported."""
     head = bytearray(HEADER_SIZE)
     _read_into(sock, memoryview(head), deadline)
     magic, size = _HEADER.unpack(head)
@@ -67,6 +69,6 @@ def recv_frame(sock: socket.socket, max_bytes: int, deadline: float | None = Non
     body = bytearray(size)
     _read_into(sock, memoryview(body), deadline)
     try:
-        return decode(body)
+        return decode(body, torch_tensors)
     except BadMessage as exc:
         raise FrameError(f"undecodable frame: {exc}") from exc

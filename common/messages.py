@@ -6,14 +6,23 @@ Adding a type is one decorated class here; `open_envelope` refuses any type not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from common.codec import TorchArray, is_torch
 from common.secagg.option import check_option, check_rule
 
-Tensors = dict[str, torch.Tensor]
+
+def _tensor(value: Any) -> Any:
+    """A torch tensor, or one held as numpy (`TorchArray`: the node never imports torch)."""
+    if isinstance(value, TorchArray) or is_torch(value):
+        return value
+    raise ValueError(f"expected a torch tensor, got {type(value).__name__}")
+
+
+Tensor = Annotated[Any, BeforeValidator(_tensor)]
+Tensors = dict[str, Tensor]
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 

@@ -80,10 +80,14 @@ class Messenger:
         will: tuple[str, str, BaseModel] | None = None,
         on_reject: RejectHook | None = None,
         seen_file: Path | None = None,
+        torch_tensors: bool = True,
     ) -> None:
         """`seen_file`: where the ids of processed messages are kept across restarts (nodes and
-        aggregators); without it they are remembered by this process only."""
+        aggregators); without it they are remembered by this process only. `torch_tensors`
+        false: tensors in received bodies are numpy-held (`common.codec`), and receiving never
+        imports torch (the node process)."""
         self.identity = identity
+        self.torch_tensors = torch_tensors
         self.trust = TrustStore(identity.ca_pem)
         self.log = structlog.get_logger("messenger").bind(identity=identity.name)
         self._routes: list[_Route] = []
@@ -220,7 +224,8 @@ class Messenger:
         if held is None:
             return False
         try:
-            msg = replace(open_envelope(held[0], self.trust, topic, held[1], content_key=key), wire=held[0])
+            msg = replace(open_envelope(held[0], self.trust, topic, held[1], content_key=key,
+                                        torch_tensors=self.torch_tensors), wire=held[0])
             self._check_topic(msg)
             self._check_fresh(msg)
         except BadMessage as exc:
@@ -306,7 +311,7 @@ class Messenger:
             return
         try:
             msg = replace(open_envelope(delivery.payload, self.trust, delivery.topic, delivery.retained,
-                                        self.keyring), wire=delivery.payload)
+                                        self.keyring, torch_tensors=self.torch_tensors), wire=delivery.payload)
             self._check_topic(msg)
             self._check_fresh(msg)
         except BadMessage as exc:

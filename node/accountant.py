@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from common.training.local import dp_sgd_schedule, train_rows
+from common.training.catalog import dp_sgd_schedule, train_rows
 from node.policy import JobAsk, schedule_args
 
 ORDERS: tuple[int, ...] = tuple(range(2, 65)) + (80, 96, 128, 256)

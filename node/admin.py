@@ -84,7 +84,7 @@ def approve_source(db: Database, actor: str, source: str, class_name: str, note:
 
 
 def _zoo(plan_id: str) -> str:
-    from common.training.zoo import ZOO
+    from common.training.catalog import ZOO_ALGORITHMS as ZOO
 
     if plan_id.removeprefix("zoo:") not in ZOO:
         raise KeyError(f"unknown zoo plan {plan_id!r}; the zoo has: {', '.join('zoo:' + z for z in sorted(ZOO))}")

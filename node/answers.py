@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from typing import Any
 
 import numpy as np
-import torch
 
-from common.training.local import SCAFFOLD_PREFIX
+from common.codec import as_float, dtype_name, is_floating, is_torch, same_kind
+from common.training.catalog import SCAFFOLD_PREFIX
 
 MAX_N_SAMPLES = 10**9  # when the dataset's own size is not known
 MAX_METRICS = 256
@@ -32,18 +31,15 @@ class AnswerRefused(ValueError):
     """The child's answer does not fit the task; the message says what is wrong."""
 
 
-def _tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, np.ndarray):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer from the codec
-            value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor):
+def _tensor(name: str, value: Any) -> Any:
+    if not isinstance(value, np.ndarray) and not is_torch(value):
         raise AnswerRefused(f"{name} is a {type(value).__name__}, not a tensor")
     return value
 
 
-def check_tensors(what: str, got: Any, like: dict[str, torch.Tensor], *, all_names: bool) -> dict[str, torch.Tensor]:
-    """`got` as tensors with the names (all of them if `all_names`), shapes and dtypes of `like`."""
+def check_tensors(what: str, got: Any, like: dict[str, Any], *, all_names: bool) -> dict[str, Any]:
+    """`got` as tensors with the names (all of them if `all_names`), shapes and dtypes of `like`
+    (torch tensors or tensors held as numpy, `common.codec.TorchArray`: the node needs no torch)."""
     if not isinstance(got, dict):
         raise AnswerRefused(f"{what} is a {type(got).__name__}, not a mapping of tensors")
     unknown = [k for k in got if k not in like]
@@ -52,16 +48,20 @@ def check_tensors(what: str, got: Any, like: dict[str, torch.Tensor], *, all_nam
     missing = [k for k in like if k not in got]
     if all_names and missing:
         raise AnswerRefused(f"{what} lacks {sorted(missing)[:5]}")
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for name, value in got.items():
         tensor, ref = _tensor(f"{what} {name}", value), like[name]
         if tuple(tensor.shape) != tuple(ref.shape):
             raise AnswerRefused(f"{what} {name} has shape {tuple(tensor.shape)}, the model {tuple(ref.shape)}")
-        if tensor.dtype != ref.dtype:
-            raise AnswerRefused(f"{what} {name} has dtype {tensor.dtype}, the model {ref.dtype}")
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        try:
+            got_dtype = dtype_name(tensor)
+        except TypeError as exc:
+            raise AnswerRefused(f"{what} {name}: {exc}") from None
+        if got_dtype != dtype_name(ref):
+            raise AnswerRefused(f"{what} {name} has dtype torch.{got_dtype}, the model torch.{dtype_name(ref)}")
+        if is_floating(tensor) and not bool(np.isfinite(as_float(tensor)).all()):
             raise AnswerRefused(f"{what} {name} is not finite (NaN or Inf)")
-        out[name] = tensor
+        out[name] = same_kind(tensor, ref)
     return out
 
 
@@ -93,14 +93,14 @@ def check_failure(answer: dict[str, Any]) -> tuple[str, str]:
     return error[:MAX_TEXT], trace[:MAX_TEXT]
 
 
-def check_result(answer: Any, params: dict[str, torch.Tensor], max_samples: int | None = None) -> dict[str, Any]:
+def check_result(answer: Any, params: dict[str, Any], max_samples: int | None = None) -> dict[str, Any]:
     """A successful round's answer, checked against the `params` that were sent; AnswerRefused."""
     if not isinstance(answer, dict) or answer.get("ok") is not True:
         raise AnswerRefused("the answer is not a result")
     unknown = set(answer) - RESULT_FIELDS
     if unknown:
         raise AnswerRefused(f"unknown fields {sorted(map(str, unknown))[:5]}")
-    floats = {k: v for k, v in params.items() if v.is_floating_point()}
+    floats = {k: v for k, v in params.items() if is_floating(v)}
     extra_like = {SCAFFOLD_PREFIX + k: v for k, v in floats.items()}
     local_state = answer.get("local_state") or {}
     if not isinstance(local_state, dict) or not set(local_state) <= LOCAL_STATE_KEYS:

@@ -13,13 +13,15 @@ import gzip
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 TYPES = ("csv", "npy", "npz", "idx", "images", "table", "medical-folder", "dicom")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DatasetError(ValueError):
@@ -37,6 +39,7 @@ class LoadedData:
 
 
 def _images_from_uint8(arr: np.ndarray) -> torch.Tensor:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     if arr.ndim == 3:
         arr = arr[:, None, :, :]
     elif arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
@@ -45,6 +48,7 @@ def _images_from_uint8(arr: np.ndarray) -> torch.Tensor:
 
 
 def _meta(x: torch.Tensor, y: torch.Tensor | None, **extra: Any) -> dict[str, Any]:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     meta: dict[str, Any] = {"n_samples": int(len(x)), "shape": [int(d) for d in x.shape[1:]], **extra}
     if y is not None:
         classes = torch.unique(y)
@@ -58,6 +62,7 @@ def _meta(x: torch.Tensor, y: torch.Tensor | None, **extra: Any) -> dict[str, An
 
 
 def load_csv(path: Path, target: str | None) -> LoadedData:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
         try:
@@ -102,6 +107,7 @@ def _is_number(text: str) -> bool:
 
 
 def _array_to_x(arr: np.ndarray) -> torch.Tensor:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     if arr.dtype == np.uint8:
         return _images_from_uint8(arr)
     if not np.issubdtype(arr.dtype, np.number):
@@ -119,6 +125,7 @@ def load_npy(path: Path) -> LoadedData:
 
 
 def load_npz(path: Path) -> LoadedData:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
@@ -165,6 +172,7 @@ def idx_labels_for(images: Path) -> Path | None:
 
 
 def load_idx(path: Path, labels: Path | None) -> LoadedData:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     images = read_idx(path)
     if images.ndim != 3:
         raise DatasetError(f"{path.name}: expected images (3-D IDX), got {images.ndim}-D")
@@ -183,6 +191,7 @@ def load_idx(path: Path, labels: Path | None) -> LoadedData:
 
 
 def load_images(path: Path) -> LoadedData:
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     from PIL import Image  # Pillow comes with matplotlib
 
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())

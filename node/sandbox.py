@@ -30,7 +30,7 @@ from pathlib import Path
 _SYS_CREATE_RULESET, _SYS_ADD_RULE, _SYS_RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG = 38, 1
+_PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 38, 1, 36
 
 _FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 14, 1 << 15
@@ -195,6 +195,22 @@ def _thread_count() -> int:
         return len(os.listdir("/proc/self/task"))
     except OSError:
         return 1
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent ends, and no privilege gains (the training template)."""
+    if sys.platform.startswith("linux"):
+        libc = _libc()
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (PR_SET_CHILD_SUBREAPER): the node waits for the training
+    processes its template forks as for its own children. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def confine(policy: SandboxPolicy) -> Applied:

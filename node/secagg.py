@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import structlog
-import torch
 from pydantic import ValidationError
 
 from common import topics
@@ -55,8 +54,8 @@ def secure_refusal(spec: JobSpec) -> str | None:
 
 
 def as_params(values: dict[str, Any]) -> Params:
-    """The training child's arrays (numpy, or tensors for dtypes numpy lacks) as tensors."""
-    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for k, v in values.items()}
+    """The training child's tensors as they came (torch, or held as numpy: the node needs no torch)."""
+    return dict(values)
 
 
 class SiteRound:

@@ -29,9 +29,8 @@ from common.identity import Identity
 from common.messages import JobAnswer, JobSpec, NodeStatus, Reply, TrainFailed
 from common.messenger import Messenger
 from common.training.args import TrainingArgs, TrainingArgsError
+from common.training.catalog import ZOO_ALGORITHMS, LocalError, algorithm_of
 from common.training.loader import PlanError, check_ref
-from common.training.local import LocalError, algorithm_of
-from common.training.zoo import ZOO
 from node import jobs as site
 from node.accountant import job_epsilon
 from node.audit import AuditTrail
@@ -99,6 +98,7 @@ class NodeService:
         self.messenger = Messenger(  # processed message ids survive a restart: a replay is dropped
             identity, settings.mqtt, will=(topics.status(self.name), "node_status", NodeStatus(state="offline")),
             seen_file=settings.node_dir / "seen.sqlite",
+            torch_tensors=False,  # tensors stay numpy in the node: only training processes import torch
         )
         # the decisions on jobs (node/jobs.py): one step at a time, under self._lock
         self.site = SiteJobs(self.name, Lookups(refusal=self._spec_refusal, datasets=registry.matching,
@@ -172,10 +172,9 @@ class NodeService:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, connect_timeout_s: float | None = None) -> None:
-        """Connect at once; a warm training process starts meanwhile on the training thread (a
-        round that arrives first waits for it), so a restarted site is back in ~1 s, not ~4.
-        It may read no dataset until a job is assigned to it."""
-        self._train_thread.start()
+        """Connect at once; the training template (torch imported, no key, dataset or plan)
+        starts once connected, on the training thread (a round that arrives first waits for
+        it): the node process itself imports no torch, so a site is online in well under 1 s."""
         self._resume_jobs()  # before subscribing: a model delivered at once finds its job
         m = self.messenger
         # Bulk at QoS 0: the broker never queues a job or model per offline node; the retained
@@ -192,6 +191,7 @@ class NodeService:
         m.on_reject(self._on_rejected)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
+        self._train_thread.start()  # after connecting: the template's torch import does not delay it
         self._resend_thread.start()
         self._plans_thread.start()
         self.audit.record("node_started", actor=self.name)
@@ -223,7 +223,7 @@ class NodeService:
         for stored in self.job_store.all():
             try:
                 msg = open_envelope(stored.wire, self.messenger.trust, topics.job(stored.sender, stored.job_id),
-                                    keyring=self.messenger.keyring)
+                                    keyring=self.messenger.keyring, torch_tensors=False)
                 dataset = self.registry.get(stored.dataset)
                 if msg.type != "job" or msg.body.job_id != stored.job_id or dataset is None:  # type: ignore[attr-defined]
                     raise ValueError("its dataset is gone or the stored message is not this job")
@@ -323,7 +323,7 @@ class NodeService:
             TrainingArgs.of(spec.training_args)
         except TrainingArgsError as exc:
             return str(exc)
-        if spec.plan.zoo is not None and algorithm not in ZOO[spec.plan.zoo].supported_algorithms:
+        if spec.plan.zoo is not None and algorithm not in ZOO_ALGORITHMS[spec.plan.zoo]:
             return f"zoo plan {spec.plan.zoo!r} cannot run the {algorithm!r} local algorithm"
         return None
 
@@ -359,7 +359,9 @@ class NodeService:
             return "DP-SGD: this node cannot run it (opacus is not installed: pip install 'fedbiomq[dp]')"
         if spec.plan.zoo is None:
             return None
-        from opacus.validators import ModuleValidator
+        from opacus.validators import ModuleValidator  # torch: DP-SGD jobs on zoo plans only
+
+        from common.training.zoo import ZOO
 
         try:
             model = ZOO[spec.plan.zoo](spec.model_args, spec.training_args).build_model()

@@ -184,6 +184,9 @@ class SimulatedFleet:
     def start(self, timeout_s: float = 600.0) -> float:
         """Connect every node (TLS handshakes on a few threads); seconds until all are online."""
         started = time.monotonic()
+        # training is serial on the loop thread: one torch thread (more spin in OpenMP barriers
+        # while the broker and the aggregator want the other cores; measured 20x slower under load)
+        torch.set_num_threads(1)
         self._thread.start()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
@@ -211,24 +214,13 @@ class SimulatedFleet:
     # --- the loop --------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        last_misc = 0.0
+        last_misc = time.monotonic()
         while not self._stop.is_set():
             for key, mask in self.sel.select(timeout=0 if self._trainings else 0.05):
-                client = key.data
-                if client is None:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                if mask & selectors.EVENT_READ:
-                    client.loop_read()
-                    sock = client.socket()
-                    while isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted, unread
-                        client.loop_read()
-                if mask & selectors.EVENT_WRITE:
-                    client.loop_write()
+                self._serve(key.data, mask)
+                # keepalives between events too: a burst of N deliveries trains N nodes in a row,
+                # which on a loaded machine outlasts 1.5 keepalives (the broker then drops them)
+                last_misc = self._misc(last_misc)
             while True:
                 try:
                     self._pending.get_nowait()()
@@ -236,11 +228,30 @@ class SimulatedFleet:
                     break
             if self._trainings:  # one site's training, then the sockets again: the others' messages
                 self._trainings.popleft()()  # (stage states, acks) are read while the fleet trains
-            now = time.monotonic()
-            if now - last_misc > 1.0:  # keepalive pings, reconnect bookkeeping
-                for sim in self.nodes.values():
-                    sim.client.loop_misc()
-                last_misc = now
+            last_misc = self._misc(last_misc)
+
+    def _serve(self, client: mqtt.Client | None, mask: int) -> None:
+        if client is None:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake_r.recv(4096):
+                    pass
+            return
+        if mask & selectors.EVENT_READ:
+            client.loop_read()
+            sock = client.socket()
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted, unread
+                client.loop_read()
+        if mask & selectors.EVENT_WRITE:
+            client.loop_write()
+
+    def _misc(self, last: float) -> float:
+        """paho's keepalive pings and reconnect bookkeeping for every node, every 5 s (keepalive 60 s)."""
+        now = time.monotonic()
+        if now - last <= 5.0:
+            return last
+        for sim in self.nodes.values():
+            sim.client.loop_misc()
+        return now
 
     # --- protocol --------------------------------------------------------------------------------
 

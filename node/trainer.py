@@ -1,10 +1,10 @@
 """The parent side of training: one confined child process per job, its answers checked.
 
-Each job gets its own child (`node.training_process`), confined to that job's dataset and
-kept warm across the job's rounds; it ends when the job ends, when the node stops, or when
-it is the least recently used and a new job needs its place (`max_processes`). A warm spare,
-started at node start and again when a job ends, lets the next job start without waiting
-for torch; it may read no dataset until it is assigned a job.
+Each job gets its own child (`node.training_process`), forked from the node's training
+template (torch imported once, at node start, before any job) and confined to that job's
+dataset right after the fork; it stays warm across the job's rounds and ends when the job
+ends, when the node stops, or when it is the least recently used and a new job needs its
+place (`max_processes`). The template itself reads no dataset and runs no plan.
 Answers come back as size-limited frames and are checked against the task (`node.answers`)
 before the node uses them; a child that breaks the protocol or sends a refused answer is
 stopped, and its job gets a new one next round.
@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import torch
 
 from node.answers import MAX_TEXT, AnswerRefused, check_failure, check_result, check_statistics
 from node.sandbox import SandboxPolicy, python_read_paths
 from node.statistics import StatisticsRefused
-from node.training_process import ChildFailed, TrainingProcess
-from node.worker import to_tensors
+from node.training_process import ChildFailed, TrainingProcess, Zygote
 
 ANSWER_SLACK_BYTES = 64 << 20  # metrics, timings and headers on top of the tensors
 
@@ -63,23 +61,36 @@ class Trainer:
         self.sandbox: dict[str, Any] = {}  # what the most recently assigned child got
         self.on_started = on_started  # (job, pid, sandbox) of each child assigned to a job: the audit
         self._procs: OrderedDict[tuple[str, tuple[str, ...]], TrainingProcess] = OrderedDict()
-        self._spare: TrainingProcess | None = None
+        self._zygote: Zygote | None = None
         self._lock = threading.Lock()
         self._closing = False
 
     def start(self) -> None:
-        """Start the warm spare and wait until torch is imported in it (the node is then ready)."""
+        """Start the training template and wait until torch is imported in it (the node is then ready)."""
+        self._template()
+
+    def _template(self) -> Zygote:
+        """The live training template, started (and waited for) if there is none."""
         with self._lock:
             if self._closing:
                 raise TrainingFailed("the node is stopping")
-            self._spare = self._spare or TrainingProcess(self.threads)
-            spare = self._spare
+            if self._zygote is not None and not self._zygote.alive():
+                self.log.warning("training_template_died", pid=self._zygote.proc.pid)
+                self._zygote.stop()
+                self._zygote = None
+            fresh = self._zygote is None
+            zygote = self._zygote = self._zygote or Zygote()
         try:
-            spare.wait_warm(self.start_timeout_s)
-        except (ChildFailed, TimeoutError) as exc:
-            self._discard_spare()
-            raise TrainingFailed(f"the training process failed to start: {exc}") from exc
-        self.log.info("training_process_warm", pid=spare.pid)
+            zygote.wait_warm(self.start_timeout_s)
+        except ChildFailed as exc:
+            with self._lock:
+                if self._zygote is zygote:
+                    self._zygote = None
+            zygote.stop()
+            raise TrainingFailed(f"the training template failed to start: {exc}") from exc
+        if fresh:
+            self.log.info("training_template_warm", pid=zygote.proc.pid)
+        return zygote
 
     def begin_close(self) -> None:
         """The node is stopping: no new child is started."""
@@ -96,9 +107,9 @@ class Trainer:
             return next((c.pid for k, c in self._procs.items() if k[0] == job), None)
 
     def live_processes(self) -> int:
-        """Children alive now, the spare included (never more than `max_processes`)."""
+        """Job children alive now (never more than `max_processes`; the template not counted)."""
         with self._lock:
-            children = [*self._procs.values(), *([self._spare] if self._spare else [])]
+            children = list(self._procs.values())
         return sum(c.alive() for c in children)
 
     def run(self, task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -107,7 +118,7 @@ class Trainer:
         key = _job_key(task)
         log = self.log.bind(job=key[0], round=task.get("round"))
         child = self._child_for(key, log)
-        sent = to_tensors(task["params"])
+        sent = task["params"]
         try:
             size = child.send(task)
             answer = child.answer(4 * size + ANSWER_SLACK_BYTES, timeout_s)
@@ -125,8 +136,8 @@ class Trainer:
         only (outside the pool: it never evicts a job's child); (checked answer, its pid, the
         paths it could read). StatisticsRefused for a refusal; TrainingFailed otherwise."""
         paths = dataset_read_paths(task["dataset"])
-        child = TrainingProcess(1)
-        log = self.log.bind(statistics=task["dataset"].get("name"), pid=child.pid)
+        child = TrainingProcess(1, self._template())
+        log = self.log.bind(statistics=task["dataset"].get("name"))
         try:
             sandbox = child.assign(f"statistics:{task['dataset'].get('name')}", self.policy.with_read_paths(paths),
                                    self.start_timeout_s)
@@ -150,7 +161,7 @@ class Trainer:
             raise TrainingFailed(f"the statistics process's answer was refused: {exc}") from exc
         return checked, child.pid, paths, sandbox
 
-    def _checked(self, answer: Any, sent: dict[str, torch.Tensor], task: dict[str, Any], key, child, log) -> dict[str, Any]:
+    def _checked(self, answer: Any, sent: dict[str, Any], task: dict[str, Any], key, child, log) -> dict[str, Any]:
         try:
             if isinstance(answer, dict) and answer.get("ok") is False:
                 error, trace = check_failure(answer)
@@ -163,7 +174,7 @@ class Trainer:
             raise TrainingFailed(f"the training process's answer was refused: {exc}; it was stopped") from exc
 
     def _child_for(self, key: tuple[str, tuple[str, ...]], log: Any) -> TrainingProcess:
-        """The job's live child, or a new one (the spare if there is one) assigned to it."""
+        """The job's live child, or a new one forked from the template and assigned to it."""
         with self._lock:
             child = self._procs.get(key)
             if child is not None and child.alive():
@@ -174,12 +185,7 @@ class Trainer:
         if self._closing:
             raise TrainingFailed("the node is stopping")
         self._evict(room_for=1)
-        with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None and not spare.alive():
-            spare.stop(kill=True)
-            spare = None
-        child = spare or TrainingProcess(self.threads)
+        child = TrainingProcess(self.threads, self._template())
         with self._lock:
             self._procs[key] = child
         policy = self.policy.with_read_paths(list(key[1]))
@@ -197,8 +203,7 @@ class Trainer:
         return child
 
     def _evict(self, room_for: int) -> None:
-        """Stop the least recently used job children until `room_for` more fit (a spare
-        becomes one of them, so it needs no room of its own)."""
+        """Stop the least recently used job children until `room_for` more fit."""
         while True:
             with self._lock:
                 if not self._procs or len(self._procs) + room_for <= self.max_processes:
@@ -207,15 +212,6 @@ class Trainer:
             self.log.info("training_process_evicted", job=key[0], pid=child.pid)
             child.stop()
 
-    def _replenish(self) -> None:
-        """Start a spare for the next job, if that stays within `max_processes`. Called when a
-        job ends, not when one starts: a spare beside a running job would cost a process's
-        memory and compete with its first round for the CPU."""
-        with self._lock:
-            if self._closing or self._spare is not None or len(self._procs) >= self.max_processes:
-                return
-            self._spare = TrainingProcess(self.threads)
-
     def _drop(self, key, child: TrainingProcess, log, why: str) -> None:
         with self._lock:
             if self._procs.get(key) is child:
@@ -223,26 +219,20 @@ class Trainer:
         log.info("training_process_stopped", pid=child.pid, why=why)
         child.stop(kill=why != "done")
 
-    def _discard_spare(self) -> None:
-        with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.stop(kill=True)
-
     def end_job(self, job: str) -> None:
         """The job ended, was withdrawn or its plan revoked: its child ends too."""
         with self._lock:
             ended = [(k, c) for k, c in self._procs.items() if k[0] == job]
         for key, child in ended:
             self._drop(key, child, self.log.bind(job=job), "done")
-        if ended:
-            self._replenish()
 
     def stop(self) -> None:
-        """End every child (the node stops)."""
+        """End every child and the template (the node stops)."""
         with self._lock:
-            children = [*self._procs.values(), *([self._spare] if self._spare else [])]
+            children = list(self._procs.values())
             self._procs.clear()
-            self._spare = None
+            zygote, self._zygote = self._zygote, None
         for child in children:
             child.stop()
+        if zygote is not None:
+            zygote.stop()

@@ -1,15 +1,14 @@
 """The training child process: serves the rounds of ONE job, on that job's dataset only.
 
-It is started before it knows its job and imports torch meanwhile (our code only, one thread),
-then waits for its assignment, confines itself to that job's dataset (`node.sandbox`), warms
-up and trains round after round until the node ends the job. One job per process: a plan
+It is forked for its job from the node's training template (`node.zygote`: torch imported, our
+code only, one thread, nothing secret), confines itself to that job's dataset (`node.sandbox`)
+right after the fork, warms up and trains round after round until the node ends the job. One job per process: a plan
 cannot read another job's dataset nor patch what another job runs. Node and child talk in
 framed msgpack (`common.frames`), never pickle. The child holds no broker credentials and no
 keys."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -320,18 +319,15 @@ def _statistics_answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-def serve(sock: socket.socket, threads: int) -> None:
-    """Child main loop: take the job, confine to it, warm up, then one round in, one answer out.
+def serve(sock: socket.socket, threads: int, policy: dict[str, Any]) -> None:
+    """A job's training process, just forked from the template (`node.zygote`): confine to the
+    job's `policy` first, then warm up, then one round in, one answer out until the node says stop.
 
-    Torch is imported (at module load) before the job is known; nothing that starts threads
-    runs before `confine`, because Landlock binds only the calling thread and those it starts.
+    The template imported torch and `preimport`ed before any job was known; nothing that starts
+    threads runs before `confine`, because Landlock binds only the calling thread and those it
+    starts (after a fork this thread is the only one).
     """
-    preimport()
-    send_frame(sock, {"warm": True})
-    job = recv_frame(sock, MAX_TASK_BYTES)
-    if not job or job.get("op") != "assign":
-        return
-    applied = confine(SandboxPolicy(**{**job["policy"], "read_paths": tuple(job["policy"]["read_paths"])}))
+    applied = confine(SandboxPolicy(**{**policy, "read_paths": tuple(policy["read_paths"])}))
     torch.set_num_threads(max(1, threads))
     warm_up()
     send_frame(sock, {"ready": True, "sandbox": dataclasses.asdict(applied)})
@@ -344,20 +340,3 @@ def serve(sock: socket.socket, threads: int) -> None:
         if not isinstance(task, dict) or task.get("op") == "stop":
             return
         send_frame(sock, _statistics_answer(task, cache) if task.get("op") == "statistics" else _answer(task, cache))
-
-
-def main() -> None:
-    """`python -m node.worker --fd N --threads T`: started by the node's Trainer, never by hand."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--fd", type=int, required=True, help="the socket to the node")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = parser.parse_args()
-    sock = socket.socket(fileno=args.fd)
-    try:
-        serve(sock, args.threads)
-    finally:
-        sock.close()
-
-
-if __name__ == "__main__":
-    main()

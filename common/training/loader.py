@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import types
+from typing import TYPE_CHECKING
 
 from common.messages import PlanRef
-from common.training.plan import TrainingPlan
-from common.training.zoo import ZOO
+from common.training.catalog import ZOO_ALGORITHMS
+
+if TYPE_CHECKING:
+    from common.training.plan import TrainingPlan
 
 
 class PlanError(ValueError):
@@ -22,8 +25,8 @@ def check_ref(ref: PlanRef) -> None:
     """Refuse references that are malformed, unknown or whose source does not match its hash."""
     if (ref.zoo is None) == (ref.source is None):
         raise PlanError("a plan is either a zoo name or source text, exactly one of the two")
-    if ref.zoo is not None and ref.zoo not in ZOO:
-        raise PlanError(f"unknown zoo plan {ref.zoo!r}; the zoo has: {', '.join(sorted(ZOO))}")
+    if ref.zoo is not None and ref.zoo not in ZOO_ALGORITHMS:
+        raise PlanError(f"unknown zoo plan {ref.zoo!r}; the zoo has: {', '.join(sorted(ZOO_ALGORITHMS))}")
     if ref.source is not None:
         if not ref.class_name:
             raise PlanError("a plan given as source must name its class (class_name)")
@@ -32,7 +35,11 @@ def check_ref(ref: PlanRef) -> None:
 
 
 def load_plan_class(ref: PlanRef) -> type[TrainingPlan]:
-    """The plan class. Source plans are executed: only call this for approved plans."""
+    """The plan class. Source plans are executed: only call this for approved plans (in a
+    training process: this imports torch)."""
+    from common.training.plan import TrainingPlan  # noqa: PLC0415 - torch: not in the node process
+    from common.training.zoo import ZOO  # noqa: PLC0415
+
     check_ref(ref)
     if ref.zoo is not None:
         return ZOO[ref.zoo]

@@ -17,18 +17,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from common.training.args import (  # noqa: F401 - re-exported: the names callers import from here
+from common.training.args import TrainingArgs
+from common.training.catalog import (  # noqa: F401 - re-exported: where plans and tests look for them
     ALGORITHM_OF_RULE,
+    DP_MODES,
     LOCAL_ALGORITHMS,
+    SCAFFOLD_PREFIX,
     LocalError,
-    TrainingArgs,
     algorithm_of,
+    dp_mode,
+    dp_sgd_schedule,
+    train_rows,
 )
 
 Params = dict[str, torch.Tensor]
-
-SCAFFOLD_PREFIX = "c/"
-
 
 def proximal_penalty(model: torch.nn.Module, anchor: Params, strength: float) -> torch.Tensor:
     """strength/2 * ||w - anchor||^2 over the trainable parameters (FedProx's mu, ADMM's rho)."""
@@ -89,35 +91,6 @@ def clip_and_noise(delta: Params, clip: float, sigma: float,
     for k, v in floats.items():
         out[k] = (v.double() * factor + noise(tuple(v.shape)).double() * (sigma * clip)).to(v.dtype)
     return out, norm
-
-
-DP_MODES = ("client", "sample")
-
-
-def dp_mode(training_args: dict[str, Any]) -> str | None:
-    """None (no DP), "client" (`{clip, sigma}`, the default) or "sample" (DP-SGD)."""
-    dp = TrainingArgs.of(training_args).dp or None
-    if dp is None:
-        return None
-    mode = str(dp.get("mode", "client"))
-    if mode not in DP_MODES:
-        raise LocalError(f"training_args.dp mode {mode!r} is not one of {', '.join(DP_MODES)}")
-    return mode
-
-
-def train_rows(n: int, training_args: dict[str, Any]) -> int:
-    """How many of `n` rows are trained on: the rest is the validation split (`validation_split`)."""
-    return n - int(round(n * TrainingArgs.of(training_args).val_fraction))
-
-
-def dp_sgd_schedule(n_train: int, training_args: dict[str, Any]) -> tuple[float, int]:
-    """(Poisson sample rate q, DP-SGD steps a round) over `n_train` rows: q = batch_size / n,
-    ceil(1/q) steps an epoch, at most `max_batches`. The worker runs exactly these steps and
-    the node's accountant prices exactly these, so both sides call this one function."""
-    args = TrainingArgs.of(training_args)
-    q = min(1.0, args.batch_size / max(1, n_train))
-    steps = args.epochs * math.ceil(1 / q)
-    return q, steps if args.max_batches is None else min(steps, args.max_batches)
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

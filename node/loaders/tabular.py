@@ -19,10 +19,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from node.datasets import DatasetError, LoadedData, _is_number
 
@@ -30,6 +29,9 @@ MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 MIN_PUBLIC_COUNT = 5  # categories with fewer rows are not shown to researchers
 MAX_CATEGORIES = 50  # more distinct non-numeric values: free text or an identifier, dropped
 _DATE = re.compile(r"^\d{4}-\d{1,2}-\d{1,2}([ T].*)?$|^\d{1,2}/\d{1,2}/\d{2,4}$")
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -95,6 +97,7 @@ def public_columns(columns: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
 
 def load_table(path: Path, target: str | None) -> TableData:
     """Read and profile a table; the target (if any) must be present and not dropped."""
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     header, rows = read_table(path)
     if target is not None and target not in header:
         raise DatasetError(f"target column {target!r} is not in the header of {path.name} ({len(header)} columns)")
@@ -212,6 +215,7 @@ def _check_columns(table: TableData, enc: Encoding, numeric: list[str]) -> None:
 
 def _labels(table: TableData, enc: Encoding) -> tuple[torch.Tensor | None, np.ndarray]:
     """The target as class indices or floats, and which rows keep a usable label."""
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     target = table.meta.get("target")
     n = len(table.x)
     if target is None:
@@ -230,6 +234,7 @@ def _labels(table: TableData, enc: Encoding) -> tuple[torch.Tensor | None, np.nd
 
 def encode(table: TableData, enc: Encoding) -> LoadedData:
     """The table as float features (N, F) and labels, exactly as `enc` says."""
+    import torch  # noqa: PLC0415 - only where data is loaded (a training process)
     columns = table.meta["columns"]
     target = table.meta.get("target")
     numeric = list(enc.numeric) if enc.numeric is not None else [

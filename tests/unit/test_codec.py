@@ -135,3 +135,18 @@ def test_encode_parts_joins_to_exactly_encode_and_does_not_copy_big_tensors():
     views = [p for p in parts if isinstance(p, memoryview)]
     assert views and views[0].nbytes == big.numel() * 4
     assert np.shares_memory(np.frombuffer(views[0], dtype=np.float32), big.numpy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(TORCH_DTYPES), shapes, st.integers(0, 2**31))
+def test_a_node_holds_torch_tensors_as_numpy_and_forwards_them_byte_for_byte(dtype, shape, seed):
+    """Issue 21: the node decodes without torch (TorchArray) and re-encodes the same bytes."""
+    gen = torch.Generator().manual_seed(seed)
+    tensor = torch.randint(0, 2 if dtype == torch.bool else 100, shape, generator=gen).to(dtype)
+    wire = codec.encode({"t": tensor})
+    held = codec.decode(wire, torch_tensors=False)["t"]
+    assert isinstance(held, codec.TorchArray) and held.shape == tensor.shape
+    assert codec.dtype_name(held) == str(dtype).removeprefix("torch.")
+    assert codec.encode({"t": held}) == wire
+    if dtype.is_floating_point:
+        assert np.array_equal(codec.as_float(held), tensor.float().numpy())

@@ -91,3 +91,19 @@ def test_the_job_setting_is_validated():
         CompressionSpec.of({"compression": {"kind": "zip"}})
     with pytest.raises(ValueError):
         CompressionSpec.of({"compression": {"kind": "topk", "fraction": 0}})
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8", "topk"])
+def test_the_node_compresses_numpy_held_tensors_as_it_did_torch_ones(kind):
+    """Issue 21: the node (no torch) sends the same wire tensors as a torch implementation would."""
+    from common import codec
+
+    spec = CompressionSpec(kind=kind, fraction=0.1)
+    ref, new = _model(0), _model(1)
+    wire_t, res_t = encode_update(new, ref, spec)
+    held = {n: codec.decode(codec.encode(t), torch_tensors=False) for n, t in new.items()}
+    held_ref = {n: codec.decode(codec.encode(t), torch_tensors=False) for n, t in ref.items()}
+    wire_n, res_n = encode_update(held, held_ref, spec)
+    assert all(isinstance(t, codec.TorchArray) for t in wire_n.values())
+    assert {k: codec.encode(v) for k, v in wire_n.items()} == {k: codec.encode(v) for k, v in wire_t.items()}
+    assert set(res_n) == set(res_t)
