@@ -20,6 +20,7 @@ import queue
 import random
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +78,8 @@ from common.messenger import Messenger
 from common.settings import TransportSettings
 from common.training.args import TrainingArgs, TrainingArgsError
 
+EARLY_ANSWER_JOBS = 64  # jobs whose early answers are kept (the oldest go first)
+EARLY_ANSWERS_PER_JOB = 10_000
 SHARE_ATTEMPTS = 3  # publishing the job's state for a take-over, before the acknowledgements it covers
 
 
@@ -710,6 +713,8 @@ class AggregatorService:
                                    will=(topics.agg_status(self.name), "aggregator_status", AggregatorStatus(state="offline")))
         self.fleet = Fleet(self, fleet or FleetSettings())
         self.specs: dict[str, Message] = {}  # unpinned jobs we may claim: their signed spec
+        # nodes' answers about a job that came before we ran it (declined, pending), by job
+        self._early_answers: OrderedDict[str, list[tuple[str, _Event]]] = OrderedDict()
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
         self.nodes: dict[str, NodeStatus] = {}
         self.declared: dict[str, NodeStatus] = {}  # each node's last online status: its datasets
@@ -882,17 +887,26 @@ class AggregatorService:
             answer: JobAnswer | TrainFailed | None = JobAnswer.of(reply, msg.job) or TrainFailed.of(reply, msg.job)
         except ValidationError:
             return  # not an answer this aggregator can read
-        runner = self._runner(answer.job) if answer is not None else None
-        if runner is None or answer is None:
-            return
-        if topics.addressee_of(msg.topic) != runner.spec.owner:  # a notice about a same-named job of another owner
+        if answer is None:
             return
         if isinstance(answer, TrainFailed):
-            runner.events.put(_Event("dropout", node=msg.sender, dropout="failed", reason=reply.error))
+            event = _Event("dropout", node=msg.sender, dropout="failed", reason=reply.error)
         elif answer.status == "accepted":  # e.g. its plan was approved late
-            runner.events.put(_Event("joined", node=msg.sender, reason="accepted"))
-        else:  # pending: not now, maybe after approval
-            runner.events.put(_Event("dropout", node=msg.sender, dropout=answer.status, reason=reply.error))
+            event = _Event("joined", node=msg.sender, reason="accepted")
+        else:  # declined, or pending: not now, maybe after approval
+            event = _Event("dropout", node=msg.sender, dropout=answer.status, reason=reply.error)
+        addressee = topics.addressee_of(msg.topic) or ""
+        with self._lock:
+            runner = self.runners.get(answer.job)
+            if runner is None:  # answered before the job is ours (a fleet claim settles first): kept for then
+                kept = self._early_answers.setdefault(answer.job, [])
+                if len(kept) < EARLY_ANSWERS_PER_JOB:
+                    kept.append((addressee, event))
+                while len(self._early_answers) > EARLY_ANSWER_JOBS:
+                    self._early_answers.popitem(last=False)
+                return
+        if addressee == runner.spec.owner:  # else a notice about a same-named job of another owner
+            runner.events.put(event)
 
     def _on_update(self, msg: Message) -> None:
         if self._runner(topics.job_of(msg.topic)) is None:  # not ours, or not known yet: its re-send must still be processed
@@ -953,6 +967,10 @@ class AggregatorService:
         runner = JobRunner(spec, self, epoch=epoch)
         with self._lock:
             self.runners[spec.job_id] = runner
+            early = self._early_answers.pop(spec.job_id, [])
+        for addressee, event in early:  # nodes that declined or wait for approval
+            if addressee == spec.owner:
+                runner.events.put(event)
         self.log.info("job_claimed", job=spec.job_id, rounds=spec.rounds, rule=spec.aggregator.name, epoch=epoch)
         runner.start()
 

@@ -144,17 +144,22 @@ class LocalFederation:
                                           "--state-dir", str(state)], env=env)
 
     def wait_online(self, names: set[str], timeout_s: float = 120.0, *, observer: str = "fbm-observer") -> None:
-        """Block until every node in `names` has published an online status (admin observer)."""
+        """Block until every node in `names`, and every aggregator this federation started that
+        still runs, has published an online status (admin observer): a job submitted before
+        its aggregator listens would lose the nodes' first answers (declines, pending plans)."""
         got: queue.Queue = queue.Queue()
         identity = Identity.load(self.enroll(observer, "admin"))
         settings = TransportSettings(clean_start=True, session_expiry_s=0)
         m = Messenger(identity, settings, client_id=f"{observer}-{uuid.uuid4().hex[:6]}")
         m.subscribe(topics.every("status"), got.put, types={"node_status"})
+        m.subscribe(topics.every("agg_status"), got.put, types={"aggregator_status"})
         m.connect()
+        wanted = set(names) | {label[len("agg-"):] for label, proc in self.procs
+                               if label.startswith("agg-") and proc.poll() is None}
         online: set[str] = set()
         deadline = time.monotonic() + timeout_s
         try:
-            while not names <= online and time.monotonic() < deadline:
+            while not wanted <= online and time.monotonic() < deadline:
                 try:
                     msg = got.get(timeout=0.2)
                 except queue.Empty:
@@ -162,8 +167,8 @@ class LocalFederation:
                 (online.add if msg.body.state == "online" else online.discard)(msg.sender)
         finally:
             m.close()
-        if not names <= online:
-            raise TimeoutError(f"nodes not online after {timeout_s:.0f}s: {sorted(names - online)}")
+        if not wanted <= online:
+            raise TimeoutError(f"not online after {timeout_s:.0f}s: {sorted(wanted - online)}")
 
     def stop_processes(self, timeout_s: float = 20.0) -> None:
         for _, proc in reversed(self.procs):

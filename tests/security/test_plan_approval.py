@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from common.identity import Identity
@@ -59,8 +61,12 @@ def test_an_unapproved_plan_waits_and_runs_only_where_approved(fed, tmp_path):
     listed = fed.run_cli("node", "plan", "list", "--dir", str(fed.root / "nodes" / "site-1"), "--status", "pending")
     assert sha[:16] in listed
     fed.run_cli("node", "plan", "approve", sha[:10], "--dir", str(fed.root / "nodes" / "site-1"), "--note", "read it")
+    t0 = time.monotonic()
     state = exp.watch(timeout_s=120, progress=False)
     assert state.status == "done", state.reason
+    # site-2's "pending" reached the aggregator although it came before the claim settled: no
+    # round waited for it until its 60 s deadline
+    assert time.monotonic() - t0 < 40, "a round waited for a node whose plan awaits approval"
     assert [sorted(rep["node"] for rep in r["reports"]) for r in state.history] == [["site-1"], ["site-1"]]
     assert _audit(fed, "site-1", job).count("round_trained") == 2
     assert "round_trained" not in _audit(fed, "site-2", job)
