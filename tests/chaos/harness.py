@@ -18,6 +18,7 @@ from broker import process
 from broker.local import LocalFederation
 from common.identity import Identity
 from common.messenger import Messenger
+from common.sealed import Keyring
 from common.settings import TransportSettings
 from researcher.experiment import Experiment, JobState
 from scripts import fmnist
@@ -114,7 +115,10 @@ def federation(start_nodes: list[str] = NODES, aggregators: tuple[str, ...] = ("
     observer.subscribe("fbm/v1/jobs/+/+/events", run.events.put)
     observer.subscribe("fbm/v1/nodes/+/requests", run.events.put, types={"update_received"})  # acks go to each node
     observer.subscribe("fbm/v1/jobs/+/+/claims/+", run.events.put, types={"job_claim"})  # the audit of claims
-    observer.subscribe("fbm/v1/jobs/+/secagg/+", run.events.put)  # the sites' secure-aggregation messages
+    # the sites' secure-aggregation messages, sealed for the job's aggregator: the observer reads
+    # them with the (first) aggregator's key
+    observer.keyring = Keyring.of(aggregators[0], Identity.load(fed.ws.bundle_dir(aggregators[0])).key)
+    observer.subscribe("fbm/v1/jobs/+/+/secagg/+", run.events.put)
     observer.connect()
     run.observer = observer
     return run
