@@ -172,6 +172,7 @@ class Experiment:
         self.seed = seed
         self.mqtt = researcher_settings(mqtt)
         self._messenger: Messenger | None = None
+        self._aggregators: dict[str, str] = {}  # aggregator -> its last retained status (online, offline)
         self.state = JobState(self.job_id, rounds=rounds, aggregator=aggregator_identity)
         self._spec: JobSpec | None = None  # the submitted (or attached) spec, exactly as signed
         self._readers: set[str] = set()  # who the submitted job is sealed for
@@ -209,8 +210,13 @@ class Experiment:
             m.subscribe(topics.model(self.owner, self.job_id), self._events.put, types={"model"}, retained_chunks=True)
             m.subscribe(topics.events(self.owner, self.job_id), self._events.put)
             m.subscribe(topics.replies_to(self.identity.name), self._on_reply, types={"reply"})
+            # the fleet's retained statuses: an unpinned job is sealed for every aggregator online
+            m.subscribe(topics.every("agg_status"), self._on_aggregator, types={"aggregator_status"}, qos=0)
             m.connect()
         return self._messenger
+
+    def _on_aggregator(self, msg: Message) -> None:
+        self._aggregators[msg.sender] = msg.body.state  # type: ignore[attr-defined]
 
     def _on_job_topic(self, msg: Message) -> None:
         """Our job's spec as the broker holds it (its chunks are now known, for a withdrawal to
@@ -245,6 +251,8 @@ class Experiment:
         m = self.messenger
         pinned = [spec.aggregator.identity] if spec.aggregator.identity else []
         m.settle_keys(required=[*(spec.nodes or []), *pinned], quiet_s=0.3)
+        if not pinned:  # every aggregator that says it is online may claim it: wait for their keys too
+            m.settle_keys(required=[a for a, state in list(self._aggregators.items()) if state == "online"], quiet_s=0)
         aggregators = pinned or m.keyholders("aggregator")
         if m.sealing and not all(m.knows_key(a) for a in aggregators or ["?"]):
             structlog.get_logger("researcher").warning(

@@ -119,7 +119,7 @@ def run_undisturbed(exp: Experiment) -> JobState:
     exp.submit()
     state = _finish(exp)
     assert state.status == "done", state.reason
-    assert _folded(state) == [SITES] * 3
+    assert _folded(state) == [SITES] * exp.spec().rounds
     return state
 
 
