@@ -1017,8 +1017,11 @@ class AggregatorService:
         job = topics.job_of(msg.topic) or ""
         with self._lock:
             known = self.specs.get(job)
-        if known is not None and known.body.owner != topics.owner_of(msg.topic):  # type: ignore[union-attr]
-            return  # the same id under another owner's name
+        owner = known.body.owner if known is not None else None  # type: ignore[union-attr]
+        if owner is not None and owner != topics.owner_of(msg.topic):  # the same id under another owner's name
+            self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
+                             reason=f"the job belongs to {owner!r}, not to {topics.owner_of(msg.topic)!r}")
+            return
         with self._lock:
             self.specs.pop(job, None)
         self.fleet.gone(job)

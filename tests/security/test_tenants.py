@@ -35,7 +35,7 @@ from tests.security.test_hostile_peers import OnRound, _finish, _folded, _same, 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SITES = ["site-1", "site-2"]
-ROUNDS = 30  # the attacks strike in round 1 and take ~8 s: the job (fast rounds) must outlast them
+ROUNDS = 100  # the attacks strike in round 1 and take ~10 s: the job (fast rounds) must outlast them
 MODEL = {"in_features": 784, "hidden": [16], "n_classes": 10}
 
 
