@@ -9,7 +9,7 @@ can overwrite it) and all apply the same rule to the claims they see (docs/desig
    epoch + 1 for a take-over), only if no live hold or older bid of that epoch exists, or
    joins the bids of epoch e made less than half a settle window ago;
 2. after the settle window it decides with what it has seen: it holds the job if no hold of
-   epoch >= e exists and its bid is the least (load, name) of the live bids of epoch e;
+   epoch >= e exists and its bid is the least (load, hash(job, name)) of the live bids of epoch e;
 3. the holder renews its lease every third of it; a finished job is never bid for again;
 4. a hold of a higher epoch, or (after a partition) an equal hold that ranks first, makes
    the other holder stop.
@@ -20,6 +20,7 @@ actions out; every time is an argument, so tests drive it with a fake clock.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from common.claims import live, newer
@@ -212,10 +213,12 @@ class ClaimBook:
         return renewed
 
 
-def _rank(aggregator: str, claim: JobClaim) -> tuple[int, int, str]:
+def _rank(aggregator: str, claim: JobClaim) -> tuple[int, int, str, str]:
     """The deterministic order of claims of one epoch: holds first, then the least loaded,
-    then the name."""
-    return (0 if claim.state == "held" else 1, claim.load, aggregator)
+    then a hash of (job, name), so that equally loaded aggregators share the jobs instead of
+    the first name winning every tie (then the name itself, should two hashes ever meet)."""
+    tie = hashlib.sha256(f"{claim.job}\0{aggregator}".encode()).hexdigest()
+    return (0 if claim.state == "held" else 1, claim.load, tie, aggregator)
 
 
 def _outranks(sender: str, theirs: JobClaim, me: str, mine: JobClaim) -> bool:
