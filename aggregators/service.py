@@ -841,13 +841,19 @@ class AggregatorService:
     def _runner_at(self, msg: Message) -> JobRunner | None:
         """The runner of the job `msg`'s topic is about, if the topic names that job's owner: a
         job id under another researcher's name is not this job (logged and dropped)."""
-        runner = self._runner(topics.job_of(msg.topic))
-        owner = topics.owner_of(msg.topic)
-        if runner is not None and owner != runner.spec.owner:
-            self.log.warning("foreign_owner_dropped", job=runner.spec.job_id, type=msg.type, sender=msg.sender,
-                             msg_id=msg.id, reason=f"the job belongs to {runner.spec.owner!r}, not to {owner!r}")
-            return None
-        return runner
+        job = topics.job_of(msg.topic) or ""
+        runner = self._runner(job)
+        return None if runner is None or self._foreign(msg, job) else runner
+
+    def _foreign(self, msg: Message, job: str) -> bool:
+        """Whether `msg`'s topic names another owner than the one of `job` as we know it (a
+        claimed or a running job); logged when it does."""
+        owner, named = self.owner_of(job), topics.owner_of(msg.topic)
+        if not owner or owner == named:
+            return False
+        self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
+                         reason=f"the job belongs to {owner!r}, not to {named!r}")
+        return True
 
     def _on_connected(self, session_present: bool) -> None:
         """After any reconnect, re-publish our claims and each running job's model: a hard-killed
@@ -946,9 +952,8 @@ class AggregatorService:
         spec: JobSpec = msg.body  # type: ignore[assignment]
         if spec.aggregator.identity not in (None, self.name):
             return
-        if self._runner(spec.job_id) is not None:
-            self._runner_at(msg)  # the same id under another owner's name is logged
-            return
+        if self._foreign(msg, spec.job_id) or self._runner(spec.job_id) is not None:
+            return  # the same id under another owner's name (logged), or ours already
         if self.checkpoints.finished(spec.job_id):
             self.log.info("job_already_finished", job=spec.job_id)
             return
@@ -1015,17 +1020,12 @@ class AggregatorService:
     def _withdrawn(self, msg: Message) -> None:
         """The owner (or an admin) withdrew the job: nobody is to claim or run it any more."""
         job = topics.job_of(msg.topic) or ""
-        with self._lock:
-            known = self.specs.get(job)
-        owner = known.body.owner if known is not None else None  # type: ignore[union-attr]
-        if owner is not None and owner != topics.owner_of(msg.topic):  # the same id under another owner's name
-            self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
-                             reason=f"the job belongs to {owner!r}, not to {topics.owner_of(msg.topic)!r}")
+        if self._foreign(msg, job):  # the same id under another owner's name: not this job
             return
         with self._lock:
             self.specs.pop(job, None)
         self.fleet.gone(job)
-        runner = self._runner_at(msg)
+        runner = self._runner(job)
         if runner is not None:
             self.log.info("job_withdrawn", job=job, by=msg.sender, msg_id=msg.id)
             runner.events.put(_Event("withdrawn"))

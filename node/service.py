@@ -296,11 +296,7 @@ class NodeService:
             self._on_withdrawal(msg)
             return
         spec: JobSpec = msg.body  # type: ignore[assignment]
-        known = self._job_spec(spec.job_id)
-        if known is not None and known.owner != spec.owner:  # the same id under another researcher's name
-            self._drop_foreign(msg, spec.job_id, known.owner)
-            return
-        if self._ended(msg, spec):
+        if self._foreign(msg, spec.job_id) or self._ended(msg, spec):
             return
         self._step(self.site.on_job, msg)
 
@@ -445,20 +441,21 @@ class NodeService:
         with self._lock:
             return self.site.job_ids()
 
-    def _drop_foreign(self, msg: Message, job: str, owner: str) -> None:
-        """A message on another owner's topics about a job this node knows: not this job's."""
-        reason = f"job {job!r} belongs to {owner!r}, not to {topics.owner_of(msg.topic)!r}"
+    def _foreign(self, msg: Message, job: str) -> bool:
+        """Whether `msg` is on another owner's topics about a job this node knows (runs or waits
+        on): not this job's, logged and audited. Acks (on our own topic) name no owner."""
+        spec, named = self._job_spec(job), topics.owner_of(msg.topic)
+        if spec is None or named is None or named == spec.owner:
+            return False
+        reason = f"job {job!r} belongs to {spec.owner!r}, not to {named!r}"
         self.log.warning("foreign_owner_dropped", job=job, type=msg.type, sender=msg.sender, msg_id=msg.id,
                          reason=reason)
         self.audit.record("message_dropped", job=job, actor=msg.sender, reason=reason)
+        return True
 
     def _on_withdrawal(self, msg: Message) -> None:
         job = topics.job_of(msg.topic) or ""
-        spec = self._job_spec(job)
-        if spec is None:
-            return
-        if spec.owner != topics.owner_of(msg.topic):
-            self._drop_foreign(msg, job, spec.owner)
+        if self._job_spec(job) is None or self._foreign(msg, job):
             return
         self._step(self.site.on_withdrawn, job, msg.sender)
 
@@ -483,11 +480,7 @@ class NodeService:
         node/binding.py for the rule). Messages for jobs this node neither runs nor waits on
         are ignored anyway, so they bind nothing."""
         spec = self._job_spec(job_id)
-        if spec is None:
-            return False
-        owner = topics.owner_of(msg.topic)  # None for acks (on our own requests topic)
-        if owner is not None and owner != spec.owner:
-            self._drop_foreign(msg, job_id, spec.owner)
+        if spec is None or self._foreign(msg, job_id):
             return False
         return self.bindings.accepts(job_id, spec.aggregator.identity, msg.sender, msg.type)
 
