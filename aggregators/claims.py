@@ -12,9 +12,13 @@ can overwrite it) and all apply the same rule to the claims they see (docs/desig
    epoch >= e exists and its bid is the least (load, hash(job, name)) of the live bids of epoch e;
 3. the holder renews its lease every third of it; a finished job is never bid for again;
 4. a hold of a higher epoch, or (after a partition) an equal hold that ranks first, makes
-   the other holder stop.
+   the other holder stop;
+5. an aggregator that knows of no other online aggregator (their retained statuses) decides
+   its bid at once: a peer that starts meanwhile bids only after READY_S, by when our hold
+   has reached it, and a peer that knows of us waits its settle window, which our hold
+   beats; so the settle window is paid only where there is a fleet.
 
-Events in (`on_job`, `on_claim`, `on_tick(now)`, `on_connected(now)`, `on_finished`),
+Events in (`on_job`, `on_claim`, `on_peer`, `on_tick(now)`, `on_connected(now)`, `on_finished`),
 actions out; every time is an argument, so tests drive it with a fake clock.
 """
 
@@ -82,12 +86,23 @@ class ClaimBook:
     held: dict[str, JobClaim] = field(default_factory=dict)
     ended: dict[str, JobClaim] = field(default_factory=dict)  # our finished claims: re-published on reconnect
     bid: _Bid | None = None
+    peers: dict[str, bool] = field(default_factory=dict)  # other aggregators: online, per their last status
 
     # --- events -------------------------------------------------------------------------------
 
     def on_job(self, job: str) -> None:
         """A job this aggregator could run (its spec is known, it is not pinned elsewhere)."""
         self.candidates.add(job)
+
+    def on_peer(self, aggregator: str, online: bool) -> None:
+        """Another aggregator's retained status (its Last Will says offline)."""
+        if aggregator != self.me:
+            self.peers[aggregator] = online
+
+    @property
+    def alone(self) -> bool:
+        """No other aggregator is online as far as we know: a bid needs no settle window (rule 5)."""
+        return not any(self.peers.values())
 
     def on_job_gone(self, job: str) -> None:
         self.candidates.discard(job)
@@ -142,6 +157,9 @@ class ClaimBook:
             self.bid = None
         if self.bid is None:
             actions += self._next_bid(now)
+            if self.bid is not None and now >= self.bid.decide_at:  # alone: decided at once
+                actions += self._decide(self.bid, now)
+                self.bid = None
         return actions
 
     # --- decisions ----------------------------------------------------------------------------
@@ -180,7 +198,8 @@ class ClaimBook:
             if found is None:
                 continue
             epoch, previous = found
-            self.bid = _Bid(job, epoch, now + self.timing.settle_s, previous, self.load)
+            at_once = self.alone and not any(live(c, now, self.timing.skew_s) for c in self.claims.get(job, {}).values())
+            self.bid = _Bid(job, epoch, now if at_once else now + self.timing.settle_s, previous, self.load)
             return [Publish(self._claim(job, epoch, "bid", now, now, previous))]
         return []
 

@@ -90,6 +90,7 @@ class Fleet:
 
     def connected(self) -> None:
         self._do(lambda: self.book.on_connected(time.time()))
+        self._last_status = 0.0  # our Last Will may have said offline meanwhile: peers must see us online before we bid
 
     def on_claim(self, msg: Message) -> None:
         claim: JobClaim = msg.body  # type: ignore[assignment]
@@ -98,6 +99,14 @@ class Fleet:
             return
         self.log.debug("claim_seen", job=claim.job, sender=msg.sender, epoch=claim.epoch, state=claim.state)
         self._do(lambda: self.book.on_claim(msg.sender, claim, time.time()))
+
+    def on_peer_status(self, msg: Message) -> None:
+        """Another aggregator's retained status: whether we are alone decides if bids settle."""
+        status: AggregatorStatus = msg.body  # type: ignore[assignment]
+        if msg.topic != topics.agg_status(msg.sender):
+            self.log.warning("status_topic_mismatch", sender=msg.sender, topic=msg.topic, msg_id=msg.id)
+            return
+        self._do(lambda: (self.book.on_peer(msg.sender, status.state == "online"), [])[1])
 
     def on_checkpoint(self, msg: Message) -> None:
         job = topics.job_of(msg.topic) or ""

@@ -738,6 +738,7 @@ class AggregatorService:
                                                                         "secagg_masked", "secagg_unmask"}, durable=False)
         m.subscribe(topics.every("job"), self._on_job, types={"job", "withdraw"}, retained_chunks=True)
         m.subscribe(topics.every("claim"), self.fleet.on_claim, types={"job_claim"})
+        m.subscribe(topics.every("agg_status"), self.fleet.on_peer_status, types={"aggregator_status"})
         m.on_connected(self._on_connected)
         m.on_key(self._reseal_for)
         m.connect(connect_timeout_s)

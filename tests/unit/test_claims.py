@@ -18,8 +18,9 @@ TICK = 0.1
 
 
 class Fleet:
-    """Aggregators' books joined by a broker that delivers each claim after a random delay
-    below the settle window's bound (retained: a book that starts later gets the latest)."""
+    """Aggregators' books joined by a broker that delivers each claim and each online status
+    after a random delay below the settle window's bound (retained: a book that starts later
+    gets the latest at once)."""
 
     def __init__(self, names: list[str], *, max_delay: float = 0.3, seed: int = 0, start: float = 0.0) -> None:
         self.now = start
@@ -28,7 +29,7 @@ class Fleet:
         self.books: dict[str, ClaimBook] = {}
         self.dead: set[str] = set()
         self.retained: dict[tuple[str, str], JobClaim] = {}
-        self.queue: list[tuple[float, int, str, str, JobClaim]] = []
+        self.queue: list[tuple[float, int, str, str, JobClaim | None]] = []  # None: an online status
         self.started: list[tuple[str, str, int]] = []  # (job, aggregator, epoch)
         self.stopped: list[tuple[str, str]] = []
         self._n = 0
@@ -41,6 +42,10 @@ class Fleet:
         for job in jobs:
             book.on_job(job)
         self.apply(name, book.on_connected(self.now))
+        for other in self.books:  # retained statuses on subscribe; ours reaches the others later
+            book.on_peer(other, True)
+            self._n += 1
+            heapq.heappush(self.queue, (self.now + self.rng.uniform(0, self.max_delay), self._n, other, name, None))
         for (_, sender), claim in self.retained.items():  # retained claims on subscribe
             self.deliver(name, sender, claim)
         return book
@@ -63,8 +68,12 @@ class Fleet:
             elif isinstance(action, Stop):
                 self.stopped.append((action.job, name))
 
-    def deliver(self, receiver: str, sender: str, claim: JobClaim) -> None:
-        if receiver not in self.dead:
+    def deliver(self, receiver: str, sender: str, claim: JobClaim | None) -> None:
+        if receiver in self.dead:
+            return
+        if claim is None:
+            self.books[receiver].on_peer(sender, True)
+        else:
             self.apply(receiver, self.books[receiver].on_claim(sender, claim, self.now))
 
     def run(self, seconds: float) -> None:
@@ -159,6 +168,7 @@ def test_two_holds_of_one_epoch_after_a_partition_leave_one():
 
 def test_a_bid_waits_a_whole_settle_window_again_after_a_reconnect():
     book = ClaimBook("agg-a", T)
+    book.on_peer("agg-b", True)  # a fleet: bids settle
     book.on_connected(0.0)
     book.on_job("j")
     assert book.on_tick(0.5) == []  # not ready: retained claims may still be arriving
@@ -222,3 +232,63 @@ def test_a_reconnect_publishes_again_what_a_hard_killed_broker_may_have_lost():
     book.on_finished("done-job", now=1.0)
     states = sorted((a.claim.job, a.claim.state) for a in book.on_connected(2.0) if isinstance(a, Publish))
     assert states == [("done-job", "finished"), ("held-job", "held")]
+
+
+def test_a_lone_aggregator_holds_a_job_at_its_first_tick_without_a_settle_window():
+    """Red before: a job waited a whole settle window (2 s by default) even with one aggregator."""
+    book = ClaimBook("agg-a", T)
+    book.on_connected(0.0)
+    book.on_peer("agg-a", True)  # our own status, echoed: not a peer
+    book.on_peer("agg-old", False)  # a stopped aggregator's Last Will
+    book.on_job("j")
+    assert book.on_tick(0.5) == []  # not ready yet: retained statuses and claims may be arriving
+    actions = book.on_tick(1.0)
+    assert [type(a) for a in actions] == [Publish, Publish, Start]
+    assert [a.claim.state for a in actions[:2]] == ["bid", "held"]
+
+
+def test_a_peer_online_makes_bids_settle_and_its_last_will_ends_that():
+    book = ClaimBook("agg-a", T)
+    book.on_connected(0.0)
+    book.on_peer("agg-b", True)
+    book.on_job("j1")
+    assert [a.claim.state for a in book.on_tick(1.0)] == ["bid"]
+    assert not any(isinstance(a, Start) for a in book.on_tick(1.5))
+    assert any(isinstance(a, Start) for a in book.on_tick(2.0))
+    book.on_peer("agg-b", False)
+    book.on_job("j2")
+    assert any(isinstance(a, Start) and a.job == "j2" for a in book.on_tick(2.1))
+
+
+def test_a_lone_aggregator_that_sees_another_bid_still_settles():
+    """A peer's bid can arrive before its status: the bid is joined and settles, never taken at once."""
+    book = ClaimBook("agg-b", T)
+    book.on_connected(0.0)
+    book.on_job("j")
+    book.on_claim("agg-a", JobClaim(job="j", epoch=1, state="bid", since=1.0, lease_until=5.0, issued=1.0), 1.1)
+    actions = book.on_tick(1.1)
+    assert [a.claim.state for a in actions] == ["bid"] and not any(isinstance(a, Start) for a in actions)
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("second_after", [0.0, 0.3, 0.9, 1.0, 1.1, 1.5])
+def test_a_second_aggregator_starting_while_a_lone_one_claims_never_makes_two_holders(seed, second_after):
+    fleet = Fleet(["agg-a"], seed=seed)
+    fleet.run(2)  # agg-a alone and ready
+    fleet.submit("j")
+    fleet.run(second_after)
+    fleet.add("agg-b", jobs=["j"])
+    fleet.run(10 * T.settle_s)
+    assert len([s for s in fleet.started if s[0] == "j"]) == 1
+    assert len(fleet.holders("j")) == 1 and not fleet.stopped
+
+
+def test_a_lone_aggregator_starts_a_job_within_a_tick_of_its_spec():
+    fleet = Fleet(["agg-a"], seed=0)
+    fleet.run(2)
+    fleet.submit("j")
+    submitted = fleet.now
+    fleet.run(T.settle_s)
+    ((job, name, epoch),) = fleet.started
+    assert (job, name, epoch) == ("j", "agg-a", 1)
+    assert fleet.retained[("j", "agg-a")].since - submitted <= TICK + 1e-9
