@@ -77,7 +77,7 @@ def _e2e(quick: bool) -> list[Row]:
     for r in [e2e.run(n, 3 if quick else 5) for n in ([10] if quick else [10, 25])]:
         rows.append((f"end-to-end, {r['n']} nodes (MLP 784-128-10, 1 epoch/round)", f"{r['wall_s']:.1f} s wall",
                      f"pure compute {r['compute_s']:.1f} s", f"{r['ratio']:.2f}x (target <= 1.2x at 25)"))
-        rows.append((f"{r['n']}-node federation: start-up", f"{r['startup_s']:.1f} s all connected, {r['ready_s']:.1f} s warm",
+        rows.append((f"{r['n']}-node federation: start-up", f"{r['startup_s']:.1f} s all connected, aggregator online {r['aggregator_online_s']:.1f} s, {r['ready_s']:.1f} s warm",
                      "target: 25 connected within 10 s", ""))
         rows.append((f"{r['n']}-node federation: memory", f"PSS {r['peak_pss_gb']:.2f} GB (RSS {r['peak_rss_gb']:.2f} GB)",
                      "target: PSS <= 4 GB at 25 (whole process tree, peak)", ""))

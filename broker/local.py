@@ -143,10 +143,11 @@ class LocalFederation:
         return self.spawn(f"agg-{name}", [sys.executable, "-m", "aggregators", "start", "--bundle", str(bundle),
                                           "--state-dir", str(state)], env=env)
 
-    def wait_online(self, names: set[str], timeout_s: float = 120.0, *, observer: str = "fbm-observer") -> None:
-        """Block until every node in `names`, and every aggregator this federation started that
-        still runs, has published an online status (admin observer): a job submitted before
-        its aggregator listens would lose the nodes' first answers (declines, pending plans)."""
+    def wait_online(self, names: set[str], timeout_s: float = 120.0, *, observer: str = "fbm-observer",
+                    aggregators: bool = True) -> None:
+        """Block until every node in `names`, and (`aggregators`) every aggregator this federation
+        started that still runs, has published an online status (admin observer): a job submitted
+        before its aggregator listens would lose the nodes' first answers (declines, pending plans)."""
         got: queue.Queue = queue.Queue()
         identity = Identity.load(self.enroll(observer, "admin"))
         settings = TransportSettings(clean_start=True, session_expiry_s=0)
@@ -155,7 +156,7 @@ class LocalFederation:
         m.subscribe(topics.every("agg_status"), got.put, types={"aggregator_status"})
         m.connect()
         wanted = set(names) | {label[len("agg-"):] for label, proc in self.procs
-                               if label.startswith("agg-") and proc.poll() is None}
+                               if aggregators and label.startswith("agg-") and proc.poll() is None}
         online: set[str] = set()
         deadline = time.monotonic() + timeout_s
         try:
