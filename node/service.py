@@ -72,6 +72,14 @@ class _JobOver:
     job: str
 
 
+@dataclass(frozen=True)
+class _Prepare:
+    """Tells the training thread a job was accepted: fork its training process before its first model."""
+
+    job: str
+    dataset: dict[str, Any]
+
+
 _Task = site.Train  # the training thread's work: the round SiteJobs decided to train
 
 
@@ -111,7 +119,7 @@ class NodeService:
         self._stats_pending = 0
         self.bindings = JobBindings(self.state, audit, self.log)  # job -> the one aggregator it follows
         self._lock = threading.Lock()
-        self._tasks: queue.Queue[_Task | _JobOver | None] = queue.Queue()
+        self._tasks: queue.Queue[_Task | _JobOver | _Prepare | None] = queue.Queue()
         self._stop = threading.Event()
         self._train_thread = threading.Thread(target=self._train_loop, name="fbm-node-train", daemon=True)
         self._resend_thread = threading.Thread(target=self._resend_loop, name="fbm-node-resend", daemon=True)
@@ -400,6 +408,7 @@ class NodeService:
                            n_samples=dataset.public().n_samples, privacy=privacy or None)
         self._send_reply(answer.reply(in_reply_to=msg_id), spec.job_id, spec.owner)
         self.publish_status()
+        self._tasks.put(_Prepare(spec.job_id, _dataset_spec(dataset)))  # its first round need not wait for the fork
 
     def _park(self, parked: Parked) -> None:
         """Keep the job until the admin decides on its plan; the researcher is told it waits."""
@@ -529,6 +538,9 @@ class NodeService:
                 return
             if isinstance(task, _JobOver):
                 self.trainer.end_job(task.job)
+                continue
+            if isinstance(task, _Prepare):
+                self.trainer.prepare(task.job, task.dataset)
                 continue
             with self._lock:
                 job = self.site.jobs.get(task.job)

@@ -2,7 +2,8 @@
 
 Each job gets its own child (`node.training_process`), forked from the node's training
 template (torch imported once, at node start, before any job) and confined to that job's
-dataset right after the fork; it stays warm across the job's rounds and ends when the job
+dataset right after the fork, when the job is accepted if there is room (`prepare`), else at
+its first round; it stays warm across the job's rounds and ends when the job
 ends, when the node stops, or when it is the least recently used and a new job needs its
 place (`max_processes`). The template itself reads no dataset and runs no plan.
 Answers come back as size-limited frames and are checked against the task (`node.answers`)
@@ -111,6 +112,22 @@ class Trainer:
         with self._lock:
             children = list(self._procs.values())
         return sum(c.alive() for c in children)
+
+    def prepare(self, job: str, dataset: dict[str, Any]) -> bool:
+        """Fork the job's training process now (when the job is accepted), so its first round
+        does not wait for the fork and the confinement: only if there is room (a running job's
+        process is never evicted for a job that has not trained yet). Whether it is ready."""
+        key = _job_key({"job": job, "dataset": dataset})
+        log = self.log.bind(job=job)
+        with self._lock:
+            if key in self._procs or len(self._procs) >= self.max_processes or self._closing:
+                return key in self._procs
+        try:
+            self._child_for(key, log)
+        except TrainingFailed as exc:  # the first round tries again, and fails with the reason
+            log.warning("training_process_not_prepared", error=str(exc))
+            return False
+        return True
 
     def run(self, task: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Train one round in the job's child; TrainingFailed on a plan error, crash, timeout,

@@ -87,3 +87,20 @@ def test_one_process_per_job_bounded_least_recently_used_first(tmp_path):
     finally:
         trainer.stop()
     assert trainer.live_processes() == 0
+
+
+def test_a_job_prepared_at_acceptance_trains_in_that_process_and_prepare_never_evicts(tmp_path):
+    trainer = Trainer(threads=1, max_processes=2)
+    trainer.start()
+    try:
+        task = _task(tmp_path, PlanRef(zoo="mlp"))
+        assert trainer.prepare("j", task["dataset"])  # forked and confined before any model came
+        pid = trainer.pid("j")
+        assert pid is not None and trainer.prepare("j", task["dataset"]) and trainer.pid("j") == pid
+        assert trainer.run(task, timeout_s=60)["n_samples"] == 64
+        assert trainer.pid("j") == pid  # the first round did not fork again
+        trainer.run({**task, "job": "k"}, timeout_s=60)
+        assert not trainer.prepare("l", task["dataset"])  # full: a job that has not trained evicts nobody
+        assert trainer.jobs() == ["j", "k"] and trainer.pid("l") is None
+    finally:
+        trainer.stop()
