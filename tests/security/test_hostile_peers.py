@@ -12,7 +12,7 @@ import json
 import queue
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import pytest
 import torch
@@ -82,10 +82,12 @@ class OnRound:
     """Calls act(round) as soon as a round of `job` opens (its `round_opened` event: the model,
     the first sign, is sealed for the job's participants since issue 18), on a thread of its
     own. Only the timing comes from here (an admin observer): the attackers need no more than
-    their own role's rights to strike."""
+    their own role's rights to strike. `aggregators`: whose `round_opened` counts (a fleet:
+    whichever claims the job)."""
 
-    def __init__(self, fed, job: str, act: Callable[[int], None]) -> None:
+    def __init__(self, fed, job: str, act: Callable[[int], None], aggregators: Collection[str] = ("agg-1",)) -> None:
         self.errors: list[BaseException] = []
+        self._aggregators = frozenset(aggregators)
         self._rounds: queue.Queue = queue.Queue()
         self._seen: set[int] = set()
         self.m = Messenger(Identity.load(fed.enroll("hostile-clock", "admin")),
@@ -96,7 +98,7 @@ class OnRound:
 
     def _on_opened(self, msg) -> None:
         r = msg.body.round
-        if msg.sender != "agg-1" or r in self._seen:
+        if msg.sender not in self._aggregators or r in self._seen:
             return
         self._seen.add(r)
         self._rounds.put(r)
