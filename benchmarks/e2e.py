@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.procs import PeakRSS, timed_job
+from benchmarks.procs import PeakRSS, format_breakdown, timed_job
 from broker import process
 from broker.local import LocalFederation
 from common.logging import configure_logging
@@ -116,7 +116,7 @@ def _run(n: int, rounds: int) -> dict[str, float]:
         shutil.rmtree(fed.root, ignore_errors=True)
     return {"n": n, "startup_s": startup, "ready_s": ready, "wall_s": wall, "compute_s": compute, "ratio": wall / compute,
             "overhead_per_round_s": (wall - compute) / rounds, "node_train_sum_s": node_train,
-            "peak_rss_gb": rss.peak / 1e9, "peak_pss_gb": rss.peak_pss / 1e9, "accuracy": acc}
+            "peak_rss_gb": rss.peak / 1e9, "peak_pss_gb": rss.peak_pss / 1e9, "accuracy": acc, "pss_parts": rss.peak_parts}
 
 
 def main() -> None:
@@ -131,7 +131,8 @@ def main() -> None:
     for n in args.nodes:
         for sealed in modes:
             rows.append(run(n, args.rounds, sealed))
-            print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
+            print({k: round(v, 3) for k, v in rows[-1].items() if k != "pss_parts"}, flush=True)
+            print(f"peak PSS by role ({n} nodes):\n{format_breakdown(rows[-1]['pss_parts'])}", flush=True)
     print(f"\nMLP 784-128-10, batch 64, SGD lr 0.01, 1 epoch/round, {args.rounds} rounds, IID Fashion-MNIST shards")
     print(f"{'N':>4} {'sealed':>6} {'start s':>8} {'ready s':>8} {'wall s':>8} {'compute s':>10} {'wall/compute':>13} {'overhead/round s':>17} "
           f"{'sum node train s':>17} {'peak RSS GB':>12} {'peak PSS GB':>12} {'accuracy':>9}")
