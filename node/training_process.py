@@ -96,6 +96,10 @@ class Zygote:
         self._lock = threading.Lock()
         self._warm = False
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -138,12 +142,12 @@ class Zygote:
 class TrainingProcess:
     """One confined training child, forked for one job from the template; serves its rounds."""
 
-    def __init__(self, threads: int, zygote: Zygote) -> None:
+    def __init__(self, threads: int, zygote: Any) -> None:  # a Zygote or a node.shared_template.SharedTemplate
         self.scratch = tempfile.mkdtemp(prefix="fbm-train-")
         self.threads = threads
         self.zygote = zygote
         self.sock, self._child_end = socket.socketpair()
-        self.proc: ForkedChild | None = None
+        self.proc: Any = None  # a ForkedChild, or a RemoteChild of the host's shared template
         self.job: str | None = None
         self.sandbox: dict[str, Any] = {}
 
