@@ -187,17 +187,19 @@ class HostTemplate:
 
     def _serve(self, client: _Client) -> None:
         """One request: b"F" + the job's socket + a frame (fork), or b"K" + {"kill": pid}."""
+        msg, fds, request = b"", [], None
         try:
             msg, fds, _, _ = socket.recv_fds(client.sock, 1, 1)
             request = recv_frame(client.sock, REQUEST_BYTES, time.monotonic() + AUTH_TIMEOUT_S) if msg else None
             client.sock.settimeout(None)
         except (OSError, RuntimeError):
-            msg, fds, request = b"", [], None
+            msg = b""
         if msg == b"F" and len(fds) == 1 and isinstance(request, dict):
             self._fork(client, fds[0], request)
-        elif msg == b"K" and not fds and isinstance(request, dict) and request.get("kill") in client.pids:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(client.pids[request["kill"]], signal.SIGKILL)
+        elif msg == b"K" and not fds and isinstance(request, dict):
+            if request.get("kill") in client.pids:  # its own only; one already reaped: nothing to do
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(client.pids[request["kill"]], signal.SIGKILL)
         else:  # EOF or a broken request: the node is gone, and so are its children
             for fd in fds:
                 os.close(fd)
