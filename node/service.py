@@ -91,7 +91,8 @@ class NodeService:
         self.ledger = PrivacyLedger(registry.db)
         self.queries = QueryLedger(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
-                                          secret_dirs=[settings.node_dir, settings.bundle],
+                                          secret_dirs=[settings.node_dir, settings.bundle,
+                                                       *filter(None, [settings.training_template])],
                                           max_processes=settings.max_training_processes,
                                           template_dir=settings.training_template)
         self.log = structlog.get_logger("node").bind(node=self.name)
