@@ -8,9 +8,11 @@ sequential, 1 thread, no federation), their ratio, per-round overhead, peak RSS 
 process of the federation (broker, nodes and their training children, aggregator), and the
 final model's test accuracy. With `--seal both` (the default) each N runs twice, jobs, models
 and updates sealed end to end (the product's default, issue 18) and in clear
-(FBM_MQTT_SEAL=false for every process), so the cost of encryption is in one run.
+(FBM_MQTT_SEAL=false for every process), so the cost of encryption is in one run. `--template`
+says where training processes are forked from: one template shared by the host's nodes
+(`fbm-node template`, the default of LocalFederation) or one per node (a site's own).
 
-    python -m benchmarks.e2e [--nodes 10 25] [--rounds 5] [--seal both|on|off]
+    python -m benchmarks.e2e [--nodes 10 25] [--rounds 5] [--seal both|on|off] [--template shared|per-node|both]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.procs import PeakRSS, timed_job
+from benchmarks.procs import PeakRSS, format_breakdown, timed_job
 from broker import process
 from broker.local import LocalFederation
 from common.logging import configure_logging
@@ -71,13 +73,13 @@ def wait_ready(fed: LocalFederation, names: list[str], timeout_s: float = 600) -
         time.sleep(0.5)
 
 
-def run(n: int, rounds: int, sealed: bool = True) -> dict[str, float]:
+def run(n: int, rounds: int, sealed: bool = True, shared: bool = True) -> dict[str, float]:
     """One federation of `n` nodes and one job; `sealed` False turns end-to-end sealing off in
-    every process it starts (and in the researcher here)."""
+    every process it starts (and in the researcher here); `shared` False: a template per node."""
     saved = os.environ.get("FBM_MQTT_SEAL")
     os.environ["FBM_MQTT_SEAL"] = "true" if sealed else "false"
     try:
-        return {**_run(n, rounds), "sealed": float(sealed)}
+        return {**_run(n, rounds, shared), "sealed": float(sealed), "shared_template": float(shared)}
     finally:
         if saved is None:
             os.environ.pop("FBM_MQTT_SEAL", None)
@@ -85,8 +87,8 @@ def run(n: int, rounds: int, sealed: bool = True) -> dict[str, float]:
             os.environ["FBM_MQTT_SEAL"] = saved
 
 
-def _run(n: int, rounds: int) -> dict[str, float]:
-    fed = LocalFederation().start()
+def _run(n: int, rounds: int, shared: bool) -> dict[str, float]:
+    fed = LocalFederation(shared_template=shared).start()
     try:
         shards = fmnist.write_shards(fed.root / "data", n)
         names = [f"site-{i:03d}" for i in range(n)]
@@ -118,7 +120,7 @@ def _run(n: int, rounds: int) -> dict[str, float]:
         shutil.rmtree(fed.root, ignore_errors=True)
     return {"n": n, "startup_s": startup, "aggregator_online_s": aggregator_online, "ready_s": ready, "wall_s": wall, "compute_s": compute, "ratio": wall / compute,
             "overhead_per_round_s": (wall - compute) / rounds, "node_train_sum_s": node_train,
-            "peak_rss_gb": rss.peak / 1e9, "peak_pss_gb": rss.peak_pss / 1e9, "accuracy": acc}
+            "peak_rss_gb": rss.peak / 1e9, "peak_pss_gb": rss.peak_pss / 1e9, "accuracy": acc, "pss_parts": rss.peak_parts}
 
 
 def main() -> None:
@@ -126,19 +128,24 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[10, 25])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seal", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--template", choices=["shared", "per-node", "both"], default="shared",
+                        help="training processes forked from one template for the host, or one per node")
     args = parser.parse_args()
     configure_logging("warning")
     modes = {"both": [True, False], "on": [True], "off": [False]}[args.seal]
+    templates = {"both": [True, False], "shared": [True], "per-node": [False]}[args.template]
     rows = []
     for n in args.nodes:
-        for sealed in modes:
-            rows.append(run(n, args.rounds, sealed))
-            print({k: round(v, 3) for k, v in rows[-1].items()}, flush=True)
+        for sealed, shared in ((s, t) for s in modes for t in templates):
+            print(f"-- {n} nodes, sealed {sealed}, template: {'shared by the host' if shared else 'one per node'}", flush=True)
+            rows.append(run(n, args.rounds, sealed, shared))
+            print({k: round(v, 3) for k, v in rows[-1].items() if k != "pss_parts"}, flush=True)
+            print(f"peak PSS by role ({n} nodes):\n{format_breakdown(rows[-1]['pss_parts'])}", flush=True)
     print(f"\nMLP 784-128-10, batch 64, SGD lr 0.01, 1 epoch/round, {args.rounds} rounds, IID Fashion-MNIST shards")
-    print(f"{'N':>4} {'sealed':>6} {'start s':>8} {'ready s':>8} {'wall s':>8} {'compute s':>10} {'wall/compute':>13} {'overhead/round s':>17} "
+    print(f"{'N':>4} {'template':>9} {'sealed':>6} {'start s':>8} {'ready s':>8} {'wall s':>8} {'compute s':>10} {'wall/compute':>13} {'overhead/round s':>17} "
           f"{'sum node train s':>17} {'peak RSS GB':>12} {'peak PSS GB':>12} {'accuracy':>9}")
     for r in rows:
-        print(f"{r['n']:>4} {'yes' if r['sealed'] else 'no':>6} {r['startup_s']:>8.1f} {r['ready_s']:>8.1f} {r['wall_s']:>8.1f} {r['compute_s']:>10.1f} {r['ratio']:>12.2f}x "
+        print(f"{r['n']:>4} {'shared' if r['shared_template'] else 'per-node':>9} {'yes' if r['sealed'] else 'no':>6} {r['startup_s']:>8.1f} {r['ready_s']:>8.1f} {r['wall_s']:>8.1f} {r['compute_s']:>10.1f} {r['ratio']:>12.2f}x "
               f"{r['overhead_per_round_s']:>17.2f} {r['node_train_sum_s']:>17.1f} {r['peak_rss_gb']:>12.2f} {r['peak_pss_gb']:>12.2f} {r['accuracy']:>9.4f}")
 
 

@@ -50,8 +50,67 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def _stat(pid: int) -> tuple[int, int]:
+    """(parent pid, start time in clock ticks) of `pid`; (0, 0) when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0
+    return int(fields[1]), int(fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def roles(pids: set[int]) -> dict[int, str]:
+    """Each process's role in a federation: broker, aggregator, node, template, training, other.
+
+    A training process is a fork of its template, so it has the template's command line: it is
+    the one whose parent is a template, or (one template per node, double fork: re-parented to
+    the node) a later-started template-looking sibling of its node's template."""
+    info = {p: (_cmdline(p), *_stat(p)) for p in pids}
+    zygotes = {p for p, (cmd, _, _) in info.items() if "node.zygote" in cmd}
+    first: dict[int, tuple[int, int]] = {}  # parent -> (start, pid) of its earliest zygote child
+    for p in zygotes:
+        _, parent, start = info[p]
+        first[parent] = min(first.get(parent, (start, p)), (start, p))
+    out = {}
+    for p, (cmd, parent, _) in info.items():
+        if p in zygotes:
+            out[p] = "training" if parent in zygotes or first[parent][1] != p else "template"
+        elif "mosquitto" in cmd:
+            out[p] = "broker"
+        elif "-m aggregators" in cmd:
+            out[p] = "aggregator"
+        elif "-m node" in cmd:
+            out[p] = "node"
+        else:
+            out[p] = "other"
+    return out
+
+
+def breakdown(pss: dict[int, int]) -> dict[str, dict[str, float]]:
+    """PSS by role: count of processes, sum, smallest and largest, in MB."""
+    by_role: dict[str, list[int]] = {}
+    for pid, role in roles(set(pss)).items():
+        by_role.setdefault(role, []).append(pss[pid])
+    return {role: {"n": len(v), "sum_mb": sum(v) / 1e6, "min_mb": min(v) / 1e6, "max_mb": max(v) / 1e6}
+            for role, v in sorted(by_role.items())}
+
+
+def format_breakdown(parts: dict[str, dict[str, float]]) -> str:
+    """One line per role, for the benchmarks' output."""
+    return "\n".join(f"  {role:<10} {v['n']:>3.0f} processes  {v['sum_mb']:>8.0f} MB PSS  "
+                     f"(each {v['min_mb']:.0f}-{v['max_mb']:.0f} MB)" for role, v in parts.items())
+
+
 class PeakRSS:
-    """Samples the summed RSS of a set of process trees in the background; keeps the peak."""
+    """Samples the summed RSS of a set of process trees in the background; keeps the peak, and
+    the PSS breakdown by role (`breakdown`) of the sample with the highest total PSS."""
 
     def __init__(self, roots: callable, interval_s: float = 0.5) -> None:  # type: ignore[valid-type]
         self.roots = roots
@@ -59,6 +118,7 @@ class PeakRSS:
         self.peak = 0
         self.peak_pss = 0
         self.samples = 0
+        self.peak_parts: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -71,7 +131,9 @@ class PeakRSS:
         total = sum(rss_bytes(p) for p in pids)
         self.peak = max(self.peak, total)
         if self.samples % 4 == 0:  # smaps_rollup walks every mapping: sample it less often
-            self.peak_pss = max(self.peak_pss, sum(pss_bytes(p) for p in pids))
+            pss = {p: pss_bytes(p) for p in pids}
+            if sum(pss.values()) > self.peak_pss:
+                self.peak_pss, self.peak_parts = sum(pss.values()), breakdown(pss)
         self.samples += 1
         return total
 

@@ -79,8 +79,10 @@ def _e2e(quick: bool) -> list[Row]:
                      f"pure compute {r['compute_s']:.1f} s", f"{r['ratio']:.2f}x (target <= 1.2x at 25)"))
         rows.append((f"{r['n']}-node federation: start-up", f"{r['startup_s']:.1f} s all connected, aggregator online {r['aggregator_online_s']:.1f} s, {r['ready_s']:.1f} s warm",
                      "target: 25 connected within 10 s", ""))
-        rows.append((f"{r['n']}-node federation: memory", f"PSS {r['peak_pss_gb']:.2f} GB (RSS {r['peak_rss_gb']:.2f} GB)",
-                     "target: PSS <= 4 GB at 25 (whole process tree, peak)", ""))
+        parts = ", ".join(f"{role} {v['sum_mb'] / 1e3:.2f}" for role, v in r["pss_parts"].items())
+        rows.append((f"{r['n']}-node federation: memory (one training template for the host)",
+                     f"PSS {r['peak_pss_gb']:.2f} GB (RSS {r['peak_rss_gb']:.2f} GB)",
+                     "target: PSS <= 4 GB at 25 (whole process tree, peak)", f"GB by role: {parts}"))
     return rows
 
 

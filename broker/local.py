@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -44,13 +45,17 @@ def reachable_tempdir(prefix: str = "fbm-") -> Path:
 class LocalFederation:
     """Broker + identities + role processes in one folder; a context manager."""
 
-    def __init__(self, root: Path | None = None, *, port: int | None = None, name: str = "local") -> None:
+    def __init__(self, root: Path | None = None, *, port: int | None = None, name: str = "local",
+                 shared_template: bool = True) -> None:
         self.root = Path(root) if root else reachable_tempdir()
         self.root.mkdir(parents=True, exist_ok=True)
         self.ws = Workspace(self.root / "federation")
         self.port = port or free_port()
         self.name = name
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.shared_template = shared_template  # the nodes (one user, one host) share one training template
+        self.template_dir: Path | None = None
+        self._template_lock = threading.Lock()  # add_nodes starts nodes from several threads
 
     def start(self) -> LocalFederation:
         if not self.ws.exists():
@@ -127,8 +132,19 @@ class LocalFederation:
         """The latest process started under `label` (e.g. "node-site-1", "agg-aggregator")."""
         return next(p for lab, p in reversed(self.procs) if lab == label)
 
+    def start_template(self) -> Path:
+        """The host's training template for this federation's nodes (`fbm-node template`), started
+        once, before the first node; its runtime folder. Stopped last (started first)."""
+        with self._template_lock:
+            if self.template_dir is None or self.process("template").poll() is not None:
+                self.template_dir = self.root / "template"
+                self.spawn("template", [sys.executable, "-m", "node", "template", "--runtime-dir", str(self.template_dir)])
+            return self.template_dir
+
     def start_node(self, name: str, *, env: dict[str, str] | None = None) -> subprocess.Popen:
         node_dir = self.root / "nodes" / name
+        if self.shared_template:
+            env = {"FBM_NODE_TRAINING_TEMPLATE": str(self.start_template()), **(env or {})}
         return self.spawn(f"node-{name}", [sys.executable, "-m", "node", "start", "--dir", str(node_dir)], env=env)
 
     def add_aggregator(self, name: str = "aggregator", *, start: bool = True, env: dict[str, str] | None = None) -> Path:
@@ -183,6 +199,7 @@ class LocalFederation:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        self.template_dir = None
 
     def stop(self) -> None:
         self.stop_processes()

@@ -416,6 +416,21 @@ def start(node_dir: Path, connect_timeout: float) -> None:
         _fail(str(exc), code=2)
 
 
+@main.command()
+@click.option("--runtime-dir", envvar="FBM_NODE_TRAINING_TEMPLATE", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="A 0700 folder of this user (created if missing): the socket and the token nodes read.")
+def template(runtime_dir: Path) -> None:
+    """Run one training template for every node of this user on this host, until SIGTERM.
+
+    Nodes with `training_template = DIR` (or env FBM_NODE_TRAINING_TEMPLATE) fork their training
+    processes from it: torch's memory is paid once per host instead of once per node.
+    """
+    from node.shared_template import exec_template  # noqa: PLC0415
+
+    exec_template(runtime_dir)
+
+
 @main.group()
 def user() -> None:
     """Accounts of the web console (`fbm-node ui`), stored hashed in the node's database.

@@ -34,6 +34,8 @@ class NodeSettings(BaseSettings):
     train_memory_mb: int = Field(default=8192, ge=0, description="address-space limit of the training process (0: none)")
     max_training_processes: int = Field(default=2, ge=1, description="live training processes (one per job, least "
                                         "recently used stopped first; a warm spare counts)")
+    training_template: Path | None = Field(default=None, description="runtime folder of the host's shared training "
+                                           "template (`fbm-node template`); none: the node starts its own")
     min_statistics_rows: int = Field(default=10, ge=1, description="refuse federated statistics over fewer rows")
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy,
                                    description="the least a job must guarantee (batch size, records, quorum, DP, budget)")
@@ -79,6 +81,8 @@ max_round_seconds = 3600
 train_memory_mb = 8192       # address-space limit of the training process (0: none)
 sandbox = true               # Landlock: training reads only Python, system libs and its dataset
 max_training_processes = 2   # one training process per job, kept warm across its rounds
+# training_template = "/run/user/1000/fedbiomq-template"  # several nodes on one host, one user:
+                             # share one `fbm-node template` (torch's memory once, not per node)
 log_level = "info"
 
 [privacy]                    # the least a job must guarantee; a job asking for less is declined

@@ -200,9 +200,14 @@ def _thread_count() -> int:
 def die_with_parent() -> None:
     """SIGKILL this process when its parent ends, and no privilege gains (the training template)."""
     if sys.platform.startswith("linux"):
-        libc = _libc()
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        no_new_privileges()
+
+
+def no_new_privileges() -> None:
+    """No setuid gains for this process and what it forks (the host's training template)."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 def become_subreaper() -> bool:

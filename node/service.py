@@ -99,8 +99,10 @@ class NodeService:
         self.ledger = PrivacyLedger(registry.db)
         self.queries = QueryLedger(registry.db)
         self.trainer = trainer or Trainer(settings.train_threads, sandbox_policy(settings),
-                                          secret_dirs=[settings.node_dir, settings.bundle],
-                                          max_processes=settings.max_training_processes)
+                                          secret_dirs=[settings.node_dir, settings.bundle,
+                                                       *filter(None, [settings.training_template])],
+                                          max_processes=settings.max_training_processes,
+                                          template_dir=settings.training_template)
         self.log = structlog.get_logger("node").bind(node=self.name)
         self.trainer.on_started = self._training_started
         self.messenger = Messenger(  # processed message ids survive a restart: a replay is dropped

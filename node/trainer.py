@@ -23,6 +23,7 @@ import structlog
 
 from node.answers import MAX_TEXT, AnswerRefused, check_failure, check_result, check_statistics
 from node.sandbox import SandboxPolicy, python_read_paths
+from node.shared_template import SharedTemplate
 from node.statistics import StatisticsRefused
 from node.training_process import ChildFailed, TrainingProcess, Zygote
 
@@ -52,7 +53,8 @@ class Trainer:
     def __init__(self, threads: int = 1, policy: SandboxPolicy | None = None,
                  secret_dirs: list[Path] | None = None, start_timeout_s: float = 120.0,
                  max_processes: int = 2,
-                 on_started: Callable[[str, int, dict[str, Any]], None] | None = None) -> None:
+                 on_started: Callable[[str, int, dict[str, Any]], None] | None = None,
+                 template_dir: Path | None = None) -> None:
         self.threads = threads
         self.start_timeout_s = start_timeout_s
         self.max_processes = max(1, max_processes)
@@ -62,7 +64,8 @@ class Trainer:
         self.sandbox: dict[str, Any] = {}  # what the most recently assigned child got
         self.on_started = on_started  # (job, pid, sandbox) of each child assigned to a job: the audit
         self._procs: OrderedDict[tuple[str, tuple[str, ...]], TrainingProcess] = OrderedDict()
-        self._zygote: Zygote | None = None
+        self.template_dir = template_dir  # the host's shared template (`fbm-node template`); None: our own
+        self._zygote: Zygote | SharedTemplate | None = None
         self._lock = threading.Lock()
         self._closing = False
 
@@ -70,17 +73,19 @@ class Trainer:
         """Start the training template and wait until torch is imported in it (the node is then ready)."""
         self._template()
 
-    def _template(self) -> Zygote:
-        """The live training template, started (and waited for) if there is none."""
+    def _template(self) -> Zygote | SharedTemplate:
+        """The live training template, started (or connected to) and waited for if there is none."""
         with self._lock:
             if self._closing:
                 raise TrainingFailed("the node is stopping")
             if self._zygote is not None and not self._zygote.alive():
-                self.log.warning("training_template_died", pid=self._zygote.proc.pid)
+                self.log.warning("training_template_died", pid=self._zygote.pid, shared=self.template_dir is not None)
                 self._zygote.stop()
                 self._zygote = None
             fresh = self._zygote is None
-            zygote = self._zygote = self._zygote or Zygote()
+            if self._zygote is None:
+                self._zygote = Zygote() if self.template_dir is None else SharedTemplate(self.template_dir)
+            zygote = self._zygote
         try:
             zygote.wait_warm(self.start_timeout_s)
         except ChildFailed as exc:
@@ -90,7 +95,7 @@ class Trainer:
             zygote.stop()
             raise TrainingFailed(f"the training template failed to start: {exc}") from exc
         if fresh:
-            self.log.info("training_template_warm", pid=zygote.proc.pid)
+            self.log.info("training_template_warm", pid=zygote.pid, shared=self.template_dir is not None)
         return zygote
 
     def begin_close(self) -> None:

@@ -4,6 +4,8 @@ The node starts one training template (`node.zygote`) before any job: a process 
 environment of a training process that imports torch and then only forks. Each job's child is
 forked from it on demand and confines itself to that job's policy right after the fork. The node
 is a child subreaper, so the forked child is re-parented to it and waited for as its own child.
+(With the host's shared template, `node.shared_template`, the child stays the template's and
+the template reports how it ended.)
 Everything a child sends is read as size-limited msgpack frames (`common.frames`): never
 unpickled.
 """
@@ -96,6 +98,10 @@ class Zygote:
         self._lock = threading.Lock()
         self._warm = False
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -138,12 +144,12 @@ class Zygote:
 class TrainingProcess:
     """One confined training child, forked for one job from the template; serves its rounds."""
 
-    def __init__(self, threads: int, zygote: Zygote) -> None:
+    def __init__(self, threads: int, zygote: Any) -> None:  # a Zygote or a node.shared_template.SharedTemplate
         self.scratch = tempfile.mkdtemp(prefix="fbm-train-")
         self.threads = threads
         self.zygote = zygote
         self.sock, self._child_end = socket.socketpair()
-        self.proc: ForkedChild | None = None
+        self.proc: Any = None  # a ForkedChild, or a RemoteChild of the host's shared template
         self.job: str | None = None
         self.sandbox: dict[str, Any] = {}
 
@@ -202,6 +208,8 @@ class TrainingProcess:
             self.proc.wait(timeout=5)
         code = self.proc.returncode
         why = " (killed: out of memory?)" if code == -9 else ""
+        if not self.zygote.alive():
+            why = " (its training template is gone, and took it along)"
         return f"the training process died (exit code {code}){why}"
 
     def stop(self, kill: bool = False) -> None:

@@ -75,8 +75,9 @@ def test_a_training_node_process_never_imports_torch_only_its_training_process_d
                      model_args={"hidden": [16]}, training_args={"epochs": 1, "batch_size": 32}, round_deadline_s=120)
     trained_in: list[int] = []
 
-    def a_child_has_torch() -> bool:
-        trained_in.extend(k for k in _children(node.pid) if _maps_torch(k))
+    def a_child_has_torch() -> bool:  # the node's own template's, or the host's (LocalFederation's)
+        parents = [node.pid, *(p.pid for label, p in fed.procs if label == "template")]
+        trained_in.extend(k for parent in parents for k in _children(parent) if _maps_torch(k))
         return bool(trained_in)
 
     try:

@@ -52,13 +52,34 @@ def plan_task(job: str, dataset, plan, round_: int = 1, **targs) -> dict:
             "dataset": {"type": "npz", "path": str(dataset)}, "params": params}
 
 
+@pytest.fixture(scope="session")
+def host_template(tmp_path_factory):
+    """The host's shared training template (`fbm-node template`), for the whole session: its
+    runtime folder (a Trainer's `template_dir`)."""
+    import signal
+
+    from node.shared_template import start_template
+
+    runtime = tmp_path_factory.mktemp("host-template") / "run"
+    proc = start_template(runtime)
+    yield runtime
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module", params=["own-template", "shared-template"])
+def template_dir(request):
+    """Each Trainer-level attack runs against a node's own template and against the host's."""
+    return request.getfixturevalue("host_template") if request.param == "shared-template" else None
+
+
 @pytest.fixture(scope="module")
-def trainer():
+def trainer(template_dir):
     """A node's training-process pool for tests that drive plans without a federation."""
     from node.sandbox import SandboxPolicy
     from node.trainer import Trainer
 
-    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048))
+    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048), template_dir=template_dir)
     t.start()
     yield t
     t.stop()

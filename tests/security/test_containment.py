@@ -70,9 +70,9 @@ def secret_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trainer(secret_dir):
+def trainer(secret_dir, template_dir):
     os.environ["FBM_NODE_TEST_SECRET"] = "do-not-leak"
-    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048), secret_dirs=[secret_dir])
+    t = Trainer(threads=1, policy=SandboxPolicy(memory_mb=2048), secret_dirs=[secret_dir], template_dir=template_dir)
     t.start()
     yield t
     t.stop()
