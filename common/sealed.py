@@ -213,7 +213,18 @@ def recipients(body: bytes | bytearray | memoryview) -> list[str]:
 def content_key(keyring: Keyring, body: bytes | bytearray | memoryview) -> bytes:
     """The content key of a sealed body, unwrapped with `keyring` (SealError if not for it):
     what a recipient hands on to a late one (the aggregator to a node joining a job)."""
-    header = _parse(memoryview(body).cast("B"))[0]
+    return unwrap(keyring, header_of(body))
+
+
+def header_of(body: bytes | bytearray | memoryview) -> dict:
+    """A sealed body's header (stream, ephemeral key, nonce, wraps); SealError if malformed.
+    Parsed once, it serves every recipient in a process (`unwrap`): the simulated fleet's 10,000
+    sites each parsed a job's 10,000 wraps."""
+    return _parse(memoryview(body).cast("B"))[0]
+
+
+def unwrap(keyring: Keyring, header: dict) -> bytes:
+    """The content key in `header`'s wrap for `keyring` (SealError if none, or it does not open)."""
     wrapped = header["w"].get(keyring.name)
     if not isinstance(wrapped, bytes):
         raise SealError("not_a_recipient", f"sealed for {len(header['w'])} recipient(s), not for {keyring.name}")
