@@ -295,6 +295,8 @@ class JobRunner(threading.Thread):
         if len(readers) > m.transport.settings.model_wraps_max:
             wrapped = [self.spec.owner]
             self._model_key_sent = self._give_model_key(readers, [n for n in self._model_readers if n != self.spec.owner])
+            if m.stream_key(topic, readers) != self._model_key_sent:  # never seal with a key the nodes were not given
+                raise JobFailure("the model's content key changed while it was given to the nodes")
         self._send("model", model, retain=True, round_=model.round, topic=topic, to=readers, wrapped=wrapped)
 
     def _give_model_key(self, readers: list[str], names: list[str], again: bool = False) -> bytes | None:

@@ -125,17 +125,22 @@ class ContentKey:
 class ContentKeys:
     """The content key of each stream a sender seals (one per topic), kept while it lives."""
 
-    def __init__(self, max_streams: int = 4096) -> None:
-        self._keys: dict[str, ContentKey] = {}
+    def __init__(self, max_streams: int = 65536) -> None:
+        self._keys: OrderedDict[str, ContentKey] = OrderedDict()  # least recently used first
         self._max = max_streams
 
     def for_recipients(self, stream: str, recipients: Mapping[str, bytes]) -> ContentKey:
         """The stream's key wrapped for exactly `recipients` (name -> X25519 public key):
-        the same key with wraps added if they are a superset of the last set, else a new key."""
+        the same key with wraps added if they are a superset of the last set, else a new key.
+        The least recently used stream is forgotten past `max_streams`: an aggregator sealing a
+        `job_key` for each of 10,000 nodes (a stream each) evicted, first in first out at 4,096,
+        the model's stream whose key it had just given them, and sealed the model with a new one."""
         current = self._keys.get(stream)
+        if current is not None:
+            self._keys.move_to_end(stream)
         if current is None or any(recipients.get(n) != pub for n, pub in current.recipients.items()):
-            if len(self._keys) >= self._max:
-                self._keys.pop(next(iter(self._keys)))
+            if stream not in self._keys and len(self._keys) >= self._max:
+                self._keys.popitem(last=False)
             current = self._keys[stream] = ContentKey(stream)
         for name, public in recipients.items():
             current.recipients.setdefault(name, public)  # wrapped when a body carries it (ContentKey.wrap)

@@ -183,3 +183,17 @@ def test_a_wrap_opened_once_is_not_opened_again_and_a_changed_one_is_refused():
     with pytest.raises(SealError) as err:
         sealed.open_body(a, b"aad", bytes(tampered))
     assert err.value.reason == "bad_seal" and len(a.unwrapped) == 1
+
+
+def test_the_least_recently_used_stream_is_forgotten_not_the_first_made():
+    """Red before: first in first out at 4,096 streams, an aggregator that gave 10,000 nodes the
+    model's key (a sealed job_key each: one stream each) had forgotten the model's stream by the
+    time it sealed the model, which then went out under a key no node had (round 1 hung)."""
+    a = _ring("a")
+    keys = ContentKeys(max_streams=2)
+    model = keys.for_recipients("model", {"a": a.public})
+    keys.for_recipients("requests/1", {"a": a.public})
+    assert keys.for_recipients("model", {"a": a.public}) is model  # used again: most recent
+    keys.for_recipients("requests/2", {"a": a.public})  # "requests/1" goes
+    assert keys.for_recipients("model", {"a": a.public}) is model
+    assert keys.key_of("requests/1") is None
