@@ -157,3 +157,50 @@ def timed_job(exp, timeout_s: float = 3600):  # (Experiment) -> (JobState, secon
     if state.status != "done":
         raise RuntimeError(state.reason)
     return state, wall
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used so far (/proc/PID/stat), 0.0 if it is gone."""
+    import os as _os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """CPU seconds of named processes sampled with the wall clock in the background, so that
+    the CPU of a time window (a job's steady rounds) can be read afterwards."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.2) -> None:
+        import time as _time
+
+        self.pids, self.interval_s, self._time = pids, interval_s, _time.time
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((self._time(), {k: cpu_seconds(p) for k, p in self.pids.items()}))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((self._time(), {k: cpu_seconds(p) for k, p in self.pids.items()}))
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each process used from wall time `start` to `end` (nearest samples)."""
+        def at(t: float) -> dict[str, float]:
+            return min(self.samples, key=lambda s: abs(s[0] - t))[1]
+
+        first, last = at(start), at(end)
+        return {k: last[k] - first[k] for k in self.pids}

@@ -4,7 +4,8 @@ Per N, in one run: enrol N node identities (bulk), start a real aggregator proce
 every simulated node (own certificate, own MQTT connection and session; see node/simulation.py),
 submit a tiny-model job (logistic regression, 10 features, 32 samples per node) and time its
 rounds. Printed: connect time, mean round time (rounds after the first), the cost per node per
-round, the process's RSS.
+round, the process's RSS, and the CPU seconds per steady round of the fleet, the aggregator and
+the broker (sampled from /proc/PID/stat over the steady rounds' wall-time window).
 
     python -m benchmarks.simulation [--nodes 100 1000 10000] [--rounds 3]
 """
@@ -17,7 +18,7 @@ import os
 import shutil
 import time
 
-from benchmarks.procs import rss_bytes, timed_job
+from benchmarks.procs import CpuSampler, rss_bytes, timed_job
 from broker import process
 from broker.local import LocalFederation
 from common.logging import configure_logging
@@ -43,17 +44,22 @@ def run(n: int, rounds: int) -> dict:
         fleet = SimulatedFleet(bundles)
         connect_s = fleet.start(timeout_s=1800)
         time.sleep(2.0 + n / 2000)  # the aggregator reads N retained statuses
-        with exp:
+        pids = {"fleet": os.getpid(), "aggregator": fed.process("agg-agg-sim").pid, "broker": process.read_pid(fed.ws)}
+        with exp, CpuSampler(pids) as cpu:
             state, wall = timed_job(exp)
+            ended = time.time()
         durations = [h["duration_s"] for h in state.history]
         steady = durations[1:] or durations
         round_s = sum(steady) / len(steady)
+        # the steady rounds are the last ones before the job ended (their CPU per round, per process)
+        used = cpu.between(ended - sum(steady), ended)
+        cpu_round = {f"cpu_{k}_s": v / len(steady) for k, v in used.items()}
         fleet_rss_mb = rss_bytes(os.getpid()) / 2**20  # with N nodes connected (ru_maxrss would count earlier work)
         fleet.stop()
         return {"n": n, "enrol_s": enrol_s, "connect_s": connect_s, "first_round_s": durations[0], "round_s": round_s,
                 "per_node_ms": 1000 * round_s / n, "wall_s": wall, "updates": fleet.updates_sent,
                 "train_loss": state.history[-1]["metrics"].get("train_loss", float("nan")),
-                "fleet_rss_mb": fleet_rss_mb}
+                "fleet_rss_mb": fleet_rss_mb, **cpu_round, "load_avg": os.getloadavg()[0]}
     finally:
         fed.stop()
         shutil.rmtree(fed.root, ignore_errors=True)
@@ -80,13 +86,16 @@ def main() -> None:
     configure_logging("warning")
     rows = measure(args.nodes, args.rounds)
     print(f"\ntiny model (logistic regression, 10 features), 32 samples per node, {args.rounds} rounds, real TLS broker")
-    print(f"{'N':>6} {'connect s':>10} {'1st round s':>12} {'round s':>8} {'ms/node/round':>14} {'fleet RSS MB':>13}")
+    print("CPU s a steady round: fleet / aggregator / broker (from /proc/PID/stat)")
+    print(f"{'N':>6} {'connect s':>10} {'1st round s':>12} {'round s':>8} {'ms/node/round':>14} {'fleet RSS MB':>13} "
+          f"{'CPU fleet/agg/broker s':>23} {'load':>5}")
     for r in rows:
         if "failed" in r:
             print(f"{r['n']:>6} failed: {r['failed']}")
             continue
+        split = f"{r['cpu_fleet_s']:.2f}/{r['cpu_aggregator_s']:.2f}/{r['cpu_broker_s']:.2f}"
         print(f"{r['n']:>6} {r['connect_s']:>10.1f} {r['first_round_s']:>12.2f} {r['round_s']:>8.2f} "
-              f"{r['per_node_ms']:>14.2f} {r['fleet_rss_mb']:>13.0f}")
+              f"{r['per_node_ms']:>14.2f} {r['fleet_rss_mb']:>13.0f} {split:>23} {r['load_avg']:>5.1f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,9 @@ class Identity:
         )
 
 
+CHECKED_CERTS = 65536  # certs a TrustStore remembers having checked (a few hundred bytes each)
+
+
 @dataclass(frozen=True)
 class Peer:
     """A sender whose cert was checked against the federation CA."""
@@ -132,13 +136,14 @@ class TrustStore:
     whether that cert was issued by our CA, is in date, and names the claimed sender.
     """
 
-    def __init__(self, ca_pem: bytes, revoked: set[str] | None = None) -> None:
+    def __init__(self, ca_pem: bytes, revoked: set[str] | None = None, cache_size: int = CHECKED_CERTS) -> None:
         self._ca = x509.load_pem_x509_certificate(ca_pem)
         ca_key = self._ca.public_key()
         if not isinstance(ca_key, ed25519.Ed25519PublicKey):
             raise ValueError("the federation CA is not an Ed25519 CA")
         self._ca_key = ca_key
-        self._cache: dict[bytes, Peer] = {}
+        self._cache: OrderedDict[bytes, Peer] = OrderedDict()  # least recently used first
+        self._cache_size = cache_size
         self._revoked = set(revoked or ())
         self._lock = threading.Lock()
 
@@ -151,12 +156,16 @@ class TrustStore:
         digest = hashlib.sha256(cert_der).digest()
         with self._lock:
             peer = self._cache.get(digest)
+            if peer is not None:
+                self._cache.move_to_end(digest)
         if peer is None:
             peer = self._check(cert_der)
             with self._lock:
-                if len(self._cache) > 10_000:
-                    self._cache.clear()
+                # the least recently used goes, not all: cleared at 10,000, a 10,000-node round
+                # re-checked nearly every cert (parse + the CA's signature) every round
                 self._cache[digest] = peer
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         now = dt.datetime.now(dt.UTC)
         if now > peer.not_after:
             raise BadMessage(Reason.BAD_CERT, f"certificate of {peer.name} expired {peer.not_after}")

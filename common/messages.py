@@ -72,11 +72,15 @@ class EncKey(Body):
 @message("job_key", "aggregator")
 class JobKey(Body):
     """A job's content key, for a node of the job it was not sealed for (it joined later), sent
-    sealed for that node on its own `requests` topic: with it the node opens the retained job."""
+    sealed for that node on its own `requests` topic: with it the node opens the retained job.
+    `of="model"`: the content key of the aggregator's models of the job, given to each node once
+    per key when the models carry no wrap for the nodes (more readers than `model_wraps_max`);
+    it opens only models its sender signed."""
 
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     owner: str = Field(min_length=1, max_length=64)  # the job's topics live under its owner's name
     key: bytes = Field(min_length=32, max_length=32)
+    of: Literal["job", "model"] = "job"
 
 
 # --- nodes -----------------------------------------------------------------------------------

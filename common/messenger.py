@@ -20,7 +20,7 @@ import structlog
 from pydantic import BaseModel
 
 from common import topics
-from common.envelope import Message, SealTo, body_span, open_envelope, seal, seal_parts
+from common.envelope import Message, SealTo, body_span, open_envelope, peek_header, seal, seal_parts
 from common.errors import BadMessage, NotReady, Reason, TransportError
 from common.identity import Identity, TrustStore
 from common.messages import EncKey
@@ -115,7 +115,8 @@ class Messenger:
         self._content_keys = ContentKeys()
         self._hold_filters: list[str] = []
         self._held: OrderedDict[str, tuple[bytes | bytearray | memoryview, bool]] = OrderedDict()
-        self._given: OrderedDict[str, bytes] = OrderedDict()  # content keys handed to us, per topic
+        # content keys handed to us, per topic and per sender they open (None: any sender)
+        self._given: OrderedDict[str, dict[str | None, bytes]] = OrderedDict()
         self.subscribe(topics.every("keys"), self._on_key, types={"enc_key"}, qos=0)
         self.transport.on_connected(self._publish_key)
 
@@ -181,9 +182,11 @@ class Messenger:
         for hook in list(self._key_hooks):
             self._call(hook, msg.sender)
 
-    def _seal_to(self, topic: str, to: Collection[str] | None, partial: bool) -> SealTo | None:
+    def _seal_to(self, topic: str, to: Collection[str] | None, partial: bool,
+                 wrapped: Collection[str] | None = None) -> SealTo | None:
         """Sealing for `to` (None: sent in clear). Every name needs a known key; with `partial`,
-        those without one are left out (and logged), else KeyMissing."""
+        those without one are left out (and logged), else KeyMissing. The body carries the
+        wraps of `wrapped` (None: all of `to`); the others are given the key apart (`stream_key`)."""
         if to is None or not self.sealing:
             return None
         names = sorted(set(to))
@@ -195,7 +198,15 @@ class Messenger:
         if missing:
             self.log.info("sealed_without", topic=topic, missing=missing)
         keys = {n: self._keys[n] for n in names if n in self._keys}
-        return SealTo(self._content_keys.for_recipients(topic, keys), tuple(keys))
+        carried = tuple(n for n in keys if wrapped is None or n in wrapped)
+        return SealTo(self._content_keys.for_recipients(topic, keys), carried)
+
+    def stream_key(self, topic: str, to: Collection[str]) -> bytes | None:
+        """The content key `send(topic, ..., to=to, partial=True)` seals with now (None if
+        sealing is off), for the recipients whose wrap the body will not carry: handed to each
+        sealed for it (`job_key`), once per key, instead of one wrap per recipient in every body."""
+        seal_to = self._seal_to(topic, to, partial=True)
+        return seal_to.key.key if seal_to is not None else None
 
     def hold_sealed(self, topic_filter: str) -> None:
         """Keep the latest message per topic under `topic_filter` that was sealed for others
@@ -203,25 +214,42 @@ class Messenger:
         one of its recipients hands us the content key (a node that joined a job late)."""
         self._hold_filters.append(topic_filter)
 
-    def _hold(self, topic: str, wire: bytes | bytearray | memoryview, retained: bool) -> None:
-        if not any(topics.matches(f, topic) for f in self._hold_filters) or len(wire) > HELD_BYTES:
-            return
+    def _hold(self, topic: str, wire: bytes | bytearray | memoryview, retained: bool) -> bool:
+        """Hold a message sealed for others; True if a key given to us opened it at once."""
+        if not any(topics.matches(f, topic) for f in self._hold_filters):
+            return False
         self._held.pop(topic, None)
         self._held[topic] = (wire, retained)
+        if topic in self._given and self._open_held(topic):  # the key came first (a model's: given once, it opens every round's)
+            return True
+        if len(wire) > HELD_BYTES:
+            self._held.pop(topic, None)
         while sum(len(w) for w, _ in self._held.values()) > HELD_BYTES:
             self._held.popitem(last=False)
-        if topic in self._given:  # the key came first
-            self.reopen(topic, self._given[topic])
+        return False
 
-    def reopen(self, topic: str, key: bytes) -> bool:
-        """Open the held message of `topic` with its content key and deliver it to the routes,
-        as if it had just arrived; False if none is held (the key is kept for when it comes) or
-        it does not open (logged)."""
-        self._given[topic] = key
+    def reopen(self, topic: str, key: bytes, by: str | None = None) -> bool:
+        """Keep `key` for `topic`'s sealed messages sent by `by` (None: by anyone), open the one
+        held, if any, and deliver it to the routes as if it had just arrived; False if none is
+        held (the key is kept for when it comes) or it does not open with it (see `_open_held`).
+        A key given `by` a sender opens only that sender's messages, so another aggregator's key
+        cannot stand in for the one of the job's aggregator."""
+        self._given.setdefault(topic, {})[by] = key
+        self._given.move_to_end(topic)
         while len(self._given) > 1024:
             self._given.popitem(last=False)
-        held = self._held.pop(topic, None)
+        return self._open_held(topic)
+
+    def _open_held(self, topic: str) -> bool:
+        """Open the message held for `topic` with a key given for its sender. One that does not
+        decrypt stays held: it was sealed with a newer key, still on its way (e.g. the model of
+        a round after a node left the job and the content key changed)."""
+        held = self._held.get(topic)
         if held is None:
+            return False
+        given = self._given.get(topic, {})
+        key = given.get(peek_header(held[0]).get("sender")) or given.get(None)  # its signature was checked
+        if key is None:
             return False
         try:
             msg = replace(open_envelope(held[0], self.trust, topic, held[1], content_key=key,
@@ -229,8 +257,13 @@ class Messenger:
             self._check_topic(msg)
             self._check_fresh(msg)
         except BadMessage as exc:
+            if exc.reason == Reason.BAD_SEAL:
+                self.log.info("held_for_another_key", topic=topic)
+                return False
+            self._held.pop(topic, None)
             self._rejected(topic, exc)
             return False
+        self._held.pop(topic, None)
         self._dispatch(msg, [r for r in self._routes if topics.matches(r.topic_filter, topic)])
         return True
 
@@ -250,15 +283,17 @@ class Messenger:
         wait: bool = True,
         to: Collection[str] | None = None,
         partial: bool = False,
+        wrapped: Collection[str] | None = None,
     ) -> str:
         """Seal and publish; returns the message id once the broker acknowledged it (or, with
         `wait=False`, once queued: see Transport.publish_stream).
 
         With `to` (identity names) the body is encrypted so that only they can read it, unless
         sealing is off (`TransportSettings.seal`); see `_seal_to` for names without a known key.
-        Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate.
+        Re-sending with the same `msg_id` lets receivers drop the copy as a duplicate. `wrapped`:
+        the names of `to` whose key wrap the body carries (None: all; see `stream_key`).
         """
-        seal_to = self._seal_to(topic, to, partial)
+        seal_to = self._seal_to(topic, to, partial, wrapped)
         sealed = seal_parts(self.identity, type_, body, job=job, round_=round_, msg_id=msg_id, seal_to=seal_to,
                             topic=topic)
         self.transport.publish_stream(topic, sealed.size, sealed.parts, retain=retain, timeout_s=timeout_s, wait=wait)
@@ -315,9 +350,9 @@ class Messenger:
             self._check_topic(msg)
             self._check_fresh(msg)
         except BadMessage as exc:
-            self._rejected(delivery.topic, exc)
-            if exc.reason == Reason.NOT_A_RECIPIENT:  # signed, sealed for others: maybe a key comes
-                self._hold(delivery.topic, delivery.payload, delivery.retained)
+            # signed, sealed for others: held, opened now if we were given its key, else maybe one comes
+            if exc.reason != Reason.NOT_A_RECIPIENT or not self._hold(delivery.topic, delivery.payload, delivery.retained):
+                self._rejected(delivery.topic, exc)
             return
         self._dispatch(msg, routes)
 

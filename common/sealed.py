@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ KEY_BYTES = 32
 _PREFIX = struct.Struct(">BBI")  # mark, version, header length
 _MAX_HEADER = 4 * 1024 * 1024  # ~40,000 recipients' wraps
 _WRAP_NONCE = b"\0" * NONCE  # each wrap key is used once: unique per (ephemeral key, recipient)
+UNWRAPPED_KEPT = 65536  # content keys a keyring remembers having unwrapped (~10 MB)
 
 
 class SealError(ValueError):
@@ -69,6 +71,10 @@ class Keyring:
     name: str
     private: x25519.X25519PrivateKey
     public: bytes
+    # (stream, ephemeral key, wrap) -> content key: a sender keeps one content key per stream, so
+    # an aggregator would redo the same key agreement for every update of every round of a node
+    unwrapped: OrderedDict[tuple[str, bytes, bytes], bytes] = field(
+        default_factory=OrderedDict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, name: str, identity_key: ed25519.Ed25519PrivateKey) -> Keyring:
@@ -95,8 +101,8 @@ class ContentKey:
     stream: str
     key: bytes = field(default_factory=lambda: AESGCM.generate_key(bit_length=256))
     eph: x25519.X25519PrivateKey = field(default_factory=x25519.X25519PrivateKey.generate)
-    recipients: dict[str, bytes] = field(default_factory=dict)  # name -> public key wrapped for
-    wraps: dict[str, bytes] = field(default_factory=dict)
+    recipients: dict[str, bytes] = field(default_factory=dict)  # name -> public key, who may have the key
+    wraps: dict[str, bytes] = field(default_factory=dict)  # made when a body first carries one
 
     @property
     def eph_pub(self) -> bytes:
@@ -108,26 +114,41 @@ class ContentKey:
         self.wraps[name] = AESGCM(wk).encrypt(_WRAP_NONCE, self.key, self.stream.encode())
         self.recipients[name] = public
 
+    def wrap(self, name: str) -> bytes:
+        """The wrap for recipient `name`, made on first use: a body that carries a few wraps
+        (the rest of the recipients given the key otherwise) costs no key agreement for the others."""
+        if name not in self.wraps:
+            self.wrap_for(name, self.recipients[name])
+        return self.wraps[name]
+
 
 class ContentKeys:
     """The content key of each stream a sender seals (one per topic), kept while it lives."""
 
-    def __init__(self, max_streams: int = 4096) -> None:
-        self._keys: dict[str, ContentKey] = {}
+    def __init__(self, max_streams: int = 65536) -> None:
+        self._keys: OrderedDict[str, ContentKey] = OrderedDict()  # least recently used first
         self._max = max_streams
 
     def for_recipients(self, stream: str, recipients: Mapping[str, bytes]) -> ContentKey:
         """The stream's key wrapped for exactly `recipients` (name -> X25519 public key):
-        the same key with wraps added if they are a superset of the last set, else a new key."""
+        the same key with wraps added if they are a superset of the last set, else a new key.
+        The least recently used stream is forgotten past `max_streams`: an aggregator sealing a
+        `job_key` for each of 10,000 nodes (a stream each) evicted, first in first out at 4,096,
+        the model's stream whose key it had just given them, and sealed the model with a new one."""
         current = self._keys.get(stream)
+        if current is not None:
+            self._keys.move_to_end(stream)
         if current is None or any(recipients.get(n) != pub for n, pub in current.recipients.items()):
-            if len(self._keys) >= self._max:
-                self._keys.pop(next(iter(self._keys)))
+            if stream not in self._keys and len(self._keys) >= self._max:
+                self._keys.popitem(last=False)
             current = self._keys[stream] = ContentKey(stream)
         for name, public in recipients.items():
-            if name not in current.recipients:
-                current.wrap_for(name, public)
+            current.recipients.setdefault(name, public)  # wrapped when a body carries it (ContentKey.wrap)
         return current
+
+    def key_of(self, stream: str) -> ContentKey | None:
+        """The stream's current content key (None before its first `for_recipients`)."""
+        return self._keys.get(stream)
 
 
 @dataclass(frozen=True)
@@ -147,7 +168,7 @@ def plan(ck: ContentKey, names: Iterable[str]) -> SealPlan:
     """The sealed header for a body going to `names` (each must have a wrap in `ck`)."""
     nonce = os.urandom(NONCE)
     header = msgpack.packb({"s": ck.stream, "e": ck.eph_pub, "n": nonce,
-                            "w": {n: ck.wraps[n] for n in sorted(names)}}, use_bin_type=True)
+                            "w": {n: ck.wrap(n) for n in sorted(names)}}, use_bin_type=True)
     return SealPlan(ck.key, nonce, header)
 
 
@@ -197,16 +218,35 @@ def recipients(body: bytes | bytearray | memoryview) -> list[str]:
 def content_key(keyring: Keyring, body: bytes | bytearray | memoryview) -> bytes:
     """The content key of a sealed body, unwrapped with `keyring` (SealError if not for it):
     what a recipient hands on to a late one (the aggregator to a node joining a job)."""
-    header = _parse(memoryview(body).cast("B"))[0]
+    return unwrap(keyring, header_of(body))
+
+
+def header_of(body: bytes | bytearray | memoryview) -> dict:
+    """A sealed body's header (stream, ephemeral key, nonce, wraps); SealError if malformed.
+    Parsed once, it serves every recipient in a process (`unwrap`): the simulated fleet's 10,000
+    sites each parsed a job's 10,000 wraps."""
+    return _parse(memoryview(body).cast("B"))[0]
+
+
+def unwrap(keyring: Keyring, header: dict) -> bytes:
+    """The content key in `header`'s wrap for `keyring` (SealError if none, or it does not open)."""
     wrapped = header["w"].get(keyring.name)
     if not isinstance(wrapped, bytes):
         raise SealError("not_a_recipient", f"sealed for {len(header['w'])} recipient(s), not for {keyring.name}")
+    seen = (header["s"], header["e"], wrapped)
+    if seen in keyring.unwrapped:  # the same wrap opened before: the same key (a pure function of it)
+        keyring.unwrapped.move_to_end(seen)
+        return keyring.unwrapped[seen]
     try:
         peer = x25519.X25519PublicKey.from_public_bytes(header["e"])
         wk = _wrap_key(keyring.private.exchange(peer), header["s"], keyring.name, header["e"], keyring.public)
-        return AESGCM(wk).decrypt(_WRAP_NONCE, wrapped, header["s"].encode())
+        key = AESGCM(wk).decrypt(_WRAP_NONCE, wrapped, header["s"].encode())
     except (InvalidTag, ValueError) as exc:
         raise SealError("bad_seal", f"the wrap for {keyring.name} does not open ({type(exc).__name__})") from None
+    keyring.unwrapped[seen] = key
+    while len(keyring.unwrapped) > UNWRAPPED_KEPT:
+        keyring.unwrapped.popitem(last=False)
+    return key
 
 
 def open_with_key(key: bytes, aad: bytes, body: bytes | bytearray | memoryview) -> memoryview:

@@ -39,6 +39,10 @@ class TransportSettings(BaseSettings):
     reassembly_max_partial: int = Field(default=4096, ge=1, description="incomplete chunked messages in all")
     seal: bool = Field(default=True, description="encrypt jobs, models and updates end to end to their recipients "
                                                   "(FBM_MQTT_SEAL=false turns it off, for benchmarks only)")
+    model_wraps_max: int = Field(
+        default=32, ge=0,
+        description="an aggregator's model for more readers carries only its owner's key wrap, and each node is "
+                    "given the model's content key once (job_key) instead of N wraps in each of N deliveries")
     dedupe_window: int = Field(default=20_000, ge=100, description="message ids remembered to drop duplicates")
     max_message_age_s: float = Field(
         default=8 * 24 * 3600.0, gt=0,

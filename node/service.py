@@ -26,7 +26,7 @@ from common.compression import CompressionSpec, encode_update
 from common.envelope import Message, open_envelope
 from common.errors import BadMessage, Reason, TransportError
 from common.identity import Identity
-from common.messages import JobAnswer, JobSpec, NodeStatus, Reply, TrainFailed
+from common.messages import JobAnswer, JobKey, JobSpec, NodeStatus, Reply, TrainFailed
 from common.messenger import Messenger
 from common.training.args import TrainingArgs, TrainingArgsError
 from common.training.catalog import ZOO_ALGORITHMS, LocalError, algorithm_of
@@ -198,6 +198,7 @@ class NodeService:
         # acks come on our own topic; every node reading every event would be O(N^2) a round
         m.subscribe(topics.requests(self.name), self._on_request, types={"request", "update_received", "job_key"})
         m.hold_sealed(topics.every("job"))  # a job sealed before we joined: its aggregator may give us the key
+        m.hold_sealed(topics.every("model"))  # a model for many nodes: its aggregator gives us its key once
         m.on_reject(self._on_rejected)
         m.on_connected(self._on_connected)
         m.connect(connect_timeout_s)
@@ -667,10 +668,13 @@ class NodeService:
         if msg.type == "update_received":
             self._on_ack(msg)
             return
-        if msg.type == "job_key":  # sealed for us by an aggregator: open the job held since it came
-            job_id = msg.body.job_id  # type: ignore[attr-defined]
-            opened = self.messenger.reopen(topics.job(msg.body.owner, job_id), msg.body.key)  # type: ignore[attr-defined]
-            self.log.info("job_key_received", job=job_id, aggregator=msg.sender, opened=opened)
+        if msg.type == "job_key":  # sealed for us by an aggregator: open the job (or model) held since it came
+            body: JobKey = msg.body  # type: ignore[assignment]
+            if body.of == "model":  # it opens that aggregator's models of the job, every round's
+                opened = self.messenger.reopen(topics.model(body.owner, body.job_id), body.key, by=msg.sender)
+            else:
+                opened = self.messenger.reopen(topics.job(body.owner, body.job_id), body.key)
+            self.log.info("job_key_received", job=body.job_id, of=body.of, aggregator=msg.sender, opened=opened)
             return
         command = msg.body.command
         self.audit.record("request", actor=msg.sender, command=command)

@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from common import chunking, topics
+from common import chunking, sealed, topics
 from common.envelope import Message, SealTo, open_envelope, peek_header, seal
-from common.errors import BadMessage
+from common.errors import BadMessage, Reason
 from common.identity import Identity, TrustStore
-from common.messages import DatasetInfo, EncKey, JobSpec, NodeStatus, Update
+from common.messages import DatasetInfo, EncKey, JobKey, JobSpec, NodeStatus, Update
 from common.sealed import ContentKeys, Keyring, is_sealed
 from common.secagg.simulate import DROP_POINTS
 from common.training.loader import load_plan_class
@@ -61,6 +61,8 @@ from node.plans import PlanStatus
 from node.registry import Dataset
 from node.secagg import SecureRounds, as_params
 
+# what a simulated site acts on; the rest (acks, requests) is not even opened: it re-sends nothing
+_ACTED_ON = frozenset({"enc_key", "job_key", "secagg_state", "job", "model"})
 # a site silent from DROP_POINTS[point] sends nothing of that stage or after
 _SECAGG_ORDER = ("secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask")
 
@@ -99,6 +101,8 @@ class _Sim:
     connected: bool = False
     secure: SecureRounds | None = None  # its secure-aggregation rounds, one per job
     keyring: Keyring | None = None
+    given: dict[str, dict[str | None, bytes]] = field(default_factory=dict)  # topic -> sender -> content key
+    held: dict[str, bytes] = field(default_factory=dict)  # topic -> a message sealed for others (its key may come)
 
     def __post_init__(self) -> None:
         self.keyring = Keyring.of(self.identity.name, self.identity.key)
@@ -121,11 +125,12 @@ class SimulatedFleet:
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
         self._trainings: deque[Callable[[], None]] = deque()  # one runs per loop turn, between reads
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
+        self._sealed_headers: OrderedDict[bytes, dict] = OrderedDict()  # payload sha256 -> its sealed header
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
         self._stop = threading.Event()
         self.updates_sent = 0
         self._keys: dict[str, bytes] = {}  # aggregators' (and everyone's) encryption keys
-        self._content_keys = ContentKeys()
+        self._content_keys = ContentKeys(max_streams=4 * len(bundles) + 4096)  # one per node's update stream: kept
         self._model_sender: dict[str, str] = {}  # job -> the aggregator of its last model (updates are sealed for it)
         self.silent = dict(silent or {})  # node -> a DROP_POINTS key
         self.trained_updates: dict[tuple[str, str, int], tuple[dict[str, torch.Tensor], int]] | None = (
@@ -251,6 +256,8 @@ class SimulatedFleet:
             return last
         for sim in self.nodes.values():
             sim.client.loop_misc()
+            if sim.client.want_write():  # a ping out now: the selector may next return 10,000 reads first
+                sim.client.loop_write()
         return now
 
     # --- protocol --------------------------------------------------------------------------------
@@ -276,32 +283,82 @@ class SimulatedFleet:
         client.publish(topics.status(name), status, qos=1, retain=True)
 
     def _open(self, payload: bytes, topic: str, sim: _Sim) -> Message | None:
-        """Check and decode a payload once, however many simulated nodes receive it (once per
-        node if it is sealed: each opens it with its own key)."""
-        key = hashlib.sha256(payload).digest() + topic.encode()
-        if payload and chunking.frame_kind(payload) == "message" and _sealed(payload):
+        """Check and decode a payload once, however many simulated nodes receive it: once per
+        node if it is sealed with a wrap for each (each opens it with its own key), once per
+        content key if it is sealed with a key given to the nodes (`job_key`: a model for many).
+        Types the fleet does not act on (acks: it re-sends nothing) are not opened at all."""
+        if not payload or chunking.frame_kind(payload) != "message":
+            return None
+        try:
+            header = peek_header(payload)  # not trusted: which key to try, whether to open at all
+        except BadMessage:
+            header = {}
+        if header and header.get("type") not in _ACTED_ON:
+            return None
+        digest = hashlib.sha256(payload).digest()
+        keys = sim.given.get(topic, {})
+        given = keys.get(header.get("sender")) or keys.get(None) or self._own_wrap(sim, digest, header)
+        key = digest + topic.encode()
+        if given is not None:
+            key += b"\0k" + given
+        elif is_sealed(header.get("body") or b""):
             key += b"\0" + sim.identity.name.encode()
         if key in self._decoded:
             return self._decoded[key]
         msg: Message | None = None
-        if payload and chunking.frame_kind(payload) == "message":
-            try:
-                msg = open_envelope(payload, self.trust, topic, keyring=sim.keyring)
-            except BadMessage as exc:
-                log.warning("sim_message_dropped", topic=topic, node=sim.identity.name, reason=exc.reason)
+        try:
+            msg = self._open_as(sim, payload, topic, given)
+        except BadMessage as exc:
+            if exc.reason in (Reason.NOT_A_RECIPIENT, Reason.BAD_SEAL) and topics.job_of(topic):  # its key may come (`job_key`)
+                sim.held[topic] = payload
+                return None
+            log.warning("sim_message_dropped", topic=topic, node=sim.identity.name, reason=exc.reason)
         self._decoded[key] = msg
         if len(self._decoded) > 256:
             self._decoded.popitem(last=False)
         return msg
 
+    def _own_wrap(self, sim: _Sim, digest: bytes, header: dict) -> bytes | None:
+        """The content key in `sim`'s own wrap of a sealed body (its own key agreement), None if
+        it has none; the sealed header is parsed once per payload for all sites (a job for
+        10,000 nodes carries 10,000 wraps: parsed by each, O(N^2), it outlasted keepalives)."""
+        body = header.get("body") or b""
+        if not is_sealed(body):
+            return None
+        parsed = self._sealed_headers.get(digest)
+        if parsed is None:
+            try:
+                parsed = self._sealed_headers[digest] = sealed.header_of(body)
+            except sealed.SealError:
+                return None
+            while len(self._sealed_headers) > 16:
+                self._sealed_headers.popitem(last=False)
+        try:
+            return sealed.unwrap(sim.keyring, parsed) if sim.keyring is not None else None
+        except sealed.SealError:
+            return None  # not for it: opened (and refused) the usual way
+
+    def _open_as(self, sim: _Sim, payload: bytes, topic: str, given: bytes | None) -> Message:
+        """Open with the key given to `sim`, else (or if the message was sealed with a newer key,
+        wrapped for `sim` in the message) with `sim`'s own key."""
+        try:
+            return open_envelope(payload, self.trust, topic, keyring=sim.keyring, content_key=given)
+        except BadMessage as exc:
+            if given is None or exc.reason != Reason.BAD_SEAL:
+                raise
+        return open_envelope(payload, self.trust, topic, keyring=sim.keyring)
+
     def _on_message(self, client, name, message) -> None:
-        topic = message.topic
-        sim = self.nodes[name]
-        msg = self._open(bytes(message.payload), topic, sim)
+        self._deliver(self.nodes[name], message.topic, bytes(message.payload))
+
+    def _deliver(self, sim: _Sim, topic: str, payload: bytes) -> None:
+        msg = self._open(payload, topic, sim)
         if msg is None:
             return
         if msg.type == "enc_key" and topics.writer_of(topic) == msg.sender:
             self._keys[msg.sender] = msg.body.key  # type: ignore[attr-defined]
+        elif msg.type == "job_key" and topic == topics.requests(sim.identity.name):
+            self._key_given(sim, msg)
         elif msg.type == "secagg_state":
             job = topics.job_of(topic) or ""
             kept = sim.site.jobs.get(job)
@@ -312,6 +369,17 @@ class SimulatedFleet:
         elif msg.type == "model":
             self._model_sender[topics.job_of(topic) or ""] = msg.sender
             self._perform(sim, sim.site.on_model(msg, time.monotonic()))
+
+    def _key_given(self, sim: _Sim, msg: Message) -> None:
+        """A content key an aggregator gave this site (as to a node: node/service.py): it opens
+        that aggregator's models of the job (or the job), and the one held, if any, now."""
+        body: JobKey = msg.body  # type: ignore[assignment]
+        topic = topics.model(body.owner, body.job_id) if body.of == "model" else topics.job(body.owner, body.job_id)
+        # a model's key opens its sender's models only; a job's, the job whoever sealed it
+        sim.given.setdefault(topic, {})[msg.sender if body.of == "model" else None] = body.key
+        held = sim.held.pop(topic, None)
+        if held is not None:
+            self._deliver(sim, topic, held)
 
     def _perform(self, sim: _Sim, actions: list[site.Action]) -> None:
         """What a simulated site does of its decisions: train, and take a held model again. It
@@ -372,9 +440,3 @@ class SimulatedFleet:
             self._plan_classes[key] = load_plan_class(spec.plan)
         return self._plan_classes[key]
 
-
-def _sealed(payload: bytes) -> bool:
-    try:
-        return is_sealed(peek_header(payload).get("body") or b"")
-    except BadMessage:
-        return False

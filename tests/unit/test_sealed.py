@@ -56,12 +56,28 @@ def test_a_late_recipient_gets_the_same_content_key_a_removed_one_a_new_key():
     keys = ContentKeys()
     first = keys.for_recipients("s", {"a": a.public})
     grown = keys.for_recipients("s", {"a": a.public, "b": b.public})
-    assert grown is first and set(grown.wraps) == {"a", "b"}  # the late-joining node is given the key
+    assert grown is first and set(grown.recipients) == {"a", "b"}  # the late-joining node is given the key
     shrunk = keys.for_recipients("s", {"b": b.public})
-    assert shrunk.key != first.key and set(shrunk.wraps) == {"b"}  # a's wrap would still open it
+    assert shrunk.key != first.key and set(shrunk.recipients) == {"b"}  # a's wrap would still open it
     body = sealed.seal_body(shrunk, ["b"], b"", b"x" * 10)
     with pytest.raises(SealError):
         sealed.open_body(a, b"", body)
+
+
+def test_a_body_carries_the_wraps_of_the_names_it_is_sealed_to_and_the_others_get_the_key_apart():
+    """A model for 10,000 nodes carried 10,000 wraps (~60 bytes each) to every one of them: O(N^2)
+    bytes a round. Wraps are made only for the names a body carries; the others open it with
+    the content key given to them on their own (`job_key`), and none of it opens for an outsider."""
+    owner, node, outsider = _ring("owner"), _ring("node"), _ring("outsider")
+    ck = ContentKeys().for_recipients("jobs/o/j/model", {"owner": owner.public, "node": node.public})
+    body = sealed.seal_body(ck, ["owner"], b"aad", b"model" * 50)
+    assert sealed.recipients(body) == ["owner"] and set(ck.wraps) == {"owner"}  # no key agreement for "node"
+    assert bytes(sealed.open_body(owner, b"aad", body)) == b"model" * 50
+    assert bytes(sealed.open_with_key(ck.key, b"aad", body)) == b"model" * 50  # the key "node" was given
+    for ring in (node, outsider):
+        with pytest.raises(SealError) as err:
+            sealed.open_body(ring, b"aad", body)
+        assert err.value.reason == "not_a_recipient"
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +161,39 @@ def test_a_recipient_hands_the_content_key_to_a_late_one_who_then_opens_the_sign
     assert err.value.reason == Reason.BAD_SEAL
     with pytest.raises(BadMessage):
         sealed_content_key(wire, rings["node-b"])
+
+
+def test_a_wrap_opened_once_is_not_opened_again_and_a_changed_one_is_refused():
+    """An aggregator opens N updates a round, each sealed with the content key its node keeps
+    for the stream: the key agreement is done once per (stream, ephemeral key, wrap), not per
+    update. A changed wrap is not taken from the memory: it is opened (and refused) anew."""
+    a = _ring("a")
+    ck = ContentKeys().for_recipients("s", {"a": a.public})
+    bodies = [sealed.seal_body(ck, ["a"], b"aad", b"round %d" % r) for r in range(3)]
+    assert bytes(sealed.open_body(a, b"aad", bodies[0])) == b"round 0"
+    assert len(a.unwrapped) == 1
+    for r, body in enumerate(bodies):
+        assert bytes(sealed.open_body(a, b"aad", body)) == b"round %d" % r
+    assert len(a.unwrapped) == 1
+    forged = ContentKeys().for_recipients("s", {"a": a.public})  # another key, same stream
+    tampered = bytearray(sealed.seal_body(forged, ["a"], b"aad", b"x"))
+    header = sealed._parse(memoryview(tampered))[0]
+    start = bytes(tampered).index(header["w"]["a"])
+    tampered[start] ^= 1
+    with pytest.raises(SealError) as err:
+        sealed.open_body(a, b"aad", bytes(tampered))
+    assert err.value.reason == "bad_seal" and len(a.unwrapped) == 1
+
+
+def test_the_least_recently_used_stream_is_forgotten_not_the_first_made():
+    """Red before: first in first out at 4,096 streams, an aggregator that gave 10,000 nodes the
+    model's key (a sealed job_key each: one stream each) had forgotten the model's stream by the
+    time it sealed the model, which then went out under a key no node had (round 1 hung)."""
+    a = _ring("a")
+    keys = ContentKeys(max_streams=2)
+    model = keys.for_recipients("model", {"a": a.public})
+    keys.for_recipients("requests/1", {"a": a.public})
+    assert keys.for_recipients("model", {"a": a.public}) is model  # used again: most recent
+    keys.for_recipients("requests/2", {"a": a.public})  # "requests/1" goes
+    assert keys.for_recipients("model", {"a": a.public}) is model
+    assert keys.key_of("requests/1") is None

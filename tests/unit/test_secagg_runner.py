@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from aggregators.service import Checkpoints, JobFailure, JobRunner, _Event
 from common import topics
 from common.envelope import Message
 from common.messages import AggregatorRef, JobSpec, PlanRef, SecAggState, Update
+from common.settings import TransportSettings
 from node.secagg import SiteRound
 
 SITES = ["a", "b", "c", "d", "e"]
@@ -40,6 +42,7 @@ class FakeMessenger:
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, Any]] = []
         self.sites: dict[str, SiteRound] = {}
+        self.transport = SimpleNamespace(settings=TransportSettings())
 
     def send(self, topic: str, type_: str, body: Any, **_: Any) -> str:
         self.sent.append((topic, type_, body))
