@@ -152,14 +152,10 @@ class ClaimBook:
                                       if c.lease_until - now < self.timing.lease_s * 2 / 3]
         if now < self.ready_at:
             return actions
-        if self.bid is not None and now >= self.bid.decide_at:
-            actions += self._decide(self.bid, now)
-            self.bid = None
+        actions += self._decide_due(now)
         if self.bid is None:
             actions += self._next_bid(now)
-            if self.bid is not None and now >= self.bid.decide_at:  # alone: decided at once
-                actions += self._decide(self.bid, now)
-                self.bid = None
+            actions += self._decide_due(now)  # alone (rule 5): a new bid is due at once
         return actions
 
     # --- decisions ----------------------------------------------------------------------------
@@ -170,6 +166,13 @@ class ClaimBook:
 
     def finished(self, job: str) -> bool:
         return any(c.state == "finished" for c in self.claims.get(job, {}).values())
+
+    def _decide_due(self, now: float) -> list[ClaimAction]:
+        """Decide the bid in progress if its settle window has passed."""
+        if self.bid is None or now < self.bid.decide_at:
+            return []
+        bid, self.bid = self.bid, None
+        return self._decide(bid, now)
 
     def _decide(self, bid: _Bid, now: float) -> list[ClaimAction]:
         """The settle window passed: hold the job if our bid is the winner, else yield."""

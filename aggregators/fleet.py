@@ -102,10 +102,7 @@ class Fleet:
 
     def on_peer_status(self, msg: Message) -> None:
         """Another aggregator's retained status: whether we are alone decides if bids settle."""
-        status: AggregatorStatus = msg.body  # type: ignore[assignment]
-        if msg.topic != topics.agg_status(msg.sender):
-            self.log.warning("status_topic_mismatch", sender=msg.sender, topic=msg.topic, msg_id=msg.id)
-            return
+        status: AggregatorStatus = msg.body  # type: ignore[assignment]  # its topic names its sender: Messenger.check_topic
         self._do(lambda: (self.book.on_peer(msg.sender, status.state == "online"), [])[1])
 
     def on_checkpoint(self, msg: Message) -> None:
