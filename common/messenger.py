@@ -9,6 +9,7 @@ that raised `NotReady` or failed stays deliverable, so its sender's re-send is p
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -117,6 +118,11 @@ class Messenger:
         self._held: OrderedDict[str, tuple[bytes | bytearray | memoryview, bool]] = OrderedDict()
         # content keys handed to us, per topic and per sender they open (None: any sender)
         self._given: OrderedDict[str, dict[str | None, bytes]] = OrderedDict()
+        # our own key, published on each connection, comes back to us after every retained key
+        # of the subscription made before it (the broker keeps one connection's order): its echo
+        # says the retained keys are all in, without waiting for a quiet period
+        self._key_echo_id: str | None = None
+        self._keys_synced = threading.Event()
         self.subscribe(topics.every("keys"), self._on_key, types={"enc_key"}, qos=0)
         self.transport.on_connected(self._publish_key)
 
@@ -155,25 +161,35 @@ class Messenger:
     def settle_keys(self, required: Collection[str] = (), timeout_s: float = 5.0, quiet_s: float = 0.5,
                     roles: Collection[str] = ()) -> bool:
         """Wait (after connecting) until the retained keys have arrived: every `required` one,
-        one at least of each of `roles`, and no new key for `quiet_s`; at most `timeout_s`.
-        False if `required` or `roles` were not all met by then."""
+        one at least of each of `roles`, and either the echo of the key we published on this
+        connection (it comes after every retained key) or no new key for `quiet_s` (a broker
+        that did not echo it); at most `timeout_s`. False if `required` or `roles` were not
+        all met by then."""
         deadline, last, count = time.monotonic() + timeout_s, time.monotonic(), -1
         while True:
             if len(self._keys) != count:
                 count, last = len(self._keys), time.monotonic()
             met = all(n in self._keys for n in required) and all(self.keyholders(r) for r in roles)
-            if (met and time.monotonic() - last >= quiet_s) or time.monotonic() >= deadline:
+            settled = self._keys_synced.is_set() or time.monotonic() - last >= quiet_s
+            if (met and settled) or time.monotonic() >= deadline:
                 return met
-            time.sleep(0.05)
+            if self._keys_synced.is_set():
+                time.sleep(0.01)  # a required key still to come, live
+            else:
+                self._keys_synced.wait(0.05)
 
     def _publish_key(self, session_present: bool) -> None:
         topic = topics.keys(self.identity.name)
-        wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public), topic=topic)[1]
+        msg_id, wire = seal(self.identity, "enc_key", EncKey(key=self.keyring.public), topic=topic)
+        self._keys_synced.clear()
+        self._key_echo_id = msg_id
         self.transport.publish_stream(topic, len(wire), [wire], retain=True, wait=False)
 
     def _on_key(self, msg: Message) -> None:
         """A key on `keys/{name}`, signed by `name` (the topic check made sure of that)."""
         key: bytes = msg.body.key  # type: ignore[attr-defined]
+        if msg.sender == self.identity.name and msg.id == self._key_echo_id:
+            self._keys_synced.set()
         if self._keys.get(msg.sender) == key:
             return
         self._keys[msg.sender] = key
