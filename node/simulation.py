@@ -6,7 +6,10 @@ cannot tell it from a real site. What is shared is the process: one event-loop t
 every connection (paho's external-loop API over one epoll selector; one site trains per turn,
 between reads, so messages keep flowing while the fleet trains), a message that reaches
 all nodes (the job, the round's model) is checked and decoded once, and training runs in one
-warm interpreter with torch imported once, node after node, with the real `node.worker.train`.
+warm interpreter with torch imported once: the sites waiting for the same model train in one
+batched pass (`node.batched.train_many`: each site's update equals what `node.worker.train`
+gives it, within float rounding), or site by site with `node.worker.train` for what that
+cannot reproduce exactly (other local algorithms, Adam, validation splits, DP).
 
 Secure aggregation (issue 20) runs the real protocol per simulated site: each has its own
 `node.secagg.SecureRounds` (the node's), answers the aggregator's retained stage state (decoded
@@ -124,6 +127,8 @@ class SimulatedFleet:
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pending: queue.Queue[Callable[[], None]] = queue.Queue()  # work for the loop thread
         self._trainings: deque[Callable[[], None]] = deque()  # one runs per loop turn, between reads
+        # sites waiting to train, by (job, round, model): each group trains in one batched pass
+        self._to_train: OrderedDict[tuple[str, int, int], list[tuple[_Sim, site.Train]]] = OrderedDict()
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
         self._sealed_headers: OrderedDict[bytes, dict] = OrderedDict()  # payload sha256 -> its sealed header
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
@@ -221,7 +226,7 @@ class SimulatedFleet:
     def _loop(self) -> None:
         last_misc = time.monotonic()
         while not self._stop.is_set():
-            for key, mask in self.sel.select(timeout=0 if self._trainings else 0.05):
+            for key, mask in self.sel.select(timeout=0 if self._trainings or self._to_train else 0.05):
                 self._serve(key.data, mask)
                 # keepalives between events too: a burst of N deliveries trains N nodes in a row,
                 # which on a loaded machine outlasts 1.5 keepalives (the broker then drops them)
@@ -231,8 +236,10 @@ class SimulatedFleet:
                     self._pending.get_nowait()()
                 except queue.Empty:
                     break
-            if self._trainings:  # one site's training, then the sockets again: the others' messages
-                self._trainings.popleft()()  # (stage states, acks) are read while the fleet trains
+            if self._trainings:  # one site's training or sending, then the sockets again: the others'
+                self._trainings.popleft()()  # messages (stage states, acks) are read while the fleet trains
+            elif self._to_train:
+                self._train_group(*self._to_train.popitem(last=False))
             last_misc = self._misc(last_misc)
 
     def _serve(self, client: mqtt.Client | None, mask: int) -> None:
@@ -390,18 +397,38 @@ class SimulatedFleet:
                 if spec.secure_aggregation is not None and sim.secure is not None:
                     # keys and shares need no input: answered now, while the fleet trains (like a node)
                     sim.secure.open(spec, action.round, as_params(dict(action.params)))
-                self._trainings.append(lambda task=action: self._train_and_send(sim, task))
+                key = (action.job, action.round, id(action.params))  # the model decoded once for the fleet
+                self._to_train.setdefault(key, []).append((sim, action))
             elif isinstance(action, site.Replay):
                 self._perform(sim, sim.site.on_model(action.msg, time.monotonic()))
+
+    def _train_group(self, key: tuple[str, int, int], group: list[tuple[_Sim, site.Train]]) -> None:
+        """Train the sites waiting for one model of one job: in one batched pass where that equals
+        each site's own `train` (node/batched.py), else site by site; each sends on its own turn."""
+        from node.batched import train_many
+
+        spec = group[0][0].site.jobs[group[0][1].job].spec
+        task = group[0][1]
+        args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
+                "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
+        results = train_many(args, [sim.data for sim, _ in group], self._plan_class(spec))
+        if results is None:
+            self._trainings.extend(lambda sim=sim, task=task: self._train_and_send(sim, task) for sim, task in group)
+            return
+        self._trainings.extend(lambda sim=sim, task=task, result=result: self._send_update(sim, task, result)
+                               for (sim, task), result in zip(group, results, strict=True))
 
     def _train_and_send(self, sim: _Sim, task: site.Train) -> None:
         from node.worker import train
 
         spec = sim.site.jobs[task.job].spec
-        plan_cls = self._plan_class(spec)
         args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
                 "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
-        result = train(args, sim.data, plan_cls)
+        self._send_update(sim, task, train(args, sim.data, self._plan_class(spec)))
+
+    def _send_update(self, sim: _Sim, task: site.Train, result: dict[str, Any]) -> None:
+        """Seal, sign and publish one site's update (or give it to its secure round)."""
+        spec = sim.site.jobs[task.job].spec
         params = {k: torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v for k, v in result["params"].items()}
         if self.trained_updates is not None:
             self.trained_updates[(sim.identity.name, task.job, task.round)] = (params, result["n_samples"])
