@@ -30,6 +30,7 @@ import torch
 from pydantic import ValidationError
 
 from aggregators.fleet import Fleet, FleetSettings
+from aggregators.open_round import OpenRoundStore
 from aggregators.round import (
     Ack,
     Action,
@@ -168,6 +169,7 @@ class Checkpoints:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._open = OpenRoundStore()
 
     def _dir(self, job: str) -> Path:
         return self.root / job
@@ -187,19 +189,15 @@ class Checkpoints:
         return torch.load(folder / f"round-{rounds[0]}.pt", weights_only=True) if rounds else None
 
     def save_open(self, job: str, state: dict[str, Any]) -> None:
-        """The open round's partial state (rule sums, who was folded), rewritten after each fold."""
-        folder = self._dir(job)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "open.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / "open.pt")
+        """The open round's partial state (rule sums, who was folded), saved after each batch of
+        folds: what it adds since the last save, not the whole round (aggregators/open_round.py)."""
+        self._open.save(self._dir(job), state)
 
     def load_open(self, job: str) -> dict[str, Any] | None:
-        path = self._dir(job) / "open.pt"
-        return torch.load(path, weights_only=True) if path.exists() else None
+        return self._open.load(self._dir(job))
 
     def clear_open(self, job: str) -> None:
-        (self._dir(job) / "open.pt").unlink(missing_ok=True)
+        self._open.clear(self._dir(job))
 
     def finish(self, job: str, status: str, reason: str = "") -> None:
         folder = self._dir(job)
