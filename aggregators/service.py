@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import structlog
 import torch
 from pydantic import ValidationError
@@ -112,9 +113,20 @@ def check_update(params: dict[str, torch.Tensor], reference: dict[str, torch.Ten
         value = params[key]
         if value.shape != ref.shape or value.dtype != ref.dtype:
             return f"{key}: got {value.dtype}{list(value.shape)}, expected {ref.dtype}{list(ref.shape)}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not _finite(value):
             return f"{key}: contains NaN or Inf"
     return None
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _finite(value: torch.Tensor) -> bool:
+    """Whether every element is finite: numpy's check where it can make it (a tenth of torch's
+    per-call cost on a small tensor: this runs for each parameter of each update), else torch's."""
+    if value.device.type == "cpu" and value.dtype in _NUMPY_FLOATS and not value.requires_grad:
+        return bool(np.isfinite(value.numpy()).all())
+    return bool(torch.isfinite(value).all())
 
 
 def select_nodes(selection: Selection, quorum: int, round_: int, eligible: list[str]) -> list[str]:

@@ -57,3 +57,18 @@ def test_update_checks():
     assert "expected torch.float32[2, 2]" in check_update({"w": torch.ones(3, 2), "b": torch.ones(2)}, ref)
     assert "NaN" in check_update({"w": torch.full((2, 2), float("nan")), "b": torch.ones(2)}, ref)
     assert "expected torch.float32" in check_update({"w": torch.ones(2, 2, dtype=torch.float64), "b": torch.ones(2)}, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_value_is_found_whatever_the_dtype_and_layout(dtype, bad):
+    """check_update's finite test (numpy where it can, torch for bfloat16 and the rest)."""
+    ref = {"w": torch.zeros(3, 4, dtype=dtype)}
+    strided = torch.zeros(4, 3, dtype=dtype).t()  # not contiguous
+    strided[2, 1] = bad
+    assert "NaN or Inf" in check_update({"w": strided}, ref)
+    graded = torch.zeros(3, 4, dtype=dtype, requires_grad=dtype != torch.float16)
+    with torch.no_grad():
+        graded[1, 3] = bad
+    assert "NaN or Inf" in check_update({"w": graded}, ref)
+    assert check_update({"w": torch.ones(3, 4, dtype=dtype)}, ref) is None
