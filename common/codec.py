@@ -241,32 +241,59 @@ def _ext_head(n: int) -> bytes:
     return b"\xc9" + n.to_bytes(4, "big") + bytes((TENSOR_EXT,))
 
 
+class _BigTensor(Exception):
+    """A tensor to reference, not copy, met while packing a whole subtree (see `_walk`)."""
+
+
+def _default_small(obj: Any) -> Any:
+    """`_default`, refusing the tensors `_walk` sends by reference (BIG_TENSOR bytes or more)."""
+    if isinstance(obj, np.ndarray) and obj.nbytes >= BIG_TENSOR:
+        raise _BigTensor
+    if is_torch(obj) and obj.numel() * obj.element_size() >= BIG_TENSOR:
+        raise _BigTensor
+    return _default(obj)
+
+
+BIG_TENSOR = 4096  # bytes: a tensor this big is a part of its own (referenced), a smaller one is copied
+
+
 def encode_parts(obj: Any) -> list[bytes | memoryview]:
     """`encode(obj)` as a list of pieces whose join is byte-for-byte `encode(obj)`; tensor data
     is referenced, not copied (the sender copies each byte once, into its chunk frames)."""
     packer = msgpack.Packer(default=_default, use_bin_type=True, datetime=False)
+    whole = msgpack.Packer(default=_default_small, use_bin_type=True, datetime=False)
     parts: list[bytes | memoryview] = []
     small = bytearray()
-    _walk(obj, packer, parts, small)  # a module function: a recursive closure would be a
-    if small:                         # reference cycle holding the tensors until the next gc
+    _walk(obj, packer, whole, parts, small)  # a module function: a recursive closure would be a
+    if small:                                # reference cycle holding the tensors until the next gc
         parts.append(bytes(small))
     return parts
 
 
-def _walk(o: Any, packer: msgpack.Packer, parts: list[bytes | memoryview], small: bytearray) -> None:
+def _walk(o: Any, packer: msgpack.Packer, whole: msgpack.Packer, parts: list[bytes | memoryview],
+          small: bytearray) -> None:
+    """Append `o`'s msgpack to `small`, cutting `parts` around big tensors. A container is packed
+    whole by msgpack's C packer unless it holds a big tensor (then walked here, item by item):
+    walking every report of a 10,000-node round's history in Python took 0.8 s a round."""
+    if isinstance(o, (dict, list, tuple, set, frozenset)):
+        try:
+            small.extend(whole.pack(o))
+            return
+        except _BigTensor:
+            pass
     if isinstance(o, dict):
         small.extend(packer.pack_map_header(len(o)))
         for k, v in o.items():
-            _walk(k, packer, parts, small)
-            _walk(v, packer, parts, small)
+            _walk(k, packer, whole, parts, small)
+            _walk(v, packer, whole, parts, small)
     elif isinstance(o, (list, tuple, set, frozenset)):
         small.extend(packer.pack_array_header(len(o)))
         for v in o:
-            _walk(v, packer, parts, small)
+            _walk(v, packer, whole, parts, small)
     elif isinstance(o, np.ndarray) or is_torch(o):
         head, raw = _raw_tensor(o)
         small.extend(_ext_head(len(head) + len(raw)) + head)
-        if len(raw) < 4096:
+        if len(raw) < BIG_TENSOR:
             small.extend(raw)
         else:
             parts.append(bytes(small))

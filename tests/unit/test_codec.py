@@ -150,3 +150,32 @@ def test_a_node_holds_torch_tensors_as_numpy_and_forwards_them_byte_for_byte(dty
     assert codec.encode({"t": held}) == wire
     if dtype.is_floating_point:
         assert np.array_equal(codec.as_float(held), tensor.float().numpy())
+
+
+def test_containers_without_a_big_tensor_are_packed_whole_and_still_byte_for_byte(monkeypatch):
+    """A round's history (10,000 reports a round) was walked item by item in Python: 0.8 s a
+    round at the aggregator. Containers holding no big tensor go to msgpack's packer whole."""
+    import numpy as np
+
+    from common import codec
+
+    reports = [{"node": f"sim-{i:05d}", "n_samples": 32, "metrics": {"train_loss": 0.25 + i}, "timings": {}}
+               for i in range(1000)]
+    at_edge = torch.zeros(1024)  # exactly 4,096 bytes: referenced
+    below = torch.zeros(1023)  # copied
+    cases = [
+        {"rounds": [{"round": 1, "reports": reports, "notes": {"s": {1, 2}, "t": (1, "a")}}]},
+        {"a": [{"b": {"c": [1, at_edge, below]}}], "d": reports[:3], "e": np.arange(3.0)},
+        {"deep": [[[torch.randn(5000)]]], "f": frozenset({"x"}), "g": np.float64(1.5)},
+    ]
+    calls = []
+    walk = codec._walk
+    monkeypatch.setattr(codec, "_walk", lambda *a: (calls.append(1), walk(*a))[1])
+    for obj in cases:
+        calls.clear()
+        parts = codec.encode_parts(obj)
+        assert b"".join(parts) == codec.encode(obj)
+        if obj is cases[0]:
+            assert len(calls) == 1, f"{len(calls)} walk steps for a body without a big tensor"
+    views = [p for p in codec.encode_parts(cases[1]) if isinstance(p, memoryview)]
+    assert len(views) == 1 and np.shares_memory(np.frombuffer(views[0], dtype=np.float32), at_edge.numpy())
