@@ -278,6 +278,7 @@ class JobRunner(threading.Thread):
         self._last_history: JobHistory | None = None
         self._last_secagg: tuple[int, SecAggState] | None = None  # the secure stage last published
         self._history_sent = -1  # rounds in the last published JobHistory
+        self._closed: list[RoundClosed] = []  # the history's rounds as models, validated once each
         self._model_readers: set[str] = set()  # who the last model was sealed for (with a known key)
         self._model_keys_given: dict[str, bytes] = {}  # node -> the model content key it was given
         self._model_key_sent: bytes | None = None  # the content key of the last model published
@@ -362,7 +363,7 @@ class JobRunner(threading.Thread):
                        nodes: list[str] | None = None, deadline: float | None = None, reason: str = "",
                        extra: dict[str, torch.Tensor] | None = None) -> None:
         if len(history) != self._history_sent:  # researchers' copy first: it is never behind the model
-            self._last_history = JobHistory(rounds=[RoundClosed.model_validate(h) for h in history])
+            self._last_history = JobHistory(rounds=self._history_rounds(history))
             self._send("job_history", self._last_history, retain=True, round_=round_, topic=topics.history(self.spec.owner, self.spec.job_id),
                        to=[self.spec.owner])
             self._history_sent = len(history)
@@ -374,6 +375,14 @@ class JobRunner(threading.Thread):
                             reason=reason, extra=extra or {}, selection=self.spec.selection.mode)
         self._last_model = model
         self._send_model(model)
+
+    def _history_rounds(self, history: list[dict[str, Any]]) -> list[RoundClosed]:
+        """The history's rounds as models: only the rounds new since the last call are validated
+        (a closed round does not change; all of them each round was O(rounds x nodes))."""
+        if len(history) < len(self._closed):
+            self._closed = []
+        self._closed += [RoundClosed.model_validate(h) for h in history[len(self._closed):]]
+        return list(self._closed)
 
     def run(self) -> None:
         spec = self.spec

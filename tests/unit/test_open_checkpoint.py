@@ -4,6 +4,8 @@ torn append or a restart too."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from aggregators.round import Policy, Round, Standing
@@ -113,3 +115,23 @@ def test_a_head_written_whole_by_an_earlier_version_still_loads(tmp_path):
     (tmp_path / "j").mkdir()
     torch.save(_state(rnd), tmp_path / "j" / "open.pt")
     _same(Checkpoints(tmp_path).load_open("j"), _state(rnd))
+
+
+def test_the_published_history_validates_each_closed_round_once():
+    """The researchers' history was rebuilt from every round's dict at each round (O(rounds x
+    nodes) a round: 0.24 s at the third round of 10,000 nodes)."""
+    from aggregators.service import JobRunner
+    from common.messages import NodeRoundReport, RoundClosed
+
+    def closed(r: int) -> dict:
+        reports = [NodeRoundReport(node=f"n{i}", n_samples=32, metrics={"loss": 0.1 * r}) for i in range(5)]
+        return RoundClosed(round=r, reports=reports, missing=[], metrics={"loss": 0.1 * r}, duration_s=1.0).model_dump()
+
+    runner = SimpleNamespace(_closed=[])
+    history = [closed(1)]
+    first = JobRunner._history_rounds(runner, history)
+    history.append(closed(2))
+    both = JobRunner._history_rounds(runner, history)
+    assert [r.model_dump() for r in both] == history
+    assert both[0] is first[0], "a closed round was validated again"
+    assert [r.round for r in JobRunner._history_rounds(runner, [closed(7)])] == [7]  # a shorter history: rebuilt
