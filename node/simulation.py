@@ -27,7 +27,6 @@ select(), which cannot watch a file descriptor numbered 1024 or more).
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import queue
 import resource
@@ -212,11 +211,6 @@ class SimulatedFleet:
                 missing = [n for n, s in self.nodes.items() if not s.connected]
                 raise TimeoutError(f"{len(missing)} simulated nodes not connected after {timeout_s:.0f}s: {missing[:5]}...")
             time.sleep(0.05)
-        # the fleet's N clients, sockets, identities and sites live as long as it does: out of the
-        # collector's sight, or each full collection scans them all (0.55 s each, about 1.5 a round
-        # at 10,000 sites: a sixth of the fleet's CPU); garbage collected first, never frozen
-        gc.collect()
-        gc.freeze()
         return time.monotonic() - started
 
     def stop(self) -> None:
@@ -226,7 +220,6 @@ class SimulatedFleet:
         self._stop.set()
         self._thread.join(timeout=10)
         self.sel.close()
-        gc.unfreeze()  # collectable again once this fleet is dropped
 
     # --- the loop --------------------------------------------------------------------------------
 
