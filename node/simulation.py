@@ -3,8 +3,8 @@
 Each simulated node is a real identity (its own certificate), with its own MQTT connection and
 persistent session, its own status, its own signed updates; the broker and the aggregator
 cannot tell it from a real site. What is shared is the process: one event-loop thread drives
-every connection (paho's external-loop API over one epoll selector; one site trains per turn,
-between reads, so messages keep flowing while the fleet trains), a message that reaches
+every connection (paho's external-loop API over one epoll selector; a group of sites trains,
+or one site's update is sent, per turn, between reads, so messages keep flowing), a message that reaches
 all nodes (the job, the round's model) is checked and decoded once, and training runs in one
 warm interpreter with torch imported once: the sites waiting for the same model train in one
 batched pass (`node.batched.train_many`: each site's update equals what `node.worker.train`
@@ -407,6 +407,9 @@ class SimulatedFleet:
         each site's own `train` (node/batched.py), else site by site; each sends on its own turn."""
         from node.batched import train_many
 
+        group = [(sim, task) for sim, task in group if task.job in sim.site.jobs]  # e.g. withdrawn since
+        if not group:
+            return
         spec = group[0][0].site.jobs[group[0][1].job].spec
         task = group[0][1]
         args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
