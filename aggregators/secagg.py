@@ -23,6 +23,7 @@ import torch
 from common.messages import Body, JobSpec, SecAggState
 from common.secagg.params import Params, round_config, unflatten_mean
 from common.secagg.server import Deadlines, Failed, Finished, Ignored, Publish, ServerSecAgg
+from common.secagg.stages import AdvertiseKeys
 from common.secagg.wire import site_message, state_body
 
 SECAGG_SENDER = "secagg"  # the node name the rule sees for the one aggregated update
@@ -53,7 +54,7 @@ class ServerRound:
     def __init__(self, spec: JobSpec, round_: int, expected: list[str], reference: Params,
                  start: float, deadline: float, publish: Callable[[SecAggState], None],
                  save: Callable[[torch.Tensor], None] | None = None, resume: torch.Tensor | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, carried: dict[str, AdvertiseKeys] | None = None) -> None:
         opt = spec.secure_aggregation
         if opt is None:
             raise ValueError(f"job {spec.job_id} does not use secure aggregation")
@@ -62,14 +63,20 @@ class ServerRound:
         self.round, self.expected, self._reference, self._publish = round_, sorted(expected), reference, publish
         self._save, self._now = save or (lambda _: None), now
         deadlines = Deadlines.split(start, deadline)
-        self._server = (ServerSecAgg(cfg, self.expected, deadlines) if resume is None else
+        self._server = (ServerSecAgg(cfg, self.expected, deadlines, carried) if resume is None else
                         ServerSecAgg.resume(cfg, self.expected, deadlines, unpack(resume), now()))
         self.resumed_at = None if resume is None else self._server.state.stage.value
         self.outcome: Outcome | None = None
         self.ignored: list[tuple[str, str]] = []
 
     def start(self) -> None:
-        self._act(self._server.start())
+        self._act(self._server.start(self._now()))
+
+    @property
+    def next_keys(self) -> dict[str, AdvertiseKeys]:
+        """The keys the sites carried for the next round in their masked inputs (public; not in
+        the checkpoint: after a restart the next round runs its key stage)."""
+        return dict(self._server.next_keys)
 
     def on_message(self, sender: str, body: Body, now: float) -> Outcome | None:
         if getattr(body, "round", None) != self.round:

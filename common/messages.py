@@ -347,6 +347,11 @@ class JobHistory(Body):
 # --- secure aggregation (common/secagg): a site's four stage messages, the server's state -------
 
 
+class SecAggPublicKeys(Body):
+    c_pk: bytes
+    s_pk: bytes
+
+
 @message("secagg_keys", "node")
 class SecAggKeys(Body):
     round: int = Field(ge=1)
@@ -364,6 +369,7 @@ class SecAggShares(Body):
 class SecAggMasked(Body):
     round: int = Field(ge=1)
     vector: Any  # numpy uint32, the model's size + 1 (checked by the server)
+    next_keys: SecAggPublicKeys | None = None  # the sender's keys for round + 1: that round skips its key stage
 
 
 @message("secagg_unmask", "node")
@@ -371,11 +377,6 @@ class SecAggUnmask(Body):
     round: int = Field(ge=1)
     b_shares: dict[str, bytes]
     s_shares: dict[str, bytes]
-
-
-class SecAggPublicKeys(Body):
-    c_pk: bytes
-    s_pk: bytes
 
 
 @message("secagg_state", "aggregator")

@@ -6,7 +6,9 @@ the states it reads on `jobs/{job}/secagg`, hands the trained parameters over, a
 after a reconnect; everything else is here and in common/secagg.
 
 Why the round opens before training: keys and shares need no input, so a site runs those
-stages while it trains and only the masked stage waits for the trained update.
+stages while it trains and only the masked stage waits for the trained update. The masked
+input of round r carries the site's public keys for round r + 1 (pairs kept here, in memory
+only), so round r + 1 opens at its shares stage.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from common import topics
 from common.compression import CompressionSpec
 from common.messages import Body, JobSpec, SecAggState
 from common.secagg.config import SecAggError
+from common.secagg.keys import KeyPair
 from common.secagg.params import Params, flat_delta, round_config
 from common.secagg.site import SiteSecAgg
 from common.secagg.wire import server_state, site_body
@@ -62,10 +65,11 @@ class SiteRound:
     """One site's round: the round's model (the reference), later its trained update and count."""
 
     def __init__(self, spec: JobSpec, round_: int, me: str, reference: Params, params: Params | None = None,
-                 n_samples: int = 0, send: Send | None = None) -> None:
+                 n_samples: int = 0, send: Send | None = None, pairs: tuple[KeyPair, KeyPair] | None = None) -> None:
+        """`pairs`: this round's key pairs, made and carried in the last round (see SiteSecAgg)."""
         if spec.secure_aggregation is None:
             raise ValueError(f"job {spec.job_id} does not use secure aggregation")
-        self.spec, self.round, self.me = spec, round_, me
+        self.spec, self.round, self.me, self._pairs = spec, round_, me, pairs
         self._send: Send = send or (lambda *_: None)
         self._reference = reference
         self._delta: np.ndarray | None = None
@@ -95,7 +99,8 @@ class SiteRound:
             assert opt is not None
             cfg = round_config(self.spec.job_id, self.round, opt.threshold, opt.neighbours, opt.clip,
                                opt.max_count, self._reference, len(body.expected))
-            self._site = SiteSecAgg(cfg, self.me, self._delta, self._count)
+            self._site = SiteSecAgg(cfg, self.me, self._delta, self._count, pairs=self._pairs,
+                                    carry=self.round < self.spec.rounds)  # the last round carries nothing
         answer = self._site.on_state(server_state(body, for_site=self.me))
         if answer is None:
             return
@@ -103,7 +108,12 @@ class SiteRound:
         self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
         self.sent_masked = self.sent_masked or type_ == "secagg_masked"
         self._send(*self.last_sent)
-        log.info("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)
+        log.debug("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)
+
+    @property
+    def next_pairs(self) -> tuple[KeyPair, KeyPair] | None:
+        """The key pairs for round + 1 whose public keys this round's masked input carried."""
+        return None if self._site is None else self._site.next_pairs
 
 
 class SecureRounds:
@@ -122,7 +132,8 @@ class SecureRounds:
             current = self._rounds.get(spec.job_id)
             if current is not None and current.round >= round_:
                 return
-            self._rounds[spec.job_id] = SiteRound(spec, round_, self.me, reference, send=self._guarded)
+            pairs = current.next_pairs if current is not None and current.round == round_ - 1 else None
+            self._rounds[spec.job_id] = SiteRound(spec, round_, self.me, reference, send=self._guarded, pairs=pairs)
             state = self._states.get(spec.job_id)
             if state is not None:
                 self._feed(self._rounds[spec.job_id], state)

@@ -1,9 +1,11 @@
 """The server's side of a round, as a pure state machine: messages and ticks in, actions out.
 
 Each stage collects until everyone it waits for answered or its deadline passed (`tick(now)`),
-then either publishes the next stage or fails with the reason: never a hang. After the unmask
-stage it removes the survivors' self-masks (b_u from shares) and the dropped sites' pairwise
-masks (s_sk from shares) and decodes the SUM and the total count. It learns nothing else.
+then either publishes the next stage or fails with the reason: never a hang. The key stage
+needs no round trip when every expected site carried its keys in the last round's masked
+input. After the unmask stage it removes the survivors' self-masks (b_u from shares) and the
+dropped sites' pairwise masks (s_sk from shares) and decodes the SUM and the total count. It
+learns nothing else.
 """
 
 from __future__ import annotations
@@ -89,10 +91,14 @@ _EXPECTS: dict[Stage, type] = {Stage.KEYS: AdvertiseKeys, Stage.SHARES: ShareKey
 class ServerSecAgg:
     """The aggregator's round; `expected` are the sites selected for it."""
 
-    def __init__(self, config: SecAggConfig, expected: list[str], deadlines: Deadlines) -> None:
+    def __init__(self, config: SecAggConfig, expected: list[str], deadlines: Deadlines,
+                 carried: dict[str, AdvertiseKeys] | None = None) -> None:
+        """`carried`: public keys for this round that sites sent with their last round's masked
+        input; when every expected site carried them, the round opens at its shares stage."""
         self.config, self.expected, self.deadlines = config, frozenset(expected), deadlines
         self.state = ServerState(Stage.KEYS)
-        self._keys: dict[str, AdvertiseKeys] = {}
+        self._keys: dict[str, AdvertiseKeys] = {u: k for u, k in (carried or {}).items() if u in self.expected}
+        self.next_keys: dict[str, AdvertiseKeys] = {}  # carried in this round's masked inputs, for the next
         self._boxes: dict[str, dict[str, bytes]] = {}
         self._masked: dict[str, np.ndarray] = {}
         self._masked_sum: np.ndarray | None = None  # sum of U3's masked inputs: all the server keeps of them
@@ -100,8 +106,12 @@ class ServerSecAgg:
         self._graph: dict[str, frozenset[str]] = {}
         self._share_count: dict[tuple[str, str], int] = {}  # (owner, "b" | "s") -> valid shares held
 
-    def start(self) -> list[Action]:
-        """The current stage, published (again, after a resume: the sites answer it again)."""
+    def start(self, now: float = 0.0) -> list[Action]:
+        """The current stage, published (again, after a resume: the sites answer it again). With
+        every expected site's keys carried from the last round, the key stage closes at once (no
+        round trip); otherwise it waits for the others (the carried keys count as answers)."""
+        if self.state.stage is Stage.KEYS and self._keys and set(self._keys) >= self.expected:
+            return self._close(now)
         return [Publish(self.state)]
 
     def snapshot(self, now: float) -> dict[str, Any]:
@@ -176,6 +186,8 @@ class ServerSecAgg:
             message = ShareKeys({v: b for v, b in message.boxes.items() if v in self._graph[sender]})
         if isinstance(message, UnmaskShares) and sender not in self._unmask:
             self._count_shares(sender, message)
+        if isinstance(message, MaskedInput) and message.next_keys is not None:
+            self.next_keys[sender] = message.next_keys
         self._received()[sender] = message.vector if isinstance(message, MaskedInput) else message
         return ""
 

@@ -22,7 +22,8 @@ from common.secagg.server import (
     ServerSecAgg,
 )
 from common.secagg.site import SiteSecAgg
-from common.secagg.stages import ServerState, SiteMessage, Stage
+from common.secagg.keys import KeyPair
+from common.secagg.stages import AdvertiseKeys, ServerState, SiteMessage, Stage
 
 # where a site stops answering: before it sends the message of that stage
 _ORDER = (Stage.KEYS, Stage.SHARES, Stage.MASKED, Stage.UNMASK, Stage.DONE, Stage.FAILED)
@@ -41,25 +42,31 @@ class RoundLog:
     server_cpu_s: float = 0.0
     states: list[ServerState] = field(default_factory=list)  # every state the server published
     sites: dict[str, SiteSecAgg] = field(default_factory=dict)
+    next_keys: dict[str, AdvertiseKeys] = field(default_factory=dict)  # carried for the next round
 
 
 def message_bytes(message: SiteMessage) -> int:
     """Payload bytes of a site message (keys, boxes, vector, shares; no framing)."""
     d = vars(message)
     if "vector" in d:
-        return int(np.asarray(d["vector"]).nbytes)
+        nxt = d.get("next_keys")
+        return int(np.asarray(d["vector"]).nbytes) + (len(nxt.c_pk) + len(nxt.s_pk) if nxt is not None else 0)
     if "c_pk" in d:
         return len(d["c_pk"]) + len(d["s_pk"])
     return sum(len(k) + len(v) for part in d.values() for k, v in part.items())
 
 
 def run_round(config: SecAggConfig, inputs: dict[str, tuple[np.ndarray, int]],
-              drop: dict[str, str] | None = None) -> RoundLog:
-    """Drive one round to its end; `drop` maps a site to one of DROP_POINTS."""
-    drop = drop or {}
-    sites = {s: SiteSecAgg(config, s, v, c) for s, (v, c) in inputs.items()}
+              drop: dict[str, str] | None = None, *, carry: bool = False,
+              pairs: dict[str, tuple[KeyPair, KeyPair] | None] | None = None,
+              carried: dict[str, AdvertiseKeys] | None = None) -> RoundLog:
+    """Drive one round to its end; `drop` maps a site to one of DROP_POINTS. `carry`: sites
+    carry the next round's keys in their masked input (`log.next_keys`, `log.sites[s].next_pairs`);
+    `pairs` and `carried`: this round's, carried from the last one (sites and server)."""
+    drop, pairs = drop or {}, pairs or {}
+    sites = {s: SiteSecAgg(config, s, v, c, pairs=pairs.get(s), carry=carry) for s, (v, c) in inputs.items()}
     log = RoundLog(sites=sites)
-    server = ServerSecAgg(config, sorted(inputs), Deadlines(1, 2, 3, 4))
+    server = ServerSecAgg(config, sorted(inputs), Deadlines(1, 2, 3, 4), carried)
     actions = server.start()
     clock = 0.0
     while not server.finished:
@@ -81,6 +88,7 @@ def run_round(config: SecAggConfig, inputs: dict[str, tuple[np.ndarray, int]],
             clock = server.deadlines.of(state.stage)
             actions += _timed(log, server.tick, clock)
     _published(actions, log)
+    log.next_keys = dict(server.next_keys)
     return log
 
 

@@ -35,6 +35,7 @@ class ShareKeys:
 @dataclass(frozen=True)
 class MaskedInput:
     vector: np.ndarray  # uint32, dim + 1 (the count last)
+    next_keys: AdvertiseKeys | None = None  # the site's public keys for the NEXT round (carried: see server)
 
 
 @dataclass(frozen=True)
