@@ -363,6 +363,7 @@ class SecAggKeys(Body):
 class SecAggShares(Body):
     round: int = Field(ge=1)
     boxes: dict[str, bytes]
+    made_for: bytes = b""  # a digest of the participants the shares are for (checked by the server)
 
 
 @message("secagg_masked", "node")
@@ -393,6 +394,7 @@ class SecAggState(Body):
     share_senders: list[str] = []
     masked_senders: list[str] = []
     reason: str = ""
+    next_keys: dict[str, SecAggPublicKeys] = {}  # unmask: the next round's carried keys (sites share ahead)
 
 
 @message("update_received", "aggregator")

@@ -145,7 +145,7 @@ class SimulatedFleet:
             identity = Identity.load(bundle)
             sim = _Sim(identity, synthetic_data(i, samples, features), self._client(identity),
                        _site_jobs(identity.name, tag, samples))
-            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim))
+            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim), defer=self._trainings.append)
             self.nodes[identity.name] = sim
         first = next(iter(self.nodes.values())).identity
         self.trust = TrustStore(first.ca_pem)

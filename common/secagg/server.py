@@ -28,6 +28,7 @@ from common.secagg.stages import (
     SiteMessage,
     Stage,
     UnmaskShares,
+    participants_digest,
 )
 
 
@@ -84,6 +85,7 @@ class Ignored:
 
 
 Action = Publish | Finished | Failed | Ignored
+SILENT_SHARES = 0.1  # of the shares stage's time: how long it waits for early shares unpublished
 _EXPECTS: dict[Stage, type] = {Stage.KEYS: AdvertiseKeys, Stage.SHARES: ShareKeys,
                                Stage.MASKED: MaskedInput, Stage.UNMASK: UnmaskShares}
 
@@ -92,10 +94,15 @@ class ServerSecAgg:
     """The aggregator's round; `expected` are the sites selected for it."""
 
     def __init__(self, config: SecAggConfig, expected: list[str], deadlines: Deadlines,
-                 carried: dict[str, AdvertiseKeys] | None = None) -> None:
+                 carried: dict[str, AdvertiseKeys] | None = None, early: dict[str, ShareKeys] | None = None) -> None:
         """`carried`: public keys for this round that sites sent with their last round's masked
-        input; when every expected site carried them, the round opens at its shares stage."""
+        input; when every expected site carried them, the round opens at its shares stage.
+        `early`: shares for this round that sites sent during the last round's unmask stage,
+        computed over all of `carried` (published in that unmask state): used when the expected
+        sites are exactly those, and then the round opens at its masked stage."""
         self.config, self.expected, self.deadlines = config, frozenset(expected), deadlines
+        self._carried_from, self._early = frozenset(carried or {}), dict(early or {})
+        self._silent_until: float | None = None  # a shares stage not published (yet): see start
         self.state = ServerState(Stage.KEYS)
         self._keys: dict[str, AdvertiseKeys] = {u: k for u, k in (carried or {}).items() if u in self.expected}
         self.next_keys: dict[str, AdvertiseKeys] = {}  # carried in this round's masked inputs, for the next
@@ -109,10 +116,23 @@ class ServerSecAgg:
     def start(self, now: float = 0.0) -> list[Action]:
         """The current stage, published (again, after a resume: the sites answer it again). With
         every expected site's keys carried from the last round, the key stage closes at once (no
-        round trip); otherwise it waits for the others (the carried keys count as answers)."""
-        if self.state.stage is Stage.KEYS and self._keys and set(self._keys) >= self.expected:
+        round trip); otherwise it waits for the others (carried keys count as answers). If the
+        sites are exactly those asked to share ahead (round r's unmask state), the shares stage
+        takes their early shares and is not published: it closes when the last early shares
+        come (`receive`), or is published after SILENT_SHARES of its time for the missing."""
+        if not (self.state.stage is Stage.KEYS and self._keys and set(self._keys) >= self.expected):
+            return [Publish(self.state)]
+        actions = self._close(now)  # -> shares
+        if self.state.stage is not Stage.SHARES or self._carried_from != self.expected:
+            return actions
+        # every site was asked to share ahead: the shares stage is silent while their shares come
+        for sender, shares in sorted(self._early.items()):
+            if sender in self._awaited():
+                self._store(sender, shares)
+        if set(self._boxes) >= self._awaited():
             return self._close(now)
-        return [Publish(self.state)]
+        self._silent_until = now + SILENT_SHARES * max(0.0, self.deadlines.shares - now)
+        return []
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """What a restarted server needs to go on from the stage it last published, as plain data
@@ -161,7 +181,11 @@ class ServerSecAgg:
         return []
 
     def tick(self, now: float) -> list[Action]:
-        """Close the open stage if its deadline passed."""
+        """Close the open stage if its deadline passed; publish a silent shares stage whose
+        early shares did not all come in time (the missing sites answer it as usual)."""
+        if self._silent_until is not None and now >= self._silent_until and self.state.stage is Stage.SHARES:
+            self._silent_until = None
+            return [Publish(self.state)]
         if self.finished or now < self.deadlines.of(self.state.stage):
             return []
         return self._close(now)
@@ -183,6 +207,8 @@ class ServerSecAgg:
             if v.dtype != np.uint32 or v.shape != (self.config.dim + 1,):
                 return f"masked input of shape {v.shape} {v.dtype}, expected ({self.config.dim + 1},) uint32"
         if isinstance(message, ShareKeys):
+            if message.made_for != participants_digest(self.state.keys):
+                return "shares made for other participants than this round's"
             message = ShareKeys({v: b for v, b in message.boxes.items() if v in self._graph[sender]})
         if isinstance(message, UnmaskShares) and sender not in self._unmask:
             self._count_shares(sender, message)
@@ -225,7 +251,7 @@ class ServerSecAgg:
             for u in got:
                 np.add(self._masked_sum, self._masked.pop(u), out=self._masked_sum)
             self.state = ServerState(Stage.UNMASK, keys=self.state.keys, share_senders=self.state.share_senders,
-                                     masked_senders=tuple(got))
+                                     masked_senders=tuple(got), next_keys=dict(self.next_keys))
         return [Publish(self.state)]
 
     def _shares_of(self, owner: str, kind: str) -> list[shamir.Share]:

@@ -29,6 +29,7 @@ from common.secagg.stages import (
     SiteMessage,
     Stage,
     UnmaskShares,
+    participants_digest,
 )
 
 BOX_PURPOSE = "box"
@@ -60,6 +61,7 @@ class SiteSecAgg:
         self._keys: dict[str, AdvertiseKeys] = {}
         self._box_keys: dict[str, bytes] = {}  # one X25519 per neighbour, used to seal and to open
         self._unmasked_for: tuple[str, ...] | None = None
+        self._shared_for: tuple[str, ...] = ()  # the participants its shares are for
 
     def set_input(self, values: np.ndarray, count: int) -> None:
         """The input, given late: keys and shares need none, so a site can run those stages
@@ -84,6 +86,8 @@ class SiteSecAgg:
         if state.stage in (Stage.DONE, Stage.FAILED):
             return None
         if state.stage in self._answers and state.stage is not Stage.UNMASK:
+            if state.stage is Stage.SHARES and tuple(sorted(state.keys)) != self._shared_for:
+                return None  # shared (ahead) for other participants: a drop-out of this shares stage
             return self._answers[state.stage]
         if state.keys.get(self.me) != self.advertise():
             return None  # not a participant with these keys (joined late, or restarted)
@@ -103,6 +107,7 @@ class SiteSecAgg:
         cfg = self.config
         self._keys = dict(state.keys)
         participants = sorted(state.keys)
+        self._shared_for = tuple(participants)
         self._neighbours = graph.neighbours_of(participants, cfg.neighbours, cfg.round_seed, self.me)
         if len(self._neighbours) < cfg.threshold:
             raise SecAggError(f"{len(self._neighbours)} neighbours, fewer than the threshold {cfg.threshold}")
@@ -111,7 +116,7 @@ class SiteSecAgg:
         s_sh = shamir.split(self._s.private_bytes(), cfg.threshold, list(xs.values()))
         boxes = {v: seal(self._box_key(v), cfg.context, self.me, v, b_sh[x].y_bytes() + s_sh[x].y_bytes())
                  for v, x in xs.items()}
-        return ShareKeys(boxes)
+        return ShareKeys(boxes, participants_digest(participants))
 
     def _mask(self, state: ServerState) -> MaskedInput | None:
         """Stage 2: open the boxes from neighbours, then send the masked input."""

@@ -37,7 +37,7 @@ def site_body(round_: int, message: SiteMessage) -> tuple[str, Body]:
     if isinstance(message, AdvertiseKeys):
         body: Body = SecAggKeys(round=round_, c_pk=message.c_pk, s_pk=message.s_pk)
     elif isinstance(message, ShareKeys):
-        body = SecAggShares(round=round_, boxes=message.boxes)
+        body = SecAggShares(round=round_, boxes=message.boxes, made_for=message.made_for)
     elif isinstance(message, MaskedInput):
         nxt = message.next_keys
         body = SecAggMasked(round=round_, vector=np.ascontiguousarray(message.vector, dtype=np.uint32),
@@ -52,7 +52,7 @@ def site_message(body: Body) -> SiteMessage:
     if isinstance(body, SecAggKeys):
         return AdvertiseKeys(body.c_pk, body.s_pk)
     if isinstance(body, SecAggShares):
-        return ShareKeys(dict(body.boxes))
+        return ShareKeys(dict(body.boxes), bytes(body.made_for))
     if isinstance(body, SecAggMasked):
         vector = np.asarray(body.vector)
         if vector.dtype != np.uint32 or vector.ndim != 1:
@@ -69,7 +69,8 @@ def state_body(round_: int, state: ServerState, expected: list[str], deadline: f
         round=round_, stage=state.stage.value, expected=sorted(expected), deadline=deadline,
         keys={s: SecAggPublicKeys(c_pk=k.c_pk, s_pk=k.s_pk) for s, k in state.keys.items()},
         routed=state.routed, share_senders=list(state.share_senders),
-        masked_senders=list(state.masked_senders), reason=state.reason)
+        masked_senders=list(state.masked_senders), reason=state.reason,
+        next_keys={s: SecAggPublicKeys(c_pk=k.c_pk, s_pk=k.s_pk) for s, k in state.next_keys.items()})
 
 
 _last_keys: tuple[object, dict[str, AdvertiseKeys]] | None = None  # (a body's keys, converted)
@@ -95,4 +96,5 @@ def server_state(body: SecAggState, for_site: str | None = None) -> ServerState:
     return ServerState(
         Stage(body.stage), keys=_keys_of(body),
         routed={r: dict(b) for r, b in routed.items()}, share_senders=tuple(body.share_senders),
-        masked_senders=tuple(body.masked_senders), reason=body.reason)
+        masked_senders=tuple(body.masked_senders), reason=body.reason,
+        next_keys={s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.next_keys.items()})

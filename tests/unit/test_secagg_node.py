@@ -1,8 +1,8 @@
 """The node's SecureRounds (node/secagg.py) against a ServerRound: key stages run before the
 input exists (while the site trains), a masked answer lost with the link is re-sent after the
-reconnect, round 2 opens at its shares stage with the keys carried in round 1 (a node that reads
-that state late, after a reconnect, still answers it), and options a node cannot honour are
-refused."""
+reconnect, round 2 opens at its masked stage with the keys carried and the shares made ahead in
+round 1 (a node that reads that state late, after a reconnect, still answers it), and options a
+node cannot honour are refused."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_a_node_refuses_what_it_cannot_mask():
     assert "scaffold" in secure_refusal(spec(algorithm="scaffold"))
 
 
-def test_round_two_opens_at_shares_with_carried_keys_and_a_node_reading_it_late_still_answers():
+def test_round_two_opens_at_masked_with_carried_keys_and_early_shares_and_a_late_reader_still_answers():
     job, ref = spec(rounds=2), {"w": torch.zeros(6)}
     states: list[SecAggState] = []
     current: dict[str, ServerRound] = {}
@@ -92,21 +92,21 @@ def test_round_two_opens_at_shares_with_carried_keys_and_a_node_reading_it_late_
         n.open(job, 1, ref)
     deliver(), deliver(), deliver()  # keys, shares, masked (nothing to say before training)
     train(1)
-    deliver()  # unmask
-    assert [st.stage for st in states] == ["keys", "shares", "masked", "unmask", "done"]
-    assert sorted(first.next_keys) == SITES
-    current["server"] = second = ServerRound(job, 2, SITES, ref, 0.0, 100.0, states.append, carried=first.next_keys)
+    deliver()  # unmask: the answers, then each node's shares for round 2 (the state lists the carried keys)
+    assert [st.stage for st in states] == ["keys", "shares", "masked", "unmask"]  # "done": the job's last round only
+    assert sorted(first.next_keys) == SITES and sorted(states[3].next_keys) == SITES
+    assert sorted(first.early) == SITES and {b.round for b in first.early.values()} == {2}
+    current["server"] = second = ServerRound(job, 2, SITES, ref, 0.0, 100.0, states.append,
+                                             carried=first.next_keys, early=first.early)
     second.start()
-    assert (states[-1].round, states[-1].stage) == (2, "shares")  # no key stage: one round trip fewer
+    assert (states[-1].round, states[-1].stage) == (2, "masked")  # no key and no shares round trip
     for n in nodes.values():
-        n.open(job, 2, ref)  # the round's model arrived after the retained shares state
+        n.open(job, 2, ref)  # the round's model arrived after the retained masked state
     deliver(SITES[1:])  # "a" is offline when the state is published
-    assert states[-1].stage == "shares"
-    deliver(["a"])  # it reconnects and reads the retained state: its carried keys are the round's
-    assert states[-1].stage == "masked"
-    deliver()
     train(2)
+    assert states[-1].stage == "masked"
+    deliver(["a"])  # it reconnects and reads the retained state: its boxes, made for its early shares
+    assert [st.stage for st in states[4:]] == ["masked", "unmask"]
     deliver()
-    assert [st.stage for st in states[5:]] == ["shares", "masked", "unmask", "done"]
     assert done[-1].included == tuple(SITES) and second.next_keys == {}  # the job's last round carries none
     assert torch.allclose(done[-1].params["w"], torch.full((6,), 0.25), atol=1e-6)
