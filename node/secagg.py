@@ -156,6 +156,17 @@ class SiteRound:
         if answer is not None:
             self._send(topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), *site_body(self.round + 1, answer))
 
+    def advertise(self) -> None:
+        """Send this round's keys before any state asks: a site that carried none into this
+        round (it was not in the last one, dropped before its masked input, or restarted and lost
+        them) is awaited by a key stage, or, if the server holds keys it carried and lost, is
+        let go by the shares stage instead of holding it up to its deadline."""
+        assert self._pairs is not None
+        c, s = self._pairs
+        type_, out = site_body(self.round, AdvertiseKeys(c.public_bytes(), s.public_bytes()))
+        self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
+        self._send(*self.last_sent)
+
     @property
     def next_pairs(self) -> tuple[KeyPair, KeyPair] | None:
         """The key pairs for round + 1 whose public keys this round's masked input carried."""
@@ -184,8 +195,13 @@ class SecureRounds:
             last = current if current is not None and current.round == round_ - 1 else None
             if last is not None and last.asked_ahead is not None:  # its deferred early shares: made now,
                 self._make_ahead(last, last.asked_ahead)  # before this round's site (the server awaits them)
-            self._rounds[spec.job_id] = SiteRound(spec, round_, self.me, reference, send=self._guarded,
-                                                  pairs=last and last.next_pairs, ahead=last and last.ahead)
+            pairs = last.next_pairs if last is not None else None
+            fresh = pairs is None and round_ > 1  # carried none (or lost them): say so at once
+            site = SiteRound(spec, round_, self.me, reference, send=self._guarded,
+                             pairs=pairs or (KeyPair.generate(), KeyPair.generate()), ahead=last and last.ahead)
+            self._rounds[spec.job_id] = site
+            if fresh:
+                site.advertise()
             state = self._states.get(spec.job_id)
             if state is not None:
                 self._feed(self._rounds[spec.job_id], state)

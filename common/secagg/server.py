@@ -103,6 +103,7 @@ class ServerSecAgg:
         self.config, self.expected, self.deadlines = config, frozenset(expected), deadlines
         self._carried_from, self._early = frozenset(carried or {}), dict(early or {})
         self._silent_until: float | None = None  # a shares stage not published (yet): see start
+        self._lost: set[str] = set()  # sites that lost the keys they carried (see receive)
         self.state = ServerState(Stage.KEYS)
         self._keys: dict[str, AdvertiseKeys] = {u: k for u, k in (carried or {}).items() if u in self.expected}
         self.next_keys: dict[str, AdvertiseKeys] = {}  # carried in this round's masked inputs, for the next
@@ -169,6 +170,8 @@ class ServerSecAgg:
     def receive(self, sender: str, message: SiteMessage, now: float) -> list[Action]:
         """Take one site's message; close the stage early when everyone awaited answered."""
         stage = self.state.stage
+        if stage is Stage.SHARES and isinstance(message, AdvertiseKeys) and sender in self._awaited():
+            return self._lost_keys(sender, message, now)
         if self.finished or not isinstance(message, _EXPECTS[stage]):
             return [Ignored(sender, f"{type(message).__name__} while the stage is {stage.value}")]
         if sender not in self._awaited():
@@ -179,6 +182,17 @@ class ServerSecAgg:
         if set(self._received()) >= self._awaited() or self._unmask_complete():
             return self._close(now)
         return []
+
+    def _lost_keys(self, sender: str, keys: AdvertiseKeys, now: float) -> list[Action]:
+        """Keys other than those this round holds for `sender` (carried from the last round):
+        it lost the pairs (a restart) and cannot share for them, so the shares stage stops
+        waiting for it (a drop-out of this round, back in the next); its own keys again: nothing."""
+        if keys == self.state.keys.get(sender):
+            return [Ignored(sender, "the keys this round already holds")]
+        self._lost.add(sender)
+        if set(self._received()) >= self._awaited():
+            return self._close(now)
+        return [Ignored(sender, "keys lost since the last round: not awaited in this shares stage")]
 
     def tick(self, now: float) -> list[Action]:
         """Close the open stage if its deadline passed; publish a silent shares stage whose
@@ -192,7 +206,7 @@ class ServerSecAgg:
 
     def _awaited(self) -> frozenset[str]:
         s = self.state
-        return {Stage.KEYS: self.expected, Stage.SHARES: frozenset(s.keys),
+        return {Stage.KEYS: self.expected, Stage.SHARES: frozenset(s.keys) - self._lost,
                 Stage.MASKED: frozenset(s.share_senders), Stage.UNMASK: frozenset(s.masked_senders)
                 }.get(s.stage, frozenset())
 

@@ -152,3 +152,16 @@ def test_shares_made_for_other_sites_are_refused_whenever_they_arrive():
     assert server.start(now=0.0)[0].state.stage is Stage.SHARES
     [ignored] = server.receive("site00", early["site00"], 1.0)
     assert isinstance(ignored, Ignored) and "other participants" in ignored.reason
+
+
+def test_a_site_that_lost_its_carried_keys_says_so_and_the_shares_stage_does_not_wait_for_it():
+    log1 = first_round()
+    _, early = shared_ahead(log1)
+    del early["site05"]  # restarted between rounds: no early shares, and new keys
+    server = ServerSecAgg(config(round_=2), SITES, Deadlines(10, 20, 30, 40), log1.next_keys, early)
+    assert server.start(now=0.0) == []  # silent: waiting for site05's early shares
+    again = server.receive("site05", log1.next_keys["site05"], 0.5)  # its carried keys: nothing changes
+    assert isinstance(again[0], Ignored) and server.state.stage is Stage.SHARES
+    [published] = server.receive("site05", SiteSecAgg(config(round_=2), "site05").advertise(), 1.0)
+    assert isinstance(published, Publish) and published.state.stage is Stage.MASKED  # at once, not at 20 s
+    assert "site05" not in published.state.share_senders and len(published.state.share_senders) == 9

@@ -110,3 +110,12 @@ def test_round_two_opens_at_masked_with_carried_keys_and_early_shares_and_a_late
     deliver()
     assert done[-1].included == tuple(SITES) and second.next_keys == {}  # the job's last round carries none
     assert torch.allclose(done[-1].params["w"], torch.full((6,), 0.25), atol=1e-6)
+
+
+def test_a_node_that_carried_no_keys_into_a_round_sends_its_keys_at_once():
+    sent = []
+    node = SecureRounds("a", lambda topic, type_, body: sent.append((type_, body.round)))
+    node.open(spec(rounds=3), 1, {"w": torch.zeros(6)})
+    assert sent == []  # round 1: the key stage asks
+    node.open(spec(rounds=3), 2, {"w": torch.zeros(6)})  # a restarted node: round 1 is not here
+    assert sent == [("secagg_keys", 2)]
