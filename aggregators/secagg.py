@@ -20,9 +20,10 @@ from typing import Any
 import msgpack
 import torch
 
-from common.messages import Body, JobSpec, SecAggState
+from common.messages import Body, JobSpec, SecAggShares, SecAggState
 from common.secagg.params import Params, round_config, unflatten_mean
 from common.secagg.server import Deadlines, Failed, Finished, Ignored, Publish, ServerSecAgg
+from common.secagg.stages import AdvertiseKeys, ShareKeys, Stage
 from common.secagg.wire import site_message, state_body
 
 SECAGG_SENDER = "secagg"  # the node name the rule sees for the one aggregated update
@@ -53,25 +54,37 @@ class ServerRound:
     def __init__(self, spec: JobSpec, round_: int, expected: list[str], reference: Params,
                  start: float, deadline: float, publish: Callable[[SecAggState], None],
                  save: Callable[[torch.Tensor], None] | None = None, resume: torch.Tensor | None = None,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time, carried: dict[str, AdvertiseKeys] | None = None,
+                 early: dict[str, Body] | None = None) -> None:
         opt = spec.secure_aggregation
         if opt is None:
             raise ValueError(f"job {spec.job_id} does not use secure aggregation")
         cfg = round_config(spec.job_id, round_, opt.threshold, opt.neighbours, opt.clip, opt.max_count,
                            reference, len(expected))
         self.round, self.expected, self._reference, self._publish = round_, sorted(expected), reference, publish
-        self._save, self._now = save or (lambda _: None), now
+        self._save, self._now, self._rounds = save or (lambda _: None), now, spec.rounds
         deadlines = Deadlines.split(start, deadline)
-        self._server = (ServerSecAgg(cfg, self.expected, deadlines) if resume is None else
+        shares = {u: m for u, b in (early or {}).items() if isinstance(m := site_message(b), ShareKeys)}
+        self._server = (ServerSecAgg(cfg, self.expected, deadlines, carried, shares) if resume is None else
                         ServerSecAgg.resume(cfg, self.expected, deadlines, unpack(resume), now()))
         self.resumed_at = None if resume is None else self._server.state.stage.value
         self.outcome: Outcome | None = None
         self.ignored: list[tuple[str, str]] = []
+        self.early: dict[str, Body] = {}  # shares for the next round, sent during this one's unmask stage
 
     def start(self) -> None:
-        self._act(self._server.start())
+        self._act(self._server.start(self._now()))
+
+    @property
+    def next_keys(self) -> dict[str, AdvertiseKeys]:
+        """The keys the sites carried for the next round in their masked inputs (public; not in
+        the checkpoint: after a restart the next round runs its key stage)."""
+        return dict(self._server.next_keys)
 
     def on_message(self, sender: str, body: Body, now: float) -> Outcome | None:
+        if isinstance(body, SecAggShares) and body.round == self.round + 1:  # shared ahead for the next round
+            self.early[sender] = body
+            return self.outcome
         if getattr(body, "round", None) != self.round:
             self.ignored.append((sender, f"round {getattr(body, 'round', None)} is not {self.round}"))
             return self.outcome
@@ -84,6 +97,8 @@ class ServerRound:
         for a in actions:
             if isinstance(a, Publish):
                 stage = a.state.stage
+                if stage is Stage.DONE and self.round < self._rounds:
+                    continue  # the next round's first state follows at once: sites would only read it
                 if not self._server.finished:  # persist before publish: a published stage is never lost
                     self._save(pack(self._server.snapshot(self._now())))
                 deadline = self._server.deadlines.of(stage) if stage.value in ("keys", "shares", "masked", "unmask") else 0.0

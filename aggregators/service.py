@@ -60,6 +60,7 @@ from common.errors import BadMessage, NotReady, Reason
 from common.identity import Identity
 from common.messages import (
     AggregatorStatus,
+    Body,
     GlobalModel,
     JobAnswer,
     JobCheckpoint,
@@ -77,6 +78,7 @@ from common.messages import (
     UpdateReceived,
 )
 from common.messenger import Messenger
+from common.secagg.stages import AdvertiseKeys
 from common.settings import TransportSettings
 from common.training.args import TrainingArgs, TrainingArgsError
 
@@ -277,6 +279,7 @@ class JobRunner(threading.Thread):
         self._last_model: GlobalModel | None = None
         self._last_history: JobHistory | None = None
         self._last_secagg: tuple[int, SecAggState] | None = None  # the secure stage last published
+        self._carried: dict[int, tuple[dict[str, AdvertiseKeys], dict[str, Body]]] = {}  # round -> keys, early shares
         self._history_sent = -1  # rounds in the last published JobHistory
         self._closed: list[RoundClosed] = []  # the history's rounds as models, validated once each
         self._model_readers: set[str] = set()  # who the last model was sealed for (with a known key)
@@ -552,16 +555,19 @@ class JobRunner(threading.Thread):
         the last published stage (`resume`) and publishes it again (aggregators/secagg.py). A
         plain update for this job is never folded."""
         r = state.round
+        carried, early = self._carried.get(r, ({}, {})) if resume is None else ({}, {})
+        self._carried.clear()
         server = ServerRound(self.spec, r, state.expected, params, state.opened, state.deadline,
                              lambda st: self._publish_secagg(r, st), save=lambda snap: self._save_open(state, rule, snap),
-                             resume=resume)
+                             resume=resume, carried=carried, early=early)
         if server.resumed_at is not None:
             self.log.info("secure_round_resumed", round=r, stage=server.resumed_at)
-        server.start()  # before the model: a site reading the model finds the key stage open
+        server.start()  # before the model: a site reading it finds the first stage (keys; shares if all carried keys)
         self._announce(state, rule, params, history)
         outcome = self._drive_secure(server)
         if outcome.params is None:
             raise JobFailure(f"round {r}: {outcome.reason}")
+        self._carried[r + 1] = (server.next_keys, server.early)  # that round skips its key (and shares) stage
         problem = check_update(outcome.params, params)
         if problem is not None:
             raise JobFailure(f"round {r}: the secure sum cannot be folded ({problem})")

@@ -347,6 +347,11 @@ class JobHistory(Body):
 # --- secure aggregation (common/secagg): a site's four stage messages, the server's state -------
 
 
+class SecAggPublicKeys(Body):
+    c_pk: bytes
+    s_pk: bytes
+
+
 @message("secagg_keys", "node")
 class SecAggKeys(Body):
     round: int = Field(ge=1)
@@ -358,12 +363,14 @@ class SecAggKeys(Body):
 class SecAggShares(Body):
     round: int = Field(ge=1)
     boxes: dict[str, bytes]
+    made_for: bytes = b""  # a digest of the participants the shares are for (checked by the server)
 
 
 @message("secagg_masked", "node")
 class SecAggMasked(Body):
     round: int = Field(ge=1)
     vector: Any  # numpy uint32, the model's size + 1 (checked by the server)
+    next_keys: SecAggPublicKeys | None = None  # the sender's keys for round + 1: that round skips its key stage
 
 
 @message("secagg_unmask", "node")
@@ -371,11 +378,6 @@ class SecAggUnmask(Body):
     round: int = Field(ge=1)
     b_shares: dict[str, bytes]
     s_shares: dict[str, bytes]
-
-
-class SecAggPublicKeys(Body):
-    c_pk: bytes
-    s_pk: bytes
 
 
 @message("secagg_state", "aggregator")
@@ -392,6 +394,7 @@ class SecAggState(Body):
     share_senders: list[str] = []
     masked_senders: list[str] = []
     reason: str = ""
+    next_keys: dict[str, SecAggPublicKeys] = {}  # unmask: the next round's carried keys (sites share ahead)
 
 
 @message("update_received", "aggregator")

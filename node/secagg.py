@@ -6,7 +6,11 @@ the states it reads on `jobs/{job}/secagg`, hands the trained parameters over, a
 after a reconnect; everything else is here and in common/secagg.
 
 Why the round opens before training: keys and shares need no input, so a site runs those
-stages while it trains and only the masked stage waits for the trained update.
+stages while it trains and only the masked stage waits for the trained update. The masked
+input of round r carries the site's public keys for round r + 1 (pairs kept here, in memory
+only); once the unmask state lists the keys carried, the site sends its round r + 1 shares
+for those sites (`share_ahead`), so round r + 1 opens at its masked stage when its sites are
+exactly those.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,9 +28,11 @@ from pydantic import ValidationError
 from common import topics
 from common.compression import CompressionSpec
 from common.messages import Body, JobSpec, SecAggState
-from common.secagg.config import SecAggError
+from common.secagg.config import SecAggConfig, SecAggError
+from common.secagg.keys import KeyPair
 from common.secagg.params import Params, flat_delta, round_config
 from common.secagg.site import SiteSecAgg
+from common.secagg.stages import AdvertiseKeys, ServerState, Stage
 from common.secagg.wire import server_state, site_body
 from common.training.args import TrainingArgs
 
@@ -58,14 +65,27 @@ def as_params(values: dict[str, Any]) -> Params:
     return dict(values)
 
 
+@dataclass(frozen=True)
+class Ahead:
+    """A site's next round, made during this round's unmask stage: its shares already sent."""
+
+    participants: tuple[str, ...]
+    site: SiteSecAgg
+
+
 class SiteRound:
     """One site's round: the round's model (the reference), later its trained update and count."""
 
     def __init__(self, spec: JobSpec, round_: int, me: str, reference: Params, params: Params | None = None,
-                 n_samples: int = 0, send: Send | None = None) -> None:
+                 n_samples: int = 0, send: Send | None = None, pairs: tuple[KeyPair, KeyPair] | None = None,
+                 ahead: Ahead | None = None) -> None:
+        """`pairs`: this round's key pairs, made and carried in the last round (see SiteSecAgg);
+        `ahead`: this round's site as it shared ahead during the last round's unmask stage."""
         if spec.secure_aggregation is None:
             raise ValueError(f"job {spec.job_id} does not use secure aggregation")
-        self.spec, self.round, self.me = spec, round_, me
+        self.spec, self.round, self.me, self._pairs, self._ahead = spec, round_, me, pairs, ahead
+        self.ahead: Ahead | None = None  # the next round's, once this site shared ahead for it
+        self.asked_ahead: SecAggState | None = None  # the unmask state that asks it to (see SecureRounds)
         self._send: Send = send or (lambda *_: None)
         self._reference = reference
         self._delta: np.ndarray | None = None
@@ -91,11 +111,7 @@ class SiteRound:
             return
         self.last_state = body
         if self._site is None:
-            opt = self.spec.secure_aggregation
-            assert opt is not None
-            cfg = round_config(self.spec.job_id, self.round, opt.threshold, opt.neighbours, opt.clip,
-                               opt.max_count, self._reference, len(body.expected))
-            self._site = SiteSecAgg(cfg, self.me, self._delta, self._count)
+            self._site = self._site_for(body)
         answer = self._site.on_state(server_state(body, for_site=self.me))
         if answer is None:
             return
@@ -103,14 +119,68 @@ class SiteRound:
         self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
         self.sent_masked = self.sent_masked or type_ == "secagg_masked"
         self._send(*self.last_sent)
-        log.info("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)
+        log.debug("secagg_sent", job=self.spec.job_id, round=self.round, stage=body.stage, type=type_)
+
+    def _config(self, round_: int, sites: int) -> SecAggConfig:
+        opt = self.spec.secure_aggregation
+        assert opt is not None
+        return round_config(self.spec.job_id, round_, opt.threshold, opt.neighbours, opt.clip, opt.max_count,
+                            self._reference, sites)
+
+    def _site_for(self, body: SecAggState) -> SiteSecAgg:
+        """The site that shared ahead, if it shared for exactly the round's sites (the server
+        uses the early shares then, and only then); else a new one, with the carried pairs."""
+        if self._ahead is not None and self._ahead.participants == tuple(sorted(body.expected)):
+            site = self._ahead.site
+            if self._delta is not None:
+                site.set_input(self._delta, self._count)
+            return site
+        return SiteSecAgg(self._config(self.round, len(body.expected)), self.me, self._delta, self._count,
+                          pairs=self._pairs, carry=self.round < self.spec.rounds)  # the last round carries nothing
+
+    def share_ahead(self, body: SecAggState) -> None:
+        """During this round's unmask stage: the next round's shares, for the sites whose keys
+        the state lists as carried (the server uses them if the next round's sites are exactly
+        those), so the next round opens at its masked stage. Once, and only with our own keys."""
+        pairs = self.next_pairs
+        mine = body.next_keys.get(self.me)
+        if pairs is None or self.ahead is not None or mine is None or body.round != self.round:
+            return
+        if (mine.c_pk, mine.s_pk) != (pairs[0].public_bytes(), pairs[1].public_bytes()):
+            return
+        site = SiteSecAgg(self._config(self.round + 1, len(body.next_keys)), self.me, pairs=pairs,
+                          carry=self.round + 1 < self.spec.rounds)
+        keys = {s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.next_keys.items()}
+        answer = site.on_state(ServerState(Stage.SHARES, keys=keys))
+        self.ahead = Ahead(tuple(sorted(keys)), site)
+        if answer is not None:
+            self._send(topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), *site_body(self.round + 1, answer))
+
+    def advertise(self) -> None:
+        """Send this round's keys before any state asks: a site that carried none into this
+        round (it was not in the last one, dropped before its masked input, or restarted and lost
+        them) is awaited by a key stage, or, if the server holds keys it carried and lost, is
+        let go by the shares stage instead of holding it up to its deadline."""
+        assert self._pairs is not None
+        c, s = self._pairs
+        type_, out = site_body(self.round, AdvertiseKeys(c.public_bytes(), s.public_bytes()))
+        self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
+        self._send(*self.last_sent)
+
+    @property
+    def next_pairs(self) -> tuple[KeyPair, KeyPair] | None:
+        """The key pairs for round + 1 whose public keys this round's masked input carried."""
+        return None if self._site is None else self._site.next_pairs
 
 
 class SecureRounds:
     """The node's open secure rounds, one per job, shared by the delivery and training threads."""
 
-    def __init__(self, me: str, send: Send) -> None:
+    def __init__(self, me: str, send: Send, defer: Callable[[Callable[[], None]], None] | None = None) -> None:
+        """`defer`: how to run the next round's early shares (default: at once, after the unmask
+        answer is sent); a simulated fleet queues them behind its socket reads."""
         self.me, self._send = me, send
+        self._defer = defer or (lambda work: work())
         self._lock = threading.RLock()
         self._rounds: dict[str, SiteRound] = {}
         self._states: dict[str, SecAggState] = {}  # the latest retained state per job
@@ -122,7 +192,16 @@ class SecureRounds:
             current = self._rounds.get(spec.job_id)
             if current is not None and current.round >= round_:
                 return
-            self._rounds[spec.job_id] = SiteRound(spec, round_, self.me, reference, send=self._guarded)
+            last = current if current is not None and current.round == round_ - 1 else None
+            if last is not None and last.asked_ahead is not None:  # its deferred early shares: made now,
+                self._make_ahead(last, last.asked_ahead)  # before this round's site (the server awaits them)
+            pairs = last.next_pairs if last is not None else None
+            fresh = pairs is None and round_ > 1  # carried none (or lost them): say so at once
+            site = SiteRound(spec, round_, self.me, reference, send=self._guarded,
+                             pairs=pairs or (KeyPair.generate(), KeyPair.generate()), ahead=last and last.ahead)
+            self._rounds[spec.job_id] = site
+            if fresh:
+                site.advertise()
             state = self._states.get(spec.job_id)
             if state is not None:
                 self._feed(self._rounds[spec.job_id], state)
@@ -176,6 +255,23 @@ class SecureRounds:
             site.on_state(body)
         except SecAggError as exc:  # e.g. a second unmask request naming other survivors
             log.warning("secagg_refused", job=site.spec.job_id, round=site.round, stage=body.stage, error=str(exc))
+            return
+        if body.stage == "unmask" and body.next_keys and body.round == site.round and site.asked_ahead is None:
+            site.asked_ahead = body
+            self._defer(lambda: self._share_ahead(site, body))
+
+    def _share_ahead(self, site: SiteRound, body: SecAggState) -> None:
+        """Only while `site` is still the job's open round: once the next round has opened here
+        with a site of its own, shares made now would not be that site's."""
+        with self._lock:
+            if self._rounds.get(site.spec.job_id) is site:
+                self._make_ahead(site, body)
+
+    def _make_ahead(self, site: SiteRound, body: SecAggState) -> None:
+        try:
+            site.share_ahead(body)
+        except SecAggError as exc:
+            log.warning("secagg_refused", job=site.spec.job_id, round=site.round + 1, stage="shares", error=str(exc))
 
     def _guarded(self, topic: str, type_: str, body: Body) -> None:
         try:

@@ -13,8 +13,9 @@ cannot reproduce exactly (other local algorithms, Adam, validation splits, DP).
 
 Secure aggregation (issue 20) runs the real protocol per simulated site: each has its own
 `node.secagg.SecureRounds` (the node's), answers the aggregator's retained stage state (decoded
-once for the fleet) on its own `jobs/{job}/secagg/{node}` topic, signed with its own identity.
-`silent` makes chosen sites stop answering at a stage (fault injection for tests, benchmarks).
+once for the fleet) on its own `jobs/{job}/secagg/{node}` topic, signed with its own identity;
+the next round's early shares (made after the unmask answers) run when the loop is idle (no
+reads, no training), so they do not slow the unmask stage down. `silent` makes chosen sites stop answering at a stage (fault injection for tests, benchmarks).
 
 Limits (by design, see docs/simulation.md): zoo plans only (no sandbox: nothing foreign runs),
 synthetic data made in memory, models small enough to travel unchunked (< 1 MiB), no update
@@ -129,6 +130,7 @@ class SimulatedFleet:
         self._trainings: deque[Callable[[], None]] = deque()  # one runs per loop turn, between reads
         # sites waiting to train, by (job, round, model): each group trains in one batched pass
         self._to_train: OrderedDict[tuple[str, int, int], list[tuple[_Sim, site.Train]]] = OrderedDict()
+        self._background: deque[Callable[[], None]] = deque()  # one runs per idle loop turn (no reads, no training)
         self._decoded: OrderedDict[bytes, Message | None] = OrderedDict()  # one decode per distinct payload
         self._sealed_headers: OrderedDict[bytes, dict] = OrderedDict()  # payload sha256 -> its sealed header
         self._plan_classes: dict[str, Any] = {}  # zoo name -> plan class
@@ -145,7 +147,7 @@ class SimulatedFleet:
             identity = Identity.load(bundle)
             sim = _Sim(identity, synthetic_data(i, samples, features), self._client(identity),
                        _site_jobs(identity.name, tag, samples))
-            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim))
+            sim.secure = SecureRounds(identity.name, self._secagg_sender(sim), defer=self._background.append)
             self.nodes[identity.name] = sim
         first = next(iter(self.nodes.values())).identity
         self.trust = TrustStore(first.ca_pem)
@@ -226,7 +228,8 @@ class SimulatedFleet:
     def _loop(self) -> None:
         last_misc = time.monotonic()
         while not self._stop.is_set():
-            for key, mask in self.sel.select(timeout=0 if self._trainings or self._to_train else 0.05):
+            events = self.sel.select(timeout=0 if self._trainings or self._to_train or self._background else 0.05)
+            for key, mask in events:
                 self._serve(key.data, mask)
                 # keepalives between events too: a burst of N deliveries trains N nodes in a row,
                 # which on a loaded machine outlasts 1.5 keepalives (the broker then drops them)
@@ -240,6 +243,8 @@ class SimulatedFleet:
                 self._trainings.popleft()()  # messages (stage states, acks) are read while the fleet trains
             elif self._to_train:
                 self._train_group(*self._to_train.popitem(last=False))
+            elif self._background and not any(mask & selectors.EVENT_READ for _, mask in events):
+                self._background.popleft()()  # e.g. the next round's early shares: after the unmask answers
             last_misc = self._misc(last_misc)
 
     def _serve(self, client: mqtt.Client | None, mask: int) -> None:

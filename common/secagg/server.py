@@ -1,9 +1,11 @@
 """The server's side of a round, as a pure state machine: messages and ticks in, actions out.
 
 Each stage collects until everyone it waits for answered or its deadline passed (`tick(now)`),
-then either publishes the next stage or fails with the reason: never a hang. After the unmask
-stage it removes the survivors' self-masks (b_u from shares) and the dropped sites' pairwise
-masks (s_sk from shares) and decodes the SUM and the total count. It learns nothing else.
+then either publishes the next stage or fails with the reason: never a hang. The key stage
+needs no round trip when every expected site carried its keys in the last round's masked
+input. After the unmask stage it removes the survivors' self-masks (b_u from shares) and the
+dropped sites' pairwise masks (s_sk from shares) and decodes the SUM and the total count. It
+learns nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from common.secagg.stages import (
     SiteMessage,
     Stage,
     UnmaskShares,
+    participants_digest,
 )
 
 
@@ -82,6 +85,7 @@ class Ignored:
 
 
 Action = Publish | Finished | Failed | Ignored
+SILENT_SHARES = 0.1  # of the shares stage's time: how long it waits for early shares unpublished
 _EXPECTS: dict[Stage, type] = {Stage.KEYS: AdvertiseKeys, Stage.SHARES: ShareKeys,
                                Stage.MASKED: MaskedInput, Stage.UNMASK: UnmaskShares}
 
@@ -89,10 +93,20 @@ _EXPECTS: dict[Stage, type] = {Stage.KEYS: AdvertiseKeys, Stage.SHARES: ShareKey
 class ServerSecAgg:
     """The aggregator's round; `expected` are the sites selected for it."""
 
-    def __init__(self, config: SecAggConfig, expected: list[str], deadlines: Deadlines) -> None:
+    def __init__(self, config: SecAggConfig, expected: list[str], deadlines: Deadlines,
+                 carried: dict[str, AdvertiseKeys] | None = None, early: dict[str, ShareKeys] | None = None) -> None:
+        """`carried`: public keys for this round that sites sent with their last round's masked
+        input; when every expected site carried them, the round opens at its shares stage.
+        `early`: shares for this round that sites sent during the last round's unmask stage,
+        computed over all of `carried` (published in that unmask state): used when the expected
+        sites are exactly those, and then the round opens at its masked stage."""
         self.config, self.expected, self.deadlines = config, frozenset(expected), deadlines
+        self._carried_from, self._early = frozenset(carried or {}), dict(early or {})
+        self._silent_until: float | None = None  # a shares stage not published (yet): see start
+        self._lost: set[str] = set()  # sites that lost the keys they carried (see receive)
         self.state = ServerState(Stage.KEYS)
-        self._keys: dict[str, AdvertiseKeys] = {}
+        self._keys: dict[str, AdvertiseKeys] = {u: k for u, k in (carried or {}).items() if u in self.expected}
+        self.next_keys: dict[str, AdvertiseKeys] = {}  # carried in this round's masked inputs, for the next
         self._boxes: dict[str, dict[str, bytes]] = {}
         self._masked: dict[str, np.ndarray] = {}
         self._masked_sum: np.ndarray | None = None  # sum of U3's masked inputs: all the server keeps of them
@@ -100,9 +114,26 @@ class ServerSecAgg:
         self._graph: dict[str, frozenset[str]] = {}
         self._share_count: dict[tuple[str, str], int] = {}  # (owner, "b" | "s") -> valid shares held
 
-    def start(self) -> list[Action]:
-        """The current stage, published (again, after a resume: the sites answer it again)."""
-        return [Publish(self.state)]
+    def start(self, now: float = 0.0) -> list[Action]:
+        """The current stage, published (again, after a resume: the sites answer it again). With
+        every expected site's keys carried from the last round, the key stage closes at once (no
+        round trip); otherwise it waits for the others (carried keys count as answers). If the
+        sites are exactly those asked to share ahead (round r's unmask state), the shares stage
+        takes their early shares and is not published: it closes when the last early shares
+        come (`receive`), or is published after SILENT_SHARES of its time for the missing."""
+        if not (self.state.stage is Stage.KEYS and self._keys and set(self._keys) >= self.expected):
+            return [Publish(self.state)]
+        actions = self._close(now)  # -> shares
+        if self.state.stage is not Stage.SHARES or self._carried_from != self.expected:
+            return actions
+        # every site was asked to share ahead: the shares stage is silent while their shares come
+        for sender, shares in sorted(self._early.items()):
+            if sender in self._awaited():
+                self._store(sender, shares)
+        if set(self._boxes) >= self._awaited():
+            return self._close(now)
+        self._silent_until = now + SILENT_SHARES * max(0.0, self.deadlines.shares - now)
+        return []
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """What a restarted server needs to go on from the stage it last published, as plain data
@@ -139,6 +170,8 @@ class ServerSecAgg:
     def receive(self, sender: str, message: SiteMessage, now: float) -> list[Action]:
         """Take one site's message; close the stage early when everyone awaited answered."""
         stage = self.state.stage
+        if stage is Stage.SHARES and isinstance(message, AdvertiseKeys) and sender in self._awaited():
+            return self._lost_keys(sender, message, now)
         if self.finished or not isinstance(message, _EXPECTS[stage]):
             return [Ignored(sender, f"{type(message).__name__} while the stage is {stage.value}")]
         if sender not in self._awaited():
@@ -150,15 +183,30 @@ class ServerSecAgg:
             return self._close(now)
         return []
 
+    def _lost_keys(self, sender: str, keys: AdvertiseKeys, now: float) -> list[Action]:
+        """Keys other than those this round holds for `sender` (carried from the last round):
+        it lost the pairs (a restart) and cannot share for them, so the shares stage stops
+        waiting for it (a drop-out of this round, back in the next); its own keys again: nothing."""
+        if keys == self.state.keys.get(sender):
+            return [Ignored(sender, "the keys this round already holds")]
+        self._lost.add(sender)
+        if set(self._received()) >= self._awaited():
+            return self._close(now)
+        return [Ignored(sender, "keys lost since the last round: not awaited in this shares stage")]
+
     def tick(self, now: float) -> list[Action]:
-        """Close the open stage if its deadline passed."""
+        """Close the open stage if its deadline passed; publish a silent shares stage whose
+        early shares did not all come in time (the missing sites answer it as usual)."""
+        if self._silent_until is not None and now >= self._silent_until and self.state.stage is Stage.SHARES:
+            self._silent_until = None
+            return [Publish(self.state)]
         if self.finished or now < self.deadlines.of(self.state.stage):
             return []
         return self._close(now)
 
     def _awaited(self) -> frozenset[str]:
         s = self.state
-        return {Stage.KEYS: self.expected, Stage.SHARES: frozenset(s.keys),
+        return {Stage.KEYS: self.expected, Stage.SHARES: frozenset(s.keys) - self._lost,
                 Stage.MASKED: frozenset(s.share_senders), Stage.UNMASK: frozenset(s.masked_senders)
                 }.get(s.stage, frozenset())
 
@@ -173,9 +221,13 @@ class ServerSecAgg:
             if v.dtype != np.uint32 or v.shape != (self.config.dim + 1,):
                 return f"masked input of shape {v.shape} {v.dtype}, expected ({self.config.dim + 1},) uint32"
         if isinstance(message, ShareKeys):
+            if message.made_for != participants_digest(self.state.keys):
+                return "shares made for other participants than this round's"
             message = ShareKeys({v: b for v, b in message.boxes.items() if v in self._graph[sender]})
         if isinstance(message, UnmaskShares) and sender not in self._unmask:
             self._count_shares(sender, message)
+        if isinstance(message, MaskedInput) and message.next_keys is not None:
+            self.next_keys[sender] = message.next_keys
         self._received()[sender] = message.vector if isinstance(message, MaskedInput) else message
         return ""
 
@@ -213,7 +265,7 @@ class ServerSecAgg:
             for u in got:
                 np.add(self._masked_sum, self._masked.pop(u), out=self._masked_sum)
             self.state = ServerState(Stage.UNMASK, keys=self.state.keys, share_senders=self.state.share_senders,
-                                     masked_senders=tuple(got))
+                                     masked_senders=tuple(got), next_keys=dict(self.next_keys))
         return [Publish(self.state)]
 
     def _shares_of(self, owner: str, kind: str) -> list[shamir.Share]:

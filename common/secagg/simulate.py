@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.secagg.config import SecAggConfig
+from common.secagg.keys import KeyPair
 from common.secagg.server import (
     Action,
     Deadlines,
@@ -22,7 +23,7 @@ from common.secagg.server import (
     ServerSecAgg,
 )
 from common.secagg.site import SiteSecAgg
-from common.secagg.stages import ServerState, SiteMessage, Stage
+from common.secagg.stages import AdvertiseKeys, ServerState, ShareKeys, SiteMessage, Stage
 
 # where a site stops answering: before it sends the message of that stage
 _ORDER = (Stage.KEYS, Stage.SHARES, Stage.MASKED, Stage.UNMASK, Stage.DONE, Stage.FAILED)
@@ -41,29 +42,45 @@ class RoundLog:
     server_cpu_s: float = 0.0
     states: list[ServerState] = field(default_factory=list)  # every state the server published
     sites: dict[str, SiteSecAgg] = field(default_factory=dict)
+    next_keys: dict[str, AdvertiseKeys] = field(default_factory=dict)  # carried for the next round
 
 
 def message_bytes(message: SiteMessage) -> int:
     """Payload bytes of a site message (keys, boxes, vector, shares; no framing)."""
     d = vars(message)
     if "vector" in d:
-        return int(np.asarray(d["vector"]).nbytes)
+        nxt = d.get("next_keys")
+        return int(np.asarray(d["vector"]).nbytes) + (len(nxt.c_pk) + len(nxt.s_pk) if nxt is not None else 0)
     if "c_pk" in d:
         return len(d["c_pk"]) + len(d["s_pk"])
-    return sum(len(k) + len(v) for part in d.values() for k, v in part.items())
+    maps = [part for part in d.values() if isinstance(part, dict)]
+    return sum(len(k) + len(v) for part in maps for k, v in part.items()) + len(d.get("made_for", b""))
 
 
 def run_round(config: SecAggConfig, inputs: dict[str, tuple[np.ndarray, int]],
-              drop: dict[str, str] | None = None) -> RoundLog:
-    """Drive one round to its end; `drop` maps a site to one of DROP_POINTS."""
-    drop = drop or {}
-    sites = {s: SiteSecAgg(config, s, v, c) for s, (v, c) in inputs.items()}
+              drop: dict[str, str] | None = None, *, carry: bool = False,
+              pairs: dict[str, tuple[KeyPair, KeyPair] | None] | None = None,
+              carried: dict[str, AdvertiseKeys] | None = None, ahead: dict[str, SiteSecAgg] | None = None,
+              early: dict[str, ShareKeys] | None = None) -> RoundLog:
+    """Drive one round to its end; `drop` maps a site to one of DROP_POINTS. `carry`: sites
+    carry the next round's keys in their masked input (`log.next_keys`, `log.sites[s].next_pairs`);
+    `pairs` and `carried`: this round's, carried from the last one (sites and server); `ahead`
+    and `early`: sites that already shared for this round, and their shares (to the server)."""
+    drop, pairs, ahead = drop or {}, pairs or {}, ahead or {}
+    sites = {s: SiteSecAgg(config, s, v, c, pairs=pairs.get(s), carry=carry) for s, (v, c) in inputs.items()
+             if s not in ahead}
+    for s, site in ahead.items():
+        site.set_input(*inputs[s])
+    sites = {s: ahead.get(s) or sites[s] for s in inputs}
     log = RoundLog(sites=sites)
-    server = ServerSecAgg(config, sorted(inputs), Deadlines(1, 2, 3, 4))
+    server = ServerSecAgg(config, sorted(inputs), Deadlines(1, 2, 3, 4), carried, early)
     actions = server.start()
     clock = 0.0
     while not server.finished:
         state = _published(actions, log)
+        if state is None and server.state.stage is Stage.SHARES and not log.states:  # silent shares stage
+            actions = _timed(log, server.tick, clock := server.deadlines.keys)  # (no early shares to come here)
+            continue
         if state is None:
             break
         actions = []
@@ -81,6 +98,7 @@ def run_round(config: SecAggConfig, inputs: dict[str, tuple[np.ndarray, int]],
             clock = server.deadlines.of(state.stage)
             actions += _timed(log, server.tick, clock)
     _published(actions, log)
+    log.next_keys = dict(server.next_keys)
     return log
 
 

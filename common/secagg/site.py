@@ -1,5 +1,10 @@
 """The site's side of a round, as a pure state machine: server state in, message out.
 
+With `carry`, its masked input also carries the public keys of fresh key pairs for the NEXT
+round (signed with the message), so that round opens at its shares stage: one broker round
+trip fewer a round. Those pairs are used for that one round only (the key agreement binds the
+job and the round), like the pairs of a key stage.
+
 A site answers each stage once and repeats the same answer when the retained state is
 published again (a reconnect), so re-sending is safe. It refuses what would leak its input:
 an unmask request with fewer than T survivors, or a second request naming other survivors
@@ -24,6 +29,7 @@ from common.secagg.stages import (
     SiteMessage,
     Stage,
     UnmaskShares,
+    participants_digest,
 )
 
 BOX_PURPOSE = "box"
@@ -37,12 +43,17 @@ def share_index(participants: list[str] | tuple[str, ...], who: str) -> int:
 class SiteSecAgg:
     """One site's round: fresh keys and self-mask seed, its encoded input, the shares it holds."""
 
-    def __init__(self, config: SecAggConfig, me: str, values: np.ndarray | None = None, count: int = 0) -> None:
-        self.config, self.me = config, me
+    def __init__(self, config: SecAggConfig, me: str, values: np.ndarray | None = None, count: int = 0, *,
+                 pairs: tuple[KeyPair, KeyPair] | None = None, carry: bool = False) -> None:
+        """`pairs`: the (c, s) key pairs this site generated for this round during the last one
+        and carried in its masked input (fresh ones if None); `carry`: make the next round's
+        pairs and carry their public keys in this round's masked input."""
+        self.config, self.me, self.carry = config, me, carry
         self._input: np.ndarray | None = None
         if values is not None:
             self.set_input(values, count)
-        self._c, self._s = KeyPair.generate(), KeyPair.generate()
+        self._c, self._s = pairs or (KeyPair.generate(), KeyPair.generate())
+        self.next_pairs: tuple[KeyPair, KeyPair] | None = None  # the next round's, once carried
         self._b = os.urandom(shamir.SECRET_BYTES)
         self._answers: dict[Stage, SiteMessage] = {}
         self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}  # owner -> (b, s_sk) shares
@@ -50,6 +61,7 @@ class SiteSecAgg:
         self._keys: dict[str, AdvertiseKeys] = {}
         self._box_keys: dict[str, bytes] = {}  # one X25519 per neighbour, used to seal and to open
         self._unmasked_for: tuple[str, ...] | None = None
+        self._shared_for: tuple[str, ...] = ()  # the participants its shares are for
 
     def set_input(self, values: np.ndarray, count: int) -> None:
         """The input, given late: keys and shares need none, so a site can run those stages
@@ -74,6 +86,8 @@ class SiteSecAgg:
         if state.stage in (Stage.DONE, Stage.FAILED):
             return None
         if state.stage in self._answers and state.stage is not Stage.UNMASK:
+            if state.stage is Stage.SHARES and tuple(sorted(state.keys)) != self._shared_for:
+                return None  # shared (ahead) for other participants: a drop-out of this shares stage
             return self._answers[state.stage]
         if state.keys.get(self.me) != self.advertise():
             return None  # not a participant with these keys (joined late, or restarted)
@@ -93,6 +107,7 @@ class SiteSecAgg:
         cfg = self.config
         self._keys = dict(state.keys)
         participants = sorted(state.keys)
+        self._shared_for = tuple(participants)
         self._neighbours = graph.neighbours_of(participants, cfg.neighbours, cfg.round_seed, self.me)
         if len(self._neighbours) < cfg.threshold:
             raise SecAggError(f"{len(self._neighbours)} neighbours, fewer than the threshold {cfg.threshold}")
@@ -101,7 +116,7 @@ class SiteSecAgg:
         s_sh = shamir.split(self._s.private_bytes(), cfg.threshold, list(xs.values()))
         boxes = {v: seal(self._box_key(v), cfg.context, self.me, v, b_sh[x].y_bytes() + s_sh[x].y_bytes())
                  for v, x in xs.items()}
-        return ShareKeys(boxes)
+        return ShareKeys(boxes, participants_digest(participants))
 
     def _mask(self, state: ServerState) -> MaskedInput | None:
         """Stage 2: open the boxes from neighbours, then send the masked input."""
@@ -119,7 +134,11 @@ class SiteSecAgg:
         add_mask(y, self._b, +1)
         for v in sorted(self._neighbours & set(state.share_senders)):
             add_mask(y, pair_seed(self.config.context, self._s, self.me, self._keys[v].s_pk, v), pair_sign(self.me, v))
-        return MaskedInput(y)
+        if not self.carry:
+            return MaskedInput(y)
+        self.next_pairs = (KeyPair.generate(), KeyPair.generate())
+        c, s = self.next_pairs
+        return MaskedInput(y, AdvertiseKeys(c.public_bytes(), s.public_bytes()))
 
     def _unmask(self, state: ServerState) -> UnmaskShares | None:
         """Stage 3: b shares of surviving neighbours, s_sk shares of dropped ones; never both."""

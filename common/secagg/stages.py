@@ -6,6 +6,7 @@ ServerState, published retained, so a site that reconnects mid-round finds what 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -30,11 +31,19 @@ class AdvertiseKeys:
 @dataclass(frozen=True)
 class ShareKeys:
     boxes: dict[str, bytes]  # neighbour -> AES-GCM box of (b_u share, s_sk share)
+    made_for: bytes = b""  # participants_digest of the sites they were made for (the server checks it)
+
+
+def participants_digest(participants) -> bytes:
+    """16 bytes naming a set of sites: shares made for one set are refused for another (shares
+    made ahead, in the last round, for the sites that carried keys, may meet a round of others)."""
+    return hashlib.sha256("\0".join(sorted(participants)).encode()).digest()[:16]
 
 
 @dataclass(frozen=True)
 class MaskedInput:
     vector: np.ndarray  # uint32, dim + 1 (the count last)
+    next_keys: AdvertiseKeys | None = None  # the site's public keys for the NEXT round (carried: see server)
 
 
 @dataclass(frozen=True)
@@ -56,3 +65,4 @@ class ServerState:
     share_senders: tuple[str, ...] = ()  # U2
     masked_senders: tuple[str, ...] = ()  # U3
     reason: str = ""
+    next_keys: dict[str, AdvertiseKeys] = field(default_factory=dict)  # unmask: keys carried for the next round
