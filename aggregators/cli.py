@@ -11,7 +11,7 @@ from rich.console import Console
 from common.errors import ConnectError
 from common.identity import Identity
 from common.logging import configure_logging
-from common.memory import release_large_buffers_to_os
+from common.memory import release_large_buffers_to_os, settle_collector
 from common.service import run_until_terminated
 from common.settings import TransportSettings
 
@@ -59,6 +59,7 @@ def start(bundle: Path, state_dir: Path, log_level: str, connect_timeout: float,
     state_dir.mkdir(parents=True, exist_ok=True)
     release_large_buffers_to_os()  # folding many big updates must not grow the heap
     service = AggregatorService(identity, state_dir, TransportSettings())
+    settle_collector()  # torch's modules out of every full collection (docs/performance.md)
     try:
         run_until_terminated(service.start, service.stop, connect_timeout)
     except ConnectError as exc:
