@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -108,33 +104,3 @@ def test_a_job_prepared_at_acceptance_trains_in_that_process_and_prepare_never_e
         assert trainer.jobs() == ["j", "k"] and trainer.pid("l") is None
     finally:
         trainer.stop()
-
-
-def _spare_pid(trainer: Trainer) -> int:
-    spare = trainer._spare
-    assert spare is not None and spare.alive(), "no live spare"
-    return spare.pid
-
-
-def test_a_spare_forked_while_idle_serves_the_next_job_and_is_replaced_when_the_job_ends(tmp_path):
-    trainer = Trainer(threads=1, max_processes=2)
-    trainer.start()
-    try:
-        task = _task(tmp_path, PlanRef(zoo="mlp"))
-        first = _spare_pid(trainer)  # forked at start, before any job
-        assert trainer.prepare("j", task["dataset"]) and trainer.pid("j") == first
-        assert trainer._spare is None  # taken: a spare serves one job only
-        assert trainer.run(task, timeout_s=60)["n_samples"] == 64
-        trainer.end_job("j")
-        second = _spare_pid(trainer)
-        assert second != first
-        os.kill(second, signal.SIGKILL)  # a spare that died while waiting is not handed out
-        for _ in range(100):
-            if not trainer._spare.alive():
-                break
-            time.sleep(0.02)
-        assert trainer.run({**task, "job": "k"}, timeout_s=60)["n_samples"] == 64
-        assert trainer.pid("k") not in (None, first, second)
-    finally:
-        trainer.stop()
-    assert trainer.live_processes() == 0 and trainer._spare is None
