@@ -14,8 +14,8 @@ a round at 10,000 nodes; they live as long as the process, so they are moved out
 from __future__ import annotations
 
 import ctypes
-import gc
 import ctypes.util
+import gc
 
 M_MMAP_THRESHOLD = -3
 
