@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from common import topics
 from common.codec import TorchArray, is_torch
 from common.secagg.option import check_option, check_rule
 
@@ -81,6 +82,14 @@ class JobKey(Body):
     owner: str = Field(min_length=1, max_length=64)  # the job's topics live under its owner's name
     key: bytes = Field(min_length=32, max_length=32)
     of: Literal["job", "model"] = "job"
+
+    def opens(self, sender: str) -> tuple[str, str | None]:
+        """(the topic whose sealed messages the key opens, whose messages: None for anyone):
+        a model's key opens only its sender's models, so another aggregator's key cannot stand
+        in for the one of the job's aggregator; a job's opens the job whoever sealed it."""
+        if self.of == "model":
+            return topics.model(self.owner, self.job_id), sender
+        return topics.job(self.owner, self.job_id), None
 
 
 # --- nodes -----------------------------------------------------------------------------------

@@ -670,10 +670,8 @@ class NodeService:
             return
         if msg.type == "job_key":  # sealed for us by an aggregator: open the job (or model) held since it came
             body: JobKey = msg.body  # type: ignore[assignment]
-            if body.of == "model":  # it opens that aggregator's models of the job, every round's
-                opened = self.messenger.reopen(topics.model(body.owner, body.job_id), body.key, by=msg.sender)
-            else:
-                opened = self.messenger.reopen(topics.job(body.owner, body.job_id), body.key)
+            topic, by = body.opens(msg.sender)  # a model's key: that aggregator's models, every round's
+            opened = self.messenger.reopen(topic, body.key, by=by)
             self.log.info("job_key_received", job=body.job_id, of=body.of, aggregator=msg.sender, opened=opened)
             return
         command = msg.body.command

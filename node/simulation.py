@@ -386,9 +386,8 @@ class SimulatedFleet:
         """A content key an aggregator gave this site (as to a node: node/service.py): it opens
         that aggregator's models of the job (or the job), and the one held, if any, now."""
         body: JobKey = msg.body  # type: ignore[assignment]
-        topic = topics.model(body.owner, body.job_id) if body.of == "model" else topics.job(body.owner, body.job_id)
-        # a model's key opens its sender's models only; a job's, the job whoever sealed it
-        sim.given.setdefault(topic, {})[msg.sender if body.of == "model" else None] = body.key
+        topic, by = body.opens(msg.sender)
+        sim.given.setdefault(topic, {})[by] = body.key
         held = sim.held.pop(topic, None)
         if held is not None:
             self._deliver(sim, topic, held)
@@ -416,10 +415,7 @@ class SimulatedFleet:
         if not group:
             return
         spec = group[0][0].site.jobs[group[0][1].job].spec
-        task = group[0][1]
-        args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
-                "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
-        results = train_many(args, [sim.data for sim, _ in group], self._plan_class(spec))
+        results = train_many(_task_args(spec, group[0][1]), [sim.data for sim, _ in group], self._plan_class(spec))
         if results is None:
             self._trainings.extend(lambda sim=sim, task=task: self._train_and_send(sim, task) for sim, task in group)
             return
@@ -430,9 +426,7 @@ class SimulatedFleet:
         from node.worker import train
 
         spec = sim.site.jobs[task.job].spec
-        args = {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
-                "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
-        self._send_update(sim, task, train(args, sim.data, self._plan_class(spec)))
+        self._send_update(sim, task, train(_task_args(spec, task), sim.data, self._plan_class(spec)))
 
     def _send_update(self, sim: _Sim, task: site.Train, result: dict[str, Any]) -> None:
         """Seal, sign and publish one site's update (or give it to its secure round)."""
@@ -475,3 +469,8 @@ class SimulatedFleet:
             self._plan_classes[key] = load_plan_class(spec.plan)
         return self._plan_classes[key]
 
+
+def _task_args(spec: JobSpec, task: site.Train) -> dict[str, Any]:
+    """A round's task as `node.worker.train` (and `node.batched.train_many`) take it."""
+    return {"job": task.job, "round": task.round, "plan": spec.plan.model_dump(), "model_args": spec.model_args,
+            "training_args": spec.training_args, "params": dict(task.params), "extra": {}, "local_state": {}}
