@@ -31,9 +31,9 @@ from common.messages import Body, JobSpec, SecAggState
 from common.secagg.config import SecAggConfig, SecAggError
 from common.secagg.keys import KeyPair
 from common.secagg.params import Params, flat_delta, round_config
-from common.secagg.site import SiteSecAgg
-from common.secagg.stages import AdvertiseKeys, ServerState, Stage
-from common.secagg.wire import server_state, site_body
+from common.secagg.site import SiteSecAgg, advertised
+from common.secagg.stages import ServerState, Stage
+from common.secagg.wire import server_state, site_body, stage_keys
 from common.training.args import TrainingArgs
 
 Send = Callable[[str, str, Body], None]  # (topic, message type, body)
@@ -143,14 +143,13 @@ class SiteRound:
         the state lists as carried (the server uses them if the next round's sites are exactly
         those), so the next round opens at its masked stage. Once, and only with our own keys."""
         pairs = self.next_pairs
-        mine = body.next_keys.get(self.me)
-        if pairs is None or self.ahead is not None or mine is None or body.round != self.round:
+        if pairs is None or self.ahead is not None or body.round != self.round:
             return
-        if (mine.c_pk, mine.s_pk) != (pairs[0].public_bytes(), pairs[1].public_bytes()):
+        keys = stage_keys(body.next_keys)
+        if keys.get(self.me) != advertised(pairs):  # absent, or not the keys we carried
             return
-        site = SiteSecAgg(self._config(self.round + 1, len(body.next_keys)), self.me, pairs=pairs,
+        site = SiteSecAgg(self._config(self.round + 1, len(keys)), self.me, pairs=pairs,
                           carry=self.round + 1 < self.spec.rounds)
-        keys = {s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.next_keys.items()}
         answer = site.on_state(ServerState(Stage.SHARES, keys=keys))
         self.ahead = Ahead(tuple(sorted(keys)), site)
         if answer is not None:
@@ -162,8 +161,7 @@ class SiteRound:
         them) is awaited by a key stage, or, if the server holds keys it carried and lost, is
         let go by the shares stage instead of holding it up to its deadline."""
         assert self._pairs is not None
-        c, s = self._pairs
-        type_, out = site_body(self.round, AdvertiseKeys(c.public_bytes(), s.public_bytes()))
+        type_, out = site_body(self.round, advertised(self._pairs))
         self.last_sent = (topics.secagg_site(self.spec.owner, self.spec.job_id, self.me), type_, out)
         self._send(*self.last_sent)
 

@@ -40,6 +40,12 @@ def share_index(participants: list[str] | tuple[str, ...], who: str) -> int:
     return sorted(participants).index(who) + 1
 
 
+def advertised(pairs: tuple[KeyPair, KeyPair]) -> AdvertiseKeys:
+    """The public keys of a site's (c, s) key pairs, as it advertises them."""
+    c, s = pairs
+    return AdvertiseKeys(c.public_bytes(), s.public_bytes())
+
+
 class SiteSecAgg:
     """One site's round: fresh keys and self-mask seed, its encoded input, the shares it holds."""
 
@@ -77,7 +83,7 @@ class SiteSecAgg:
         return self._input is not None
 
     def advertise(self) -> AdvertiseKeys:
-        return AdvertiseKeys(self._c.public_bytes(), self._s.public_bytes())
+        return advertised((self._c, self._s))
 
     def on_state(self, state: ServerState) -> SiteMessage | None:
         """This site's answer to the server's published stage, or None (nothing to say)."""
@@ -137,8 +143,7 @@ class SiteSecAgg:
         if not self.carry:
             return MaskedInput(y)
         self.next_pairs = (KeyPair.generate(), KeyPair.generate())
-        c, s = self.next_pairs
-        return MaskedInput(y, AdvertiseKeys(c.public_bytes(), s.public_bytes()))
+        return MaskedInput(y, advertised(self.next_pairs))
 
     def _unmask(self, state: ServerState) -> UnmaskShares | None:
         """Stage 3: b shares of surviving neighbours, s_sk shares of dropped ones; never both."""

@@ -28,6 +28,17 @@ from common.secagg.stages import (
     UnmaskShares,
 )
 
+
+def stage_keys(keys: dict[str, SecAggPublicKeys]) -> dict[str, AdvertiseKeys]:
+    """Sites' public keys as the state machines hold them."""
+    return {s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in keys.items()}
+
+
+def wire_keys(keys: dict[str, AdvertiseKeys]) -> dict[str, SecAggPublicKeys]:
+    """Sites' public keys as a state body carries them."""
+    return {s: SecAggPublicKeys(c_pk=k.c_pk, s_pk=k.s_pk) for s, k in keys.items()}
+
+
 SITE_TYPES = {SecAggKeys: "secagg_keys", SecAggShares: "secagg_shares", SecAggMasked: "secagg_masked",
               SecAggUnmask: "secagg_unmask"}
 
@@ -67,10 +78,10 @@ def site_message(body: Body) -> SiteMessage:
 def state_body(round_: int, state: ServerState, expected: list[str], deadline: float) -> SecAggState:
     return SecAggState(
         round=round_, stage=state.stage.value, expected=sorted(expected), deadline=deadline,
-        keys={s: SecAggPublicKeys(c_pk=k.c_pk, s_pk=k.s_pk) for s, k in state.keys.items()},
+        keys=wire_keys(state.keys),
         routed=state.routed, share_senders=list(state.share_senders),
         masked_senders=list(state.masked_senders), reason=state.reason,
-        next_keys={s: SecAggPublicKeys(c_pk=k.c_pk, s_pk=k.s_pk) for s, k in state.next_keys.items()})
+        next_keys=wire_keys(state.next_keys))
 
 
 _last_keys: tuple[object, dict[str, AdvertiseKeys]] | None = None  # (a body's keys, converted)
@@ -84,7 +95,7 @@ def _keys_of(body: SecAggState) -> dict[str, AdvertiseKeys]:
     last = _last_keys
     if last is not None and last[0] is body.keys:
         return last[1]
-    keys = {s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.keys.items()}
+    keys = stage_keys(body.keys)
     _last_keys = (body.keys, keys)
     return keys
 
@@ -97,4 +108,4 @@ def server_state(body: SecAggState, for_site: str | None = None) -> ServerState:
         Stage(body.stage), keys=_keys_of(body),
         routed={r: dict(b) for r, b in routed.items()}, share_senders=tuple(body.share_senders),
         masked_senders=tuple(body.masked_senders), reason=body.reason,
-        next_keys={s: AdvertiseKeys(k.c_pk, k.s_pk) for s, k in body.next_keys.items()})
+        next_keys=stage_keys(body.next_keys))
