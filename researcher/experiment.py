@@ -353,14 +353,23 @@ class Experiment:
             self.state.status, self.state.reason = "failed", msg.body.reason
 
     def poll(self, timeout_s: float = 0.0) -> JobState:
-        """Apply whatever arrived (waiting up to `timeout_s` for the first message)."""
+        """Apply whatever arrived, waiting up to `timeout_s` for the first message only: once
+        something came, it returns when the queue is empty, so `watch` sees a job's end at once."""
         _ = self.messenger
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._apply(self._events.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                return self.state
+        try:
+            self._apply(self._events.get(timeout=max(0.0, timeout_s)))
+            while True:
+                self._apply(self._events.get_nowait())
+        except queue.Empty:
+            return self.state
+
+    def _apply_for(self, seconds: float) -> JobState:
+        """Apply everything that arrives in the next `seconds` (an attached job's retained state:
+        its claim, model and history come on three topics)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.poll(left)
+        return self.state
 
     def watch(self, timeout_s: float | None = None, *, progress: bool = True, console: Console | None = None) -> JobState:
         """Follow the job until it is done or failed; rich progress on the console."""
@@ -435,7 +444,7 @@ class Experiment:
         exp._readers = set()
         exp.state = JobState(spec.job_id, rounds=spec.rounds, aggregator=spec.aggregator.identity)
         exp._spec = spec
-        exp.poll(2.0)
+        exp._apply_for(2.0)
         return exp
 
     def model(self) -> torch.nn.Module:

@@ -46,3 +46,26 @@ def test_bad_settings_are_refused(bundle):
         Experiment(bundle, tags=["t"], stragglers="sometimes").spec()
     with pytest.raises(ValueError):
         Experiment(bundle, tags=[], rounds=1).spec()
+
+
+def test_poll_returns_once_what_came_is_applied(bundle):
+    """`poll(timeout)` waits for the first message only: a job that ends is seen when it ends, not
+    at the end of the wait (`watch` polls 0.5 s at a time: a job's wall time was rounded up to it)."""
+    import queue
+    import threading
+    import time
+
+    exp = Experiment(bundle, tags=["t"], rounds=1)
+    exp._messenger, exp._events = object(), queue.Queue()  # no broker: the events come from here
+    applied: list[str] = []
+    exp._apply = applied.append
+    exp._events.put("a")
+    threading.Timer(0.05, exp._events.put, ("b",)).start()
+    start = time.monotonic()
+    exp.poll(5.0)  # "a" is there: applied, and no wait for more
+    assert applied == ["a"] and time.monotonic() - start < 0.05
+    exp.poll(5.0)  # "b" comes after 0.05 s
+    assert applied == ["a", "b"] and time.monotonic() - start < 1.0
+    start = time.monotonic()
+    exp.poll(0.2)  # nothing comes: the whole wait
+    assert applied == ["a", "b"] and time.monotonic() - start >= 0.2
