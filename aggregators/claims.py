@@ -90,9 +90,12 @@ class ClaimBook:
 
     # --- events -------------------------------------------------------------------------------
 
-    def on_job(self, job: str) -> None:
-        """A job this aggregator could run (its spec is known, it is not pinned elsewhere)."""
+    def on_job(self, job: str, now: float | None = None) -> list[ClaimAction]:
+        """A job this aggregator could run (its spec is known, it is not pinned elsewhere). With
+        `now`, what a tick would do is done at once: alone, the job is held on its arrival, not
+        at the next tick (up to tick_s later, on every job's clock)."""
         self.candidates.add(job)
+        return [] if now is None else self.on_tick(now)
 
     def on_peer(self, aggregator: str, online: bool) -> None:
         """Another aggregator's retained status (its Last Will says offline)."""

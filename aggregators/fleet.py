@@ -77,7 +77,7 @@ class Fleet:
             self._actions.put(action)
 
     def candidate(self, job: str) -> None:
-        self._do(lambda: (self.book.on_job(job), [])[1])
+        self._do(lambda: self.book.on_job(job, time.time()))
 
     def gone(self, job: str) -> None:
         self._do(lambda: (self.book.on_job_gone(job), [])[1])

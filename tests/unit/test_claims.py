@@ -292,3 +292,19 @@ def test_a_lone_aggregator_starts_a_job_within_a_tick_of_its_spec():
     ((job, name, epoch),) = fleet.started
     assert (job, name, epoch) == ("j", "agg-a", 1)
     assert fleet.retained[("j", "agg-a")].since - submitted <= TICK + 1e-9
+
+
+def test_a_lone_aggregator_holds_a_job_when_it_arrives_not_at_its_next_tick():
+    """The job's arrival steps the book (as a tick would): alone, the bid is decided at once, so
+    round 1 does not wait up to a tick (0.2 s) on every job's clock."""
+    book = ClaimBook("agg-a", T)
+    book.on_connected(0.0)
+    assert book.on_tick(5.0) == []  # ready, nothing to do
+    actions = book.on_job("j", now=5.05)
+    assert [type(a) for a in actions] == [Publish, Publish, Start] and "j" in book.held
+    assert [a.claim.state for a in actions if isinstance(a, Publish)] == ["bid", "held"]
+    fleet = ClaimBook("agg-b", T)
+    fleet.on_peer("agg-c", True)  # a fleet: the bid is published at once, decided after the window
+    fleet.on_connected(0.0)
+    (bid,) = fleet.on_job("j", now=5.0)
+    assert bid.claim.state == "bid" and "j" not in fleet.held
