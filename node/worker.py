@@ -26,7 +26,7 @@ from common.frames import recv_frame, send_frame
 from common.messages import PlanRef
 from common.training import local
 from common.training.loader import load_plan_class
-from node import datasets, plan_rounds
+from node import datasets, plan_rounds, sched
 from node.loaders import prepare
 from node.sandbox import SandboxPolicy, confine
 
@@ -339,6 +339,7 @@ def serve(sock: socket.socket, threads: int, policy: dict[str, Any]) -> None:
     starts (after a fork this thread is the only one).
     """
     applied = confine(SandboxPolicy(**{**policy, "read_paths": tuple(policy["read_paths"])}))
+    sched.ask_long_slice()  # batch work: whole rounds in few slices, not cache-cold pieces
     torch.set_num_threads(max(1, threads))
     warm_up()
     send_frame(sock, {"ready": True, "sandbox": dataclasses.asdict(applied)})

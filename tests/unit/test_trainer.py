@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from node.trainer import Trainer, TrainingFailed
 
 CRASHING_PLAN = '''
 import os
+from pathlib import Path
 from common.training.zoo import MLPPlan
 
 class Crash(MLPPlan):
@@ -104,3 +108,20 @@ def test_a_job_prepared_at_acceptance_trains_in_that_process_and_prepare_never_e
         assert trainer.jobs() == ["j", "k"] and trainer.pid("l") is None
     finally:
         trainer.stop()
+
+
+def _slice_ns(pid: int) -> int:
+    text = Path(f"/proc/{pid}/sched").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("se.slice"))
+    return int(line.rpartition(":")[2])
+
+
+def test_a_training_process_runs_with_long_time_slices_and_its_node_does_not(trainer, tmp_path):
+    """Training is batch work (node/sched.py): its slice is 20 ms, so 25 rounds sharing 2 cores
+    are not cut into cache-cold 1.4 ms pieces; the node keeps the default and preempts it."""
+    from node import sched
+
+    trainer.run(_task(tmp_path, PlanRef(zoo="mlp")), timeout_s=60)
+    child = trainer.pid("j")
+    assert child is not None and _slice_ns(child) == sched.TRAINING_SLICE_NS
+    assert _slice_ns(os.getpid()) < sched.TRAINING_SLICE_NS
