@@ -64,14 +64,48 @@ class Trainer:
         self.sandbox: dict[str, Any] = {}  # what the most recently assigned child got
         self.on_started = on_started  # (job, pid, sandbox) of each child assigned to a job: the audit
         self._procs: OrderedDict[tuple[str, tuple[str, ...]], TrainingProcess] = OrderedDict()
+        self._spare: TrainingProcess | None = None  # forked ahead, not yet any job's (`make_spare`)
         self.template_dir = template_dir  # the host's shared template (`fbm-node template`); None: our own
         self._zygote: Zygote | SharedTemplate | None = None
         self._lock = threading.Lock()
         self._closing = False
 
     def start(self) -> None:
-        """Start the training template and wait until torch is imported in it (the node is then ready)."""
+        """Start the training template, wait until torch is imported in it, and fork a spare
+        (the node is then ready)."""
         self._template()
+        self.make_spare()
+
+    def make_spare(self) -> None:
+        """Fork the next job's process ahead, while the node is idle (at start, after a job), so
+        accepting a job costs a confinement and not a fork from a template that may be serving
+        every node of the host at that moment. A spare holds nothing of any job until `assign`."""
+        with self._lock:
+            if self._closing or (self._spare is not None and self._spare.alive()):
+                return
+        try:
+            child = TrainingProcess(self.threads, self._template())
+            child.spawn(self.start_timeout_s)
+        except (TrainingFailed, ChildFailed) as exc:  # a job forks its own, as without a spare
+            self.log.warning("spare_not_forked", error=str(exc))
+            return
+        with self._lock:
+            if self._closing or (self._spare is not None and self._spare.alive()):
+                extra = child  # stopping, or another spare came first
+            else:
+                extra, self._spare = self._spare, child  # a dead spare, if any, goes
+        if extra is not None:
+            extra.stop(kill=True)
+
+    def _take_spare(self) -> TrainingProcess:
+        """The spare if it is alive (it is then no longer the spare), else a process to fork."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.alive():
+            return spare
+        if spare is not None:
+            spare.stop(kill=True)
+        return TrainingProcess(self.threads, self._template())
 
     def _template(self) -> Zygote | SharedTemplate:
         """The live training template, started (or connected to) and waited for if there is none."""
@@ -207,7 +241,7 @@ class Trainer:
         if self._closing:
             raise TrainingFailed("the node is stopping")
         self._evict(room_for=1)
-        child = TrainingProcess(self.threads, self._template())
+        child = self._take_spare()
         with self._lock:
             self._procs[key] = child
         policy = self.policy.with_read_paths(list(key[1]))
@@ -247,6 +281,7 @@ class Trainer:
             ended = [(k, c) for k, c in self._procs.items() if k[0] == job]
         for key, child in ended:
             self._drop(key, child, self.log.bind(job=job), "done")
+        self.make_spare()  # the node is idle of this job: the next one's process, ahead
 
     def stop(self) -> None:
         """End every child and the template (the node stops)."""
@@ -254,6 +289,9 @@ class Trainer:
             children = list(self._procs.values())
             self._procs.clear()
             zygote, self._zygote = self._zygote, None
+            if self._spare is not None:
+                children.append(self._spare)
+                self._spare = None
         for child in children:
             child.stop()
         if zygote is not None:

@@ -160,19 +160,28 @@ class TrainingProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def assign(self, job: str, policy: SandboxPolicy, timeout_s: float) -> dict[str, Any]:
-        """Fork the child for `job`: it confines itself to `policy` (with its own scratch folder)."""
-        policy = dataclasses.replace(policy, scratch=self.scratch)
-        request = {"threads": self.threads, "scratch": self.scratch, "policy": dataclasses.asdict(policy)}
+    def spawn(self, timeout_s: float) -> None:
+        """Fork the process now, before its job is known (a spare): it confines itself when
+        `assign` sends the job's policy, and holds nothing of a job until then."""
+        request = {"threads": self.threads, "scratch": self.scratch, "policy": None}
         try:
             self.proc = self.zygote.fork(self._child_end, request, timeout_s)
         finally:
             self._child_end.close()
+
+    def assign(self, job: str, policy: SandboxPolicy, timeout_s: float) -> dict[str, Any]:
+        """Give the process (forked now unless it is a spare) to `job`: it confines itself to
+        `policy` (with its own scratch folder) and says how."""
+        if self.proc is None:
+            self.spawn(timeout_s)
+        policy = dataclasses.replace(policy, scratch=self.scratch)
+        self.send({"op": "confine", "policy": dataclasses.asdict(policy)})
         ready = self._read(HELLO_BYTES, time.monotonic() + timeout_s, "confine itself")
         if not isinstance(ready, dict) or ready.get("ready") is not True or not isinstance(ready.get("sandbox"), dict):
             raise ChildFailed("the training process did not report its sandbox")
         self.job, self.sandbox = job, ready["sandbox"]
         return self.sandbox
+
     def send(self, obj: Any) -> int:
         """One frame to the child; its size in bytes. ChildFailed(died) if the child is gone."""
         try:

@@ -330,14 +330,31 @@ def _statistics_answer(task: dict[str, Any], cache: _Cache) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-def serve(sock: socket.socket, threads: int, policy: dict[str, Any]) -> None:
+def _await_confinement(sock: socket.socket) -> dict[str, Any] | None:
+    """A spare's first frame from the node: the policy of the job it will serve (None: stop)."""
+    try:
+        frame = recv_frame(sock, MAX_TASK_BYTES)
+    except (OSError, RuntimeError):  # the node (or its template) closed the pipe
+        return None
+    if isinstance(frame, dict) and frame.get("op") == "confine" and isinstance(frame.get("policy"), dict):
+        return frame["policy"]
+    return None
+
+
+def serve(sock: socket.socket, threads: int, policy: dict[str, Any] | None) -> None:
     """A job's training process, just forked from the template (`node.zygote`): confine to the
     job's `policy` first, then warm up, then one round in, one answer out until the node says stop.
+    A spare (`policy` None) is forked before any job: it waits, unconfined but holding nothing
+    the template did not, for the node to send the job's policy, and confines itself then.
 
     The template imported torch and `preimport`ed before any job was known; nothing that starts
     threads runs before `confine`, because Landlock binds only the calling thread and those it
     starts (after a fork this thread is the only one).
     """
+    if policy is None:  # a spare, forked before its job was known: the node names the job's confinement
+        policy = _await_confinement(sock)
+        if policy is None:
+            return
     applied = confine(SandboxPolicy(**{**policy, "read_paths": tuple(policy["read_paths"])}))
     sched.ask_long_slice()  # batch work: whole rounds in few slices, not cache-cold pieces
     torch.set_num_threads(max(1, threads))

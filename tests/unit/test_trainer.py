@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +127,33 @@ def test_a_training_process_runs_with_long_time_slices_and_its_node_does_not(tra
     child = trainer.pid("j")
     assert child is not None and _slice_ns(child) == sched.TRAINING_SLICE_NS
     assert _slice_ns(os.getpid()) < sched.TRAINING_SLICE_NS
+
+
+def _spare_pid(trainer: Trainer) -> int:
+    spare = trainer._spare
+    assert spare is not None and spare.alive(), "no live spare"
+    return spare.pid
+
+
+def test_a_spare_forked_while_idle_serves_the_next_job_and_is_replaced_when_the_job_ends(tmp_path):
+    trainer = Trainer(threads=1, max_processes=2)
+    trainer.start()
+    try:
+        task = _task(tmp_path, PlanRef(zoo="mlp"))
+        first = _spare_pid(trainer)  # forked at start, before any job
+        assert trainer.prepare("j", task["dataset"]) and trainer.pid("j") == first
+        assert trainer._spare is None  # taken: a spare serves one job only
+        assert trainer.run(task, timeout_s=60)["n_samples"] == 64
+        trainer.end_job("j")
+        second = _spare_pid(trainer)
+        assert second != first
+        os.kill(second, signal.SIGKILL)  # a spare that died while waiting is not handed out
+        for _ in range(100):
+            if not trainer._spare.alive():
+                break
+            time.sleep(0.02)
+        assert trainer.run({**task, "job": "k"}, timeout_s=60)["n_samples"] == 64
+        assert trainer.pid("k") not in (None, first, second)
+    finally:
+        trainer.stop()
+    assert trainer.live_processes() == 0 and trainer._spare is None
