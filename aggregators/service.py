@@ -85,6 +85,7 @@ from common.training.args import TrainingArgs, TrainingArgsError
 EARLY_ANSWER_JOBS = 64  # jobs whose early answers are kept (the oldest go first)
 EARLY_ANSWERS_PER_JOB = 10_000
 SHARE_ATTEMPTS = 3  # publishing the job's state for a take-over, before the acknowledgements it covers
+PAST_OWNERS_KEPT = 4096  # owners of jobs that left this aggregator, for their finished claims (the oldest go first)
 
 
 class JobFailure(RuntimeError):
@@ -787,6 +788,8 @@ class AggregatorService:
                                    will=(topics.agg_status(self.name), "aggregator_status", AggregatorStatus(state="offline")))
         self.fleet = Fleet(self, fleet or FleetSettings())
         self.specs: dict[str, Message] = {}  # unpinned jobs we may claim: their signed spec
+        # the owners of jobs that left us (withdrawn, runner gone): their claims still go under those names
+        self._past_owners: OrderedDict[str, str] = OrderedDict()
         # nodes' answers about a job that came before we ran it (declined, pending), by job
         self._early_answers: OrderedDict[str, list[tuple[str, _Event]]] = OrderedDict()
         self.log = structlog.get_logger("aggregator").bind(aggregator=self.name)
@@ -906,8 +909,20 @@ class AggregatorService:
         return max(sizes) if sizes else None
 
     def forget(self, job: str) -> None:
+        self._remember_owner(job)
         with self._lock:
             self.runners.pop(job, None)
+
+    def _remember_owner(self, job: str) -> None:
+        """Keep the owner of a job about to leave `specs` or `runners`: its finished claim (and
+        that claim's re-publication after a reconnect) is published under the owner's topics."""
+        owner = self.owner_of(job)
+        if owner:
+            with self._lock:
+                self._past_owners[job] = owner
+                self._past_owners.move_to_end(job)
+                while len(self._past_owners) > PAST_OWNERS_KEPT:
+                    self._past_owners.popitem(last=False)
 
     def _runner(self, job: str | None) -> JobRunner | None:
         with self._lock:
@@ -1088,15 +1103,16 @@ class AggregatorService:
     def owner_of(self, job: str) -> str:
         """The owner of a job this aggregator knows (its topics live under that name)."""
         with self._lock:
-            msg, runner = self.specs.get(job), self.runners.get(job)
+            msg, runner, past = self.specs.get(job), self.runners.get(job), self._past_owners.get(job, "")
         spec = msg.body if msg is not None else runner.spec if runner is not None else None
-        return spec.owner if spec is not None else ""  # type: ignore[union-attr]
+        return spec.owner if spec is not None else past  # type: ignore[union-attr]
 
     def _withdrawn(self, msg: Message) -> None:
         """The owner (or an admin) withdrew the job: nobody is to claim or run it any more."""
         job = topics.job_of(msg.topic) or ""
         if self._foreign(msg, job):  # the same id under another owner's name: not this job
             return
+        self._remember_owner(job)
         with self._lock:
             self.specs.pop(job, None)
         self.fleet.gone(job)
