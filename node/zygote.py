@@ -3,7 +3,8 @@ forked: one per node (the default), or one for every node of a user on a host (`
 
 Started by the node (`node.training_process.Zygote`) with the scrubbed environment of a training
 process, it imports torch, numpy and the training code, pays torch's first-step imports
-(`node.worker.preimport`), then only forks: it never opens a key, a dataset or a plan, and runs
+(`node.worker.preimport`) and its one-time kernel and allocator costs on one thread
+(`node.worker.warm_template`), then only forks: it never opens a key, a dataset or a plan, and runs
 no one else's code. For each request (a frame with the job's sandbox policy, and the socket to
 the node passed as a file descriptor) it forks twice: the intermediate exits at once, so the new
 training process is re-parented to the node (a child subreaper) and the node waits for it as
@@ -109,6 +110,7 @@ def _fork(ctrl: socket.socket, fd: int, request: dict[str, Any]) -> int:
 def serve(ctrl: socket.socket) -> None:
     """Say warm, then fork one training process per request until the node closes the socket."""
     worker.preimport()
+    worker.warm_template()
     gc.collect()
     gc.freeze()  # the collector never writes to the template's objects: forks keep sharing their pages
     send_frame(ctrl, {"warm": True, "pid": os.getpid()})
@@ -263,6 +265,7 @@ class HostTemplate:
 def listen(runtime_dir: Path, token_sha256: bytes) -> None:
     """Warm up, then serve the host's nodes on `runtime_dir`/template.sock (`fbm-node template`)."""
     worker.preimport()
+    worker.warm_template()
     gc.collect()
     gc.freeze()
     path = runtime_dir / SOCKET_FILE
