@@ -98,6 +98,10 @@ def test_fedavg_three_nodes_two_rounds_and_the_broker_sees_no_tensor(fed, client
         assert state.status == "done", state.reason
         assert [h["round"] for h in state.history] == [1, 2]
         assert all(sorted(r["node"] for r in h["reports"]) == NODES for h in state.history)
+        # watch returns when the researcher has the final model; the auditor's own connection
+        # may get it a moment later: its 3 models (rounds 0, 1, 2) before anything is checked
+        model_topic = topics.model("alice", job)
+        assert wait_until(lambda: sum(1 for d in capture.items if d.payload and d.topic == model_topic) >= 3, 10)
 
         wires = [d for d in capture.items if d.payload and topics.job_of(d.topic) == job]
         seen = b"".join(bytes(d.payload) for d in capture.items)
