@@ -107,12 +107,19 @@ def _fork(ctrl: socket.socket, fd: int, request: dict[str, Any]) -> int:
     return int.from_bytes(raw, "little")
 
 
-def serve(ctrl: socket.socket) -> None:
-    """Say warm, then fork one training process per request until the node closes the socket."""
+def _warm() -> None:
+    """What the template does once, before any fork: torch's first-step imports and one-time
+    costs, then its objects frozen out of the collector (which would write to them, and so
+    copy every page a fork shares with it)."""
     worker.preimport()
     worker.warm_template()
     gc.collect()
-    gc.freeze()  # the collector never writes to the template's objects: forks keep sharing their pages
+    gc.freeze()
+
+
+def serve(ctrl: socket.socket) -> None:
+    """Say warm, then fork one training process per request until the node closes the socket."""
+    _warm()
     send_frame(ctrl, {"warm": True, "pid": os.getpid()})
     while True:
         try:
@@ -264,10 +271,7 @@ class HostTemplate:
 
 def listen(runtime_dir: Path, token_sha256: bytes) -> None:
     """Warm up, then serve the host's nodes on `runtime_dir`/template.sock (`fbm-node template`)."""
-    worker.preimport()
-    worker.warm_template()
-    gc.collect()
-    gc.freeze()
+    _warm()
     path = runtime_dir / SOCKET_FILE
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a previous template's

@@ -18,7 +18,6 @@ from node.trainer import Trainer, TrainingFailed
 
 CRASHING_PLAN = '''
 import os
-from pathlib import Path
 from common.training.zoo import MLPPlan
 
 class Crash(MLPPlan):
